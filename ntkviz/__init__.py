@@ -1,0 +1,40 @@
+"""ntkviz: see how one gradient step on one example changes a classifier's predictions on another.
+
+    Δlog π(x_o) = −η · A(x_o) · K(x_o, x_u) · G(x_u, y_u) + O(η²)   (Ren & Sutherland, ICLR 2025)
+
+The core (this package minus ``ntkviz.gui``) never imports Qt. Heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "empirical_ntk": "ntkviz.kernel",
+    "empirical_ntk_by_layer": "ntkviz.kernel",
+    "ntk_trace": "ntkviz.kernel",
+    "decompose": "ntkviz.decomposition",
+    "Decomposition": "ntkviz.decomposition",
+    "influence": "ntkviz.decomposition",
+    "iter_influence": "ntkviz.decomposition",
+    "Influence": "ntkviz.decomposition",
+    "load_dataset": "ntkviz.data",
+    "ImageDataset": "ntkviz.data",
+    "build_model": "ntkviz.models",
+    "MODELS": "ntkviz.models",
+    "TrainConfig": "ntkviz.training",
+    "TrainRecord": "ntkviz.training",
+    "train": "ntkviz.training",
+    "save_checkpoint": "ntkviz.checkpoint",
+    "load_checkpoint": "ntkviz.checkpoint",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ntkviz' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from ntkviz.cli import main
+
+raise SystemExit(main())

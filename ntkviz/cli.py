@@ -1,0 +1,310 @@
+"""The ``ntkviz`` command: the desktop app by default, and headless subcommands.
+
+Exit codes: 0 ok, 2 bad arguments, 1 failure. Messages go to stderr; user errors never print a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EPILOG = "Run 'ntkviz COMMAND --help' for a command's options. Without a command the app opens."
+
+
+class _UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model and write a checkpoint")
+    p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    p.add_argument("--model", default="lenet", help="lenet or mlp (default lenet)")
+    p.add_argument("--dataset", default="mnist", help="mnist (shipped), fashion-mnist or kmnist")
+    p.add_argument("--data-dir", help="dataset directory (default: the ntkviz cache)")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument(
+        "--paper", action="store_true", help="the paper's setting: 2,000 images, lr 1e-3"
+    )
+    p.add_argument("--train-size", type=int, help="training examples (default: all)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_pair_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by 'ntkviz train'")
+    p.add_argument("--xu", type=int, required=True, help="index of x_u")
+    p.add_argument("--xu-split", default="train", choices=("train", "test"))
+    p.add_argument("--xo", type=int, required=True, help="index of x_o")
+    p.add_argument("--xo-split", default="test", choices=("train", "test"))
+    p.add_argument("--yu", type=int, help="class to update on (default: x_u's label)")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate η of the step")
+    p.add_argument("--loss", default="ce", choices=("ce", "neg"), help="ce: learn y_u; neg: ascent")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--data-dir")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntkviz",
+        description="See how one SGD step on x_u moves the predictions on x_o: "
+        "Δlog π(x_o) = −η·A(x_o)·K(x_o,x_u)·G(x_u,y_u) + O(η²).",
+        epilog=EPILOG,
+    )
+    from ntkviz import __version__
+
+    parser.add_argument("--version", action="version", version=f"ntkviz {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("gui", help="open the desktop app (the default)")
+    _add_train(sub)
+    p = sub.add_parser("decompose", help="decompose one update; print it and write JSON/NPZ/CSV")
+    _add_pair_args(p)
+    p.add_argument("--out", help="result file: .json, .npz or .csv")
+    p = sub.add_parser("export", help="export the decomposition figure (PNG/SVG) and data")
+    _add_pair_args(p)
+    p.add_argument("--out", required=True, action="append", help=".png .svg .json .npz .csv")
+    p.add_argument("--width", type=int, default=1600, help="PNG width in pixels")
+    p = sub.add_parser("demo", help="train briefly, then decompose a 4→9 update (no GUI)")
+    p.add_argument("--lr", type=float, default=0.5)
+    return parser
+
+
+class _Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last = -1.0
+
+    def __call__(self, record) -> None:
+        done = record.step / record.total_steps
+        now = time.perf_counter()
+        final = record.step == record.total_steps
+        if self.tty and now - self.last < 0.1 and not final:
+            return
+        if not self.tty and int(10 * done) == int(10 * self.last) and not final:
+            return
+        self.last = now if self.tty else done
+        rate = record.step / max(1e-9, now - self.started)
+        eta = (record.total_steps - record.step) / max(rate, 1e-9)
+        acc = f" test acc {record.test_accuracy:.3f}" if record.test_accuracy is not None else ""
+        line = (
+            f"[{'#' * int(30 * done):<30}] {record.step}/{record.total_steps} "
+            f"loss {record.loss:.4f}{acc} ETA {eta:4.0f}s"
+        )
+        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
+        if self.tty and final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _train_config(args):
+    from ntkviz.training import TrainConfig
+
+    base = TrainConfig.paper() if args.paper else TrainConfig()
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "train_size": args.train_size,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "momentum": args.momentum,
+            "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
+    from dataclasses import replace
+
+    config = replace(base, **overrides)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    return config
+
+
+def cmd_train(args) -> int:
+    from ntkviz.checkpoint import save_checkpoint
+    from ntkviz.data import load_dataset
+    from ntkviz.models import MODELS, build_model
+    from ntkviz.training import accuracy, resolve_device, train
+
+    config = _train_config(args)
+    if config.model not in MODELS:
+        raise _UsageError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise _UsageError(f"output directory {out.parent} does not exist")
+    device = resolve_device(config.device)
+    data = load_dataset(args.dataset, args.data_dir, download=args.download)
+    model = build_model(config.model, data.num_classes, seed=config.seed).to(device)
+    progress = _Progress()
+    last = None
+    for record in train(model, data, config):
+        last = record
+        if not args.quiet:
+            progress(record)
+    model.cpu()
+    test_acc = accuracy(model, data.test.x, data.test.y)
+    meta = {"step": last.step if last else 0, "test_accuracy": test_acc, "dataset": data.name}
+    save_checkpoint(out, model, config.model, config, meta)
+    print(f"test accuracy {test_acc:.4f} after {meta['step']} steps; wrote {out}")
+    return 0
+
+
+def _pick(data, split: str, index: int, what: str):
+    s = data.split(split)
+    if not 0 <= index < len(s):
+        raise _UsageError(f"{what} index {index} is outside the {split} split (0..{len(s) - 1})")
+    return s.x[index], int(s.y[index])
+
+
+def _decompose_from_args(args):
+    from ntkviz.checkpoint import load_checkpoint
+    from ntkviz.data import load_dataset
+    from ntkviz.decomposition import decompose
+
+    if args.lr != args.lr or args.lr in (float("inf"), float("-inf")):
+        raise _UsageError(f"--lr must be finite, got {args.lr}")
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.dataset, args.data_dir)
+    x_u, label_u = _pick(data, args.xu_split, args.xu, "--xu")
+    x_o, label_o = _pick(data, args.xo_split, args.xo, "--xo")
+    y_u = label_u if args.yu is None else args.yu
+    if not 0 <= y_u < data.num_classes:
+        raise _UsageError(f"--yu must be a class in 0..{data.num_classes - 1}, got {y_u}")
+    dec = decompose(ckpt.model, x_o, x_u, y_u, args.lr, args.loss)
+    meta = {
+        "x_u": {"split": args.xu_split, "index": args.xu, "label": label_u},
+        "x_o": {"split": args.xo_split, "index": args.xo, "label": label_o},
+        "y_u": y_u,
+        "lr": args.lr,
+        "loss": args.loss,
+        "model": ckpt.model_name,
+        "training_step": ckpt.metadata.get("step"),
+        "seed": ckpt.config.seed,
+        "checkpoint": str(args.checkpoint),
+    }
+    return dec, meta
+
+
+def format_decomposition(dec, classes=None) -> str:
+    """A plain-text table of one decomposition, one row per class."""
+    V = len(dec.G)
+    classes = classes or [str(i) for i in range(V)]
+    lines = [
+        f"η = {dec.lr:g}, loss = {dec.loss}, y_u = {dec.y_u}; relative residual "
+        f"‖actual − predicted‖/‖actual‖ = {dec.relative_residual:.3g}",
+        f"{'class':>6} {'π before':>9} {'π after':>9} {'G':>9} {'Δz pred':>10} {'Δz actual':>10} "
+        f"{'Δlogπ pred':>11} {'Δlogπ act':>11} {'residual':>10}",
+    ]
+    for i in range(V):
+        lines.append(
+            f"{classes[i]:>6} {dec.probs_before[i]:9.4f} {dec.probs_after[i]:9.4f} {dec.G[i]:9.4f} "
+            f"{dec.delta_logits_predicted[i]:10.5f} {dec.delta_logits_actual[i]:10.5f} "
+            f"{dec.predicted[i]:11.5f} {dec.actual[i]:11.5f} {dec.residual[i]:10.2e}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_decompose(args) -> int:
+    from ntkviz.results import FORMATS, write_decomposition
+
+    if args.out and Path(args.out).suffix.lower() not in FORMATS:
+        raise _UsageError(f"--out must end in one of {', '.join(FORMATS)}")
+    dec, meta = _decompose_from_args(args)
+    print(format_decomposition(dec))
+    if args.out:
+        write_decomposition(dec, args.out, meta)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ntkviz.results import FORMATS
+
+    figure = (".png", ".svg")
+    for out in args.out:
+        if Path(out).suffix.lower() not in FORMATS + figure:
+            raise _UsageError(f"--out {out}: use .png, .svg, .json, .npz or .csv")
+    dec, meta = _decompose_from_args(args)
+    for out in args.out:
+        if Path(out).suffix.lower() in figure:
+            from ntkviz.gui.export import export_decomposition_figure
+
+            export_decomposition_figure(dec, out, width=args.width, meta=meta)
+        else:
+            from ntkviz.results import write_decomposition
+
+            write_decomposition(dec, out, meta)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ntkviz.data import load_dataset
+    from ntkviz.decomposition import decompose
+    from ntkviz.models import build_model
+    from ntkviz.training import TrainConfig, accuracy, train
+
+    data = load_dataset()
+    config = TrainConfig(epochs=1)
+    model = build_model("lenet", seed=0)
+    progress = _Progress()
+    for record in train(model, data, config):
+        progress(record)
+    print(f"LeNet test accuracy {accuracy(model, data.test.x, data.test.y):.4f}")
+    u = int((data.train.y == 4).nonzero()[0])
+    o = int((data.test.y == 9).nonzero()[0])
+    print(f"x_u = train[{u}] (a 4), y_u = 4; x_o = test[{o}] (a 9); one SGD step, η = {args.lr}")
+    dec = decompose(model, data.test.x[o], data.train.x[u], 4, args.lr)
+    print(format_decomposition(dec))
+    return 0
+
+
+def cmd_gui(argv: list[str]) -> int:
+    try:
+        from ntkviz.gui.app import run
+    except ImportError as e:
+        print(f"ntkviz: the desktop app is not available ({e})", file=sys.stderr)
+        return 1
+    return run(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    commands = {"train": cmd_train, "decompose": cmd_decompose, "export": cmd_export}
+    commands["demo"] = cmd_demo
+    from ntkviz.errors import NtkvizError
+
+    try:
+        if args.command in (None, "gui"):
+            return cmd_gui([sys.argv[0], *argv[1:]] if args.command else [sys.argv[0]])
+        return commands[args.command](args)
+    except _UsageError as e:
+        print(f"ntkviz {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"ntkviz {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (NtkvizError, OSError) as e:
+        print(f"ntkviz {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1

@@ -1,0 +1,292 @@
+"""One SGD step on (x_u, y_u), seen from x_o: Δlog π(x_o) = −η·A(x_o)·K(x_o, x_u)·G(x_u, y_u) + O(η²).
+
+``decompose`` returns the factors, the first-order prediction and the actual change after a real
+plain-SGD step (no momentum, no weight decay), so the O(η²) remainder is always visible.
+``influence`` does the same for many x_o against one update, in chunks.
+
+All quantities are computed in eval mode and returned as read-only numpy arrays (float64 copies).
+Units: logits and log-probabilities in nats; η in parameter units per unit gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from ntkviz.kernel import _as_batch, empirical_ntk, eval_mode, trainable_parameters
+
+LOSSES = {
+    "ce": "learn y_u: cross-entropy descent, G = π(x_u) − e_y",
+    "neg": "negative gradient on y_u: cross-entropy ascent, G = e_y − π(x_u)",
+}
+
+
+def _frozen(t: Tensor | np.ndarray) -> np.ndarray:
+    a = np.array(t.detach().cpu().double().numpy() if isinstance(t, Tensor) else t, np.float64)
+    a.flags.writeable = False
+    return a
+
+
+def softmax_jacobian_of_log(probs: Tensor) -> Tensor:
+    """A = I − 1·πᵀ ``(V, V)``: the Jacobian of log-softmax with respect to the logits."""
+    V = probs.shape[-1]
+    return torch.eye(V, dtype=probs.dtype, device=probs.device) - probs.unsqueeze(-2)
+
+
+def loss_gradient(probs: Tensor, y: int, loss: str) -> Tensor:
+    """G = ∂L/∂z ``(V,)``: π − e_y for "ce", its opposite for "neg"."""
+    g = probs.clone()
+    g[..., y] -= 1
+    return g if loss == "ce" else -g
+
+
+def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor, int]:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)} (got {loss!r})")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    x_o = torch.as_tensor(x_o)
+    x_u = torch.as_tensor(x_u)
+    if x_o.shape != x_u.shape:
+        raise ValueError(
+            f"x_o and x_u must be single examples of the same shape, got {tuple(x_o.shape)} "
+            f"and {tuple(x_u.shape)}"
+        )
+    try:
+        with torch.no_grad(), eval_mode(model):
+            z = model(_as_batch(model, x_u[None], "x_u"))
+    except RuntimeError as e:
+        raise ValueError(
+            f"the model cannot take x_u of shape {tuple(x_u.shape)} as one example (expected a "
+            f"dataset item such as (1, 28, 28), not a batch): {e}"
+        ) from None
+    if z.ndim != 2 or z.shape[0] != 1:
+        raise ValueError(f"the model must return logits (N, V); got shape {tuple(z.shape)}")
+    V = z.shape[1]
+    if isinstance(y_u, bool) or not isinstance(y_u, int | np.integer) or not 0 <= y_u < V:
+        raise ValueError(f"y_u must be an int class in [0, {V}), got {y_u!r}")
+    return x_o, x_u, int(y_u)
+
+
+def _loss_grad(model, params, x_u: Tensor, y_u: int, loss: str) -> dict[str, Tensor]:
+    """∇θL(x_u, y_u) for the trainable parameters ``params`` (a dict like ``params``)."""
+    buffers_and_frozen = {n: p for n, p in model.named_parameters() if n not in params}
+
+    def objective(p):
+        z = functional_call(model, {**buffers_and_frozen, **p}, (x_u,))
+        ce = F.cross_entropy(z, torch.tensor([y_u], device=z.device))
+        return ce if loss == "ce" else -ce
+
+    return torch.func.grad(objective)(params)
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """The factors of one update's effect on x_o. Arrays are read-only float64.
+
+    ``A (V, V)``, ``K (V, V)``, ``G (V,)``; ``predicted (V,)`` = −η·A·K·G, ``actual (V,)`` the
+    real Δlog π(x_o), ``residual`` = actual − predicted (the O(η²) remainder);
+    ``delta_logits_predicted`` = −η·K·G and ``delta_logits_actual`` at the level of logits;
+    π and logits of x_o before and after; π of x_u before and after.
+    """
+
+    A: np.ndarray
+    K: np.ndarray
+    G: np.ndarray
+    predicted: np.ndarray
+    actual: np.ndarray
+    residual: np.ndarray
+    delta_logits_predicted: np.ndarray
+    delta_logits_actual: np.ndarray
+    probs_before: np.ndarray
+    probs_after: np.ndarray
+    logits_before: np.ndarray
+    logits_after: np.ndarray
+    probs_u_before: np.ndarray
+    probs_u_after: np.ndarray
+    lr: float
+    loss: str
+    y_u: int
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def relative_residual(self) -> float:
+        """‖residual‖ / ‖actual‖ (0 when nothing moved)."""
+        denom = float(np.linalg.norm(self.actual))
+        return float(np.linalg.norm(self.residual)) / denom if denom > 0 else 0.0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array field by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.type == "np.ndarray"}
+
+
+def decompose(
+    model: nn.Module,
+    x_o: Tensor,
+    x_u: Tensor,
+    y_u: int,
+    lr: float,
+    loss: str = "ce",
+) -> Decomposition:
+    """Decompose one plain-SGD step on ``(x_u, y_u)`` at learning rate ``lr`` as seen from ``x_o``.
+
+    ``x_o``, ``x_u``: single examples shaped like a dataset item, e.g. ``(1, 28, 28)``;
+    ``y_u``: a class in ``[0, V)``; ``loss``: "ce" or "neg". The model is not changed (the step is
+    taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments.
+    """
+    x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
+    xo = _as_batch(model, x_o[None], "x_o")
+    xu = _as_batch(model, x_u[None], "x_u")
+    K = empirical_ntk(model, xo, xu)[0, 0]
+    params = trainable_parameters(model)
+    with eval_mode(model):
+        with torch.no_grad():
+            z = model(torch.cat([xo, xu]))
+        grad = _loss_grad(model, params, xu, y_u, loss)
+        new = {**dict(model.named_parameters()), **{n: params[n] - lr * grad[n] for n in params}}
+        with torch.no_grad():
+            z_new = functional_call(model, new, (torch.cat([xo, xu]),))
+    logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
+    probs_o = logp[0].exp()
+    A = softmax_jacobian_of_log(probs_o)
+    G = loss_gradient(logp[1].exp(), y_u, loss)
+    dz_pred = -lr * (K @ G)
+    predicted = A @ dz_pred
+    actual = logp_new[0] - logp[0]
+    return Decomposition(
+        A=_frozen(A),
+        K=_frozen(K),
+        G=_frozen(G),
+        predicted=_frozen(predicted),
+        actual=_frozen(actual),
+        residual=_frozen(actual - predicted),
+        delta_logits_predicted=_frozen(dz_pred),
+        delta_logits_actual=_frozen(z_new[0] - z[0]),
+        probs_before=_frozen(probs_o),
+        probs_after=_frozen(logp_new[0].exp()),
+        logits_before=_frozen(z[0]),
+        logits_after=_frozen(z_new[0]),
+        probs_u_before=_frozen(logp[1].exp()),
+        probs_u_after=_frozen(logp_new[1].exp()),
+        lr=float(lr),
+        loss=loss,
+        y_u=y_u,
+    )
+
+
+@dataclass(frozen=True)
+class Influence:
+    """One update's effect on many x_o. Arrays are read-only float64, ``(N, V)`` unless noted.
+
+    ``predicted`` Δlog π = −η·A·K·G per x_o; ``delta_logits_predicted`` = −η·K·G;
+    ``probs_before``; ``actual`` (after a real step) and ``kernel_norm`` ``(N,)`` = ‖K(x_o, x_u)‖_F
+    when asked for, else None.
+    """
+
+    predicted: np.ndarray
+    delta_logits_predicted: np.ndarray
+    probs_before: np.ndarray
+    actual: np.ndarray | None
+    kernel_norm: np.ndarray | None
+    lr: float
+    loss: str
+    y_u: int
+
+
+def iter_influence(
+    model: nn.Module,
+    x_o: Tensor,
+    x_u: Tensor,
+    y_u: int,
+    lr: float,
+    loss: str = "ce",
+    *,
+    actual: bool = False,
+    kernel_norm: bool = False,
+    chunk_size: int = 1000,
+) -> Iterator[tuple[int, int] | Influence]:
+    """Generator form of :func:`influence`: yields ``(done, total)`` after each chunk of x_o, then
+    the :class:`Influence`. Stop iterating to cancel."""
+    x_o = torch.as_tensor(x_o)
+    if x_o.ndim < 2:
+        raise ValueError(f"x_o must be a batch (N, ...), got shape {tuple(x_o.shape)}")
+    _, x_u, y_u = _validate(model, x_o[0], x_u, y_u, lr, loss)
+    xu = _as_batch(model, x_u[None], "x_u")
+    params = trainable_parameters(model)
+    all_params = dict(model.named_parameters())
+    chunks = _as_batch(model, x_o, "x_o").split(chunk_size)
+    parts: dict[str, list[Tensor]] = {"pred": [], "dz": [], "probs": [], "actual": [], "norm": []}
+    with eval_mode(model):
+        grad = _loss_grad(model, params, xu, y_u, loss)
+        new = {n: params[n] - lr * grad[n] for n in params}
+        done = 0
+        for xc in chunks:
+
+            def f(p, xc=xc):
+                return functional_call(model, {**all_params, **p}, (xc,))
+
+            with torch.no_grad():
+                z, jg = jvp(f, (params,), (grad,))
+                dz = -lr * jg
+                probs = F.softmax(z, -1)
+                parts["dz"].append(dz)
+                parts["probs"].append(probs)
+                parts["pred"].append(dz - (probs * dz).sum(-1, keepdim=True))
+                if actual:
+                    parts["actual"].append(F.log_softmax(f(new), -1) - F.log_softmax(z, -1))
+            if kernel_norm:
+                parts["norm"].append(empirical_ntk(model, xc, xu)[:, 0].flatten(1).norm(dim=1))
+            done += len(xc)
+            yield done, len(x_o)
+    yield Influence(
+        predicted=_frozen(torch.cat(parts["pred"])),
+        delta_logits_predicted=_frozen(torch.cat(parts["dz"])),
+        probs_before=_frozen(torch.cat(parts["probs"])),
+        actual=_frozen(torch.cat(parts["actual"])) if actual else None,
+        kernel_norm=_frozen(torch.cat(parts["norm"])) if kernel_norm else None,
+        lr=float(lr),
+        loss=loss,
+        y_u=y_u,
+    )
+
+
+def influence(
+    model: nn.Module,
+    x_o: Tensor,
+    x_u: Tensor,
+    y_u: int,
+    lr: float,
+    loss: str = "ce",
+    *,
+    actual: bool = False,
+    kernel_norm: bool = False,
+    chunk_size: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> Influence:
+    """The predicted Δlog π ``(N, V)`` for every x_o in ``x_o (N, ...)`` after one plain-SGD step
+    on ``(x_u, y_u)``, computed as the NTK-vector product −η·J(x_o)·∇θL in chunks of x_o (memory
+    bounded by ``chunk_size``). ``actual``: also take the real step and measure; ``kernel_norm``:
+    also ‖K(x_o, x_u)‖_F. ``progress(done, total)`` is called after each chunk."""
+    for item in iter_influence(
+        model,
+        x_o,
+        x_u,
+        y_u,
+        lr,
+        loss,
+        actual=actual,
+        kernel_norm=kernel_norm,
+        chunk_size=chunk_size,
+    ):
+        if isinstance(item, Influence):
+            return item
+        if progress is not None:
+            progress(*item)
+    raise AssertionError("unreachable")

@@ -1,0 +1,74 @@
+"""Writing decompositions to disk as JSON, NPZ or CSV (atomically, no pickle)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ntkviz.checkpoint import atomic_write
+from ntkviz.decomposition import Decomposition
+
+FORMATS = (".json", ".npz", ".csv")
+
+
+def decomposition_record(dec: Decomposition, meta: dict | None = None) -> dict:
+    """A JSON-ready dict: every array as nested lists, the scalars, and ``meta``."""
+    from ntkviz import __version__
+
+    return {
+        "formula": "predicted = -lr * A @ K @ G ; residual = actual - predicted",
+        "lr": dec.lr,
+        "loss": dec.loss,
+        "y_u": dec.y_u,
+        "relative_residual": dec.relative_residual,
+        **{name: array.tolist() for name, array in dec.arrays().items()},
+        "meta": {"ntkviz_version": __version__, **(meta or {})},
+    }
+
+
+def _csv_text(dec: Decomposition) -> str:
+    """One row per output class i: the vectors at i, then row i of A and K."""
+    V = len(dec.G)
+    out = io.StringIO()
+    w = csv.writer(out)
+    vectors = [n for n, a in dec.arrays().items() if a.ndim == 1]
+    w.writerow(
+        ["class", *vectors, *(f"A[i,{j}]" for j in range(V)), *(f"K[i,{j}]" for j in range(V))]
+    )
+    for i in range(V):
+        row = [i, *(repr(float(dec.arrays()[n][i])) for n in vectors)]
+        row += [repr(float(v)) for v in dec.A[i]] + [repr(float(v)) for v in dec.K[i]]
+        w.writerow(row)
+    return out.getvalue()
+
+
+def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None = None) -> Path:
+    """Write ``dec`` to ``path`` (.json, .npz or .csv by suffix), atomically. ``meta`` (indices,
+    labels, model, training step, seed …) goes into JSON and NPZ. Raises ``ValueError`` for an
+    unknown suffix and ``OSError`` for an unwritable path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unknown output format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    record = decomposition_record(dec, meta)
+    if suffix == ".json":
+        text = json.dumps(record, indent=2)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    if suffix == ".csv":
+        text = _csv_text(dec)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    arrays = dict(dec.arrays())
+    arrays["lr"] = np.array(dec.lr)
+    arrays["y_u"] = np.array(dec.y_u)
+    arrays["loss"] = np.array(dec.loss)
+    arrays["meta_json"] = np.array(json.dumps(record["meta"]))
+
+    def write_npz(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write_npz)

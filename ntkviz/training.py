@@ -1,0 +1,178 @@
+"""Training as a generator: one small immutable record per batch, so a worker can pause or stop
+between any two batches.
+
+SGD with momentum, weight decay and a cosine learning-rate schedule (per step, to 0 at the end).
+Seeded and deterministic on CPU: the same config and seed give identical losses. A non-finite loss
+stops training with :class:`~ntkviz.errors.TrainingDiverged`, the model restored to its last finite
+state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ntkviz.data import ImageDataset, subset_indices
+from ntkviz.errors import DeviceError, TrainingDiverged
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters. Defaults reach ≥ 95 % MNIST test accuracy in well under a minute on a
+    2-core CPU; :meth:`paper` gives the paper's settings (2,000 images, lr 1e-3)."""
+
+    model: str = "lenet"
+    train_size: int | None = None  #: examples drawn (seeded) from the training split; None = all
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    epochs: int = 2
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 100  #: steps between test-accuracy evaluations (and at the end)
+    eval_size: int | None = 2000  #: test images used for periodic accuracy; None = all 10,000
+
+    @classmethod
+    def paper(cls, **overrides) -> TrainConfig:
+        """Ren & Sutherland's MNIST setting."""
+        return replace(cls(train_size=2000, lr=1e-3, epochs=50), **overrides)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a clear message for impossible values."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive finite number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight decay must be ≥ 0, got {self.weight_decay}")
+        for name in ("batch_size", "epochs", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be ≥ 1 or None, got {self.train_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """State after one batch. ``test_accuracy`` is set only on evaluation steps."""
+
+    step: int  #: 1-based count of optimizer steps taken
+    total_steps: int
+    epoch: int  #: 0-based
+    loss: float
+    batch_accuracy: float
+    lr: float  #: learning rate used for this step
+    test_accuracy: float | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" (CUDA, else MPS, else CPU), "cpu", "cuda", "cuda:N" or "mps"; raises DeviceError."""
+    name = (name or "auto").lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {name!r} requested but CUDA is not available on this machine"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if name == "mps":
+        if not has_mps:
+            raise DeviceError("device 'mps' requested but MPS is not available on this machine")
+        return torch.device("mps")
+    raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
+    """Fraction of ``x (N, ...)`` classified as ``y (N,)``, in eval mode (mode restored)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = 0
+    for xs, ys in zip(x.split(batch), y.split(batch)):
+        correct += (model(xs.to(dev)).argmax(1).cpu() == ys).sum().item()
+    model.train(was)
+    return correct / max(1, len(y))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def train(
+    model: nn.Module,
+    data: ImageDataset,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+) -> Iterator[TrainRecord]:
+    """Train ``model`` in place, yielding a :class:`TrainRecord` after every batch.
+
+    The model must already be on the config's device. Pass ``optimizer`` and ``start_step`` to
+    continue a run. Raises :class:`TrainingDiverged` (model restored) on a non-finite loss.
+    """
+    config.validate()
+    device = next(model.parameters()).device
+    idx = subset_indices(len(data.train), config.train_size, config.seed)
+    x_all, y_all = data.train.x[idx], data.train.y[idx]
+    eval_idx = subset_indices(len(data.test), config.eval_size, config.seed)
+    x_eval, y_eval = data.test.x[eval_idx], data.test.y[eval_idx]
+    steps_per_epoch = math.ceil(len(idx) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    opt = optimizer or make_optimizer(model, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_good = [p.detach().clone() for p in params]
+    model.train()
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(idx), generator=gen)
+        for b in range(steps_per_epoch):
+            step += 1
+            if step <= start_step:
+                continue
+            lr = 0.5 * config.lr * (1 + math.cos(math.pi * (step - 1) / total))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = order[b * config.batch_size : (b + 1) * config.batch_size]
+            xb, yb = x_all[batch].to(device), y_all[batch].to(device)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            value = loss.item()
+            if not math.isfinite(value) or not all(bool(p.isfinite().all()) for p in params):
+                with torch.no_grad():
+                    for p, good in zip(params, last_good):
+                        p.copy_(good)
+                raise TrainingDiverged(step, lr, value)
+            with torch.no_grad():
+                for p, good in zip(params, last_good):
+                    good.copy_(p)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc = (logits.argmax(1) == yb).float().mean().item()
+            test_acc = None
+            if step % config.eval_every == 0 or step == total:
+                test_acc = accuracy(model, x_eval, y_eval)
+                model.train()
+            yield TrainRecord(step, total, epoch, value, acc, lr, test_acc)

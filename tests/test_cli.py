@@ -1,0 +1,128 @@
+"""The headless command line, run as a user would (a subprocess), with the shipped data."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ntkviz.checkpoint import load_checkpoint
+from ntkviz.cli import main
+from ntkviz.decomposition import decompose
+
+
+def run(*args, env_cache):
+    env = {"NTKVIZ_CACHE": str(env_cache), "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "ntkviz", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    out = root / "m.pt"
+    r = run("train", "--out", str(out), "--train-size", "640", "--epochs", "1", env_cache=root)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout and out.exists()
+    return root, out
+
+
+def test_train_writes_a_loadable_checkpoint_with_progress(trained):
+    ckpt = load_checkpoint(trained[1])
+    assert ckpt.model_name == "lenet" and ckpt.config.train_size == 640
+    assert ckpt.metadata["step"] == 10
+
+
+def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
+    root, ckpt_path = trained
+    for suffix in (".json", ".npz", ".csv"):
+        out = root / f"r{suffix}"
+        r = run(
+            "decompose",
+            "--checkpoint",
+            str(ckpt_path),
+            "--xu",
+            "2",
+            "--xo",
+            "7",
+            "--lr",
+            "0.3",
+            "--loss",
+            "neg",
+            "--out",
+            str(out),
+            env_cache=root,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "relative residual" in r.stdout
+    model = load_checkpoint(ckpt_path).model
+    dec = decompose(model, mnist.test.x[7], mnist.train.x[2], int(mnist.train.y[2]), 0.3, "neg")
+    record = json.loads((root / "r.json").read_text())
+    np.testing.assert_allclose(record["K"], dec.K, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(record["actual"], dec.actual, rtol=1e-6, atol=1e-7)
+    assert record["meta"]["x_u"] == {"split": "train", "index": 2, "label": int(mnist.train.y[2])}
+    with np.load(root / "r.npz", allow_pickle=False) as npz:
+        np.testing.assert_allclose(npz["A"], dec.A, atol=1e-7)
+        np.testing.assert_allclose(npz["predicted"], dec.predicted, rtol=1e-6, atol=1e-8)
+        assert json.loads(str(npz["meta_json"]))["loss"] == "neg"
+    with open(root / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    row4 = rows[4]
+    assert float(row4["predicted"]) == pytest.approx(dec.predicted[4], rel=1e-6, abs=1e-9)
+    assert float(row4["K[i,9]"]) == pytest.approx(dec.K[4, 9], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["decompose", "--checkpoint", "CKPT", "--xu", "0", "--xo", "0", "--yu", "10"], 2, "--yu"),
+        (["decompose", "--checkpoint", "CKPT", "--xu", "70000", "--xo", "0"], 2, "outside"),
+        (
+            ["decompose", "--checkpoint", "CKPT", "--xu", "0", "--xo", "0", "--lr", "nan"],
+            2,
+            "finite",
+        ),
+        (
+            ["decompose", "--checkpoint", "missing.pt", "--xu", "0", "--xo", "0"],
+            1,
+            "does not exist",
+        ),
+        (["train", "--out", "x.pt", "--lr", "-1"], 2, "learning rate"),
+        (["train", "--out", "no/such/dir/x.pt"], 2, "does not exist"),
+        (["decompose", "--bogus"], 2, "usage"),
+    ],
+)
+def test_errors_have_exit_codes_and_messages(trained, args, code, message, monkeypatch, capsys):
+    root, ckpt_path = trained
+    monkeypatch.setenv("NTKVIZ_CACHE", str(root))
+    monkeypatch.chdir(root)
+    args = [str(ckpt_path) if a == "CKPT" else a for a in args]
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    assert rc == code
+    assert message in capsys.readouterr().err
+
+
+def test_user_errors_print_no_traceback(trained):
+    root, _ = trained
+    r = run("decompose", "--checkpoint", "missing.pt", "--xu", "0", "--xo", "0", env_cache=root)
+    assert r.returncode == 1
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_cuda_is_a_failure_with_a_message(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--out", str(tmp_path / "m.pt"), "--device", "cuda"]) == 1
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""decompose / influence against independent autograd computations."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_unchanged, explicit_jacobian, snapshot
+from models import inputs, make
+
+from ntkviz.decomposition import decompose, influence, iter_influence
+
+
+def autograd_step(model, x_o, x_u, y_u, lr, loss):
+    """log π(x_o) before and after one plain SGD step on a deep copy, with torch.optim.SGD."""
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    before = F.log_softmax(m(x_o[None]), -1)[0].detach()
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    ce = F.cross_entropy(m(x_u[None]), torch.tensor([y_u]))
+    (ce if loss == "ce" else -ce).backward()
+    opt.step()
+    after = F.log_softmax(m(x_o[None]), -1)[0].detach()
+    return before, after
+
+
+@pytest.mark.parametrize("loss", ["ce", "neg"])
+@pytest.mark.parametrize("name", ["lenet", "mlp", "residual"])
+def test_factors_equal_autograd(name, loss):
+    model = make(name)
+    x_o, x_u = inputs(1, seed=1)[0], inputs(1, seed=2)[0]
+    y_u, lr = 3, 0.05
+    d = decompose(model, x_o, x_u, y_u, lr, loss)
+    model.eval()
+    # A: Jacobian of log_softmax at z(x_o) with respect to z.
+    z_o = model(x_o[None])[0].detach()
+    A = torch.autograd.functional.jacobian(lambda z: F.log_softmax(z, -1), z_o)
+    np.testing.assert_allclose(d.A, A.numpy(), atol=1e-12)
+    # G: ∂L/∂z at x_u, L = CE (ce) or −CE (neg).
+    z_u = model(x_u[None])[0].detach().requires_grad_(True)
+    ce = F.cross_entropy(z_u[None], torch.tensor([y_u]))
+    (g,) = torch.autograd.grad(ce if loss == "ce" else -ce, z_u)
+    np.testing.assert_allclose(d.G, g.numpy(), atol=1e-12)
+    # K: explicit J·Jᵀ.
+    K = explicit_jacobian(model, x_o) @ explicit_jacobian(model, x_u).T
+    np.testing.assert_allclose(d.K, K.numpy(), atol=1e-10)
+    # predicted = −η·A·K·G; Δz = −η·K·G.
+    np.testing.assert_allclose(d.delta_logits_predicted, (-lr * K @ g).numpy(), atol=1e-12)
+    np.testing.assert_allclose(d.predicted, (-lr * A @ K @ g).numpy(), atol=1e-12)
+    # actual: a real SGD step taken by torch.optim.SGD on a copy.
+    before, after = autograd_step(model, x_o, x_u, y_u, lr, loss)
+    np.testing.assert_allclose(d.actual, (after - before).numpy(), atol=1e-12)
+    np.testing.assert_allclose(d.residual, d.actual - d.predicted, atol=0)
+    np.testing.assert_allclose(d.probs_before, before.exp().numpy(), atol=1e-12)
+    np.testing.assert_allclose(d.probs_after, after.exp().numpy(), atol=1e-12)
+    assert not d.A.flags.writeable
+
+
+@pytest.mark.parametrize("loss", ["ce", "neg"])
+def test_remainder_is_second_order(loss):
+    model = make("lenet")
+    x_o, x_u = inputs(1, seed=3)[0], inputs(1, seed=4)[0]
+    big = decompose(model, x_o, x_u, 2, 0.2, loss)
+    small = decompose(model, x_o, x_u, 2, 0.02, loss)
+    pred_ratio = np.linalg.norm(big.predicted) / np.linalg.norm(small.predicted)
+    res_ratio = np.linalg.norm(big.residual) / np.linalg.norm(small.residual)
+    assert pred_ratio == pytest.approx(10, rel=1e-9)
+    assert 70 < res_ratio < 130, res_ratio
+
+
+def test_negative_gradient_on_itself_squeezes_mass_into_the_most_likely_other_class():
+    model = make("mlp")
+    x = inputs(1, seed=5)[0]
+    with torch.no_grad():
+        probs = F.softmax(model.eval()(x[None]), -1)[0]
+    y = int(probs.argsort()[-2])  # a likely but not the top class
+    d = decompose(model, x, x, y, 0.05, "neg")
+    assert d.probs_after[y] < d.probs_before[y]
+    others = [c for c in range(10) if c != y]
+    top_other = max(others, key=lambda c: d.probs_before[c])
+    assert d.probs_after[top_other] > d.probs_before[top_other]
+    # first-order prediction agrees in sign
+    assert d.predicted[y] < 0 < d.predicted[top_other]
+
+
+def test_model_is_bit_identical_after_decompose_and_influence():
+    model = make("lenet")
+    model.train()
+    snap = snapshot(model)
+    x = inputs(3)
+    decompose(model, x[0], x[1], 1, 0.1)
+    influence(model, x, x[0], 1, 0.1, actual=True, kernel_norm=True)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+def test_batched_influence_equals_per_pair(name):
+    model = make(name)
+    xs, x_u = inputs(5, seed=6), inputs(1, seed=7)[0]
+    inf = influence(model, xs, x_u, 7, 0.1, "neg", actual=True, kernel_norm=True, chunk_size=2)
+    for a in range(5):
+        d = decompose(model, xs[a], x_u, 7, 0.1, "neg")
+        np.testing.assert_allclose(inf.predicted[a], d.predicted, atol=1e-12)
+        np.testing.assert_allclose(
+            inf.delta_logits_predicted[a], d.delta_logits_predicted, atol=1e-12
+        )
+        np.testing.assert_allclose(inf.actual[a], d.actual, atol=1e-12)
+        np.testing.assert_allclose(inf.probs_before[a], d.probs_before, atol=1e-12)
+        assert inf.kernel_norm[a] == pytest.approx(np.linalg.norm(d.K), rel=1e-10)
+
+
+def test_iter_influence_reports_progress_and_can_stop_early():
+    model = make("mlp")
+    xs, x_u = inputs(10), inputs(1)[0]
+    gen = iter_influence(model, xs, x_u, 0, 0.1, chunk_size=4)
+    assert next(gen) == (4, 10)
+    assert next(gen) == (8, 10)
+    gen.close()  # cancel: nothing else runs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"y_u": 10}, "y_u"),
+        ({"y_u": -1}, "y_u"),
+        ({"y_u": 2.5}, "y_u"),
+        ({"loss": "mse"}, "loss"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": float("inf")}, "lr"),
+        ({"x_o": torch.zeros(1, 1, 28, 28)}, "same shape"),
+        ({"x_o": torch.zeros(1, 1, 28, 28), "x_u": torch.zeros(1, 1, 28, 28)}, "as one example"),
+        ({"x_o": torch.zeros(1, 5, 5), "x_u": torch.zeros(1, 5, 5)}, "cannot take"),
+    ],
+)
+def test_bad_arguments_say_what_was_expected(kwargs, match):
+    model = make("lenet")
+    args = {"x_o": inputs(1)[0], "x_u": inputs(1)[0], "y_u": 1, "lr": 0.1, "loss": "ce"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        decompose(model, **args)

@@ -1,0 +1,153 @@
+"""The empirical NTK against explicit J·Jᵀ built with torch.autograd.functional.jacobian."""
+
+import pytest
+import torch
+from conftest import assert_unchanged, explicit_jacobian, snapshot
+from models import inputs, make
+
+from ntkviz.kernel import empirical_ntk, empirical_ntk_by_layer, layer_of, ntk_trace
+
+MODELS = ["lenet", "mlp", "tiny_cnn", "residual"]
+
+
+def reference_kernel(model, x1, x2):
+    j1 = [explicit_jacobian(model, x) for x in x1]
+    j2 = [explicit_jacobian(model, x) for x in x2]
+    return torch.stack([torch.stack([a @ b.T for b in j2]) for a in j1])
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_kernel_equals_explicit_jacobian_product(name, method):
+    model = make(name)
+    x1, x2 = inputs(3, seed=1), inputs(2, seed=2)
+    expected = reference_kernel(model, x1, x2)
+    K = empirical_ntk(model, x1, x2, method=method)
+    assert K.shape == (3, 2, 10, 10)
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "tiny_cnn"])
+def test_structured_path_is_taken_and_exact(name):
+    model = make(name)
+    x1, x2 = inputs(2, seed=3), inputs(1, seed=4)
+    K = empirical_ntk(model, x1, x2, method="structured")
+    torch.testing.assert_close(K, reference_kernel(model, x1, x2), rtol=1e-10, atol=1e-10)
+
+
+def test_structured_path_refuses_a_non_chain_model():
+    with pytest.raises(ValueError, match="structured"):
+        empirical_ntk(make("residual"), inputs(1), inputs(1), method="structured")
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_kernel_of_an_example_with_itself_is_symmetric_psd(name):
+    model = make(name)
+    x = inputs(4)
+    K = empirical_ntk(model, x, x)
+    for a in range(4):
+        block = K[a, a]
+        torch.testing.assert_close(block, block.T, rtol=0, atol=1e-10)
+        assert torch.linalg.eigvalsh(block).min() > -1e-9
+    # The whole (N·V)×(N·V) Gram matrix is PSD too.
+    gram = K.permute(0, 2, 1, 3).reshape(40, 40)
+    assert torch.linalg.eigvalsh((gram + gram.T) / 2).min() > -1e-8
+
+
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+def test_swapping_arguments_transposes_blocks(name):
+    model = make(name)
+    x1, x2 = inputs(3, seed=5), inputs(2, seed=6)
+    K12 = empirical_ntk(model, x1, x2)
+    K21 = empirical_ntk(model, x2, x1)
+    torch.testing.assert_close(K21, K12.permute(1, 0, 3, 2), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "residual"])
+def test_per_layer_kernels_sum_to_the_total_and_match_per_group_jacobians(name):
+    model = make(name)
+    x1, x2 = inputs(2, seed=7), inputs(1, seed=8)
+    layers = empirical_ntk_by_layer(model, x1, x2)
+    names = [n for n, _ in model.named_parameters()]
+    assert set(layers) == {layer_of(n) for n in names}
+    torch.testing.assert_close(
+        sum(layers.values()), empirical_ntk(model, x1, x2), rtol=1e-10, atol=1e-10
+    )
+    # Each layer against the explicit Jacobian restricted to that layer's columns.
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    j1 = [explicit_jacobian(model, x) for x in x1]
+    j2 = explicit_jacobian(model, x2[0])
+    for layer, K in layers.items():
+        cols = torch.cat([torch.full((s,), layer_of(n) == layer) for n, s in zip(names, sizes)])
+        for a in range(2):
+            expected = j1[a][:, cols] @ j2[:, cols].T
+            torch.testing.assert_close(K[a, 0], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_blocks_equal_per_pair_results_across_chunk_sizes():
+    model = make("lenet")
+    x1, x2 = inputs(7, seed=9), inputs(2, seed=10)
+    full = empirical_ntk(model, x1, x2, chunk_size=3)
+    for a in range(7):
+        for b in range(2):
+            pair = empirical_ntk(model, x1[a : a + 1], x2[b : b + 1])
+            torch.testing.assert_close(full[a, b], pair[0, 0], rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_parameters_do_not_count():
+    model = make("lenet")
+    model.conv1.weight.requires_grad_(False)
+    model.fc3.bias.requires_grad_(False)
+    x1, x2 = inputs(2, seed=11), inputs(1, seed=12)
+    expected = reference_kernel(model, x1, x2)
+    for method in ("structured", "generic"):
+        K = empirical_ntk(model, x1, x2, method=method)
+        torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_trace_kernel_is_the_trace_of_the_blocks():
+    model = make("mlp")
+    x1, x2 = inputs(3), inputs(2)
+    expected = reference_kernel(model, x1, x2).diagonal(dim1=2, dim2=3).sum(-1)
+    torch.testing.assert_close(ntk_trace(model, x1, x2), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+def test_model_is_left_bit_identical_with_its_mode(name):
+    model = make(name)
+    model.train()
+    snap = snapshot(model)
+    empirical_ntk(model, inputs(2), inputs(1))
+    empirical_ntk_by_layer(model, inputs(2), inputs(1))
+    assert_unchanged(model, snap)
+    assert model.training
+
+
+def test_kernel_uses_eval_mode():
+    """Dropout would make the kernel random in train mode; the result must be deterministic."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)
+    ).double()
+    model.train()
+    x = inputs(2)
+    a = empirical_ntk(model, x, x[:1])
+    b = empirical_ntk(model, x, x[:1])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, reference_kernel(model, x, x[:1]), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_model_on_whole_batches_matches_float64_reference():
+    model = make("lenet").float()
+    x1, x2 = inputs(50).float(), inputs(1, seed=3).float()
+    K = empirical_ntk(model, x1, x2)
+    K64 = empirical_ntk(model.double(), x1.double(), x2.double())
+    torch.testing.assert_close(K.double(), K64, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_raise_value_error():
+    model = make("mlp")
+    with pytest.raises(ValueError, match="non-empty"):
+        empirical_ntk(model, inputs(0), inputs(1))
+    with pytest.raises(ValueError, match="method"):
+        empirical_ntk(model, inputs(1), inputs(1), method="magic")

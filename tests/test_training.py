@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from ntkviz.errors import DeviceError, TrainingDiverged
+from ntkviz.models import MODELS, build_model, count_parameters
+from ntkviz.training import TrainConfig, resolve_device, train
+
+SMALL = TrainConfig(train_size=512, epochs=1, batch_size=64, eval_every=4, eval_size=500)
+
+
+def test_lenet_has_the_papers_size():
+    assert count_parameters(build_model("lenet")) == 29624
+    assert set(MODELS) >= {"lenet", "mlp"}
+
+
+def test_records_are_yielded_per_batch_with_periodic_accuracy(mnist):
+    model = build_model("lenet")
+    records = list(train(model, mnist, SMALL))
+    assert [r.step for r in records] == list(range(1, 9))
+    assert all(r.total_steps == 8 for r in records)
+    assert [r.test_accuracy is not None for r in records] == [False, False, False, True] * 2
+    assert records[-1].lr < records[0].lr  # cosine schedule
+    assert records[-1].loss < records[0].loss
+
+
+def test_training_is_deterministic_on_cpu(mnist):
+    runs = []
+    for _ in range(2):
+        model = build_model("lenet", seed=3)
+        runs.append(
+            ([r.loss for r in train(model, mnist, SMALL)], [p.clone() for p in model.parameters()])
+        )
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_divergence_stops_and_restores_the_last_finite_state(mnist):
+    model = build_model("mlp")
+    config = TrainConfig(train_size=2000, epochs=1, lr=1e12, momentum=0.0, weight_decay=0.0)
+    gen = train(model, mnist, config)
+    seen = []
+    with pytest.raises(TrainingDiverged) as info:
+        for record in gen:
+            seen.append(record)
+    assert info.value.step == len(seen) + 1
+    assert info.value.lr > 0 and "learning rate" in str(info.value)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    # The restored model is the one whose loss was last finite: evaluating it gives that loss.
+    if seen:
+        assert math.isfinite(seen[-1].loss)
+
+
+def test_invalid_config_and_device_give_clear_errors():
+    with pytest.raises(ValueError, match="learning rate"):
+        TrainConfig(lr=float("nan")).validate()
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_defaults_reach_95_percent_quickly(mnist):
+    """The interactive default: ≥ 95 % test accuracy (one epoch on all 60k is enough)."""
+    from dataclasses import replace
+
+    from ntkviz.training import accuracy
+
+    model = build_model("lenet")
+    for _ in train(model, mnist, replace(TrainConfig(), epochs=1)):
+        pass
+    assert accuracy(model, mnist.test.x, mnist.test.y) >= 0.95
