@@ -27,6 +27,10 @@ _EXPORTS = {
     "TrainConfig": "ntkviz.training",
     "TrainRecord": "ntkviz.training",
     "train": "ntkviz.training",
+    "class_influence": "ntkviz.analysis",
+    "class_kernel_map": "ntkviz.analysis",
+    "ntk_spectrum": "ntkviz.analysis",
+    "squeeze_steps": "ntkviz.analysis",
     "save_checkpoint": "ntkviz.checkpoint",
     "load_checkpoint": "ntkviz.checkpoint",
 }

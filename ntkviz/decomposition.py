@@ -48,6 +48,7 @@ def loss_gradient(probs: Tensor, y: int, loss: str) -> Tensor:
 
 
 def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor, int]:
+    """Check the arguments that need no forward pass; the shapes are checked by :func:`_forward`."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)} (got {loss!r})")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
@@ -59,20 +60,26 @@ def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor
             f"x_o and x_u must be single examples of the same shape, got {tuple(x_o.shape)} "
             f"and {tuple(x_u.shape)}"
         )
+    if isinstance(y_u, bool) or not isinstance(y_u, int | np.integer) or y_u < 0:
+        raise ValueError(f"y_u must be a non-negative int class, got {y_u!r}")
+    return x_o, x_u, int(y_u)
+
+
+def _forward(model: nn.Module, x: Tensor, y_u: int, what: str = "x_u") -> Tensor:
+    """Logits ``(N, V)`` of a batch made of single examples; a clear ``ValueError`` when the
+    model cannot take them or ``y_u`` is not one of its classes."""
     try:
-        with torch.no_grad(), eval_mode(model):
-            z = model(_as_batch(model, x_u[None], "x_u"))
+        z = model(x)
     except RuntimeError as e:
         raise ValueError(
-            f"the model cannot take x_u of shape {tuple(x_u.shape)} as one example (expected a "
-            f"dataset item such as (1, 28, 28), not a batch): {e}"
+            f"the model cannot take {what} of shape {tuple(x.shape[1:])} as one example (expected "
+            f"a dataset item such as (1, 28, 28), not a batch): {e}"
         ) from None
-    if z.ndim != 2 or z.shape[0] != 1:
+    if z.ndim != 2 or z.shape[0] != len(x):
         raise ValueError(f"the model must return logits (N, V); got shape {tuple(z.shape)}")
-    V = z.shape[1]
-    if isinstance(y_u, bool) or not isinstance(y_u, int | np.integer) or not 0 <= y_u < V:
-        raise ValueError(f"y_u must be an int class in [0, {V}), got {y_u!r}")
-    return x_o, x_u, int(y_u)
+    if not y_u < z.shape[1]:
+        raise ValueError(f"y_u must be an int class in [0, {z.shape[1]}), got {y_u}")
+    return z
 
 
 def _loss_grad(model, params, x_u: Tensor, y_u: int, loss: str) -> dict[str, Tensor]:
@@ -142,17 +149,20 @@ def decompose(
     taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments.
     """
     x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
-    xo = _as_batch(model, x_o[None], "x_o")
-    xu = _as_batch(model, x_u[None], "x_u")
-    K = empirical_ntk(model, xo, xu)[0, 0]
-    params = trainable_parameters(model)
-    with eval_mode(model):
+    both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
+    named = dict(model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
+    with eval_mode(model), torch.enable_grad():
+        z = _forward(model, both, y_u)
+        ce = F.cross_entropy(z[1:], torch.tensor([y_u], device=z.device))
+        grads = torch.autograd.grad(ce if loss == "ce" else -ce, [named[n] for n in trainable])
+        z = z.detach()
+        new = {n: p.detach() for n, p in named.items()}
+        for n, g in zip(trainable, grads):
+            new[n] = new[n] - lr * g
         with torch.no_grad():
-            z = model(torch.cat([xo, xu]))
-        grad = _loss_grad(model, params, xu, y_u, loss)
-        new = {**dict(model.named_parameters()), **{n: params[n] - lr * grad[n] for n in params}}
-        with torch.no_grad():
-            z_new = functional_call(model, new, (torch.cat([xo, xu]),))
+            z_new = functional_call(model, new, (both,))
+    K = empirical_ntk(model, both[:1], both[1:])[0, 0]
     logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
     probs_o = logp[0].exp()
     A = softmax_jacobian_of_log(probs_o)
@@ -219,6 +229,8 @@ def iter_influence(
         raise ValueError(f"x_o must be a batch (N, ...), got shape {tuple(x_o.shape)}")
     _, x_u, y_u = _validate(model, x_o[0], x_u, y_u, lr, loss)
     xu = _as_batch(model, x_u[None], "x_u")
+    with torch.no_grad(), eval_mode(model):
+        _forward(model, xu, y_u)
     params = trainable_parameters(model)
     all_params = dict(model.named_parameters())
     chunks = _as_batch(model, x_o, "x_o").split(chunk_size)

@@ -30,6 +30,9 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 #: Bytes of intermediate data one chunk of the large side may use.
 MEMORY_BUDGET = 64 * 2**20
+#: Up to this many x2 the total kernel uses forward-mode NTK-vector products; beyond, the
+#: per-layer factorisation (which also serves Gram matrices of whole probe sets).
+FORWARD_MAX_N2 = 4
 
 
 @contextlib.contextmanager
@@ -214,16 +217,20 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
                 factor = factor + 1
             out[name] = gg * factor[:, :, None, None]
             continue
-        # Conv2d
+        # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when the small
+        # side is small; else materialise x1's weight Jacobian too and contract (Gram matrices).
         o = g1.shape[2]
         k = torch.zeros((N1, N2, V, V), dtype=g1.dtype, device=g1.device)
         if w_on:
-            weights = jw2.reshape(N2 * V * o, *layer.weight.shape[1:])
-            t = F.conv2d(a1, weights, None, layer.stride, layer.padding, layer.dilation)
-            t = t.reshape(N1, N2 * V, -1)
-            k = k + torch.bmm(g1.reshape(N1, V, -1), t.transpose(1, 2)).view(N1, V, N2, V).permute(
-                0, 2, 1, 3
-            )
+            positions = g1[0, 0, 0].numel()
+            if positions >= N2 * V:
+                weights = jw2.reshape(N2 * V * o, *layer.weight.shape[1:])
+                t = F.conv2d(a1, weights, None, layer.stride, layer.padding, layer.dilation)
+                t = torch.bmm(g1.reshape(N1, V, -1), t.reshape(N1, N2 * V, -1).transpose(1, 2))
+            else:
+                jw1 = _conv_weight_jacobian(layer, a1, g1).reshape(N1 * V, -1)
+                t = (jw1 @ jw2.reshape(N2 * V, -1).T).view(N1, V, N2 * V)
+            k = k + t.view(N1, V, N2, V).permute(0, 2, 1, 3)
         if b_on:
             k = k + torch.einsum("nio,mjo->nmij", g1.sum((3, 4)), g2.sum((3, 4)))
         out[name] = k
@@ -307,14 +314,19 @@ def _prepare_small(chain, x2: Tensor):
     return small
 
 
-def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, budget: int) -> int:
+def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) -> int:
+    """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`."""
     with torch.no_grad():
         probe = x1[:1]
         per_example = 0
         for _, layer in chain:
             probe = layer(probe)
-            per_example += probe.numel() * (2 + v + n2 * v)
-    return max(1, budget // max(1, per_example * x1.element_size()))
+            if forward:  # activations and n2·v tangents
+                per_example += probe.numel() * (2 + n2 * v)
+            else:  # activations, v cotangents, weight Jacobians and the (n2, v, v) blocks
+                weights = sum(p.numel() for p in layer.parameters())
+                per_example += probe.numel() * (2 + v) + v * weights + n2 * v * v
+    return max(1, MEMORY_BUDGET // max(1, per_example * x1.element_size()))
 
 
 # --------------------------------------------------------------------------- generic path
@@ -373,14 +385,19 @@ def _kernels(
                 with torch.no_grad():
                     small = _prepare_small(chain, x2)
                     v = small[-1][3].shape[1]
-                    size = chunk_size or _structured_chunk_size(
-                        chain, x1, len(x2), v, MEMORY_BUDGET
+                    # Forward-mode NTK-vector products pay per row of J(x2): best for few x2.
+                    forward = not split and len(x2) <= FORWARD_MAX_N2
+                    size = chunk_size or (
+                        len(x1)
+                        if len(x1) <= 16
+                        else _structured_chunk_size(chain, x1, len(x2), v, forward)
                     )
-                    if split:
-                        parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
-                        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                    parts = [_forward_kernel(chain, xc, small) for xc in x1.split(size)]
-                    return {"total": torch.cat(parts)}
+                    if forward:
+                        parts = [_forward_kernel(chain, xc, small) for xc in x1.split(size)]
+                        return {"total": torch.cat(parts)}
+                    parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
+                    layers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                    return layers if split else {"total": sum(layers.values())}
             except _Unsupported:
                 if method == "structured":
                     raise ValueError("the structured path does not support this model") from None

@@ -151,3 +151,12 @@ def test_bad_arguments_raise_value_error():
         empirical_ntk(model, inputs(0), inputs(1))
     with pytest.raises(ValueError, match="method"):
         empirical_ntk(model, inputs(1), inputs(1), method="magic")
+
+
+def test_gram_matrix_of_a_probe_set_uses_both_conv_strategies_exactly():
+    """N2·V above a conv layer's output positions switches that layer to materialised weight
+    Jacobians (LeNet's conv2 has 100 positions); both strategies must agree with autograd."""
+    model = make("lenet")
+    x = inputs(12, seed=13)
+    K = empirical_ntk(model, x, x)
+    torch.testing.assert_close(K, reference_kernel(model, x, x), rtol=1e-10, atol=1e-10)

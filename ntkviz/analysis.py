@@ -1,0 +1,166 @@
+"""Beyond one pair: summaries over probe sets (the paper's Figure 1 as numbers).
+
+* :func:`class_influence` — one update's mean effect per true class of x_o ``(C, V)``.
+* :func:`class_kernel_map` — mean ‖K(x, x')‖_F between examples of class i and class j ``(C, C)``.
+* :func:`rank_correlation` — Spearman correlation of the class-pair ranking of two such maps.
+* :func:`ntk_spectrum` — eigenvalues of the (N·V)×(N·V) Gram matrix of a probe set.
+* :func:`squeeze_steps` — several plain-SGD steps in a row on one example, π after each.
+
+Everything is Qt-free and returns read-only numpy arrays; models are never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ntkviz.decomposition import Influence, _forward, _frozen, _loss_grad, _validate
+from ntkviz.kernel import _as_batch, empirical_ntk, eval_mode, trainable_parameters
+
+
+def _readonly(a) -> np.ndarray:
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def balanced_indices(labels: Tensor, per_class: int, seed: int = 0) -> np.ndarray:
+    """``per_class`` seeded random indices of each class (fewer if a class has fewer), grouped by
+    class in ascending order: ``(≤ C·per_class,)`` int64."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]].sort().values)
+    return torch.cat(out).numpy()
+
+
+def class_influence(
+    inf: Influence, labels, num_classes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Mean effect per true class of x_o (rows) and output class (columns), ``(C, V)`` each:
+
+    ``delta_log_probs`` — mean predicted Δlog π; ``delta_probs`` — mean first-order Δπ = π ⊙ Δlog π;
+    ``delta_probs_actual`` — mean real Δπ (only when ``inf.actual`` is set); ``kernel_norm`` —
+    ``(C,)`` mean ‖K‖_F (when computed); ``count`` ``(C,)``.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != (len(inf.predicted),):
+        raise ValueError(f"labels must have shape ({len(inf.predicted)},), got {labels.shape}")
+    C = num_classes or int(labels.max()) + 1
+    probs = inf.probs_before
+    per_example = {
+        "delta_log_probs": inf.predicted,
+        "delta_probs": probs * inf.predicted,
+    }
+    if inf.actual is not None:
+        per_example["delta_probs_actual"] = probs * np.expm1(inf.actual)
+    if inf.kernel_norm is not None:
+        per_example["kernel_norm"] = inf.kernel_norm
+    count = np.bincount(labels, minlength=C)
+    out = {}
+    for name, values in per_example.items():
+        sums = np.zeros((C, *values.shape[1:]))
+        np.add.at(sums, labels, values)
+        out[name] = _frozen(sums / np.maximum(count, 1).reshape(-1, *([1] * (values.ndim - 1))))
+    out["count"] = _readonly(count)
+    return out
+
+
+def class_kernel_map(
+    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int = 100
+) -> np.ndarray:
+    """Mean ‖K(x_a, x_b)‖_F over pairs with label i and j, ``(C, C)``, symmetric. Pairs of an
+    example with itself are left out of the diagonal. ``x (N, ...)``: a probe set, typically
+    :func:`balanced_indices` of a split (e.g. 50 per class)."""
+    labels = np.asarray(labels)
+    C = num_classes or int(labels.max()) + 1
+    norms = np.zeros((len(x), len(x)))
+    for start in range(0, len(x), chunk):
+        block = empirical_ntk(model, x[start : start + chunk], x)
+        norms[start : start + chunk] = block.flatten(2).norm(dim=2).double().cpu().numpy()
+    onehot = np.eye(C)[labels]
+    off_diagonal = 1 - np.eye(len(x))
+    sums = onehot.T @ (norms * off_diagonal) @ onehot
+    counts = onehot.T @ off_diagonal @ onehot
+    return _frozen(sums / np.maximum(counts, 1))
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of the class pairs i < j ranked by two ``(C, C)`` maps (ties get
+    average ranks). 1: the same ordering of class pairs."""
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"need two square maps of one shape, got {a.shape} and {b.shape}")
+    iu = np.triu_indices(a.shape[0], k=1)
+
+    def ranks(v):
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):  # average ranks of ties
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(a[iu]), ranks(b[iu])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
+    """Eigenvalues, descending, of the (N·V)×(N·V) Gram matrix [K(x_a, x_b)] of ``x (N, ...)``."""
+    K = empirical_ntk(model, x, x).double()
+    N, _, V, _ = K.shape
+    gram = K.permute(0, 2, 1, 3).reshape(N * V, N * V)
+    eig = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0)
+    return _frozen(eig)
+
+
+@dataclass(frozen=True)
+class SqueezeRun:
+    """π of x after each of several plain-SGD steps on it: ``probs (steps+1, V)`` (row 0 before),
+    and whether the guaranteed moves of a negative gradient held at each step
+    (``label_fell (steps,)``: π(y) fell; ``top_rose (steps,)``: the most likely other class rose)."""
+
+    probs: np.ndarray
+    label_fell: np.ndarray
+    top_rose: np.ndarray
+    lr: float
+    loss: str
+    y: int
+
+
+def squeeze_steps(
+    model: nn.Module, x: Tensor, y: int, lr: float, steps: int = 1, loss: str = "neg"
+) -> SqueezeRun:
+    """Take ``steps`` plain-SGD steps on ``(x, y)`` (functional copies; the model is untouched) and
+    record π(x) after each. ``loss`` "neg" is the paper's negative gradient, "ce" the positive."""
+    x, _, y = _validate(model, x, x, y, lr, loss)
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    xb = _as_batch(model, x[None], "x")
+    params = trainable_parameters(model)
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    probs = []
+    with eval_mode(model):
+        with torch.no_grad():
+            probs.append(F.softmax(_forward(model, xb, y, "x"), -1)[0])
+        for _ in range(steps):
+            grad = _loss_grad(model, params, xb, y, loss)
+            params = {n: params[n] - lr * grad[n] for n in params}
+            with torch.no_grad():
+                probs.append(F.softmax(functional_call(model, {**others, **params}, (xb,)), -1)[0])
+    p = torch.stack(probs).double().cpu().numpy()
+    fell = p[1:, y] < p[:-1, y]
+    masked = p[:-1].copy()
+    masked[:, y] = -np.inf
+    top = masked.argmax(1)
+    rose = p[1:][np.arange(steps), top] > p[:-1][np.arange(steps), top]
+    return SqueezeRun(_frozen(p), _readonly(fell), _readonly(rose), float(lr), loss, y)

@@ -1,0 +1,103 @@
+"""Probe-set summaries against direct computations."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_unchanged, explicit_jacobian, snapshot
+from models import inputs, make
+
+from ntkviz.analysis import (
+    balanced_indices,
+    class_influence,
+    class_kernel_map,
+    ntk_spectrum,
+    rank_correlation,
+    squeeze_steps,
+)
+from ntkviz.decomposition import decompose, influence
+
+
+def test_balanced_indices_take_per_class_examples_grouped_by_class():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    idx = balanced_indices(labels, 2, seed=0)
+    assert labels[idx].tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(set(idx.tolist())) == 6
+    assert np.array_equal(idx, balanced_indices(labels, 2, seed=0))
+
+
+def test_class_influence_is_the_mean_per_true_class():
+    model = make("mlp")
+    x, labels = inputs(9), np.array([0, 1, 2, 0, 1, 2, 0, 0, 2])
+    inf = influence(model, x, inputs(1, seed=5)[0], 1, 0.2, actual=True, kernel_norm=True)
+    out = class_influence(inf, labels, num_classes=4)
+    assert out["delta_probs"].shape == (4, 10) and out["count"].tolist() == [4, 2, 3, 0]
+    for c in range(3):
+        rows = [
+            decompose(model, x[i], inputs(1, seed=5)[0], 1, 0.2)
+            for i in np.flatnonzero(labels == c)
+        ]
+        np.testing.assert_allclose(
+            out["delta_probs"][c],
+            np.mean([d.probs_before * d.predicted for d in rows], 0),
+            atol=1e-12,
+        )
+        np.testing.assert_allclose(
+            out["delta_probs_actual"][c],
+            np.mean([d.probs_after - d.probs_before for d in rows], 0),
+            atol=1e-12,
+        )
+        np.testing.assert_allclose(
+            out["kernel_norm"][c], np.mean([np.linalg.norm(d.K) for d in rows]), rtol=1e-10
+        )
+    assert np.all(out["delta_probs"][3] == 0)
+    with pytest.raises(ValueError, match="labels"):
+        class_influence(inf, labels[:3])
+
+
+def test_class_kernel_map_averages_frobenius_norms_over_class_pairs():
+    model = make("mlp")
+    x, labels = inputs(6), np.array([0, 0, 1, 1, 2, 2])
+    J = [explicit_jacobian(model, xi) for xi in x]
+    norms = np.array([[float(torch.linalg.norm(a @ b.T)) for b in J] for a in J])
+    M = class_kernel_map(model, x, labels, chunk=4)
+    assert M.shape == (3, 3)
+    np.testing.assert_allclose(M, M.T, rtol=1e-12)
+    assert M[0, 1] == pytest.approx(norms[np.ix_([0, 1], [2, 3])].mean(), rel=1e-10)
+    assert M[2, 2] == pytest.approx(norms[4, 5], rel=1e-10)  # self-pairs excluded
+
+
+def test_rank_correlation_of_class_pair_rankings():
+    a = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0]], float)
+    assert rank_correlation(a, a * 10 + 1) == pytest.approx(1.0)
+    b = np.array([[0, 3, 2], [3, 0, 1], [2, 1, 0]], float)
+    assert rank_correlation(a, b) == pytest.approx(-1.0)
+    c = np.array([[0, 1, 3], [1, 0, 2], [3, 2, 0]], float)  # ranks (1,2,3) vs (1,3,2): ρ = 0.5
+    assert rank_correlation(a, c) == pytest.approx(0.5)
+
+
+def test_spectrum_is_that_of_the_explicit_gram_matrix():
+    model = make("lenet")
+    x = inputs(4)
+    J = torch.cat([explicit_jacobian(model, xi) for xi in x])  # (N·V, P)
+    expected = torch.linalg.eigvalsh(J @ J.T).flip(0).numpy()
+    eig = ntk_spectrum(model, x)
+    np.testing.assert_allclose(eig, expected, rtol=1e-8, atol=1e-8)
+    assert eig[-1] > -1e-8 and np.all(np.diff(eig) <= 1e-12)
+
+
+def test_squeeze_steps_follow_real_steps_and_check_the_guarantees():
+    model = make("mlp")
+    model.train()
+    snap = snapshot(model)
+    x = inputs(1, seed=2)[0]
+    d = decompose(model, x, x, 4, 0.01, "neg")
+    run = squeeze_steps(model, x, 4, 0.01, steps=5, loss="neg")  # small η: first order rules
+    assert run.probs.shape == (6, 10)
+    np.testing.assert_allclose(run.probs[0], d.probs_before, atol=1e-12)
+    np.testing.assert_allclose(run.probs[1], d.probs_after, atol=1e-12)
+    np.testing.assert_allclose(run.probs.sum(1), 1, atol=1e-12)
+    assert run.label_fell.all() and run.label_fell.dtype == bool
+    assert run.top_rose.all()
+    assert_unchanged(model, snap)
+    positive = squeeze_steps(model, x, 4, 0.05, steps=2, loss="ce")
+    assert (np.diff(positive.probs[:, 4]) > 0).all()
