@@ -18,9 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
-from ntkviz.kernel import _as_batch, empirical_ntk, eval_mode, trainable_parameters
+from ntkviz.kernel import (
+    _as_batch,
+    empirical_ntk,
+    eval_mode,
+    ntk_vector_product,
+    trainable_parameters,
+)
 
 LOSSES = {
     "ce": "learn y_u: cross-entropy descent, G = π(x_u) − e_y",
@@ -232,27 +238,28 @@ def iter_influence(
     with torch.no_grad(), eval_mode(model):
         _forward(model, xu, y_u)
     params = trainable_parameters(model)
-    all_params = dict(model.named_parameters())
     chunks = _as_batch(model, x_o, "x_o").split(chunk_size)
     parts: dict[str, list[Tensor]] = {"pred": [], "dz": [], "probs": [], "actual": [], "norm": []}
+    all_params = dict(model.named_parameters())
     with eval_mode(model):
-        grad = _loss_grad(model, params, xu, y_u, loss)
-        new = {n: params[n] - lr * grad[n] for n in params}
+        with torch.no_grad():
+            G = loss_gradient(F.softmax(model(xu), -1)[0], y_u, loss)
+        if actual:
+            grad = _loss_grad(model, params, xu, y_u, loss)
+            new = {**all_params, **{n: params[n] - lr * grad[n] for n in params}}
         done = 0
         for xc in chunks:
-
-            def f(p, xc=xc):
-                return functional_call(model, {**all_params, **p}, (xc,))
-
+            # Δz = −η·K(x_o, x_u)·G, as one NTK-vector product per chunk.
+            dz = -lr * ntk_vector_product(model, xc, xu, G[None])
             with torch.no_grad():
-                z, jg = jvp(f, (params,), (grad,))
-                dz = -lr * jg
+                z = model(xc)
                 probs = F.softmax(z, -1)
                 parts["dz"].append(dz)
                 parts["probs"].append(probs)
                 parts["pred"].append(dz - (probs * dz).sum(-1, keepdim=True))
                 if actual:
-                    parts["actual"].append(F.log_softmax(f(new), -1) - F.log_softmax(z, -1))
+                    z_new = functional_call(model, new, (xc,))
+                    parts["actual"].append(F.log_softmax(z_new, -1) - F.log_softmax(z, -1))
             if kernel_norm:
                 parts["norm"].append(empirical_ntk(model, xc, xu)[:, 0].flatten(1).norm(dim=1))
             done += len(xc)

@@ -269,9 +269,10 @@ def _tangent_through(layer: nn.Module, a_in: Tensor, a_out: Tensor, t: Tensor) -
     return vmap(lambda tm: jvp(layer, (a_in,), (tm,))[1], in_dims=1, out_dims=1)(t)
 
 
-def _forward_kernel(chain, x1: Tensor, small) -> Tensor:
-    """The total kernel ``(N1, N2, V, V)`` by forward-mode NTK-vector products along the small
-    side's M = N2·V Jacobian rows, using each layer's structure for its own tangent."""
+def _forward_products(chain, x1: Tensor, small) -> Tensor:
+    """Forward-mode NTK-vector products ``(N1, M, V)``: J(x1) times each of the small side's
+    M = N2·R rows (R = V Jacobian rows, or 1 after :func:`_contract_small`), using each layer's
+    structure for its own tangent."""
     params_of = {name: rec for name, *rec in small}
     a, t = x1, None
     for name, layer in chain:
@@ -299,8 +300,18 @@ def _forward_kernel(chain, x1: Tensor, small) -> Tensor:
                     own = bias.view(1, N2 * V, -1, 1, 1).expand(N, -1, -1, *y.shape[2:])
             t = own if t is None else t + own
         a = y
-    N, V = a.shape
-    return t.view(N, -1, V, V).transpose(2, 3)
+    return t
+
+
+def _contract_small(small, v: Tensor):
+    """Replace the V Jacobian rows of each small-side example by their combination with
+    ``v (N2, V)``: the rows of J(x2)ᵀv, one per example."""
+    out = []
+    for name, layer, a, g, jw in small:
+        g = torch.einsum("nj...,nj->n...", g, v).unsqueeze(1)
+        jw = None if jw is None else torch.einsum("nj...,nj->n...", jw, v).unsqueeze(1)
+        out.append((name, layer, a, g, jw))
+    return out
 
 
 def _prepare_small(chain, x2: Tensor):
@@ -393,8 +404,11 @@ def _kernels(
                         else _structured_chunk_size(chain, x1, len(x2), v, forward)
                     )
                     if forward:
-                        parts = [_forward_kernel(chain, xc, small) for xc in x1.split(size)]
-                        return {"total": torch.cat(parts)}
+                        t = torch.cat(
+                            [_forward_products(chain, xc, small) for xc in x1.split(size)]
+                        )
+                        K = t.view(len(x1), len(x2), v, v).transpose(2, 3)
+                        return {"total": K}
                     parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
                     layers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                     return layers if split else {"total": sum(layers.values())}
@@ -442,3 +456,58 @@ def empirical_ntk_by_layer(
 def ntk_trace(model: nn.Module, x1: Tensor, x2: Tensor, **kwargs) -> Tensor:
     """The trace kernel ``Σ_i K[a, b, i, i]`` ``(N1, N2)``."""
     return empirical_ntk(model, x1, x2, **kwargs).diagonal(dim1=2, dim2=3).sum(-1)
+
+
+def ntk_vector_product(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor,
+    vectors: Tensor,
+    *,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``Σ_b K(x1[a], x2[b]) · vectors[b]`` ``(N1, V)`` without forming K: J(x1) times the
+    parameter-space vector Σ_b J(x2[b])ᵀ vectors[b]. With ``vectors`` = ∂L/∂z at x2 this is minus
+    the logit change per unit learning rate of a gradient step on x2. ``vectors (N2, V)``."""
+    if method not in ("auto", "structured", "generic"):
+        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
+    x1 = _as_batch(model, x1, "x1")
+    x2 = _as_batch(model, x2, "x2")
+    vectors = torch.as_tensor(vectors).to(x2.device, x2.dtype)
+    params = trainable_parameters(model)
+    with eval_mode(model):
+        chain = _chain(model) if method != "generic" else None
+        if chain is not None:
+            try:
+                with torch.no_grad():
+                    small = _prepare_small(chain, x2)
+                    if vectors.shape != small[-1][3].shape[:2]:
+                        raise ValueError(
+                            f"vectors must have shape {tuple(small[-1][3].shape[:2])}, "
+                            f"got {tuple(vectors.shape)}"
+                        )
+                    small = _contract_small(small, vectors)
+                    size = chunk_size or _structured_chunk_size(chain, x1, len(x2), 1, True)
+                    parts = [_forward_products(chain, xc, small) for xc in x1.split(size)]
+                    return torch.cat(parts).sum(1)
+            except _Unsupported:
+                if method == "structured":
+                    raise ValueError("the structured path does not support this model") from None
+        elif method == "structured":
+            raise ValueError("the structured path needs an nn.Sequential of Linear/Conv2d layers")
+        fixed = {n: p.detach() for n, p in model.named_parameters()}
+
+        def f(p, x):
+            return functional_call(model, {**fixed, **p}, (x,))
+
+        z2, pull = vjp(lambda p: f(p, x2), params)
+        if vectors.shape != z2.shape:
+            raise ValueError(
+                f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"
+            )
+        (tangent,) = pull(vectors)
+        size = chunk_size or 1000
+        return torch.cat(
+            [jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)]
+        ).detach()

@@ -5,7 +5,13 @@ import torch
 from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
 
-from ntkviz.kernel import empirical_ntk, empirical_ntk_by_layer, layer_of, ntk_trace
+from ntkviz.kernel import (
+    empirical_ntk,
+    empirical_ntk_by_layer,
+    layer_of,
+    ntk_trace,
+    ntk_vector_product,
+)
 
 MODELS = ["lenet", "mlp", "tiny_cnn", "residual"]
 
@@ -160,3 +166,16 @@ def test_gram_matrix_of_a_probe_set_uses_both_conv_strategies_exactly():
     x = inputs(12, seed=13)
     K = empirical_ntk(model, x, x)
     torch.testing.assert_close(K, reference_kernel(model, x, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "residual"])
+@pytest.mark.parametrize("method", ["auto", "generic"])
+def test_ntk_vector_product_equals_kernel_times_vectors(name, method):
+    model = make(name)
+    x1, x2 = inputs(5, seed=14), inputs(2, seed=15)
+    v = torch.randn(2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = torch.einsum("abij,bj->ai", reference_kernel(model, x1, x2), v)
+    got = ntk_vector_product(model, x1, x2, v, method=method, chunk_size=2)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        ntk_vector_product(model, x1, x2, v[:1], method=method)
