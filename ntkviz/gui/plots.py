@@ -1,0 +1,396 @@
+"""pyqtgraph views: heatmaps of the decomposition's factors, probability bars, training curves.
+
+Every array is shown as a matrix: row i is output class i (top to bottom), column j input class j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QRectF, Qt
+from PySide6.QtGui import QFont
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+pg.setConfigOptions(imageAxisOrder="row-major", antialias=True, background="w", foreground="k")
+
+#: Diverging blue–white–red colour map (CET-D1), used symmetrically around zero.
+DIVERGING = pg.colormap.get("CET-D1")
+#: Category colours (Tableau 10) for per-class curves.
+CLASS_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
+
+
+def symmetric_limit(*arrays: np.ndarray) -> float:
+    """max |value| over ``arrays`` (a tiny positive number when all are zero)."""
+    m = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    return m if m > 0 and np.isfinite(m) else 1e-12
+
+
+class HeatmapImage(pg.ImageItem):
+    """An ImageItem whose tooltip describes the hovered cell via ``describe(row, col)``."""
+
+    def __init__(self, describe: Callable[[int, int], str]):
+        super().__init__()
+        self.describe = describe
+
+    def hoverEvent(self, ev):
+        if ev.isExit() or self.image is None:
+            self.setToolTip("")
+            return
+        pos = ev.pos()
+        row, col = int(np.floor(pos.y())), int(np.floor(pos.x()))
+        rows, cols = self.image.shape[:2]
+        if 0 <= row < rows and 0 <= col < cols:
+            self.setToolTip(self.describe(row, col))
+
+
+class HeatmapView(pg.PlotItem):
+    """One matrix ``(R, C)`` (a vector is shown as ``(V, 1)``) with class ticks on both axes and
+    a colour bar symmetric around zero. ``image`` is exactly the array last given."""
+
+    def __init__(
+        self,
+        title: str,
+        describe: Callable[[int, int], str],
+        row_label: str = "",
+        col_label: str = "",
+        colorbar: bool = True,
+    ):
+        super().__init__(title=title)
+        self.titleLabel.setText(title, size="11pt")
+        # a long title must not force the plot's width: the label may shrink (it stays centred)
+        label = self.titleLabel
+        label.updateMin = lambda: None
+        label._sizeHint[Qt.SizeHint.MinimumSize] = (1, label._sizeHint[Qt.SizeHint.MinimumSize][1])
+        label.setMinimumWidth(1)
+        label.updateGeometry()
+        self.image_item = HeatmapImage(describe)
+        self.addItem(self.image_item)
+        self.invertY(True)
+        self.disableAutoRange()
+        self.setMouseEnabled(False, False)
+        self.setMenuEnabled(False)
+        self.hideButtons()
+        font = QFont()
+        font.setPointSize(9)
+        for name, label in (("left", row_label), ("bottom", col_label)):
+            axis = self.getAxis(name)
+            axis.setTickFont(font)
+            axis.setStyle(tickLength=0)
+            if label:
+                axis.setLabel(label, **{"font-size": "9pt"})
+        self.colorbar = None
+        if colorbar:
+            self.colorbar = pg.ColorBarItem(
+                values=(-1, 1), colorMap=DIVERGING, interactive=False, width=10, colorMapMenu=False
+            )
+            self.colorbar.setImageItem(self.image_item, insert_in=self)
+            self.colorbar.getAxis("right").setTickFont(font)
+
+    @property
+    def image(self) -> np.ndarray | None:
+        return self.image_item.image
+
+    def set_matrix(
+        self, matrix: np.ndarray, classes: Sequence[str], limit: float | None = None
+    ) -> None:
+        """Show ``matrix (R, C)`` with rows/columns labelled by ``classes``; colour levels
+        ±``limit`` (default max |value|)."""
+        rows, cols = matrix.shape
+        lim = limit if limit is not None else symmetric_limit(matrix)
+        self.image_item.setImage(matrix, autoLevels=False, levels=(-lim, lim))
+        self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
+        if self.colorbar is not None:
+            self.colorbar.setLevels((-lim, lim))
+        self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
+        self.getAxis("left").setTicks([[(i, str(classes[i])) for i in range(rows)]])
+        bottom = [(j, str(classes[j])) for j in range(cols)] if cols > 1 else [(0, "")]
+        self.getAxis("bottom").setTicks([bottom])
+
+
+def _operator(text: str, size: str = "20pt") -> pg.LabelItem:
+    label = pg.LabelItem(text, size=size, color="k")
+    label.setSizePolicy(
+        pg.QtWidgets.QSizePolicy.Policy.Fixed, pg.QtWidgets.QSizePolicy.Policy.Preferred
+    )
+    return label
+
+
+class DecompositionView(pg.GraphicsLayoutWidget):
+    """Δlog π(x_o) = −η · A · K · G laid out as the formula, with the logit level Δz = −η·K·G and
+    the actual change and O(η²) residual below. ``heatmaps[name].image`` holds the core's arrays
+    (vectors as ``(V, 1)``)."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setBackground("w")
+        self.classes: tuple[str, ...] = tuple(str(i) for i in range(10))
+        self._dec = None
+        self.info = self.addLabel("Waiting for a model…", row=0, col=0, size="11pt")
+        top = self.addLayout(row=1, col=0)
+        bottom = self.addLayout(row=2, col=0)
+        d = self._describe
+        self.heatmaps: dict[str, HeatmapView] = {}
+        self.eta_label = _operator("−η ·")
+        top.addItem(self.eta_label, 0, 0)
+        items = [
+            ("A", "A(x<sub>o</sub>) = I − 1·π<sup>T</sup>", "i: log π<sub>i</sub>(x<sub>o</sub>)",
+             "j: z<sub>j</sub>(x<sub>o</sub>)"),
+            ("·", None, None, None),
+            ("K", "K(x<sub>o</sub>, x<sub>u</sub>) = J<sub>o</sub>J<sub>u</sub><sup>T</sup>",
+             "i: z<sub>i</sub>(x<sub>o</sub>)", "j: z<sub>j</sub>(x<sub>u</sub>)"),
+            ("·", None, None, None),
+            ("G", "G(x<sub>u</sub>, y<sub>u</sub>)", "j", ""),
+            ("=", None, None, None),
+            ("predicted", "Δlog π(x<sub>o</sub>)", "i", ""),
+        ]  # fmt: skip
+        for col, (name, title, rlab, clab) in enumerate(items, start=1):
+            if title is None:
+                top.addItem(_operator(name), 0, col)
+                continue
+            view = HeatmapView(title, lambda i, j, n=name: d(n, i, j), rlab, clab)
+            if name in ("G", "predicted"):
+                view.setMaximumWidth(170)  # vectors stay narrow; the matrices get the room
+            self.heatmaps[name] = view
+            top.addItem(view, 0, col)
+        for col, stretch in enumerate([0, 8, 0, 8, 0, 2, 0, 2]):
+            top.layout.setColumnStretchFactor(col, stretch)
+        bottom.addItem(_operator("logit level:<br>Δz(x<sub>o</sub>) = −η · K · G", "12pt"), 0, 0)
+        lower = [
+            ("delta_logits_predicted", "Δz predicted"),
+            ("delta_logits_actual", "Δz actual"),
+            ("actual", "Δlog π actual"),
+            ("residual", "residual (O(η²))"),
+        ]
+        for col, (name, title) in enumerate(lower, start=1):
+            view = HeatmapView(title, lambda i, j, n=name: d(n, i, j), "i", "")
+            self.heatmaps[name] = view
+            bottom.addItem(view, 0, col)
+            bottom.layout.setColumnStretchFactor(col, 3)
+        self.ci.layout.setRowStretchFactor(1, 3)
+        self.ci.layout.setRowStretchFactor(2, 2)
+
+    def set_decomposition(self, dec, classes: Sequence[str] | None = None, info: str = "") -> None:
+        """Show every factor of ``dec`` (a core ``Decomposition``)."""
+        if classes is not None:
+            self.classes = tuple(classes)
+        self._dec = dec
+        c = self.classes
+        self.eta_label.setText(f"−η ·<br><span style='font-size:10pt'>η = {dec.lr:.3g}</span>")
+        self.heatmaps["A"].set_matrix(dec.A, c)
+        self.heatmaps["K"].set_matrix(dec.K, c)
+        self.heatmaps["G"].set_matrix(dec.G[:, None], c)
+        lim = symmetric_limit(dec.predicted, dec.actual)
+        self.heatmaps["predicted"].set_matrix(dec.predicted[:, None], c, lim)
+        self.heatmaps["actual"].set_matrix(dec.actual[:, None], c, lim)
+        lim_z = symmetric_limit(dec.delta_logits_predicted, dec.delta_logits_actual)
+        self.heatmaps["delta_logits_predicted"].set_matrix(
+            dec.delta_logits_predicted[:, None], c, lim_z
+        )
+        self.heatmaps["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z)
+        self.heatmaps["residual"].set_matrix(dec.residual[:, None], c)
+        kind = "learn y_u (cross-entropy)" if dec.loss == "ce" else "negative gradient on y_u"
+        text = (
+            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  η = {dec.lr:.3g}  ·  "
+            f"‖actual − predicted‖ / ‖actual‖ = {dec.relative_residual:.3g}"
+        )
+        self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+
+    def _describe(self, name: str, i: int, j: int) -> str:
+        dec, c = self._dec, self.classes
+        if dec is None:
+            return ""
+        if name == "A":
+            v = dec.A[i, j]
+            return (
+                f"A[{c[i]},{c[j]}] = {v:.4g}: raising z_{c[j]}(x_o) by 1 changes "
+                f"log π_{c[i]}(x_o) by {v:.4g}"
+            )
+        if name == "K":
+            v = dec.K[i, j]
+            return (
+                f"K[{c[i]},{c[j]}] = {v:.4g}: a step raising z_{c[j]}(x_u) changes z_{c[i]}(x_o) "
+                f"by {v:.4g}·(step)"
+            )
+        if name == "G":
+            v = dec.G[i]
+            return f"G[{c[i]}] = {v:.4g}: ∂L/∂z_{c[i]}(x_u); the step moves z_{c[i]}(x_u) by −η·G"
+        values = {
+            "predicted": ("Δlog π", dec.predicted, dec.actual),
+            "actual": ("Δlog π", dec.predicted, dec.actual),
+            "delta_logits_predicted": ("Δz", dec.delta_logits_predicted, dec.delta_logits_actual),
+            "delta_logits_actual": ("Δz", dec.delta_logits_predicted, dec.delta_logits_actual),
+        }
+        if name in values:
+            what, pred, act = values[name]
+            return f"{what}_{c[i]}(x_o): predicted {pred[i]:.4g}, actual {act[i]:.4g}"
+        return f"residual_{c[i]} = actual − predicted = {dec.residual[i]:.3g}"
+
+
+class ProbabilityBars(pg.PlotWidget):
+    """π over classes as bars; the true label is outlined, optional ``target`` highlighted."""
+
+    def __init__(self, title: str = "π", parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setBackground("w")
+        self.setTitle(title, size="9pt")
+        self.setYRange(0, 1, padding=0.02)
+        self.setMouseEnabled(False, False)
+        self.setMenuEnabled(False)
+        self.hideButtons()
+        self.bars = pg.BarGraphItem(x=np.arange(10), height=np.zeros(10), width=0.75)
+        self.addItem(self.bars)
+        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
+        self.setXRange(-0.6, 9.6, padding=0)
+        self.setMinimumHeight(110)
+        self.setMaximumHeight(170)
+        self.probs = np.zeros(10)
+
+    def set_probs(self, probs: np.ndarray, label: int | None = None, target: int | None = None):
+        """``probs (V,)``; ``label`` the true class, ``target`` y_u."""
+        self.probs = np.asarray(probs)
+        brushes = []
+        for i in range(len(probs)):
+            color = "#2ca02c" if i == label else "#ff7f0e" if i == target else "#8aa6c1"
+            brushes.append(pg.mkBrush(color))
+        self.bars.setOpts(x=np.arange(len(probs)), height=self.probs, brushes=brushes)
+
+
+class PreviewBars(pg.PlotWidget):
+    """Predicted vs actual Δlog π(x_o) per class, as paired bars."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setBackground("w")
+        self.setTitle("Δlog π(x<sub>o</sub>) after one step: predicted vs actual", size="10pt")
+        self.setMenuEnabled(False)
+        legend = self.addLegend(offset=(-5, 5), labelTextSize="8pt")
+        self.predicted = pg.BarGraphItem(
+            x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush="#4c72b0"
+        )  # fmt: skip
+        self.actual = pg.BarGraphItem(
+            x=np.arange(10) + 0.2, height=np.zeros(10), width=0.38, brush="#dd8452"
+        )  # fmt: skip
+        self.addItem(self.predicted)
+        self.addItem(self.actual)
+        legend.addItem(self.predicted, "predicted −η·A·K·G")
+        legend.addItem(self.actual, "actual (after a real step)")
+        self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
+        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
+        self.setLabel("bottom", "class i")
+
+    def set_values(self, predicted: np.ndarray, actual: np.ndarray) -> None:
+        x = np.arange(len(predicted))
+        self.predicted.setOpts(x=x - 0.2, height=predicted)
+        self.actual.setOpts(x=x + 0.2, height=actual)
+        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in x]])
+
+
+class TrajectoryPlot(pg.PlotWidget):
+    """π(x_o) per class (or log π) over applied step-through steps, and π_{y_u}(x_u) dashed."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setBackground("w")
+        self.setMenuEnabled(False)
+        self.setLabel("bottom", "applied steps")
+        self.getPlotItem().getAxis("bottom").enableAutoSIPrefix(False)
+        self.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
+        self.log_scale = False
+        self.curves = [
+            self.plot([], [], pen=pg.mkPen(CLASS_COLORS[i], width=2), symbol="o", symbolSize=5,
+                      symbolBrush=CLASS_COLORS[i], symbolPen=None)
+            for i in range(10)
+        ]  # fmt: skip
+        self.end_labels = [
+            pg.TextItem(str(i), color=CLASS_COLORS[i], anchor=(0, 0.5)) for i in range(10)
+        ]
+        for label in self.end_labels:
+            self.addItem(label)
+        self.own = self.plot([], [], pen=pg.mkPen("k", width=2, style=Qt.PenStyle.DashLine))
+        self._history = None
+        self._update_labels()
+
+    def _update_labels(self):
+        self.setTitle(
+            ("log π" if self.log_scale else "π") + "(x<sub>o</sub>) per class over applied steps; "
+            "dashed: π<sub>y<sub>u</sub></sub>(x<sub>u</sub>)",
+            size="10pt",
+        )
+        self.setLabel("left", "log π" if self.log_scale else "π")
+
+    def set_log(self, on: bool) -> None:
+        self.log_scale = on
+        self._update_labels()
+        if self._history is not None:
+            self.set_history(self._history)
+
+    def set_history(self, history) -> None:
+        """``history``: a worker ``StepHistory``."""
+        self._history = history
+        steps = np.arange(len(history.probs_o))
+        f = (lambda p: np.log(np.maximum(p, 1e-300))) if self.log_scale else (lambda p: p)
+        for i, curve in enumerate(self.curves):
+            curve.setData(steps, f(history.probs_o[:, i]))
+            self.end_labels[i].setPos(steps[-1] + 0.05, f(history.probs_o[-1, i]))
+        self.setXRange(0, max(1, steps[-1]) * 1.08, padding=0.02)
+        self.own.setData(steps, f(history.probs_u[:, history.request.y_u]))
+        major = max(1, len(steps) // 8 + 1)
+        self.getPlotItem().getAxis("bottom").setTickSpacing(major=major, minor=major)
+
+
+class TrainingCurves(QWidget):
+    """Loss per step (raw and EMA-smoothed) and test accuracy. ``steps``/``losses`` hold every
+    record received."""
+
+    def __init__(self, ema: float = 0.95, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.ema_factor = ema
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.acc_steps: list[int] = []
+        self.accuracies: list[float] = []
+        self.loss_plot = pg.PlotWidget(title="training loss")
+        self.loss_plot.setBackground("w")
+        self.loss_plot.setLabel("bottom", "step")
+        self.loss_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")
+        self.raw_curve = self.loss_plot.plot(pen=pg.mkPen("#b0b0b0", width=1), name="per batch")
+        self.ema_curve = self.loss_plot.plot(pen=pg.mkPen("#1f77b4", width=2), name="EMA")
+        self.acc_plot = pg.PlotWidget(title="test accuracy")
+        self.acc_plot.setBackground("w")
+        self.acc_plot.setLabel("bottom", "step")
+        self.acc_plot.setYRange(0, 1)
+        self.acc_curve = self.acc_plot.plot(
+            pen=pg.mkPen("#2ca02c", width=2), symbol="o", symbolSize=5, symbolBrush="#2ca02c"
+        )
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.loss_plot, 3)
+        lay.addWidget(self.acc_plot, 2)
+
+    def clear(self) -> None:
+        for a in (self.steps, self.losses, self.smoothed, self.acc_steps, self.accuracies):
+            a.clear()
+        self._redraw()
+
+    def add_records(self, records) -> None:
+        for r in records:
+            self.steps.append(r.step)
+            self.losses.append(r.loss)
+            prev = self.smoothed[-1] if self.smoothed else r.loss
+            self.smoothed.append(self.ema_factor * prev + (1 - self.ema_factor) * r.loss)
+            if r.test_accuracy is not None:
+                self.acc_steps.append(r.step)
+                self.accuracies.append(r.test_accuracy)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        self.raw_curve.setData(self.steps, self.losses)
+        self.ema_curve.setData(self.steps, self.smoothed)
+        self.acc_curve.setData(self.acc_steps, self.accuracies)

@@ -1,0 +1,265 @@
+"""The desktop app: window, worker thread, decomposition heatmaps, step-through, export."""
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pyqtgraph")
+
+from PySide6.QtCore import QSettings
+from PySide6.QtGui import QImage
+
+from ntkviz.decomposition import decompose
+from ntkviz.gui.main_window import MainWindow
+from ntkviz.models import build_model
+from ntkviz.training import TrainConfig
+
+SMALL = TrainConfig(train_size=640, batch_size=64, epochs=2, eval_every=5, eval_size=200)
+TIMEOUT = 60_000
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return QSettings(str(tmp_path / "ntkviz.ini"), QSettings.IniFormat)
+
+
+def open_window(qtbot, settings, dataset=None, config=SMALL) -> MainWindow:
+    window = MainWindow(config=config, dataset=dataset, settings=settings)
+    window.show_message_boxes = False
+    qtbot.addWidget(window)
+    with qtbot.waitSignal(window.ready, timeout=TIMEOUT):
+        window.show()
+    wait_current(qtbot, window)
+    return window
+
+
+def wait_current(qtbot, window) -> None:
+    """Wait until the shown decomposition answers the newest request."""
+    qtbot.waitUntil(lambda: window.shown_generation == window.generation, timeout=TIMEOUT)
+
+
+def model_state(qtbot, window) -> dict:
+    with qtbot.waitSignal(window.worker.state_dict_ready, timeout=TIMEOUT) as blocker:
+        window.state_dict_requested.emit(1)
+    return blocker.args[1]
+
+
+def train_batches(qtbot, window, n: int) -> None:
+    for _ in range(n):
+        with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
+            window.one_batch()
+        qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
+    wait_current(qtbot, window)
+
+
+def test_window_opens_and_loads_dataset_in_worker(qtbot, settings):
+    window = open_window(qtbot, settings)
+    assert "ntkviz" in window.windowTitle()
+    assert window.thread.isRunning()
+    assert window.dataset.images["train"].shape == (60000, 28, 28)
+    assert window.dataset.labels["test"].shape == (10000,)
+    assert window.x_u_picker.isEnabled() and window.x_o_picker.isEnabled()
+    assert window.model_info.num_parameters == 29624
+    assert window.last_result is not None  # the untrained model's decomposition is shown
+    assert "29,624" in window.params_label.text()
+    window.resize(820, 530)
+    size = (window.width(), window.height())
+    assert size != (1600, 1000)
+    window.close()
+    assert settings.value("geometry") is not None
+    again = MainWindow(settings=settings, autostart=False)
+    qtbot.addWidget(again)
+    assert again.height() == size[1]  # the offscreen screen is 800 px wide: width is clamped
+
+
+def test_training_updates_loss_curve(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    window.start_training()
+    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    curves = window.training_panel.curves
+    xs, ys = curves.raw_curve.getData()
+    assert window.records_received == 20  # 640 / 64 · 2 epochs
+    assert len(xs) == len(ys) == window.records_received
+    assert list(xs) == list(range(1, 21))
+    assert np.all(np.isfinite(ys)) and ys[-1] < ys[0]
+    assert len(curves.ema_curve.getData()[0]) == 20
+    acc_x, acc_y = curves.acc_curve.getData()
+    assert list(acc_x) == [5, 10, 15, 20] and all(0 <= a <= 1 for a in acc_y)
+    assert window.training_panel.progress.value() == 20
+    assert window.step_label.text() == "step: 20"
+    wait_current(qtbot, window)
+    assert window.last_result.step == 20  # the decomposition follows the trained model
+
+
+def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    train_batches(qtbot, window, 3)
+    window.loss_box.setCurrentIndex(1)  # negative gradient
+    window.x_u_picker.select("train", 11)
+    window.y_u_box.setCurrentIndex(7)
+    window.x_o_picker.select("test", 3)
+    window.step_panel.lr.setValue(0.2)
+    wait_current(qtbot, window)
+    model = build_model("lenet")
+    model.load_state_dict(model_state(qtbot, window))
+    dec = decompose(model, mnist.test.x[3], mnist.train.x[11], 7, 0.2, "neg")
+    maps = window.decomposition_view.heatmaps
+    expected = {
+        "A": dec.A,
+        "K": dec.K,
+        "G": dec.G[:, None],
+        "predicted": dec.predicted[:, None],
+        "actual": dec.actual[:, None],
+        "residual": dec.residual[:, None],
+        "delta_logits_predicted": dec.delta_logits_predicted[:, None],
+        "delta_logits_actual": dec.delta_logits_actual[:, None],
+    }
+    for name, want in expected.items():
+        np.testing.assert_allclose(maps[name].image, want, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.abs(dec.K).max() > 0 and dec.G[7] > 0  # "neg": G = e_y − π
+    preview = window.step_panel.preview
+    np.testing.assert_allclose(preview.predicted.opts["height"], dec.predicted, atol=1e-9)
+    np.testing.assert_allclose(preview.actual.opts["height"], dec.actual, atol=1e-9)
+    np.testing.assert_allclose(window.x_o_picker.bars.probs, dec.probs_before, atol=1e-9)
+    # the colour scale is symmetric around zero
+    levels = maps["K"].colorbar.levels()
+    assert levels[0] == pytest.approx(-levels[1]) and levels[1] == pytest.approx(
+        np.abs(dec.K).max()
+    )
+
+
+def test_stale_results_are_dropped(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    shown = window.last_result
+    old = window.generation
+    window.step_panel.lr.setValue(0.5)  # a newer request
+    window.worker.decomposition_ready.emit(old, shown)  # a late answer to the old one
+    wait_current(qtbot, window)
+    assert window.last_result.request.lr == 0.5
+    window.worker.decomposition_ready.emit(old, shown)
+    assert window.last_result.request.lr == 0.5
+
+
+def test_apply_step_then_undo_is_bit_exact(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    train_batches(qtbot, window, 2)
+    window.step_panel.lr.setValue(0.5)
+    wait_current(qtbot, window)
+    before = model_state(qtbot, window)
+    predicted_after = window.last_result.decomposition.probs_after
+    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+        window.apply_action.trigger()
+    wait_current(qtbot, window)
+    assert len(window.last_history.probs_o) == 2
+    # the real step lands where decompose()'s "actual" said it would
+    np.testing.assert_allclose(window.last_history.probs_o[-1], predicted_after, atol=1e-5)
+    after = model_state(qtbot, window)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert window.last_result.applied_steps == 1
+    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+        window.undo_action.trigger()
+    undone = model_state(qtbot, window)
+    assert all(torch.equal(before[k], undone[k]) for k in before)
+    for _ in range(3):
+        with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+            window.apply_step()
+    assert len(window.last_history.probs_o) == 4
+    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+        window.reset_steps()
+    reset = model_state(qtbot, window)
+    assert all(torch.equal(before[k], reset[k]) for k in before)
+    assert len(window.last_history.probs_o) == 1
+
+
+def test_exports_decode(qtbot, settings, mnist, tmp_path):
+    window = open_window(qtbot, settings, mnist)
+    train_batches(qtbot, window, 1)
+    dec = window.last_result.decomposition
+    png, svg = tmp_path / "fig.png", tmp_path / "fig.svg"
+    assert window.export_figure(str(png), width=900)
+    image = QImage(str(png))
+    assert not image.isNull() and image.width() == 900 and image.height() > 100
+    assert window.export_figure(str(svg))
+    assert ET.parse(svg).getroot().tag.endswith("svg")
+    assert window.export_plot("Trajectory", str(tmp_path / "traj.png"), 400)
+    assert QImage(str(tmp_path / "traj.png")).width() == 400
+
+    for suffix in ("csv", "npz", "json"):
+        assert window.export_data(str(tmp_path / f"d.{suffix}")), window.last_error
+    data = np.load(tmp_path / "d.npz")
+    for name, array in dec.arrays().items():
+        np.testing.assert_array_equal(data[name], array, err_msg=name)
+    meta = json.loads(str(data["meta_json"]))
+    assert meta["x_u"]["index"] == window.x_u_picker.index and meta["training_step"] == 1
+    record = json.loads((tmp_path / "d.json").read_text())
+    np.testing.assert_array_equal(np.array(record["K"]), dec.K)
+    assert record["meta"]["model"] == "lenet" and record["meta"]["seed"] == 0
+    assert record["meta"]["lr"] == dec.lr and "ntkviz_version" in record["meta"]
+    with open(tmp_path / "d.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    first = [float(v) for v in rows[0]]
+    assert first[header.index("predicted")] == dec.predicted[0]
+    assert first[header.index("K[i,3]")] == dec.K[0, 3]
+
+    bad = tmp_path / "missing" / "fig.png"
+    assert not window.export_figure(str(bad))
+    assert window.last_error[0] == "Export failed" and "does not exist" in window.last_error[1]
+    assert not bad.parent.exists()
+
+
+def test_export_figure_offscreen_function(qtbot, mnist, tmp_path):
+    from ntkviz.gui.export import export_decomposition_figure
+
+    model = build_model("lenet")
+    dec = decompose(model, mnist.test.x[0], mnist.train.x[0], int(mnist.train.y[0]), 0.1)
+    out = export_decomposition_figure(dec, tmp_path / "d.png", width=640, meta={"model": "lenet"})
+    assert QImage(str(out)).width() == 640
+    ET.parse(export_decomposition_figure(dec, tmp_path / "d.svg"))
+    with pytest.raises(ValueError):
+        export_decomposition_figure(dec, tmp_path / "d.jpg")
+
+
+def test_closing_mid_training_stops_the_thread(qtbot, settings, mnist, qtlog):
+    window = open_window(qtbot, settings, mnist, TrainConfig(epochs=5))
+    window.start_training()
+    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
+        pass
+    thread = window.thread
+    assert window.state == "training" and thread.isRunning()
+    window.close()
+    assert not thread.isRunning() and thread.isFinished()
+    assert window.thread is None
+    assert not [r for r in qtlog.records if "QThread" in r.message]
+
+
+def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch):
+    window = open_window(qtbot, settings, mnist)
+    window.training_panel.lr.setValue(1e6)
+    with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
+        window.start_training()
+    assert blocker.args[0] == "Training diverged" and "diverged" in blocker.args[1]
+    qtbot.waitUntil(lambda: window.state == "stopped", timeout=TIMEOUT)
+    assert "diverged" in window.statusBar().currentMessage()
+
+    import ntkviz.gui.worker as worker_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(worker_module, "decompose", broken)
+    with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
+        window.refresh()
+    assert "injected failure" in blocker.args[1]
+    monkeypatch.undo()
+    window.refresh()  # the app keeps working
+    wait_current(qtbot, window)
+    assert window.thread.isRunning()
