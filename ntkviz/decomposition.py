@@ -25,6 +25,7 @@ from ntkviz.kernel import (
     empirical_ntk,
     eval_mode,
     ntk_vector_product,
+    pair_kernel_and_gradient,
     trainable_parameters,
 )
 
@@ -100,6 +101,17 @@ def _loss_grad(model, params, x_u: Tensor, y_u: int, loss: str) -> dict[str, Ten
     return torch.func.grad(objective)(params)
 
 
+def _fast_pair(model: nn.Module, both: Tensor, y_u: int, loss: str):
+    """Logits, K and ∇θL from one structured sweep, or None for the generic path."""
+    try:
+        return pair_kernel_and_gradient(
+            model, both[:1], both[1:], lambda z_u: loss_gradient(z_u.softmax(-1), y_u, loss)
+        )
+    except (RuntimeError, IndexError) as e:  # a shape the model cannot take, or y_u too large
+        _forward(model, both, y_u)  # raises the clear ValueError
+        raise AssertionError("unreachable") from e
+
+
 @dataclass(frozen=True)
 class Decomposition:
     """The factors of one update's effect on x_o. Arrays are read-only float64.
@@ -158,17 +170,25 @@ def decompose(
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
     named = dict(model.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
-    with eval_mode(model), torch.enable_grad():
-        z = _forward(model, both, y_u)
-        ce = F.cross_entropy(z[1:], torch.tensor([y_u], device=z.device))
-        grads = torch.autograd.grad(ce if loss == "ce" else -ce, [named[n] for n in trainable])
-        z = z.detach()
+    with eval_mode(model):
+        fast = _fast_pair(model, both, y_u, loss)
+        if fast is not None:
+            z, K, grads = fast
+        else:
+            with torch.enable_grad():
+                z = _forward(model, both, y_u)
+                ce = F.cross_entropy(z[1:], torch.tensor([y_u], device=z.device))
+                grads = torch.autograd.grad(
+                    ce if loss == "ce" else -ce, [named[n] for n in trainable]
+                )
+            grads = dict(zip(trainable, grads))
+            z = z.detach()
+            K = empirical_ntk(model, both[:1], both[1:])[0, 0]
         new = {n: p.detach() for n, p in named.items()}
-        for n, g in zip(trainable, grads):
-            new[n] = new[n] - lr * g
+        for n in trainable:
+            new[n] = new[n] - lr * grads[n]
         with torch.no_grad():
             z_new = functional_call(model, new, (both,))
-    K = empirical_ntk(model, both[:1], both[1:])[0, 0]
     logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
     probs_o = logp[0].exp()
     A = softmax_jacobian_of_log(probs_o)

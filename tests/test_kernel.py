@@ -109,6 +109,10 @@ def test_frozen_parameters_do_not_count():
     for method in ("structured", "generic"):
         K = empirical_ntk(model, x1, x2, method=method)
         torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-10)
+    # one pair takes the single-sweep path
+    torch.testing.assert_close(
+        empirical_ntk(model, x1[:1], x2), expected[:1], rtol=1e-10, atol=1e-10
+    )
 
 
 def test_trace_kernel_is_the_trace_of_the_blocks():
