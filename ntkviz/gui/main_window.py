@@ -111,6 +111,11 @@ class MainWindow(QMainWindow):
         self.show_message_boxes = True
         self._last_live_step = 0
         self._run_started: tuple[float, int] | None = None
+        self._pending_progress: tuple[int, int, float | None] | None = None
+        self._progress_timer = QTimer(self)
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.setInterval(250)
+        self._progress_timer.timeout.connect(self._show_progress)
         self._search_generation = 0
         self.thread: QThread | None = None
         self.worker = None
@@ -491,16 +496,27 @@ class MainWindow(QMainWindow):
         t0, s0 = self._run_started
         rate = (last.step - s0) / max(now - t0, 1e-9)
         eta = (last.total_steps - last.step) / rate if rate > 0 and now - t0 > 0.5 else None
-        self.training_panel.set_progress(last.step, last.total_steps, eta)
-        self.step_label.setText(f"step: {last.step}")
+        self._pending_progress = (last.step, last.total_steps, eta)
+        if not self._progress_timer.isActive():  # repaint the progress at most 4 times a second
+            self._progress_timer.start()
         if last.step - self._last_live_step >= LIVE_EVERY or self.state != "training":
             self._last_live_step = last.step
             self.refresh()
         self.records_shown.emit(self.records_received)
 
+    def _show_progress(self) -> None:
+        self._progress_timer.stop()
+        if self._pending_progress is not None:
+            step, total, eta = self._pending_progress
+            self._pending_progress = None
+            self.training_panel.set_progress(step, total, eta)
+            self.step_label.setText(f"step: {step}")
+
     @Slot(str)
     def _on_state(self, state: str) -> None:
         self.state = state
+        self.training_panel.curves.flush()
+        self._show_progress()
         self.state_label.setText(state)
         self.training_panel.set_state(state)
         if state in ("finished", "stopped", "paused"):

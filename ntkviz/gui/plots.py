@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QRectF, Qt
+from PySide6.QtCore import QRectF, Qt, QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
@@ -373,6 +373,20 @@ class TrainingCurves(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.loss_plot, 3)
         lay.addWidget(self.acc_plot, 2)
+        # Records arrive many times a second; redrawing the curves each time costs the main
+        # thread tens of ms a repaint. Redraw at most every REDRAW_MS instead (flush() forces it).
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.setInterval(self.REDRAW_MS)
+        self._redraw_timer.timeout.connect(self._redraw)
+
+    REDRAW_MS = 250
+
+    def flush(self) -> None:
+        """Draw what has arrived now rather than at the next throttled redraw."""
+        if self._redraw_timer.isActive():
+            self._redraw_timer.stop()
+            self._redraw()
 
     def clear(self) -> None:
         for a in (self.steps, self.losses, self.smoothed, self.acc_steps, self.accuracies):
@@ -388,7 +402,8 @@ class TrainingCurves(QWidget):
             if r.test_accuracy is not None:
                 self.acc_steps.append(r.step)
                 self.accuracies.append(r.test_accuracy)
-        self._redraw()
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
 
     def _redraw(self) -> None:
         self.raw_curve.setData(self.steps, self.losses)
