@@ -155,7 +155,9 @@ class DecompositionView(pg.GraphicsLayoutWidget):
                 continue
             view = HeatmapView(title, lambda i, j, n=name: d(n, i, j), rlab, clab)
             if name in ("G", "predicted"):
-                view.setMaximumWidth(170)  # vectors stay narrow; the matrices get the room
+                view.setMaximumWidth(135)  # vectors stay narrow; the matrices get the room
+            else:
+                view.setMinimumWidth(200)  # 10 readable columns with their tick labels
             self.heatmaps[name] = view
             top.addItem(view, 0, col)
         for col, stretch in enumerate([0, 8, 0, 8, 0, 2, 0, 2]):
