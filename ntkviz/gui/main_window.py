@@ -497,7 +497,10 @@ class MainWindow(QMainWindow):
         rate = (last.step - s0) / max(now - t0, 1e-9)
         eta = (last.total_steps - last.step) / rate if rate > 0 and now - t0 > 0.5 else None
         self._pending_progress = (last.step, last.total_steps, eta)
-        if not self._progress_timer.isActive():  # repaint the progress at most 4 times a second
+        if self.state != "training":  # a last batch or one step: show it now
+            self.training_panel.curves.flush()
+            self._show_progress()
+        elif not self._progress_timer.isActive():  # repaint progress at most 4 times a second
             self._progress_timer.start()
         if last.step - self._last_live_step >= LIVE_EVERY or self.state != "training":
             self._last_live_step = last.step
