@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QScrollArea,
     QSplitter,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -32,6 +33,7 @@ from PySide6.QtWidgets import (
 from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
 from ntkviz.gui.panels import LOSS_KINDS, SamplePicker, StepPanel, TrainingPanel
 from ntkviz.gui.plots import DecompositionView
+from ntkviz.gui.probe_views import InfluenceView, KernelMapView, LayersView, SqueezeView
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,13 @@ class MainWindow(QMainWindow):
     decomposition_shown = Signal(object)  # DecompositionResult
     history_shown = Signal(object)  # StepHistory
     records_shown = Signal(int)  # number of records received so far
+    influence_shown = Signal(object)  # InfluenceResult
+    kernel_maps_shown = Signal(object)  # KernelMaps
+    squeeze_shown = Signal(object)  # SqueezeResult
+    layers_shown = Signal(object)  # LayerResult
+    spectrum_shown = Signal(object)  # SpectrumResult
+    job_cancelled = Signal(str)  # kind
+    session_restored = Signal(str)  # path
 
     # commands to the worker (queued across threads)
     load_requested = Signal()
@@ -83,6 +92,15 @@ class MainWindow(QMainWindow):
     save_requested = Signal(str, object)
     open_requested = Signal(str)
     shutdown_requested = Signal()
+    influence_requested = Signal(int, object)
+    cancel_job_requested = Signal()
+    kernel_recording_requested = Signal(bool, int, int)
+    kernel_map_requested = Signal(int)
+    squeeze_requested = Signal(int, str, int, int, float, int)
+    layers_requested = Signal(int, object)
+    spectrum_requested = Signal(int, int)
+    session_save_requested = Signal(str, object)
+    session_open_requested = Signal(str)
 
     def __init__(
         self,
@@ -118,6 +136,10 @@ class MainWindow(QMainWindow):
         self._progress_timer.timeout.connect(self._show_progress)
         self._search_generation = 0
         self.thread: QThread | None = None
+        self.job_generation = 0
+        self.last_influence = None
+        self.kernel_maps = None
+        self._session_path = ""
         self.worker = None
         self._build()
         self._restore_settings()
@@ -135,7 +157,18 @@ class MainWindow(QMainWindow):
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
         self.splitter = splitter
-        self.setCentralWidget(splitter)
+        self.influence_view = InfluenceView()
+        self.kernel_map_view = KernelMapView()
+        self.squeeze_view = SqueezeView()
+        self.layers_view = LayersView()
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("centralTabs")
+        self.tabs.addTab(splitter, "Decomposition")
+        self.tabs.addTab(self.influence_view, "Influence over a probe set")
+        self.tabs.addTab(self.kernel_map_view, "Kernel map over training")
+        self.tabs.addTab(self.squeeze_view, "Squeezing effect")
+        self.tabs.addTab(self.layers_view, "Layers && spectrum")
+        self.setCentralWidget(self.tabs)
 
         self.training_panel = TrainingPanel()
         self.training_dock = self._dock("Training", "trainingDock", self.training_panel)
@@ -195,6 +228,18 @@ class MainWindow(QMainWindow):
         sp.apply_button.clicked.connect(self.apply_step)
         sp.undo_button.clicked.connect(self.undo_step)
         sp.reset_button.clicked.connect(self.reset_steps)
+        iv = self.influence_view
+        iv.compute_requested.connect(self.compute_influence)
+        iv.cancel_requested.connect(self.cancel_job)
+        iv.thumbnail_clicked.connect(self._thumbnail_clicked)
+        kv = self.kernel_map_view
+        kv.settings_changed.connect(self.kernel_recording_requested)
+        kv.record_requested.connect(self.record_kernel_map)
+        self.squeeze_view.run_requested.connect(self.run_squeeze)
+        self.layers_view.layers_requested.connect(self.compute_layers)
+        self.layers_view.spectrum_requested.connect(self.compute_spectrum)
+        for v in (iv, kv, self.squeeze_view, self.layers_view):
+            v.export_failed.connect(lambda m: self.show_error("Export failed", m))
         self._set_controls_enabled(False)
 
     def _dock(self, title: str, name: str, widget: QWidget) -> QDockWidget:
@@ -214,6 +259,8 @@ class MainWindow(QMainWindow):
         file = bar.addMenu("&File")
         self._action(file, "&Open checkpoint…", self._open_checkpoint_dialog, QKeySequence.Open)
         self._action(file, "&Save checkpoint…", self._save_checkpoint_dialog, QKeySequence.Save)
+        self._action(file, "Open s&ession…", self._open_session_dialog, "Ctrl+Shift+O")
+        self._action(file, "Save sessio&n…", self._save_session_dialog, "Ctrl+Shift+S")
         file.addSeparator()
         self._action(file, "Export &figure…", self._export_figure_dialog, "Ctrl+E")
         self._action(file, "Export &data…", self._export_data_dialog, "Ctrl+Shift+E")
@@ -253,6 +300,10 @@ class MainWindow(QMainWindow):
             "Test accuracy": tp.curves.acc_plot.getPlotItem(),
             "π(x_u)": self.x_u_picker.bars.getPlotItem(),
             "π(x_o)": self.x_o_picker.bars.getPlotItem(),
+            "Influence": self.influence_view.graphics.ci,
+            "Kernel map": self.kernel_map_view.graphics.ci,
+            "Squeezing": self.squeeze_view.graphics.ci,
+            "Layers and spectrum": self.layers_view.graphics.ci,
         }
 
     def _set_controls_enabled(self, on: bool) -> None:
@@ -321,6 +372,23 @@ class MainWindow(QMainWindow):
             (self.save_requested, w.save_checkpoint),
             (self.open_requested, w.load_checkpoint),
             (self.shutdown_requested, w.shutdown),
+            (self.influence_requested, w.compute_influence),
+            (self.cancel_job_requested, w.cancel_job),
+            (self.kernel_recording_requested, w.set_kernel_recording),
+            (self.kernel_map_requested, w.record_kernel_map),
+            (self.squeeze_requested, w.compute_squeeze),
+            (self.layers_requested, w.compute_layers),
+            (self.spectrum_requested, w.compute_spectrum),
+            (self.session_save_requested, w.save_session),
+            (self.session_open_requested, w.open_session),
+            (w.job_progress, self._on_job_progress),
+            (w.job_cancelled, self._on_job_cancelled),
+            (w.influence_ready, self._on_influence),
+            (w.kernel_maps_changed, self._on_kernel_maps),
+            (w.squeeze_ready, self._on_squeeze),
+            (w.layers_ready, self._on_layers),
+            (w.spectrum_ready, self._on_spectrum),
+            (w.session_loaded, self._on_session_loaded),
             (w.dataset_ready, self._on_dataset),
             (w.model_changed, self._on_model),
             (w.records, self._on_records),
@@ -423,10 +491,177 @@ class MainWindow(QMainWindow):
         if self.model_info is not None:
             self.reset_requested.emit(self._next_generation(), self.pair_request())
 
+    # ------------------------------------------------------ probe analyses
+    def _job_gen(self) -> int:
+        self.job_generation += 1
+        return self.job_generation
+
+    def probe_request(self):
+        """The ``ProbeRequest`` for the current update and the influence view's options."""
+        from ntkviz.gui.worker import ProbeRequest
+
+        r, iv = self.pair_request(), self.influence_view
+        return ProbeRequest(
+            r.split_u, r.index_u, r.y_u, r.lr, r.loss, iv.probe_size,
+            iv.actual_box.isChecked(), iv.norm_box.value(),
+        )  # fmt: skip
+
+    def compute_influence(self) -> None:
+        if self.model_info is None or self.thread is None:
+            return
+        self.influence_view.set_running(True)
+        self.influence_requested.emit(self._job_gen(), self.probe_request())
+
+    def cancel_job(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel_requested = True  # read between chunks
+        self.cancel_job_requested.emit()
+
+    def record_kernel_map(self) -> None:
+        if self.model_info is not None:
+            kv = self.kernel_map_view
+            self.kernel_recording_requested.emit(
+                kv.record_box.isChecked(), kv.every_box.value(), kv.per_class_box.value()
+            )
+            self.kernel_map_requested.emit(self._job_gen())
+
+    def run_squeeze(self) -> None:
+        if self.model_info is None:
+            return
+        sv, u = self.squeeze_view, self.x_u_picker
+        self.squeeze_requested.emit(
+            self._job_gen(), u.split, u.index, sv.label_box.currentIndex(),
+            float(sv.lr_box.value()), sv.steps_box.value(),
+        )  # fmt: skip
+
+    def compute_layers(self) -> None:
+        if self.model_info is not None:
+            self.layers_requested.emit(self._job_gen(), self.pair_request())
+
+    def compute_spectrum(self, n: int | None = None) -> None:
+        if self.model_info is not None:
+            self.statusBar().showMessage("computing the NTK spectrum…")
+            self.spectrum_requested.emit(self._job_gen(), n or self.layers_view.n_box.value())
+
+    def _thumbnail_clicked(self, split: str, index: int) -> None:
+        self.x_o_picker.select(split, index)
+
+    @Slot(int, str, int, int)
+    def _on_job_progress(self, generation: int, kind: str, done: int, total: int) -> None:
+        if kind == "influence":
+            self.influence_view.set_progress(done, total)
+        else:
+            self.statusBar().showMessage(f"{kind.replace('_', ' ')}: {done}/{total}", 3000)
+
+    @Slot(int, str)
+    def _on_job_cancelled(self, generation: int, kind: str) -> None:
+        if kind == "influence":
+            self.influence_view.set_running(False)
+        self.job_cancelled.emit(kind)
+
+    @Slot(int, object)
+    def _on_influence(self, generation: int, result) -> None:
+        self.influence_view.set_running(False)
+        if generation != self.job_generation and self.last_influence is not None:
+            return
+        self.last_influence = result
+        self.influence_view.set_result(result, self.dataset.images, self.dataset.classes)
+        self.influence_shown.emit(result)
+
+    @Slot(object)
+    def _on_kernel_maps(self, maps) -> None:
+        self.kernel_maps = maps
+        classes = self.dataset.classes if self.dataset is not None else None
+        self.kernel_map_view.set_maps(maps, classes)
+        self.kernel_maps_shown.emit(maps)
+
+    @Slot(int, object)
+    def _on_squeeze(self, generation: int, result) -> None:
+        self.squeeze_view.set_result(result, self.dataset.classes)
+        self.squeeze_shown.emit(result)
+
+    @Slot(int, object)
+    def _on_layers(self, generation: int, result) -> None:
+        self.layers_view.set_layers(result)
+        self.layers_shown.emit(result)
+
+    @Slot(int, object)
+    def _on_spectrum(self, generation: int, result) -> None:
+        self.layers_view.set_spectrum(result)
+        self.statusBar().showMessage("NTK spectrum computed", 3000)
+        self.spectrum_shown.emit(result)
+
+    # ------------------------------------------------------------ sessions
+    def session_gui_state(self) -> dict:
+        """The window's part of a session: curves and the current selection."""
+        u, o = self.x_u_picker, self.x_o_picker
+        return {
+            "curves": self.training_panel.curves.curves(),
+            "selection": {
+                "split_u": u.split, "index_u": u.index, "y_u": int(self.y_u_box.currentIndex()),
+                "split_o": o.split, "index_o": o.index,
+                "lr": float(self.step_panel.lr.value()), "loss": self.loss_box.currentData(),
+                "influence_size": self.influence_view.probe_size,
+            },
+        }  # fmt: skip
+
+    def save_session(self, path: str) -> None:
+        self.session_save_requested.emit(path, self.session_gui_state())
+
+    def open_session(self, path: str) -> None:
+        self._session_path = path
+        self.session_open_requested.emit(path)
+
+    @Slot(object)
+    def _on_session_loaded(self, session) -> None:
+        self.training_panel.curves.set_curves(session.curves)
+        self.records_received = len(session.curves.get("step", []))
+        sel = session.selection
+        try:
+            self.x_o_picker.blockSignals(True)
+            self.x_o_picker.select(str(sel["split_o"]), int(sel["index_o"]))
+            self.x_o_picker.blockSignals(False)
+            self.x_u_picker.blockSignals(True)
+            self.x_u_picker.select(str(sel["split_u"]), int(sel["index_u"]))
+            self.x_u_picker.blockSignals(False)
+            for box, value in (
+                (self.y_u_box, int(sel["y_u"])),
+                (self.loss_box, self.loss_box.findData(sel.get("loss", "ce"))),
+            ):
+                box.blockSignals(True)
+                box.setCurrentIndex(max(0, value))
+                box.blockSignals(False)
+            self.step_panel.lr.blockSignals(True)
+            self.step_panel.lr.setValue(float(sel["lr"]))
+            self.step_panel.lr.blockSignals(False)
+            if "influence_size" in sel:
+                self.influence_view.set_probe_size(int(sel["influence_size"]))
+            if "kernel_map_per_class" in sel:
+                box = self.kernel_map_view.per_class_box
+                box.blockSignals(True)
+                box.setValue(int(sel["kernel_map_per_class"]))
+                box.blockSignals(False)
+        except (KeyError, TypeError, ValueError) as e:
+            self.show_error("Session selection not restored", str(e))
+        finally:
+            self.x_o_picker.blockSignals(False)
+            self.x_u_picker.blockSignals(False)
+        self.refresh()
+        self.session_restored.emit(self._session_path)
+
+    def _open_session_dialog(self) -> None:
+        if path := self._ask_path("Open session", "ntkviz session (*.ntks)", save=False):
+            self.open_session(path)
+
+    def _save_session_dialog(self) -> None:
+        if path := self._ask_path("Save session", "ntkviz session (*.ntks)"):
+            self.save_session(path if Path(path).suffix else path + ".ntks")
+
     def _x_u_changed(self) -> None:
         self.y_u_box.blockSignals(True)
         self.y_u_box.setCurrentIndex(self.x_u_picker.label)
         self.y_u_box.blockSignals(False)
+        self.squeeze_view.label_box.setCurrentIndex(self.x_u_picker.label)
         self.refresh()
 
     def _same_class(self) -> None:

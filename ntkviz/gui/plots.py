@@ -60,6 +60,7 @@ class HeatmapView(pg.PlotItem):
         row_label: str = "",
         col_label: str = "",
         colorbar: bool = True,
+        colormap=None,
     ):
         super().__init__(title=title)
         self.titleLabel.setText(title, size="11pt")
@@ -87,7 +88,11 @@ class HeatmapView(pg.PlotItem):
         self.colorbar = None
         if colorbar:
             self.colorbar = pg.ColorBarItem(
-                values=(-1, 1), colorMap=DIVERGING, interactive=False, width=10, colorMapMenu=False
+                values=(-1, 1),
+                colorMap=colormap or DIVERGING,
+                interactive=False,
+                width=10,
+                colorMapMenu=False,
             )
             self.colorbar.setImageItem(self.image_item, insert_in=self)
             self.colorbar.getAxis("right").setTickFont(font)
@@ -97,16 +102,21 @@ class HeatmapView(pg.PlotItem):
         return self.image_item.image
 
     def set_matrix(
-        self, matrix: np.ndarray, classes: Sequence[str], limit: float | None = None
+        self,
+        matrix: np.ndarray,
+        classes: Sequence[str],
+        limit: float | None = None,
+        levels: tuple[float, float] | None = None,
     ) -> None:
         """Show ``matrix (R, C)`` with rows/columns labelled by ``classes``; colour levels
-        ±``limit`` (default max |value|)."""
+        ±``limit`` (default max |value|), or ``levels`` (low, high) when given."""
         rows, cols = matrix.shape
         lim = limit if limit is not None else symmetric_limit(matrix)
-        self.image_item.setImage(matrix, autoLevels=False, levels=(-lim, lim))
+        levels = levels if levels is not None else (-lim, lim)
+        self.image_item.setImage(matrix, autoLevels=False, levels=levels)
         self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
         if self.colorbar is not None:
-            self.colorbar.setLevels((-lim, lim))
+            self.colorbar.setLevels(levels)
         self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
         self.getAxis("left").setTicks([[(i, str(classes[i])) for i in range(rows)]])
         bottom = [(j, str(classes[j])) for j in range(cols)] if cols > 1 else [(0, "")]
@@ -406,6 +416,27 @@ class TrainingCurves(QWidget):
                 self.accuracies.append(r.test_accuracy)
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
+
+    def curves(self) -> dict[str, list[float]]:
+        """The recorded curves as plain lists (for sessions)."""
+        return {
+            "step": [float(s) for s in self.steps],
+            "loss": list(self.losses),
+            "acc_step": [float(s) for s in self.acc_steps],
+            "accuracy": list(self.accuracies),
+        }
+
+    def set_curves(self, curves: dict) -> None:
+        """Replace everything by ``curves`` (as :meth:`curves` returns)."""
+        self.clear()
+        self.steps[:] = [int(s) for s in curves.get("step", [])]
+        self.losses[:] = [float(v) for v in curves.get("loss", [])]
+        for v in self.losses:
+            prev = self.smoothed[-1] if self.smoothed else v
+            self.smoothed.append(self.ema_factor * prev + (1 - self.ema_factor) * v)
+        self.acc_steps[:] = [int(s) for s in curves.get("acc_step", [])]
+        self.accuracies[:] = [float(v) for v in curves.get("accuracy", [])]
+        self._redraw()
 
     def _redraw(self) -> None:
         self.raw_curve.setData(self.steps, self.losses)

@@ -1,0 +1,121 @@
+"""Screenshots of the probe views (issue 4): train a LeNet for one epoch on 20,000 MNIST images
+while recording class×class kernel maps, then learn a "4" as 4 and look at its influence on the
+whole test split, the kernel map, the squeezing lab, and the per-layer split and spectrum.
+
+    QT_QPA_PLATFORM=offscreen python scripts/screenshots_probe.py [out_dir]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np
+from PySide6.QtCore import QSettings
+from PySide6.QtWidgets import QApplication
+
+
+def wait_until(app: QApplication, condition, timeout: float = 600.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out waiting for the window ({condition})")
+        app.processEvents()
+        time.sleep(0.005)
+
+
+def settle(app: QApplication) -> None:
+    for _ in range(30):
+        app.processEvents()
+        time.sleep(0.01)
+
+
+def main(out_dir: str = "docs/screenshots") -> int:
+    from ntkviz.gui.main_window import MainWindow
+    from ntkviz.training import TrainConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    settings = QSettings(str(Path(tempfile.mkdtemp()) / "ntkviz.ini"), QSettings.IniFormat)
+    window = MainWindow(config=TrainConfig(train_size=20000, epochs=1), settings=settings)
+    window.show_message_boxes = False
+    window.resize(1680, 1050)
+    window.show()
+    wait_until(app, lambda: window.model_info is not None and window.last_result is not None)
+    shown = {}
+    for name in ("spectrum", "influence", "squeeze", "layers"):
+        getattr(window, f"{name}_shown").connect(lambda r, n=name: shown.__setitem__(n, r))
+
+    # the spectrum at initialisation, kept as a faded curve
+    window.compute_spectrum(50)
+    wait_until(app, lambda: "spectrum" in shown)
+
+    kv = window.kernel_map_view
+    kv.per_class_box.setValue(10)
+    kv.every_box.setValue(50)
+    kv.record_box.setChecked(True)
+    window.start_training()
+    wait_until(app, lambda: window.state == "finished")
+    t0 = time.monotonic()
+    print("trained; kernel maps at steps", window.kernel_maps.steps.tolist())
+
+    labels = window.dataset.labels
+    u = int((labels["train"] == 4).nonzero()[0][2])
+    o = int((labels["test"] == 9).nonzero()[0][3])
+    window.x_u_picker.select("train", u)
+    window.x_o_picker.select("test", o)
+    window.y_u_box.setCurrentIndex(4)
+    window.step_panel.lr.setValue(0.05)
+    iv = window.influence_view
+    iv.set_probe_size(10000)
+    iv.norm_box.setValue(1000)
+    iv.actual_box.setChecked(True)
+    window.compute_influence()
+    wait_until(app, lambda: "influence" in shown)
+    print(f"influence in {time.monotonic() - t0:.0f} s")
+    r = shown["influence"]
+    dp = r.classes["delta_probs"]
+    print("mean Δπ, row 9:", np.array2string(dp[9], precision=5))
+    print("mean Δπ, row 4:", np.array2string(dp[4], precision=5))
+    print("mean Δπ_4 by true class:", np.array2string(dp[:, 4], precision=5))
+    if r.kernel_norm is not None:
+        print("mean ‖K‖ by class:", np.array2string(iv.norm_means, precision=3))
+    window.tabs.setCurrentWidget(iv)
+    settle(app)
+    window.centralWidget().grab().save(str(out / "influence.png"))
+
+    window.tabs.setCurrentWidget(kv)
+    settle(app)
+    window.centralWidget().grab().save(str(out / "kernel_map.png"))
+
+    sv = window.squeeze_view
+    sv.label_box.setCurrentIndex(4)
+    sv.steps_box.setValue(5)
+    sv.lr_box.setValue(0.05)
+    sv.log_box.setChecked(True)
+    window.run_squeeze()
+    wait_until(app, lambda: "squeeze" in shown)
+    window.tabs.setCurrentWidget(sv)
+    settle(app)
+    window.centralWidget().grab().save(str(out / "squeeze.png"))
+
+    shown.pop("spectrum")
+    window.compute_layers()
+    window.compute_spectrum(50)
+    wait_until(app, lambda: "layers" in shown and "spectrum" in shown)
+    window.tabs.setCurrentWidget(window.layers_view)
+    settle(app)
+    window.centralWidget().grab().save(str(out / "layers.png"))
+    window.close()
+    print(f"wrote screenshots to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
