@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
-from PySide6.QtCore import QSettings
+from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QImage
 
 from ntkviz.decomposition import decompose
@@ -263,3 +263,18 @@ def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch)
     window.refresh()  # the app keeps working
     wait_current(qtbot, window)
     assert window.thread.isRunning()
+
+
+def test_thumbnails_follow_the_class_filter_and_select_on_click(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    picker = window.x_o_picker
+    picker.class_box.setCurrentIndex(picker.class_box.findData(3))
+    items = [picker.thumbnails.item(k) for k in range(picker.thumbnails.count())]
+    indices = [int(item.data(Qt.UserRole)) for item in items]
+    assert len(indices) == picker.THUMBS
+    assert all(int(mnist.test.y[i]) == 3 for i in indices)
+    assert picker.index in indices
+    target = items[5]
+    with qtbot.waitSignal(picker.changed):
+        picker.thumbnails.itemClicked.emit(target)
+    assert picker.index == int(target.data(Qt.UserRole)) and picker.label == 3

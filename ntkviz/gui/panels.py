@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QImage, QPixmap
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -16,6 +16,9 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QSlider,
@@ -214,14 +217,55 @@ class SamplePicker(QGroupBox):
         left.addStretch(1)
         top.addLayout(left)
         top.addLayout(controls, 1)
+        self.thumbnails = QListWidget()
+        self._thumbnail_key: tuple[str, int] | None = None
+        self.thumbnails.setViewMode(QListView.IconMode)
+        self.thumbnails.setIconSize(QSize(self.THUMB, self.THUMB))
+        self.thumbnails.setMovement(QListView.Static)
+        self.thumbnails.setResizeMode(QListView.Adjust)
+        self.thumbnails.setSpacing(1)
+        self.thumbnails.setFixedHeight(2 * (self.THUMB + 8) + 6)
+        self.thumbnails.setToolTip("examples of the split and class filter from the current index")
+        self.thumbnails.itemClicked.connect(
+            lambda item: self.select(self.split, int(item.data(Qt.UserRole)))
+        )
         lay = QVBoxLayout(self)
         lay.addLayout(top)
+        lay.addWidget(self.thumbnails)
         lay.addWidget(self.bars, 1)
         self.split_box.currentTextChanged.connect(self._split_changed)
         self.index_box.valueChanged.connect(self._index_changed)
         self.class_box.currentIndexChanged.connect(self._class_changed)
         self.random_button.clicked.connect(lambda: self.pick_random())
         self.setEnabled(False)
+
+    THUMB = 30  #: thumbnail size in pixels
+    THUMBS = 40  #: thumbnails shown
+
+    def thumbnail_indices(self) -> list[int]:
+        """The examples the thumbnail strip shows: up to :attr:`THUMBS` of the split that pass
+        the class filter, from the current index on (wrapping around)."""
+        y = self.labels[self.split]
+        label = self.class_filter
+        candidates = np.flatnonzero(y == label) if label >= 0 else np.arange(len(y))
+        start = int(np.searchsorted(candidates, self.index))
+        return np.roll(candidates, -start)[: self.THUMBS].tolist()
+
+    def _fill_thumbnails(self) -> None:
+        key = (self.split, self.class_filter)
+        shown = [self.thumbnails.item(k).data(Qt.UserRole) for k in range(self.thumbnails.count())]
+        if key == self._thumbnail_key and self.index in shown:
+            self.thumbnails.setCurrentRow(shown.index(self.index))  # highlight; keep the strip
+            return
+        self._thumbnail_key = key
+        self.thumbnails.clear()
+        images, labels = self.images[self.split], self.labels[self.split]
+        for i in self.thumbnail_indices():
+            item = QListWidgetItem(QIcon(digit_pixmap(images[i], self.THUMB)), "")
+            item.setData(Qt.UserRole, i)
+            item.setToolTip(f"{self.split}[{i}], label {self.classes[int(labels[i])]}")
+            self.thumbnails.addItem(item)
+        self.thumbnails.setCurrentRow(0)  # the strip starts at the current example
 
     def add_button(self, text: str, tooltip: str, slot) -> QPushButton:
         button = QPushButton(text)
@@ -296,6 +340,7 @@ class SamplePicker(QGroupBox):
         self.changed.emit()
 
     def _show(self) -> None:
+        self._fill_thumbnails()
         self.image.setPixmap(digit_pixmap(self.images[self.split][self.index], 112))
         self.caption.setText(f"{self.split}[{self.index}]\nlabel {self.classes[self.label]}")
 
