@@ -110,6 +110,20 @@ def test_cancel_stops_a_running_sweep(qtbot, window):
     assert window.worker._job is None
 
 
+def test_changing_the_model_cancels_a_running_sweep(qtbot, window):
+    """A sweep must never mix two sets of weights: applying a step mid-sweep cancels it."""
+    window.worker.tick_seconds = 0.0
+    window.influence_view.set_probe_size(10000)
+    window.influence_view.norm_box.setValue(0)
+    with qtbot.waitSignal(window.worker.job_progress, timeout=TIMEOUT):
+        window.compute_influence()
+    with qtbot.waitSignal(window.job_cancelled, timeout=TIMEOUT) as blocker:
+        window.step_panel.apply_button.click()
+    assert blocker.args == ["influence"]
+    assert window.last_influence is None
+    assert window.worker._job is None
+
+
 def test_kernel_maps_equal_core_and_record_while_training(qtbot, window, mnist):
     kv = window.kernel_map_view
     kv.per_class_box.setValue(3)

@@ -355,6 +355,7 @@ class TrainingWorker(QObject):
     @_reporting
     def start(self, config: TrainConfig) -> None:
         """Start a new run from freshly initialised weights."""
+        self._abandon_job()
         self._new_model(config, "trained")
         self._optimizer = make_optimizer(self._model, config)
         self._iter = train(self._model, self._data, config, self._optimizer)
@@ -388,6 +389,7 @@ class TrainingWorker(QObject):
     @_reporting
     def one_batch(self, config: TrainConfig) -> None:
         """Train exactly one batch (starting a paused run with ``config`` if none is active)."""
+        self._abandon_job()
         if self._iter is None:
             self._new_model(config, "trained")
             self._optimizer = make_optimizer(self._model, config)
@@ -499,6 +501,7 @@ class TrainingWorker(QObject):
     @_reporting
     def apply_step(self, generation: int, r: PairRequest) -> None:
         """One plain-SGD step (no momentum, no weight decay) on (x_u, y_u) in eval mode."""
+        self._abandon_job()
         if not math.isfinite(r.lr):
             raise NtkvizError(f"η must be finite, got {r.lr}")
         self.pause()
@@ -526,6 +529,7 @@ class TrainingWorker(QObject):
     @_reporting
     def undo(self, generation: int, r: PairRequest) -> None:
         """Restore the parameters from before the last applied step, bit for bit."""
+        self._abandon_job()
         if not self._stack:
             self.message.emit("nothing to undo")
             return
@@ -537,6 +541,7 @@ class TrainingWorker(QObject):
     @_reporting
     def reset_steps(self, generation: int, r: PairRequest) -> None:
         """Return to the state before the first applied step."""
+        self._abandon_job()
         if self._stack:
             self._model.load_state_dict(self._stack[0])
             self._stack.clear()
@@ -582,6 +587,7 @@ class TrainingWorker(QObject):
     @Slot(str)
     @_reporting
     def load_checkpoint(self, path: str) -> None:
+        self._abandon_job()
         ckpt = load_checkpoint(path)
         self.stop()
         self.config = ckpt.config
@@ -608,6 +614,16 @@ class TrainingWorker(QObject):
         self._job = (generation, kind, gen)
         if not self._timer.isActive():
             self._timer.start()
+
+    def _abandon_job(self) -> None:
+        """The model is about to change: a running job would mix two sets of weights, so cancel
+        it (its requester is told through ``job_cancelled``)."""
+        if self._job is not None:
+            generation, kind, gen = self._job
+            gen.close()
+            self._job, self.cancel_requested = None, False
+            self.job_cancelled.emit(generation, kind)
+            self.message.emit(f"{kind.replace('_', ' ')} cancelled: the model changed")
 
     @Slot()
     def cancel_job(self) -> None:
@@ -850,10 +866,7 @@ class TrainingWorker(QObject):
         except ValueError as e:
             raise SessionError(f"{path}: invalid training config: {e}") from None
         # ---- everything checked: now replace the state
-        if self._job is not None:
-            self._job[2].close()
-            self.job_cancelled.emit(self._job[0], self._job[1])
-            self._job = None
+        self._abandon_job()
         self.stop()
         device = self._device(session.config.device)
         self.config = session.config
