@@ -47,6 +47,7 @@ MEASUREMENTS = [
     "forward",
     "decompose",
     "influence",
+    "class_map",
     "train",
 ]
 
@@ -168,6 +169,14 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
     if name == "influence":
         fn = lambda: influence(model, x_test, x_u[0], y_u, LR)  # noqa: E731
         warm = lambda: influence(model, x_test[:1000], x_u[0], y_u, LR)  # noqa: E731
+        return {"time": _median_time(fn, r(1, 3), 1, warm)}
+    if name == "class_map":
+        from ntkviz.analysis import balanced_indices, class_kernel_map
+
+        idx = balanced_indices(data.test.y, 50)  # 500 test images, 50 per class
+        xs, ys = x_test[idx], data.test.y[idx].numpy()
+        fn = lambda: class_kernel_map(model, xs, ys, 10)  # noqa: E731
+        warm = lambda: class_kernel_map(model, xs[:50], ys[:50], 10)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm)}
     if name == "train":
         steps, warm = (60, 5) if quick else (300, 10)
@@ -344,7 +353,7 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
         return [f"{fmt_ratio(single)} | {fmt_ratio(chunked)}" + tag(targets, "k_10000_ratio")]
     if row == "decompose":
         return [fmt_time(r.get("time")) + tag(targets, "decompose"), fmt_mem(r.get("peak_mib"))]
-    if row == "influence":
+    if row in ("influence", "class_map"):
         return [fmt_time(r.get("time")), fmt_mem(r.get("peak_mib"))]
     if row == "train":
         if "steps_per_s" not in r:
@@ -363,7 +372,8 @@ ROWS = [
     ("forward:ratio", "    K(3) / forward (one | 1,000s)"),
     ("decompose", "(4) decompose, one pair (median)"),
     ("influence", "(5) influence Δlog π, 10,000 x_o"),
-    ("train", "(6) training throughput, batch 64"),
+    ("class_map", "(6) class×class ‖K‖ map, 500 x"),
+    ("train", "(7) training throughput, batch 64"),
 ]
 WIDTHS = [16, 12, 9, 10, 10]
 HEADS = ["ntkviz", "peak", "baseline", "base peak", "ratio"]
