@@ -85,27 +85,42 @@ def _num_classes(state: dict) -> int:
     return int(last_bias.shape[0])
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint; raise :class:`CheckpointError` with the reason."""
+def read_payload(path: str | Path, fmt: str, version: int, what: str, error=CheckpointError):
+    """Load an ntkviz file (``torch.load(..., weights_only=True)``: no code runs) and check its
+    format tag, format version and model name. Returns ``(payload dict, model name)``; raises
+    ``error`` with the reason, ``what`` naming the kind of file ("checkpoint", "session")."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable ntkviz checkpoint ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ntkviz checkpoint")
-    version = payload.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise CheckpointError(
-            f"{path} has format version {version}; this ntkviz reads up to {VERSION} — upgrade it"
+        raise error(f"{path} is not a readable ntkviz {what} ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise error(f"{path} is not an ntkviz {what}")
+    found = payload.get("version")
+    if not isinstance(found, int) or found > version:
+        raise error(
+            f"{path} has {what} format version {found}; this ntkviz reads up to {version}"
+            " — upgrade it"
         )
     name = payload.get("model")
     if name not in MODELS:
-        raise CheckpointError(f"{path} holds an unknown model {name!r}")
+        raise error(f"{path} holds an unknown model {name!r}")
+    return payload, name
+
+
+def config_from(payload: dict) -> TrainConfig:
+    """The training config stored in ``payload``, ignoring keys this version does not know."""
     known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in payload.get("config", {}).items() if k in known})
+    return TrainConfig(**{k: v for k, v in payload.get("config", {}).items() if k in known})
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint; raise :class:`CheckpointError` with the reason."""
+    path = Path(path)
+    payload, name = read_payload(path, FORMAT, VERSION, "checkpoint")
+    config = config_from(payload)
     num_classes = int(payload.get("num_classes", 10))
     model = build_model(name, num_classes=num_classes, seed=None)
     try:

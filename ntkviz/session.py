@@ -7,15 +7,15 @@ Written atomically with ``torch.save`` of plain values and tensors; read with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ntkviz.checkpoint import atomic_write
+from ntkviz.checkpoint import atomic_write, config_from, read_payload
 from ntkviz.errors import CheckpointError
-from ntkviz.models import MODELS, build_model
+from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
 
 FORMAT = "ntkviz-session"
@@ -73,29 +73,12 @@ def save_session(path: str | Path, session: Session) -> Path:
 
 def load_session(path: str | Path) -> Session:
     """Read and validate a session file; raise :class:`SessionError` with the reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise SessionError(f"session file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SessionError(f"{path} is not a readable ntkviz session ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SessionError(f"{path} is not an ntkviz session file")
-    version = payload.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise SessionError(
-            f"{path} has session format version {version}; this ntkviz reads up to {VERSION}"
-        )
-    name = payload.get("model")
-    if name not in MODELS:
-        raise SessionError(f"{path} holds an unknown model {name!r}")
-    known = {f.name for f in fields(TrainConfig)}
+    payload, name = read_payload(path, FORMAT, VERSION, "session", SessionError)
     try:
         session = Session(
             model_name=name,
             state_dict=dict(payload["state_dict"]),
-            config=TrainConfig(**{k: v for k, v in payload["config"].items() if k in known}),
+            config=config_from(payload),
             step=int(payload.get("step", 0)),
             curves={k: list(v) for k, v in payload.get("curves", {}).items()},
             selection=dict(payload.get("selection", {})),

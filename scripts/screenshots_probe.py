@@ -21,12 +21,9 @@ from PySide6.QtWidgets import QApplication
 
 
 def wait_until(app: QApplication, condition, timeout: float = 600.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out waiting for the window ({condition})")
-        app.processEvents()
-        time.sleep(0.005)
+    from screenshots import wait_until as wait
+
+    wait(app, condition, timeout)
 
 
 def settle(app: QApplication) -> None:
