@@ -164,3 +164,39 @@ def squeeze_steps(
     top = masked.argmax(1)
     rose = p[1:][np.arange(steps), top] > p[:-1][np.arange(steps), top]
     return SqueezeRun(_frozen(p), _readonly(fell), _readonly(rose), float(lr), loss, y)
+
+
+@dataclass(frozen=True)
+class SqueezeSurvey:
+    """One negative-gradient step on each of N examples, on label ``y[n]``: per example
+    ``peak (N,)`` = max π before, ``p_label (N,)`` = π(y) before, ``gained (N,)`` = the π gained
+    by the most likely other class (the squeezed mass), ``label_fell (N,)``."""
+
+    peak: np.ndarray
+    p_label: np.ndarray
+    gained: np.ndarray
+    label_fell: np.ndarray
+    lr: float
+
+
+def squeeze_survey(model: nn.Module, x: Tensor, y, lr: float) -> SqueezeSurvey:
+    """How much mass one negative-gradient step of size ``lr`` squeezes into the most likely
+    other class, for each ``(x[n], y[n])``, ``x (N, ...)`` — to plot against how peaked π is and
+    against π(y). Functional steps; the model is untouched."""
+    y = [int(v) for v in np.asarray(y).reshape(-1)]
+    if len(y) != len(x):
+        raise ValueError(f"need one label per example: {len(x)} examples, {len(y)} labels")
+    runs = [squeeze_steps(model, x[n], y[n], lr, 1, "neg") for n in range(len(x))]
+    before = np.stack([r.probs[0] for r in runs])
+    after = np.stack([r.probs[1] for r in runs])
+    masked = before.copy()
+    masked[np.arange(len(y)), y] = -np.inf
+    top = masked.argmax(1)
+    rows = np.arange(len(y))
+    return SqueezeSurvey(
+        peak=_frozen(before.max(1)),
+        p_label=_frozen(before[rows, y]),
+        gained=_frozen(after[rows, top] - before[rows, top]),
+        label_fell=_readonly(after[rows, y] < before[rows, y]),
+        lr=float(lr),
+    )

@@ -13,6 +13,7 @@ from ntkviz.analysis import (
     ntk_spectrum,
     rank_correlation,
     squeeze_steps,
+    squeeze_survey,
 )
 from ntkviz.decomposition import decompose, influence
 
@@ -101,3 +102,20 @@ def test_squeeze_steps_follow_real_steps_and_check_the_guarantees():
     assert_unchanged(model, snap)
     positive = squeeze_steps(model, x, 4, 0.05, steps=2, loss="ce")
     assert (np.diff(positive.probs[:, 4]) > 0).all()
+
+
+def test_squeeze_survey_measures_the_mass_gained_by_the_top_other_class():
+    model = make("mlp")
+    x = inputs(4, seed=9)
+    y = [0, 3, 3, 7]
+    survey = squeeze_survey(model, x, y, 0.02)
+    for n in range(4):
+        run = squeeze_steps(model, x[n], y[n], 0.02, 1, "neg")
+        before, after = run.probs
+        top = max((c for c in range(10) if c != y[n]), key=lambda c: before[c])
+        assert survey.gained[n] == pytest.approx(after[top] - before[top], abs=1e-14)
+        assert survey.peak[n] == pytest.approx(before.max())
+        assert survey.p_label[n] == pytest.approx(before[y[n]])
+        assert survey.label_fell[n] == (after[y[n]] < before[y[n]])
+    with pytest.raises(ValueError, match="one label per example"):
+        squeeze_survey(model, x, y[:2], 0.02)

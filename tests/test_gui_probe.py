@@ -21,6 +21,7 @@ from ntkviz.analysis import (
     ntk_spectrum,
     rank_correlation,
     squeeze_steps,
+    squeeze_survey,
 )
 from ntkviz.decomposition import influence
 from ntkviz.gui.main_window import MainWindow
@@ -173,6 +174,13 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert np.array_equal(res.neg.top_rose, neg.top_rose)
     assert "✓" in sv.checks.text() or "✗" in sv.checks.text()
     assert len(res.sweep_lrs) == len(res.sweep_mass) == 7
+    test = mnist.split("test")
+    idx = res.survey_indices
+    survey = squeeze_survey(model, test.x[idx], test.y[idx].numpy(), 0.3)
+    for key in ("peak", "p_label"):
+        xs, ys = sv.survey_points[key].getData()
+        np.testing.assert_allclose(xs, getattr(survey, key), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(ys, survey.gained, rtol=1e-5, atol=1e-9)
 
     with qtbot.waitSignal(window.layers_shown, timeout=TIMEOUT) as blocker:
         window.layers_view.layers_button.click()

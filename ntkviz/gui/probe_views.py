@@ -490,6 +490,23 @@ class SqueezeView(ProbeView):
         self.sweep_curve = self.sweep_plot.plot(
             pen=pg.mkPen("#9467bd", width=2), symbol="o", symbolSize=7, symbolBrush="#9467bd"
         )
+        self.survey_plots, self.survey_points = {}, {}
+        survey_row = self.graphics.addLayout(2, 0, colspan=3)
+        for col, (key, xlabel) in enumerate(
+            (("peak", "max π before (how peaked π is)"), ("p_label", "π(ȳ) before"))
+        ):
+            p = survey_row.addPlot(
+                0, col, title="squeezed mass over test images (ȳ = each one's label)"
+            )
+            p.getAxis("left").enableAutoSIPrefix(False)
+            p.setLabel("bottom", xlabel)
+            p.setLabel("left", "π gain of the top other class")
+            p.setMenuEnabled(False)
+            points = pg.ScatterPlotItem(size=5, pen=None, brush=pg.mkBrush(148, 103, 189, 140))
+            p.addItem(points)
+            self.survey_plots[key], self.survey_points[key] = p, points
+        self.graphics.ci.layout.setRowStretchFactor(1, 3)
+        self.graphics.ci.layout.setRowStretchFactor(2, 2)
         self.checks = QLabel("")
         self.checks.setWordWrap(True)
         self.layout_.addWidget(self.checks)
@@ -554,6 +571,8 @@ class SqueezeView(ProbeView):
                 )
         self.checks.setText("<br>".join(lines))
         self.sweep_curve.setData(r.sweep_lrs, r.sweep_mass)
+        for key, points in self.survey_points.items():
+            points.setData(getattr(r.survey, key), r.survey.gained)
         self.caption.setText(
             f"x = {r.split}[{r.index}], ȳ = {c[r.y]}, S = {len(r.neg.probs) - 1} steps of "
             f"η = {r.neg.lr:.3g}  ·  training step {r.step}",
@@ -568,6 +587,8 @@ class SqueezeView(ProbeView):
             "neg_probs": r.neg.probs, "neg_label_fell": r.neg.label_fell,
             "neg_top_rose": r.neg.top_rose, "ce_probs": r.ce.probs,
             "sweep_lrs": r.sweep_lrs, "sweep_mass": r.sweep_mass,
+            "survey_indices": r.survey_indices, "survey_peak": r.survey.peak,
+            "survey_p_label": r.survey.p_label, "survey_gained": r.survey.gained,
         }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from ntkviz.analysis import (
     ntk_spectrum,
     rank_correlation,
     squeeze_steps,
+    squeeze_survey,
 )
 from ntkviz.checkpoint import load_checkpoint, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
@@ -162,6 +163,9 @@ class KernelMaps:
     per_class: int
 
 
+SURVEY_SIZE = 150  #: test images in the squeezing survey (one negative step on each one's label)
+
+
 @dataclass(frozen=True)
 class SqueezeResult:
     """Negative- and positive-gradient runs (core :class:`SqueezeRun`) of ``steps`` steps on x,
@@ -176,6 +180,8 @@ class SqueezeResult:
     sweep_lrs: np.ndarray
     sweep_mass: np.ndarray
     step: int
+    survey_indices: np.ndarray  #: test images of the survey, each stepped on its own label
+    survey: object  #: core ``SqueezeSurvey``: squeezed mass against max π and π(ȳ)
 
 
 @dataclass(frozen=True)
@@ -786,10 +792,15 @@ class TrainingWorker(QObject):
             squeeze_steps(self._model, x, y, float(e), 1, "neg").probs[1, top] - neg.probs[0, top]
             for e in lrs
         ]
-        self.squeeze_ready.emit(
-            generation,
-            SqueezeResult(split, index, y, neg, ce, _readonly(lrs), _readonly(mass), self._step),
-        )
+        test = self._data.split("test")
+        idx = np.sort(np.random.default_rng(0).choice(len(test), SURVEY_SIZE, replace=False))
+        xs = test.x[idx].to(next(self._model.parameters()).device)
+        survey = squeeze_survey(self._model, xs, test.y[idx].numpy(), lr)
+        result = SqueezeResult(
+            split, index, y, neg, ce, _readonly(lrs), _readonly(mass), self._step,
+            _readonly(idx), survey,
+        )  # fmt: skip
+        self.squeeze_ready.emit(generation, result)
 
     # ------------------------------------------------------- layers, spectrum
     @Slot(int, object)
