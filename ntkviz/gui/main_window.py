@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
@@ -130,6 +131,11 @@ class MainWindow(QMainWindow):
         self._last_live_step = 0
         self._run_started: tuple[float, int] | None = None
         self._pending_progress: tuple[int, int, float | None] | None = None
+        self._paint_queue: deque = deque()
+        self._paint_timer = QTimer(self)
+        self._paint_timer.setSingleShot(True)
+        self._paint_timer.setInterval(0)
+        self._paint_timer.timeout.connect(self._paint_next)
         self._progress_timer = QTimer(self)
         self._progress_timer.setSingleShot(True)
         self._progress_timer.setInterval(250)
@@ -767,17 +773,45 @@ class MainWindow(QMainWindow):
     def _on_decomposition(self, generation: int, result) -> None:
         if generation != self.generation:
             return  # superseded by a newer request
-        self.last_result = result
-        self.shown_generation = generation
         dec, r = result.decomposition, result.request
         info = self._pair_caption(result)
-        self.decomposition_view.set_decomposition(dec, self.dataset.classes, info)
-        self.step_panel.set_decomposition(dec)
+        view = self.decomposition_view
+        # Paint one widget at a time, returning to the event loop in between: the whole set at
+        # once is one repaint of ~40-60 ms; each piece alone is a few ms.
+        steps = [(view, step) for step in view.update_steps(dec, self.dataset.classes, info)]
+        steps.append((self.step_panel, lambda: self.step_panel.set_decomposition(dec)))
         if (self.x_u_picker.split, self.x_u_picker.index) == (r.split_u, r.index_u):
-            self.x_u_picker.set_probs(dec.probs_u_before, r.y_u)
+            steps.append(
+                (self.x_u_picker, lambda: self.x_u_picker.set_probs(dec.probs_u_before, r.y_u))
+            )
         if (self.x_o_picker.split, self.x_o_picker.index) == (r.split_o, r.index_o):
-            self.x_o_picker.set_probs(dec.probs_before)
-        self.decomposition_shown.emit(result)
+            steps.append((self.x_o_picker, lambda: self.x_o_picker.set_probs(dec.probs_before)))
+
+        def shown():
+            self.last_result = result
+            self.shown_generation = generation
+            self.decomposition_shown.emit(result)
+
+        steps.append((None, shown))
+        self._queue_paints(steps)
+
+    def _queue_paints(self, steps: list) -> None:
+        """Queue ``(widget, update)`` pairs; :meth:`_paint_next` applies them in order, one per
+        event-loop turn (the newest updates come last, so they win)."""
+        self._paint_queue.extend(steps)
+        if not self._paint_timer.isActive():
+            self._paint_timer.start()
+
+    def _paint_next(self) -> None:
+        """Apply one queued update and paint the widget it changed right away."""
+        if not self._paint_queue:
+            return
+        widget, step = self._paint_queue.popleft()
+        step()
+        if widget is not None and widget.isVisible():
+            widget.repaint()
+        if self._paint_queue:
+            self._paint_timer.start()
 
     def _pair_caption(self, result) -> str:
         r, c, y = result.request, self.dataset.classes, self.dataset.labels
@@ -792,9 +826,13 @@ class MainWindow(QMainWindow):
     def _on_history(self, generation: int, history) -> None:
         if generation != self.generation:
             return
-        self.last_history = history
-        self.step_panel.trajectory.set_history(history)
-        self.history_shown.emit(history)
+
+        def shown():
+            self.last_history = history
+            self.history_shown.emit(history)
+
+        trajectory = self.step_panel.trajectory
+        self._queue_paints([(trajectory, lambda: trajectory.set_history(history)), (None, shown)])
 
     @Slot(int, str, int)
     def _on_search(self, generation: int, split: str, index: int) -> None:

@@ -189,29 +189,42 @@ class DecompositionView(pg.GraphicsLayoutWidget):
 
     def set_decomposition(self, dec, classes: Sequence[str] | None = None, info: str = "") -> None:
         """Show every factor of ``dec`` (a core ``Decomposition``)."""
+        for step in self.update_steps(dec, classes, info):
+            step()
+
+    def update_steps(self, dec, classes: Sequence[str] | None = None, info: str = "") -> list:
+        """The updates of :meth:`set_decomposition` as small callables, one heatmap each, so a
+        caller can repaint between them and never hold the event loop for the whole view."""
         if classes is not None:
             self.classes = tuple(classes)
         self._dec = dec
         c = self.classes
-        self.eta_label.setText(f"−η ·<br><span style='font-size:10pt'>η = {dec.lr:.3g}</span>")
-        self.heatmaps["A"].set_matrix(dec.A, c)
-        self.heatmaps["K"].set_matrix(dec.K, c)
-        self.heatmaps["G"].set_matrix(dec.G[:, None], c)
         lim = symmetric_limit(dec.predicted, dec.actual)
-        self.heatmaps["predicted"].set_matrix(dec.predicted[:, None], c, lim)
-        self.heatmaps["actual"].set_matrix(dec.actual[:, None], c, lim)
         lim_z = symmetric_limit(dec.delta_logits_predicted, dec.delta_logits_actual)
-        self.heatmaps["delta_logits_predicted"].set_matrix(
-            dec.delta_logits_predicted[:, None], c, lim_z
-        )
-        self.heatmaps["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z)
-        self.heatmaps["residual"].set_matrix(dec.residual[:, None], c)
         kind = "learn y_u (cross-entropy)" if dec.loss == "ce" else "negative gradient on y_u"
         text = (
             f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  η = {dec.lr:.3g}  ·  "
             f"‖actual − predicted‖ / ‖actual‖ = {dec.relative_residual:.3g}"
         )
-        self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+        h = self.heatmaps
+
+        def labels():
+            self.eta_label.setText(f"−η ·<br><span style='font-size:10pt'>η = {dec.lr:.3g}</span>")
+            self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+
+        return [
+            labels,
+            lambda: h["A"].set_matrix(dec.A, c),
+            lambda: h["K"].set_matrix(dec.K, c),
+            lambda: h["G"].set_matrix(dec.G[:, None], c),
+            lambda: h["predicted"].set_matrix(dec.predicted[:, None], c, lim),
+            lambda: h["actual"].set_matrix(dec.actual[:, None], c, lim),
+            lambda: h["delta_logits_predicted"].set_matrix(
+                dec.delta_logits_predicted[:, None], c, lim_z
+            ),
+            lambda: h["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z),
+            lambda: h["residual"].set_matrix(dec.residual[:, None], c),
+        ]
 
     def _describe(self, name: str, i: int, j: int) -> str:
         dec, c = self._dec, self.classes
