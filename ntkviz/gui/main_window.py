@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QInputDialog,
     QLabel,
     QMainWindow,
@@ -170,10 +171,18 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.setObjectName("centralTabs")
         self.tabs.addTab(splitter, "Decomposition")
-        self.tabs.addTab(self.influence_view, "Influence over a probe set")
-        self.tabs.addTab(self.kernel_map_view, "Kernel map over training")
-        self.tabs.addTab(self.squeeze_view, "Squeezing effect")
-        self.tabs.addTab(self.layers_view, "Layers && spectrum")
+        for view, title in (
+            (self.influence_view, "Influence over a probe set"),
+            (self.kernel_map_view, "Kernel map over training"),
+            (self.squeeze_view, "Squeezing effect"),
+            (self.layers_view, "Layers && spectrum"),
+        ):
+            # Wide control rows must not set the window's minimum width: scroll instead.
+            scroll = QScrollArea()
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QFrame.NoFrame)
+            scroll.setWidget(view)
+            self.tabs.addTab(scroll, title)
         self.setCentralWidget(self.tabs)
 
         self.training_panel = TrainingPanel()
@@ -323,7 +332,11 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1600, 1000)
+            screen = self.screen().availableGeometry() if self.screen() else None
+            width, height = 1600, 1000
+            if screen is not None:  # fit smaller screens
+                width, height = min(width, screen.width()), min(height, screen.height())
+            self.resize(width, height)
             self.resizeDocks([self.training_dock, self.examples_dock], [300, 330], Qt.Horizontal)
         state = self.settings.value("windowState")
         if state is not None:
