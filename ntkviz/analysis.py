@@ -23,8 +23,9 @@ from ntkviz.decomposition import Influence, _forward, _frozen, _loss_grad, _vali
 from ntkviz.kernel import _as_batch, empirical_ntk, eval_mode, trainable_parameters
 
 
-def _readonly(a) -> np.ndarray:
-    a = np.array(a)
+def readonly(a) -> np.ndarray:
+    """A read-only numpy copy of ``a`` (results handed across threads must not change)."""
+    a = np.array(a, copy=True)
     a.flags.writeable = False
     return a
 
@@ -69,7 +70,7 @@ def class_influence(
         sums = np.zeros((C, *values.shape[1:]))
         np.add.at(sums, labels, values)
         out[name] = _frozen(sums / np.maximum(count, 1).reshape(-1, *([1] * (values.ndim - 1))))
-    out["count"] = _readonly(count)
+    out["count"] = readonly(count)
     return out
 
 
@@ -163,7 +164,7 @@ def squeeze_steps(
     masked[:, y] = -np.inf
     top = masked.argmax(1)
     rose = p[1:][np.arange(steps), top] > p[:-1][np.arange(steps), top]
-    return SqueezeRun(_frozen(p), _readonly(fell), _readonly(rose), float(lr), loss, y)
+    return SqueezeRun(_frozen(p), readonly(fell), readonly(rose), float(lr), loss, y)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,6 @@ def squeeze_survey(model: nn.Module, x: Tensor, y, lr: float) -> SqueezeSurvey:
         peak=_frozen(before.max(1)),
         p_label=_frozen(before[rows, y]),
         gained=_frozen(after[rows, top] - before[rows, top]),
-        label_fell=_readonly(after[rows, y] < before[rows, y]),
+        label_fell=readonly(after[rows, y] < before[rows, y]),
         lr=float(lr),
     )

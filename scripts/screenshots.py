@@ -27,19 +27,25 @@ def wait_until(app: QApplication, condition, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
-def main(out_dir: str = "docs/screenshots") -> int:
+def open_window(app: QApplication):
+    """The real window with fresh settings, a 20,000-image 1-epoch config, shown and ready."""
     from ntkviz.gui.main_window import MainWindow
     from ntkviz.training import TrainConfig
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    app = QApplication.instance() or QApplication(sys.argv[:1])
     settings = QSettings(str(Path(tempfile.mkdtemp()) / "ntkviz.ini"), QSettings.IniFormat)
     window = MainWindow(config=TrainConfig(train_size=20000, epochs=1), settings=settings)
     window.show_message_boxes = False
     window.resize(1680, 1050)
     window.show()
     wait_until(app, lambda: window.model_info is not None and window.last_result is not None)
+    return window
+
+
+def main(out_dir: str = "docs/screenshots") -> int:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    window = open_window(app)
 
     window.start_training()
     try:

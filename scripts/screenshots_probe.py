@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
-from PySide6.QtCore import QSettings
+import screenshots
 from PySide6.QtWidgets import QApplication
-
-
-def wait_until(app: QApplication, condition, timeout: float = 600.0) -> None:
-    from screenshots import wait_until as wait
-
-    wait(app, condition, timeout)
 
 
 def settle(app: QApplication) -> None:
@@ -32,19 +25,15 @@ def settle(app: QApplication) -> None:
         time.sleep(0.01)
 
 
-def main(out_dir: str = "docs/screenshots") -> int:
-    from ntkviz.gui.main_window import MainWindow
-    from ntkviz.training import TrainConfig
+def wait_until(app: QApplication, condition, timeout: float = 600.0) -> None:
+    screenshots.wait_until(app, condition, timeout)
 
+
+def main(out_dir: str = "docs/screenshots") -> int:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    settings = QSettings(str(Path(tempfile.mkdtemp()) / "ntkviz.ini"), QSettings.IniFormat)
-    window = MainWindow(config=TrainConfig(train_size=20000, epochs=1), settings=settings)
-    window.show_message_boxes = False
-    window.resize(1680, 1050)
-    window.show()
-    wait_until(app, lambda: window.model_info is not None and window.last_result is not None)
+    window = screenshots.open_window(app)
     shown = {}
     for name in ("spectrum", "influence", "squeeze", "layers"):
         getattr(window, f"{name}_shown").connect(lambda r, n=name: shown.__setitem__(n, r))

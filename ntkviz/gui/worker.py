@@ -26,6 +26,7 @@ from ntkviz.analysis import (
     class_influence,
     ntk_spectrum,
     rank_correlation,
+    readonly,
     squeeze_steps,
     squeeze_survey,
 )
@@ -39,12 +40,6 @@ from ntkviz.session import Session, SessionError, load_session, save_session
 from ntkviz.training import TrainConfig, TrainRecord, make_optimizer, resolve_device, train
 
 log = logging.getLogger(__name__)
-
-
-def _readonly(a) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 @dataclass(frozen=True)
@@ -218,7 +213,7 @@ def kernel_map_job(model, x: torch.Tensor, labels: np.ndarray, num_classes: int,
     off_diagonal = 1 - np.eye(len(x))
     sums = onehot.T @ (norms * off_diagonal) @ onehot
     counts = onehot.T @ off_diagonal @ onehot
-    yield _readonly(sums / np.maximum(counts, 1))
+    yield readonly(sums / np.maximum(counts, 1))
 
 
 def _reporting(fn):
@@ -314,8 +309,8 @@ class TrainingWorker(QObject):
             DatasetInfo(
                 d.name,
                 tuple(d.classes),
-                {s: _readonly(d.split(s).images.numpy()) for s in ("train", "test")},
-                {s: _readonly(d.split(s).y.numpy()) for s in ("train", "test")},
+                {s: readonly(d.split(s).images.numpy()) for s in ("train", "test")},
+                {s: readonly(d.split(s).y.numpy()) for s in ("train", "test")},
             )
         )
         self._new_model(self.config, "fresh weights")
@@ -575,7 +570,7 @@ class TrainingWorker(QObject):
                 probs.append(F.softmax(z.double(), -1).cpu().numpy())
             self._model.train(was)
         probs = np.stack(probs)  # (S + 1, 2, V)
-        return StepHistory(r, _readonly(probs[:, 0]), _readonly(probs[:, 1]), tuple(self._lrs))
+        return StepHistory(r, readonly(probs[:, 0]), readonly(probs[:, 1]), tuple(self._lrs))
 
     # ------------------------------------------------------------ state I/O
     @Slot(int)
@@ -717,12 +712,12 @@ class TrainingWorker(QObject):
         labels = s.y[idx].numpy()
         yield InfluenceResult(
             request=r,
-            indices=_readonly(idx),
-            labels=_readonly(labels),
+            indices=readonly(idx),
+            labels=readonly(labels),
             influence=inf,
             classes=class_influence(inf, labels, len(self._data.classes)),
-            norm_indices=None if nidx is None else _readonly(nidx),
-            norm_labels=None if nidx is None else _readonly(s.y[nidx].numpy()),
+            norm_indices=None if nidx is None else readonly(nidx),
+            norm_labels=None if nidx is None else readonly(s.y[nidx].numpy()),
             kernel_norm=norms,
             step=self._step,
         )
@@ -767,9 +762,9 @@ class TrainingWorker(QObject):
         corr = [rank_correlation(m, maps[-1]) for m in maps]
         self.kernel_maps_changed.emit(
             KernelMaps(
-                _readonly(np.array([s for s, _ in self._maps], dtype=np.int64)),
-                _readonly(maps),
-                _readonly(np.array(corr, dtype=np.float64)),
+                readonly(np.array([s for s, _ in self._maps], dtype=np.int64)),
+                readonly(maps),
+                readonly(np.array(corr, dtype=np.float64)),
                 self._per_class,
             )
         )
@@ -797,8 +792,8 @@ class TrainingWorker(QObject):
         xs = test.x[idx].to(next(self._model.parameters()).device)
         survey = squeeze_survey(self._model, xs, test.y[idx].numpy(), lr)
         result = SqueezeResult(
-            split, index, y, neg, ce, _readonly(lrs), _readonly(mass), self._step,
-            _readonly(idx), survey,
+            split, index, y, neg, ce, readonly(lrs), readonly(mass), self._step,
+            readonly(idx), survey,
         )  # fmt: skip
         self.squeeze_ready.emit(generation, result)
 
@@ -809,12 +804,12 @@ class TrainingWorker(QObject):
         """K(x_o, x_u) split by parameter group."""
         x_o, x_u = self._x(r.split_o, r.index_o), self._x(r.split_u, r.index_u)
         parts = empirical_ntk_by_layer(self._model, x_o[None], x_u[None])
-        blocks = {k: _readonly(v[0, 0].double().cpu().numpy()) for k, v in parts.items()}
+        blocks = {k: readonly(v[0, 0].double().cpu().numpy()) for k, v in parts.items()}
         names = tuple(blocks)
         norms = np.array([np.linalg.norm(blocks[n]) for n in names])
         total = float(np.linalg.norm(sum(blocks.values())))
         self.layers_ready.emit(
-            generation, LayerResult(r, names, _readonly(norms), blocks, total, self._step)
+            generation, LayerResult(r, names, readonly(norms), blocks, total, self._step)
         )
 
     @Slot(int, int)
@@ -828,7 +823,7 @@ class TrainingWorker(QObject):
         idx = balanced_indices(s.y, max(1, n // len(self._data.classes)))
         yield 0, 1
         eig = ntk_spectrum(self._model, s.x[idx].to(self._device_of_model()))
-        yield SpectrumResult(_readonly(idx), eig, self._step)
+        yield SpectrumResult(readonly(idx), eig, self._step)
 
     # ------------------------------------------------------------- sessions
     @Slot(str, object)
@@ -871,7 +866,7 @@ class TrainingWorker(QObject):
                     f"{path}: step-through history entry {k} is damaged: {e}"
                 ) from None
             stack.append({k2: v.clone() for k2, v in h["state_before"].items()})
-        maps = [(int(s), _readonly(m)) for s, m in session.kernel_maps]
+        maps = [(int(s), readonly(m)) for s, m in session.kernel_maps]
         try:
             session.config.validate()
         except ValueError as e:
