@@ -20,6 +20,7 @@ from PySide6.QtGui import QImage
 
 from ntkviz.decomposition import decompose
 from ntkviz.gui.main_window import MainWindow
+from ntkviz.gui.plots import nice_ceiling
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
 
@@ -94,6 +95,9 @@ def test_training_updates_loss_curve(qtbot, settings, mnist):
     assert len(curves.ema_curve.getData()[0]) == 20
     acc_x, acc_y = curves.acc_curve.getData()
     assert list(acc_x) == [5, 10, 15, 20] and all(0 <= a <= 1 for a in acc_y)
+    # fixed axes: every step of the run, loss from 0 to the round number above its maximum
+    (x0, x1), (y0, y1) = curves.loss_plot.getViewBox().viewRange()
+    assert x0 <= 0 and 20 <= x1 < 21 and y0 <= 0 and max(ys) <= y1 <= 1.6 * max(ys)
     assert window.training_panel.progress.value() == 20
     assert window.step_label.text() == "step: 20"
     wait_current(qtbot, window)
@@ -130,11 +134,19 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
     np.testing.assert_allclose(preview.predicted.opts["height"], dec.predicted, atol=1e-9)
     np.testing.assert_allclose(preview.actual.opts["height"], dec.actual, atol=1e-9)
     np.testing.assert_allclose(window.x_o_picker.bars.probs, dec.probs_before, atol=1e-9)
-    # the colour scale is symmetric around zero
-    levels = maps["K"].colorbar.levels()
-    assert levels[0] == pytest.approx(-levels[1]) and levels[1] == pytest.approx(
-        np.abs(dec.K).max()
-    )
+    # the colour scale is symmetric around zero and ends at the round number just above max |K|
+    low, high = maps["K"].colorbar.levels()
+    k_max = np.abs(dec.K).max()
+    assert low == pytest.approx(-high) and k_max <= high <= 1.5 * k_max
+    assert high == pytest.approx(nice_ceiling(k_max))
+
+
+@pytest.mark.parametrize(
+    "x, want",
+    [(2.3, 2.5), (0.07, 0.08), (1.0, 1.0), (9.9, 10.0), (123.0, 150.0), (0.0, 1.0), (np.nan, 1.0)],
+)
+def test_nice_ceiling(x, want):
+    assert nice_ceiling(x) == pytest.approx(want)
 
 
 def test_stale_results_are_dropped(qtbot, settings, mnist):

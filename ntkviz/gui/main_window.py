@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 ORGANIZATION = "ntkviz"
 APPLICATION = "ntkviz"
-#: Steps between live decomposition updates while training.
+#: Live decomposition updates while training: at least this many steps and seconds apart.
 LIVE_EVERY = 50
+LIVE_INTERVAL_S = 1.0
 
 ABOUT = """<h3>ntkviz</h3>
 <p>See how one gradient step on one example x<sub>u</sub> changes a classifier's predictions on
@@ -129,7 +130,7 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.records_received = 0
         self.show_message_boxes = True
-        self._last_live_step = 0
+        self._last_live = (0, 0.0)  # step and time of the last live update
         self._run_started: tuple[float, int] | None = None
         self._pending_progress: tuple[int, int, float | None] | None = None
         self._paint_queue: deque = deque()
@@ -463,14 +464,19 @@ class MainWindow(QMainWindow):
         return self.generation
 
     @Slot()
-    def refresh(self) -> None:
-        """Recompute the decomposition (and the step history) for the current choice."""
+    def refresh(self, live: bool = False) -> None:
+        """Recompute the decomposition and the step history for the current choice.
+
+        ``live``: an update while training, decomposition only (the history of applied steps
+        is empty while training; it is refreshed when training pauses or ends).
+        """
         if self.dataset is None or self.model_info is None or self.thread is None:
             return
         gen = self._next_generation()
         request = self.pair_request()
         self.decomposition_requested.emit(gen, request)
-        self.history_requested.emit(gen, request)
+        if not live:
+            self.history_requested.emit(gen, request)
 
     def start_training(self) -> None:
         self.config = self.training_panel.config(self.config)
@@ -481,7 +487,7 @@ class MainWindow(QMainWindow):
             return
         self.training_panel.curves.clear()
         self.records_received = 0
-        self._last_live_step = 0
+        self._last_live = (0, time.perf_counter())
         self._run_started = None
         self.start_requested.emit(self.config)
 
@@ -756,9 +762,14 @@ class MainWindow(QMainWindow):
             self._show_progress()
         elif not self._progress_timer.isActive():  # repaint progress at most 4 times a second
             self._progress_timer.start()
-        if last.step - self._last_live_step >= LIVE_EVERY or self.state != "training":
-            self._last_live_step = last.step
+        if self.state != "training":
             self.refresh()
+        elif (
+            last.step - self._last_live[0] >= LIVE_EVERY
+            and now - self._last_live[1] >= LIVE_INTERVAL_S
+        ):
+            self._last_live = (last.step, now)
+            self.refresh(live=True)
         self.records_shown.emit(self.records_received)
 
     def _show_progress(self) -> None:
@@ -792,13 +803,14 @@ class MainWindow(QMainWindow):
         # Paint one widget at a time, returning to the event loop in between: the whole set at
         # once is one repaint of ~40-60 ms; each piece alone is a few ms.
         steps = [(view, step) for step in view.update_steps(dec, self.dataset.classes, info)]
-        steps.append((self.step_panel, lambda: self.step_panel.set_decomposition(dec)))
-        if (self.x_u_picker.split, self.x_u_picker.index) == (r.split_u, r.index_u):
-            steps.append(
-                (self.x_u_picker, lambda: self.x_u_picker.set_probs(dec.probs_u_before, r.y_u))
-            )
-        if (self.x_o_picker.split, self.x_o_picker.index) == (r.split_o, r.index_o):
-            steps.append((self.x_o_picker, lambda: self.x_o_picker.set_probs(dec.probs_before)))
+        # the widget to paint is the one that changed, not its panel (whose other plots, e.g.
+        # the trajectory, would be repainted for nothing)
+        steps.append((self.step_panel.preview, lambda: self.step_panel.set_decomposition(dec)))
+        u, o = self.x_u_picker, self.x_o_picker
+        if (u.split, u.index) == (r.split_u, r.index_u):
+            steps.append((u.bars, lambda: u.set_probs(dec.probs_u_before, r.y_u)))
+        if (o.split, o.index) == (r.split_o, r.index_o):
+            steps.append((o.bars, lambda: o.set_probs(dec.probs_before)))
 
         def shown():
             self.last_result = result

@@ -31,6 +31,15 @@ def symmetric_limit(*arrays: np.ndarray) -> float:
     return m if m > 0 and np.isfinite(m) else 1e-12
 
 
+def nice_ceiling(x: float) -> float:
+    """The smallest of 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 × 10^k that is ≥ ``x`` (1 for x ≤ 0 or
+    not finite)."""
+    if not (x > 0 and np.isfinite(x)):
+        return 1.0
+    k = 10.0 ** np.floor(np.log10(x))
+    return next(m * k for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * k >= x * (1 - 1e-12))
+
+
 class HeatmapImage(pg.ImageItem):
     """An ImageItem whose tooltip describes the hovered cell via ``describe(row, col)``."""
 
@@ -85,6 +94,7 @@ class HeatmapView(pg.PlotItem):
             axis.setStyle(tickLength=0)
             if label:
                 axis.setLabel(label, **{"font-size": "9pt"})
+        self._layout = None  # (rows, cols, classes) last shown
         self.colorbar = None
         if colorbar:
             self.colorbar = pg.ColorBarItem(
@@ -109,18 +119,22 @@ class HeatmapView(pg.PlotItem):
         levels: tuple[float, float] | None = None,
     ) -> None:
         """Show ``matrix (R, C)`` with rows/columns labelled by ``classes``; colour levels
-        ±``limit`` (default max |value|), or ``levels`` (low, high) when given."""
+        ±``limit`` (default max |value|) rounded up to a round number (so the colour bar reads
+        well and keeps its drawing while values drift), or ``levels`` (low, high) when given."""
         rows, cols = matrix.shape
-        lim = limit if limit is not None else symmetric_limit(matrix)
+        lim = nice_ceiling(limit if limit is not None else symmetric_limit(matrix))
         levels = levels if levels is not None else (-lim, lim)
         self.image_item.setImage(matrix, autoLevels=False, levels=levels)
-        self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
         if self.colorbar is not None:
             self.colorbar.setLevels(levels)
-        self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
-        self.getAxis("left").setTicks([[(i, str(classes[i])) for i in range(rows)]])
-        bottom = [(j, str(classes[j])) for j in range(cols)] if cols > 1 else [(0, "")]
-        self.getAxis("bottom").setTicks([bottom])
+        layout = (rows, cols, tuple(classes))
+        if layout != self._layout:  # axes keep their cached drawing unless the layout changes
+            self._layout = layout
+            self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
+            self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
+            self.getAxis("left").setTicks([[(i, str(classes[i])) for i in range(rows)]])
+            bottom = [(j, str(classes[j])) for j in range(cols)] if cols > 1 else [(0, "")]
+            self.getAxis("bottom").setTicks([bottom])
 
 
 def _operator(text: str, size: str = "20pt") -> pg.LabelItem:
@@ -193,8 +207,9 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             step()
 
     def update_steps(self, dec, classes: Sequence[str] | None = None, info: str = "") -> list:
-        """The updates of :meth:`set_decomposition` as small callables, one heatmap each, so a
-        caller can repaint between them and never hold the event loop for the whole view."""
+        """The updates of :meth:`set_decomposition` as three callables of about equal painting
+        cost, so a caller can repaint between them and never hold the event loop for the whole
+        view (each heatmap apart would cost a few ms of repaint overhead more)."""
         if classes is not None:
             self.classes = tuple(classes)
         self._dec = dec
@@ -208,23 +223,23 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         )
         h = self.heatmaps
 
-        def labels():
+        def matrices():
             self.eta_label.setText(f"−η ·<br><span style='font-size:10pt'>η = {dec.lr:.3g}</span>")
             self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+            h["A"].set_matrix(dec.A, c)
+            h["K"].set_matrix(dec.K, c)
 
-        return [
-            labels,
-            lambda: h["A"].set_matrix(dec.A, c),
-            lambda: h["K"].set_matrix(dec.K, c),
-            lambda: h["G"].set_matrix(dec.G[:, None], c),
-            lambda: h["predicted"].set_matrix(dec.predicted[:, None], c, lim),
-            lambda: h["actual"].set_matrix(dec.actual[:, None], c, lim),
-            lambda: h["delta_logits_predicted"].set_matrix(
-                dec.delta_logits_predicted[:, None], c, lim_z
-            ),
-            lambda: h["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z),
-            lambda: h["residual"].set_matrix(dec.residual[:, None], c),
-        ]
+        def log_probabilities():
+            h["G"].set_matrix(dec.G[:, None], c)
+            h["predicted"].set_matrix(dec.predicted[:, None], c, lim)
+            h["actual"].set_matrix(dec.actual[:, None], c, lim)
+
+        def logits():
+            h["delta_logits_predicted"].set_matrix(dec.delta_logits_predicted[:, None], c, lim_z)
+            h["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z)
+            h["residual"].set_matrix(dec.residual[:, None], c)
+
+        return [matrices, log_probabilities, logits]
 
     def _describe(self, name: str, i: int, j: int) -> str:
         dec, c = self._dec, self.classes
@@ -381,6 +396,9 @@ class TrainingCurves(QWidget):
         self.smoothed: list[float] = []
         self.acc_steps: list[int] = []
         self.accuracies: list[float] = []
+        self._acc_drawn = -1  # accuracy points drawn
+        self.total_steps = 0  # of the current run (0: unknown)
+        self._ranges = None  # (steps, loss top) of the axes
         self.loss_plot = pg.PlotWidget(title="training loss")
         self.loss_plot.setBackground("w")
         self.loss_plot.setLabel("bottom", "step")
@@ -390,7 +408,10 @@ class TrainingCurves(QWidget):
         self.acc_plot = pg.PlotWidget(title="test accuracy")
         self.acc_plot.setBackground("w")
         self.acc_plot.setLabel("bottom", "step")
-        self.acc_plot.setYRange(0, 1)
+        for plot in (self.loss_plot, self.acc_plot):
+            plot.disableAutoRange()
+            for name in ("left", "bottom"):
+                plot.getAxis(name).enableAutoSIPrefix(False)
         self.acc_curve = self.acc_plot.plot(
             pen=pg.mkPen("#2ca02c", width=2), symbol="o", symbolSize=5, symbolBrush="#2ca02c"
         )
@@ -416,6 +437,8 @@ class TrainingCurves(QWidget):
     def clear(self) -> None:
         for a in (self.steps, self.losses, self.smoothed, self.acc_steps, self.accuracies):
             a.clear()
+        self.total_steps = 0
+        self._acc_drawn = -1
         self._redraw()
 
     def add_records(self, records) -> None:
@@ -427,6 +450,7 @@ class TrainingCurves(QWidget):
             if r.test_accuracy is not None:
                 self.acc_steps.append(r.step)
                 self.accuracies.append(r.test_accuracy)
+            self.total_steps = r.total_steps
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
 
@@ -452,6 +476,16 @@ class TrainingCurves(QWidget):
         self._redraw()
 
     def _redraw(self) -> None:
+        # Fixed ranges (all steps of the run; loss from 0 to a round number above its maximum):
+        # the axes then stay as drawn, and a redraw repaints the curves alone.
+        steps = max(self.total_steps, self.steps[-1] if self.steps else 1)
+        top = nice_ceiling(max(self.losses, default=1.0))
+        if (steps, top) != self._ranges:
+            self._ranges = (steps, top)
+            self.loss_plot.setRange(xRange=(0, steps), yRange=(0, top), padding=0.02)
+            self.acc_plot.setRange(xRange=(0, steps), yRange=(0, 1), padding=0.02)
         self.raw_curve.setData(self.steps, self.losses)
         self.ema_curve.setData(self.steps, self.smoothed)
-        self.acc_curve.setData(self.acc_steps, self.accuracies)
+        if len(self.acc_steps) != self._acc_drawn:  # accuracy arrives every eval_every steps
+            self._acc_drawn = len(self.acc_steps)
+            self.acc_curve.setData(self.acc_steps, self.accuracies)
