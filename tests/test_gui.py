@@ -133,6 +133,9 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
     preview = window.step_panel.preview
     np.testing.assert_allclose(preview.predicted.opts["height"], dec.predicted, atol=1e-9)
     np.testing.assert_allclose(preview.actual.opts["height"], dec.actual, atol=1e-9)
+    (y0, y1) = preview.getViewBox().viewRange()[1]  # every bar is inside the view
+    both = np.concatenate([dec.predicted, dec.actual])
+    assert y0 <= both.min() and both.max() <= y1 and y1 - y0 <= 3.5 * np.ptp(both)
     np.testing.assert_allclose(window.x_o_picker.bars.probs, dec.probs_before, atol=1e-9)
     # the colour scale is symmetric around zero and ends at the round number just above max |K|
     low, high = maps["K"].colorbar.levels()

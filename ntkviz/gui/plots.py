@@ -321,14 +321,25 @@ class PreviewBars(pg.PlotWidget):
         legend.addItem(self.predicted, "predicted −η·A·K·G")
         legend.addItem(self.actual, "actual (after a real step)")
         self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
-        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
         self.setLabel("bottom", "class i")
+        self.disableAutoRange()
+        self._view = None  # (classes, y low, y high) shown
 
     def set_values(self, predicted: np.ndarray, actual: np.ndarray) -> None:
         x = np.arange(len(predicted))
         self.predicted.setOpts(x=x - 0.2, height=predicted)
         self.actual.setOpts(x=x + 0.2, height=actual)
-        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in x]])
+        # the axes change only when a value leaves the round range around them: a new value
+        # alone then repaints the bars and not the axes
+        both = np.concatenate([predicted, actual])
+        low, high = float(np.min(both, initial=0.0)), float(np.max(both, initial=0.0))
+        bottom = -nice_ceiling(-low) if low < 0 else 0.0
+        top = nice_ceiling(high) if high > 0 else 0.0
+        view = (len(x), bottom, top) if bottom < top else (len(x), -1.0, 1.0)
+        if view != self._view:
+            self._view = view
+            self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in x]])
+            self.setRange(xRange=(-0.6, len(x) - 0.4), yRange=view[1:], padding=0.05)
 
 
 class TrajectoryPlot(pg.PlotWidget):
