@@ -45,6 +45,26 @@ APPLICATION = "ntkviz"
 LIVE_EVERY = 50
 LIVE_INTERVAL_S = 1.0
 
+PROBE_TABS = (
+    "Influence over a probe set",
+    "Kernel map over training",
+    "Squeezing effect",
+    "Layers && spectrum",
+)
+PLOT_NAMES = (
+    "Decomposition",
+    "Predicted vs actual",
+    "Trajectory",
+    "Training loss",
+    "Test accuracy",
+    "π(x_u)",
+    "π(x_o)",
+    "Influence",
+    "Kernel map",
+    "Squeezing",
+    "Layers and spectrum",
+)
+
 ABOUT = """<h3>ntkviz</h3>
 <p>See how one gradient step on one example x<sub>u</sub> changes a classifier's predictions on
 another example x<sub>o</sub>:</p>
@@ -165,24 +185,16 @@ class MainWindow(QMainWindow):
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
         self.splitter = splitter
-        self.influence_view = InfluenceView()
-        self.kernel_map_view = KernelMapView()
-        self.squeeze_view = SqueezeView()
-        self.layers_view = LayersView()
         self.tabs = QTabWidget()
         self.tabs.setObjectName("centralTabs")
         self.tabs.addTab(splitter, "Decomposition")
-        for view, title in (
-            (self.influence_view, "Influence over a probe set"),
-            (self.kernel_map_view, "Kernel map over training"),
-            (self.squeeze_view, "Squeezing effect"),
-            (self.layers_view, "Layers && spectrum"),
-        ):
+        self._probe_scrolls = []  # filled by _build_probe_views() after the first paint
+        for title in PROBE_TABS:
             # Wide control rows must not set the window's minimum width: scroll instead.
             scroll = QScrollArea()
             scroll.setWidgetResizable(True)
             scroll.setFrameShape(QFrame.NoFrame)
-            scroll.setWidget(view)
+            self._probe_scrolls.append(scroll)
             self.tabs.addTab(scroll, title)
         self.setCentralWidget(self.tabs)
 
@@ -244,19 +256,28 @@ class MainWindow(QMainWindow):
         sp.apply_button.clicked.connect(self.apply_step)
         sp.undo_button.clicked.connect(self.undo_step)
         sp.reset_button.clicked.connect(self.reset_steps)
-        iv = self.influence_view
+        self._set_controls_enabled(False)
+
+    def _build_probe_views(self) -> None:
+        """The probe tabs (about a quarter of the window's construction time), built after the
+        first paint."""
+        self.influence_view = iv = InfluenceView()
+        self.kernel_map_view = kv = KernelMapView()
+        self.squeeze_view = SqueezeView()
+        self.layers_view = LayersView()
+        views = (iv, kv, self.squeeze_view, self.layers_view)
+        for scroll, view in zip(self._probe_scrolls, views, strict=True):
+            scroll.setWidget(view)
         iv.compute_requested.connect(self.compute_influence)
         iv.cancel_requested.connect(self.cancel_job)
         iv.thumbnail_clicked.connect(self._thumbnail_clicked)
-        kv = self.kernel_map_view
         kv.settings_changed.connect(self.kernel_recording_requested)
         kv.record_requested.connect(self.record_kernel_map)
         self.squeeze_view.run_requested.connect(self.run_squeeze)
         self.layers_view.layers_requested.connect(self.compute_layers)
         self.layers_view.spectrum_requested.connect(self.compute_spectrum)
-        for v in (iv, kv, self.squeeze_view, self.layers_view):
+        for v in views:
             v.export_failed.connect(lambda m: self.show_error("Export failed", m))
-        self._set_controls_enabled(False)
 
     def _dock(self, title: str, name: str, widget: QWidget) -> QDockWidget:
         scroll = QScrollArea()
@@ -281,7 +302,7 @@ class MainWindow(QMainWindow):
         self._action(file, "Export &figure…", self._export_figure_dialog, "Ctrl+E")
         self._action(file, "Export &data…", self._export_data_dialog, "Ctrl+Shift+E")
         plots = file.addMenu("Export &plot")
-        for name in self.plot_items():
+        for name in PLOT_NAMES:
             self._action(plots, name, lambda checked=False, n=name: self._export_plot_dialog(n))
         file.addSeparator()
         self._action(file, "&Quit", self.close, QKeySequence.Quit)
@@ -306,7 +327,7 @@ class MainWindow(QMainWindow):
         return action
 
     def plot_items(self) -> dict:
-        """Exportable plots by name -> pyqtgraph item."""
+        """Exportable plots by name (``PLOT_NAMES``) -> pyqtgraph item."""
         sp, tp = self.step_panel, self.training_panel
         return {
             "Decomposition": self.decomposition_view.ci,
@@ -359,6 +380,7 @@ class MainWindow(QMainWindow):
         """Import PyTorch, start the worker thread and load the dataset there."""
         if self.thread is not None:
             return
+        self._build_probe_views()
         import torch
 
         from ntkviz.gui.worker import TrainingWorker
