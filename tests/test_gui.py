@@ -187,7 +187,26 @@ def test_apply_step_then_undo_is_bit_exact(qtbot, settings, mnist):
     for _ in range(3):
         with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
             window.apply_step()
-    assert len(window.last_history.probs_o) == 4
+    history = window.last_history
+    assert len(history.probs_o) == 4
+    # the trajectory plot shows exactly these π(x_o), one line per class, and π_{y_u}(x_u)
+    trajectory = window.step_panel.trajectory
+    for i, curve in enumerate(trajectory.curves):
+        xs, ys = curve.getData()
+        assert list(xs) == [0, 1, 2, 3]
+        np.testing.assert_allclose(ys, history.probs_o[:, i], rtol=1e-12)
+    np.testing.assert_allclose(
+        trajectory.own.getData()[1], history.probs_u[:, history.request.y_u], rtol=1e-12
+    )
+    assert len(trajectory.markers.data) == 40
+    (x0, x1), (y0, y1) = trajectory.getViewBox().viewRange()
+    assert x0 <= 0 and x1 >= 3 and y0 <= 0 and y1 >= 1
+    trajectory.set_log(True)
+    np.testing.assert_allclose(
+        trajectory.curves[0].getData()[1], np.log(history.probs_o[:, 0]), rtol=1e-12
+    )
+    assert trajectory.getViewBox().viewRange()[1][0] <= np.log(history.probs_o).min()
+    trajectory.set_log(False)
     with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
         window.reset_steps()
     reset = model_state(qtbot, window)

@@ -343,7 +343,8 @@ class PreviewBars(pg.PlotWidget):
 
 
 class TrajectoryPlot(pg.PlotWidget):
-    """π(x_o) per class (or log π) over applied step-through steps, and π_{y_u}(x_u) dashed."""
+    """π(x_o) per class (or log π) over applied step-through steps, and π_{y_u}(x_u) dashed.
+    ``curves[i]`` holds class i's line; one scatter item marks every step of every class."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -352,12 +353,13 @@ class TrajectoryPlot(pg.PlotWidget):
         self.setLabel("bottom", "applied steps")
         self.getPlotItem().getAxis("bottom").enableAutoSIPrefix(False)
         self.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
+        self.disableAutoRange()
         self.log_scale = False
-        self.curves = [
-            self.plot([], [], pen=pg.mkPen(CLASS_COLORS[i], width=2), symbol="o", symbolSize=5,
-                      symbolBrush=CLASS_COLORS[i], symbolPen=None)
-            for i in range(10)
-        ]  # fmt: skip
+        self.curves = [self.plot([], [], pen=pg.mkPen(CLASS_COLORS[i], width=2)) for i in range(10)]
+        # one scatter item for all markers: ten items with symbols cost ten symbol renderings
+        self.markers = pg.ScatterPlotItem(size=5, pen=None)
+        self.addItem(self.markers)
+        self._brushes = [pg.mkBrush(c) for c in CLASS_COLORS]
         self.end_labels = [
             pg.TextItem(str(i), color=CLASS_COLORS[i], anchor=(0, 0.5)) for i in range(10)
         ]
@@ -365,6 +367,7 @@ class TrajectoryPlot(pg.PlotWidget):
             self.addItem(label)
         self.own = self.plot([], [], pen=pg.mkPen("k", width=2, style=Qt.PenStyle.DashLine))
         self._history = None
+        self._view = None  # (steps, log scale, y low) shown
         self._update_labels()
 
     def _update_labels(self):
@@ -386,13 +389,35 @@ class TrajectoryPlot(pg.PlotWidget):
         self._history = history
         steps = np.arange(len(history.probs_o))
         f = (lambda p: np.log(np.maximum(p, 1e-300))) if self.log_scale else (lambda p: p)
+        values = f(history.probs_o)  # (steps, V)
+        own = f(history.probs_u[:, history.request.y_u])
+        classes = values.shape[1]
         for i, curve in enumerate(self.curves):
-            curve.setData(steps, f(history.probs_o[:, i]))
-            self.end_labels[i].setPos(steps[-1] + 0.05, f(history.probs_o[-1, i]))
-        self.setXRange(0, max(1, steps[-1]) * 1.08, padding=0.02)
-        self.own.setData(steps, f(history.probs_u[:, history.request.y_u]))
-        major = max(1, len(steps) // 8 + 1)
-        self.getPlotItem().getAxis("bottom").setTickSpacing(major=major, minor=major)
+            if i < classes:
+                curve.setData(steps, values[:, i])
+            else:
+                curve.setData([], [])
+        for i, label in enumerate(self.end_labels):
+            label.setVisible(i < classes)
+            if i < classes:
+                label.setPos(steps[-1] + 0.05, values[-1, i])
+        self.markers.setData(
+            x=np.tile(steps, classes),
+            y=values.T.ravel(),
+            brush=[self._brushes[i % len(self._brushes)] for i in range(classes) for _ in steps],
+        )
+        self.own.setData(steps, own)
+        # fixed axes: π in [0, 1]; log π from a round number below its minimum to 0
+        low = -nice_ceiling(-min(values.min(), own.min())) if self.log_scale else 0.0
+        view = (len(steps), self.log_scale, low)
+        if view != self._view:
+            self._view = view
+            self.setRange(
+                xRange=(0, max(1, steps[-1]) * 1.08), yRange=(low, 0.0 if self.log_scale else 1.0),
+                padding=0.03,
+            )  # fmt: skip
+            major = max(1, len(steps) // 8 + 1)
+            self.getPlotItem().getAxis("bottom").setTickSpacing(major=major, minor=major)
 
 
 class TrainingCurves(QWidget):
