@@ -113,6 +113,8 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
     window.x_o_picker.select("test", 3)
     window.step_panel.lr.setValue(0.2)
     wait_current(qtbot, window)
+    # the step history (the trajectory's data) follows every change of the pair
+    qtbot.waitUntil(lambda: window.last_history.request == window.pair_request(), timeout=TIMEOUT)
     model = build_model("lenet")
     model.load_state_dict(model_state(qtbot, window))
     dec = decompose(model, mnist.test.x[3], mnist.train.x[11], 7, 0.2, "neg")

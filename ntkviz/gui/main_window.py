@@ -486,18 +486,21 @@ class MainWindow(QMainWindow):
         return self.generation
 
     @Slot()
-    def refresh(self, live: bool = False) -> None:
-        """Recompute the decomposition and the step history for the current choice.
+    def refresh(self) -> None:
+        """Recompute the decomposition and the step history for the current choice. (Connected
+        to signals with arguments, so it takes none.)"""
+        self._request_pair(history=True)
 
-        ``live``: an update while training, decomposition only (the history of applied steps
-        is empty while training; it is refreshed when training pauses or ends).
-        """
+    def _request_pair(self, history: bool) -> None:
+        """Ask the worker for the decomposition of the current pair, and its step history if
+        ``history`` (live updates while training skip it: no steps are applied while training,
+        and the history is refreshed when training pauses or ends)."""
         if self.dataset is None or self.model_info is None or self.thread is None:
             return
         gen = self._next_generation()
         request = self.pair_request()
         self.decomposition_requested.emit(gen, request)
-        if not live:
+        if history:
             self.history_requested.emit(gen, request)
 
     def start_training(self) -> None:
@@ -791,7 +794,7 @@ class MainWindow(QMainWindow):
             and now - self._last_live[1] >= LIVE_INTERVAL_S
         ):
             self._last_live = (last.step, now)
-            self.refresh(live=True)
+            self._request_pair(history=False)
         self.records_shown.emit(self.records_received)
 
     def _show_progress(self) -> None:
