@@ -72,11 +72,11 @@ def main(out_dir: str = "docs/screenshots") -> int:
     print("mean Δπ_4 by true class:", np.array2string(dp[:, 4], precision=5))
     if r.kernel_norm is not None:
         print("mean ‖K‖ by class:", np.array2string(iv.norm_means, precision=3))
-    window.tabs.setCurrentWidget(iv)
+    window.show_view(iv)
     settle(app)
     window.centralWidget().grab().save(str(out / "influence.png"))
 
-    window.tabs.setCurrentWidget(kv)
+    window.show_view(kv)
     settle(app)
     window.centralWidget().grab().save(str(out / "kernel_map.png"))
 
@@ -87,7 +87,7 @@ def main(out_dir: str = "docs/screenshots") -> int:
     sv.log_box.setChecked(True)
     window.run_squeeze()
     wait_until(app, lambda: "squeeze" in shown)
-    window.tabs.setCurrentWidget(sv)
+    window.show_view(sv)
     settle(app)
     window.centralWidget().grab().save(str(out / "squeeze.png"))
 
@@ -95,7 +95,7 @@ def main(out_dir: str = "docs/screenshots") -> int:
     window.compute_layers()
     window.compute_spectrum(50)
     wait_until(app, lambda: "layers" in shown and "spectrum" in shown)
-    window.tabs.setCurrentWidget(window.layers_view)
+    window.show_view(window.layers_view)
     settle(app)
     window.centralWidget().grab().save(str(out / "layers.png"))
     window.close()

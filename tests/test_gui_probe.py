@@ -64,6 +64,8 @@ def model_of(qtbot, window):
 
 
 def test_influence_heatmap_equals_core_and_thumbnail_sets_x_o(qtbot, window, mnist):
+    window.show_view(window.influence_view)  # built after the first paint, inside a scroll area
+    assert window.tabs.currentIndex() == 1 and window.influence_view.isVisible()
     window.influence_view.set_probe_size(200)
     window.influence_view.norm_box.setValue(60)
     window.influence_view.actual_box.setChecked(True)
@@ -175,7 +177,7 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert "✓" in sv.checks.text() or "✗" in sv.checks.text()
     assert len(res.sweep_lrs) == len(res.sweep_mass) == 7
     test = mnist.split("test")
-    idx = res.survey_indices
+    idx = np.array(res.survey_indices)  # a writable copy: the result is read-only
     survey = squeeze_survey(model, test.x[idx], test.y[idx].numpy(), 0.3)
     for key in ("peak", "p_label"):
         xs, ys = sv.survey_points[key].getData()

@@ -258,6 +258,15 @@ class MainWindow(QMainWindow):
         sp.reset_button.clicked.connect(self.reset_steps)
         self._set_controls_enabled(False)
 
+    def show_view(self, view: QWidget) -> None:
+        """Bring the tab holding ``view`` (a probe view sits in a scroll area) to the front."""
+        for i in range(self.tabs.count()):
+            page = self.tabs.widget(i)
+            if page is view or page.isAncestorOf(view):
+                self.tabs.setCurrentIndex(i)
+                return
+        raise ValueError(f"{type(view).__name__} is not in a tab")
+
     def _build_probe_views(self) -> None:
         """The probe tabs (about a quarter of the window's construction time), built after the
         first paint."""
