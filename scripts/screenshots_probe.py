@@ -72,6 +72,9 @@ def main(out_dir: str = "docs/screenshots") -> int:
     print("mean Δπ_4 by true class:", np.array2string(dp[:, 4], precision=5))
     if r.kernel_norm is not None:
         print("mean ‖K‖ by class:", np.array2string(iv.norm_means, precision=3))
+    # the probe views are wide: give them the whole window (View menu: hide both docks)
+    window.training_dock.hide()
+    window.examples_dock.hide()
     window.show_view(iv)
     settle(app)
     window.centralWidget().grab().save(str(out / "influence.png"))

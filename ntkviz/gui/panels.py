@@ -372,12 +372,15 @@ class StepPanel(QWidget):
         self.slider.setToolTip("η on a log scale, 1e-6 … 100")
         self.preview_button = QPushButton("Preview")
         self.preview_button.setToolTip("compute predicted and actual Δ without changing the model")
-        self.apply_button = QPushButton("Apply step (Space)")
-        self.undo_button = QPushButton("Undo (Ctrl+Z)")
+        self.apply_button = QPushButton("Apply step")
+        self.apply_button.setToolTip("one real plain-SGD step on (x_u, y_u) (Space)")
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("restore the parameters before the last applied step (Ctrl+Z)")
         self.reset_button = QPushButton("Reset")
         self.reset_button.setToolTip("return to the model before the first applied step")
         self.log_box = QCheckBox("log π")
         self.summary = QLabel("")
+        self.summary.setWordWrap(True)  # a long line must not widen the window
         self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.summary.setToolTip(
             "residual = actual − predicted is the O(η²) remainder: halving η roughly quarters it"
