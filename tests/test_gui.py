@@ -20,7 +20,7 @@ from PySide6.QtGui import QImage
 
 from ntkviz.decomposition import decompose
 from ntkviz.gui.main_window import MainWindow
-from ntkviz.gui.plots import nice_ceiling
+from ntkviz.gui.plots import compact_tick_strings, nice_ceiling
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
 
@@ -152,6 +152,21 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
 )
 def test_nice_ceiling(x, want):
     assert nice_ceiling(x) == pytest.approx(want)
+
+
+def test_colour_bar_tick_labels_are_short_and_exact():
+    assert compact_tick_strings([-5e-4, 0, 5e-4], 1.0, 5e-4) == ["-5e-4", "0", "5e-4"]
+    assert compact_tick_strings([-0.015, 0.25, 1.0, -100], 1.0, 0.005) == [
+        "-0.015",
+        "0.25",
+        "1",
+        "-100",
+    ]
+    assert compact_tick_strings([2.5e-5, 12000], 1.0, 1e-5) == ["2.5e-5", "1.2e4"]
+    for text, value in zip(
+        compact_tick_strings([-3e-6, 7e-4, 0.125], 1.0, 1e-6), [-3e-6, 7e-4, 0.125]
+    ):
+        assert float(text) == pytest.approx(value) and len(text) <= 6
 
 
 def test_stale_results_are_dropped(qtbot, settings, mnist):

@@ -40,6 +40,22 @@ def nice_ceiling(x: float) -> float:
     return next(m * k for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * k >= x * (1 - 1e-12))
 
 
+def compact_tick_strings(values, scale: float, spacing: float) -> list[str]:
+    """Tick labels that fit a narrow colour bar: up to 3 significant digits for
+    1e-3 ≤ |v| < 1e4, otherwise a short mantissa-exponent form ("5e-4", "-2.5e-5")."""
+    out = []
+    for v in values:
+        x = v * scale
+        if x == 0:
+            out.append("0")
+        elif 1e-3 <= abs(x) < 1e4:
+            out.append(f"{x:.3g}")
+        else:
+            mantissa, exponent = f"{x:.1e}".split("e")
+            out.append(f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}")
+    return out
+
+
 class HeatmapImage(pg.ImageItem):
     """An ImageItem whose tooltip describes the hovered cell via ``describe(row, col)``."""
 
@@ -105,7 +121,9 @@ class HeatmapView(pg.PlotItem):
                 colorMapMenu=False,
             )
             self.colorbar.setImageItem(self.image_item, insert_in=self)
-            self.colorbar.getAxis("right").setTickFont(font)
+            bar_axis = self.colorbar.getAxis("right")
+            bar_axis.setTickFont(font)
+            bar_axis.tickStrings = compact_tick_strings  # "-0.0005" would not fit the bar
 
     @property
     def image(self) -> np.ndarray | None:
