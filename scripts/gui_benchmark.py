@@ -83,7 +83,7 @@ def child_launch(t0: float) -> int:
     from ntkviz.gui.main_window import MainWindow
 
     qapp = QApplication(sys.argv[:1])  # run() reuses it
-    times: dict = {"paints": [], "ready": None, "shown": None}
+    times: dict = {"paints": [], "ready": None}
 
     def on_ready():
         times["ready"] = time.time()
@@ -106,7 +106,6 @@ def child_launch(t0: float) -> int:
     def show_and_watch(window):
         # The filter sees every event of the application; installed only now, its cost does
         # not inflate the construction of the window.
-        times["shown"] = time.time()
         window.ready.connect(on_ready)
         qapp.installEventFilter(probe)
         show(window)

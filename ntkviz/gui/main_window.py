@@ -51,19 +51,21 @@ PROBE_TABS = (
     "Squeezing effect",
     "Layers && spectrum",
 )
-PLOT_NAMES = (
-    "Decomposition",
-    "Predicted vs actual",
-    "Trajectory",
-    "Training loss",
-    "Test accuracy",
-    "π(x_u)",
-    "π(x_o)",
-    "Influence",
-    "Kernel map",
-    "Squeezing",
-    "Layers and spectrum",
-)
+#: Exportable plots: name -> the window's pyqtgraph item (looked up when exporting, as the probe
+#: views are built after the menus).
+PLOTS = {
+    "Decomposition": lambda w: w.decomposition_view.ci,
+    "Predicted vs actual": lambda w: w.step_panel.preview.getPlotItem(),
+    "Trajectory": lambda w: w.step_panel.trajectory.getPlotItem(),
+    "Training loss": lambda w: w.training_panel.curves.loss_plot.getPlotItem(),
+    "Test accuracy": lambda w: w.training_panel.curves.acc_plot.getPlotItem(),
+    "π(x_u)": lambda w: w.x_u_picker.bars.getPlotItem(),
+    "π(x_o)": lambda w: w.x_o_picker.bars.getPlotItem(),
+    "Influence": lambda w: w.influence_view.graphics.ci,
+    "Kernel map": lambda w: w.kernel_map_view.graphics.ci,
+    "Squeezing": lambda w: w.squeeze_view.graphics.ci,
+    "Layers and spectrum": lambda w: w.layers_view.graphics.ci,
+}
 
 ABOUT = """<h3>ntkviz</h3>
 <p>See how one gradient step on one example x<sub>u</sub> changes a classifier's predictions on
@@ -311,7 +313,7 @@ class MainWindow(QMainWindow):
         self._action(file, "Export &figure…", self._export_figure_dialog, "Ctrl+E")
         self._action(file, "Export &data…", self._export_data_dialog, "Ctrl+Shift+E")
         plots = file.addMenu("Export &plot")
-        for name in PLOT_NAMES:
+        for name in PLOTS:
             self._action(plots, name, lambda checked=False, n=name: self._export_plot_dialog(n))
         file.addSeparator()
         self._action(file, "&Quit", self.close, QKeySequence.Quit)
@@ -334,23 +336,6 @@ class MainWindow(QMainWindow):
         action.triggered.connect(slot)
         menu.addAction(action)
         return action
-
-    def plot_items(self) -> dict:
-        """Exportable plots by name (``PLOT_NAMES``) -> pyqtgraph item."""
-        sp, tp = self.step_panel, self.training_panel
-        return {
-            "Decomposition": self.decomposition_view.ci,
-            "Predicted vs actual": sp.preview.getPlotItem(),
-            "Trajectory": sp.trajectory.getPlotItem(),
-            "Training loss": tp.curves.loss_plot.getPlotItem(),
-            "Test accuracy": tp.curves.acc_plot.getPlotItem(),
-            "π(x_u)": self.x_u_picker.bars.getPlotItem(),
-            "π(x_o)": self.x_o_picker.bars.getPlotItem(),
-            "Influence": self.influence_view.graphics.ci,
-            "Kernel map": self.kernel_map_view.graphics.ci,
-            "Squeezing": self.squeeze_view.graphics.ci,
-            "Layers and spectrum": self.layers_view.graphics.ci,
-        }
 
     def _set_controls_enabled(self, on: bool) -> None:
         for w in (self.step_panel, self.y_u_box, self.loss_box):
@@ -834,8 +819,8 @@ class MainWindow(QMainWindow):
         dec, r = result.decomposition, result.request
         info = self._pair_caption(result)
         view = self.decomposition_view
-        # Paint one widget at a time, returning to the event loop in between: the whole set at
-        # once is one repaint of ~40-60 ms; each piece alone is a few ms.
+        # Paint one piece at a time (the decomposition view in three), returning to the event
+        # loop in between: the whole set at once is one repaint of ~40-60 ms.
         steps = [(view, step) for step in view.update_steps(dec, self.dataset.classes, info)]
         # the widget to paint is the one that changed, not its panel (whose other plots, e.g.
         # the trajectory, would be repainted for nothing)
@@ -957,12 +942,12 @@ class MainWindow(QMainWindow):
         return self.export_plot("Decomposition", path, width)
 
     def export_plot(self, name: str, path: str, width: int = 1600) -> bool:
-        """Write the plot ``name`` (see :meth:`plot_items`) to ``path``; False on error."""
+        """Write the plot ``name`` (a key of ``PLOTS``) to ``path``; False on error."""
         if name == "Decomposition" and self.last_result is None:
             self.show_error("Nothing to export", "no decomposition has been computed yet")
             return False
         try:
-            export_graphics(self.plot_items()[name], path, width)
+            export_graphics(PLOTS[name](self), path, width)
         except (OSError, ValueError) as e:
             self.show_error("Export failed", str(e))
             return False
