@@ -14,6 +14,12 @@ from ntkviz.cli import main
 from ntkviz.decomposition import decompose
 
 
+def float32_tolerance(reference: np.ndarray) -> dict:
+    """Tolerances for float32 results computed in another process: a few float32 ulps of the
+    largest entry (a wrong figure is off by far more)."""
+    return {"rtol": 1e-5, "atol": 4e-6 * float(np.abs(reference).max())}
+
+
 def run(*args, env_cache):
     env = {"NTKVIZ_CACHE": str(env_cache), "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
@@ -66,19 +72,27 @@ def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
     model = load_checkpoint(ckpt_path).model
     dec = decompose(model, mnist.test.x[7], mnist.train.x[2], int(mnist.train.y[2]), 0.3, "neg")
     record = json.loads((root / "r.json").read_text())
-    np.testing.assert_allclose(record["K"], dec.K, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(record["actual"], dec.actual, rtol=1e-6, atol=1e-7)
+    # The CLI runs in another process: float32 sums there may run in another order (kernel
+    # choice depends on alignment), so the figures agree to float32 precision of their scale.
+    np.testing.assert_allclose(record["K"], dec.K, **float32_tolerance(dec.K))
+    np.testing.assert_allclose(record["actual"], dec.actual, **float32_tolerance(dec.actual))
     assert record["meta"]["x_u"] == {"split": "train", "index": 2, "label": int(mnist.train.y[2])}
     with np.load(root / "r.npz", allow_pickle=False) as npz:
         np.testing.assert_allclose(npz["A"], dec.A, atol=1e-7)
-        np.testing.assert_allclose(npz["predicted"], dec.predicted, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(
+            npz["predicted"], dec.predicted, **float32_tolerance(dec.predicted)
+        )
         assert json.loads(str(npz["meta_json"]))["loss"] == "neg"
     with open(root / "r.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10
     row4 = rows[4]
-    assert float(row4["predicted"]) == pytest.approx(dec.predicted[4], rel=1e-6, abs=1e-9)
-    assert float(row4["K[i,9]"]) == pytest.approx(dec.K[4, 9], rel=1e-6, abs=1e-9)
+    tol = float32_tolerance(dec.predicted)
+    assert float(row4["predicted"]) == pytest.approx(
+        dec.predicted[4], rel=tol["rtol"], abs=tol["atol"]
+    )
+    tol = float32_tolerance(dec.K)
+    assert float(row4["K[i,9]"]) == pytest.approx(dec.K[4, 9], rel=tol["rtol"], abs=tol["atol"])
 
 
 @pytest.mark.parametrize(
