@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,16 @@ def assert_unchanged(model: nn.Module, snap: dict) -> None:
         assert torch.equal(state[k], v), k
     assert [m.training for m in model.modules()] == snap["flags"]
     assert [p.requires_grad for p in model.parameters()] == snap["requires_grad"]
+
+
+class TorchCalls(TorchFunctionMode):
+    """Records every torch function and tensor method called on the thread that enters it
+    (torch function modes are thread-local)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__qualname__", repr(func)))
+        return func(*args, **(kwargs or {}))

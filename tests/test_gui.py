@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
+from conftest import TorchCalls
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QImage
 
@@ -290,6 +291,31 @@ def test_closing_mid_training_stops_the_thread(qtbot, settings, mnist, qtlog):
     assert not thread.isRunning() and thread.isFinished()
     assert window.thread is None
     assert not [r for r in qtlog.records if "QThread" in r.message]
+
+
+def test_the_gui_thread_runs_no_torch_op(qtbot, settings, mnist, tmp_path):
+    # One torch op on the main thread gives it an OpenMP thread team of its own; libgomp then
+    # manages more threads than there are cores and throttles its spin-waiting, and every
+    # parallel op of the worker runs about 3× slower from then on (scripts/gui_benchmark.py).
+    calls = TorchCalls()
+    with calls:
+        window = open_window(qtbot, settings, mnist)
+        train_batches(qtbot, window, 2)
+        window.x_u_picker.select("train", 5)
+        window.x_o_picker.select("test", 9)
+        wait_current(qtbot, window)
+        for action in (window.apply_step, window.undo_step):
+            with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+                action()
+        wait_current(qtbot, window)
+        assert window.export_data(str(tmp_path / "d.npz")), window.last_error
+        assert window.export_figure(str(tmp_path / "d.png"), width=600)
+        window.start_training()
+        qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+        wait_current(qtbot, window)
+        window.close()
+    assert window.last_result.step == 20  # a fresh run: 640 / 64 · 2 epochs
+    assert calls.calls == []
 
 
 def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
+from conftest import TorchCalls
 from PySide6.QtCore import QSettings
 
 from ntkviz.analysis import (
@@ -209,6 +210,29 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
             path = view.export(tmp_path / f"{name}{suffix}", width=400)
             assert path.stat().st_size > 0
     assert np.load(tmp_path / "sq.npz")["neg_probs"].shape == (4, 10)
+
+
+def test_probe_views_run_no_torch_op_on_the_gui_thread(qtbot, window, tmp_path):
+    # see tests/test_gui.py::test_the_gui_thread_runs_no_torch_op
+    calls = TorchCalls()
+    with calls:
+        window.influence_view.set_probe_size(50)
+        window.kernel_map_view.per_class_box.setValue(2)
+        window.squeeze_view.steps_box.setValue(2)
+        window.layers_view.n_box.setValue(10)
+        for signal, start in (
+            (window.influence_shown, window.compute_influence),
+            (window.kernel_maps_shown, window.record_kernel_map),
+            (window.squeeze_shown, window.run_squeeze),
+            (window.layers_shown, window.compute_layers),
+            (window.spectrum_shown, window.compute_spectrum),
+        ):
+            with qtbot.waitSignal(signal, timeout=TIMEOUT):
+                start()
+        for view in (window.squeeze_view, window.layers_view):
+            assert view.export(tmp_path / "v.npz", width=400).stat().st_size > 0
+        window.close()
+    assert calls.calls == []
 
 
 def test_session_round_trip_and_corrupt_file_refused(qtbot, window, settings, mnist, tmp_path):

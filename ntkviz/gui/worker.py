@@ -4,6 +4,11 @@ The window talks to it only through queued signals; it answers with immutable re
 dataclasses holding read-only numpy copies), never live tensors. Long work (training) is a
 generator stepped for a few tens of milliseconds per zero-timeout timer tick, after which control
 returns to the worker's event loop, so pause, stop and other commands take effect at once.
+
+Every torch op of the app runs here, none on the GUI thread (tests check this). Beyond the
+house rule it is a matter of speed: a thread that has run one parallel op keeps an OpenMP team,
+and with two teams on a 2-core machine libgomp throttles its spin-waiting, so that the worker's
+convolutions and matrix products run about 3× slower from then on.
 """
 
 from __future__ import annotations
