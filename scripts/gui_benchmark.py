@@ -15,12 +15,19 @@
    The window's result handlers and repaints are timed (by a subclass that wraps them) so that
    long stalls can be attributed.
 3. Throughput: steps/s of the same config through ``ntkviz.training.train`` in a plain loop
-   (this process, no Qt involved), against the records the window receives per wall second
-   from ``start_training()`` to the last record, in a window run without the 5 ms tick timer
-   (it wakes the main thread 200 times a second, which the app itself never does). Bare and
-   GUI runs are paired back to back, in alternating order, and the median of the pair ratios
-   is reported: this shared machine's speed drifts by ±20 % within minutes. The GUI thread's
-   CPU time per wall second while training is reported beside it.
+   in a fresh subprocess (the core trainer as a script or ``ntkviz train`` runs it: main
+   thread, no Qt), against the records the window receives per wall second from
+   ``start_training()`` to the last record, in a window run without the 5 ms tick timer (it
+   wakes the main thread 200 times a second, which the app itself never does). Bare and GUI
+   runs are paired back to back, in alternating order, and the median of the pair ratios is
+   reported: this shared machine's speed drifts by ±20 % within minutes. The GUI thread's CPU
+   time per wall second while training is reported beside it.
+
+   The main thread of the GUI process never runs a torch op, as in the app (the dataset is
+   loaded by a helper thread that has ended): a thread that runs one parallel op keeps an
+   OpenMP team, and with two teams on two cores libgomp throttles its spin-waiting, so that
+   every parallel op of the worker runs about 3× slower (measured: 0.65 of the bare speed when
+   this benchmark trained both in one process, 0.95–1.0 now).
 
 Repetitions are interleaved and medians reported.
 
@@ -177,6 +184,44 @@ def bare_training(config, data) -> dict:
     steps = sum(1 for _ in train(model, data, config, make_optimizer(model, config)))
     wall = time.perf_counter() - t0
     return {"steps": steps, "wall_s": wall, "steps_per_s": steps / wall}
+
+
+def child_bare(config_json: str) -> int:
+    """Load the dataset and run :func:`bare_training` on this (main) thread; print JSON."""
+    from ntkviz.data import load_dataset
+    from ntkviz.training import TrainConfig
+
+    config = TrainConfig(**json.loads(config_json))
+    print("RESULT " + json.dumps(bare_training(config, load_dataset("mnist"))))
+    return 0
+
+
+def measure_bare(config) -> dict:
+    """:func:`bare_training` in a fresh subprocess."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child-bare", json.dumps(config.to_dict())],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bare child failed (rc {proc.returncode}):\n{proc.stderr}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def load_off_main_thread():
+    """The shipped dataset, loaded by a helper thread that ends before this returns, so that
+    the main thread keeps no OpenMP team (see the module docstring)."""
+    import threading
+
+    from ntkviz.data import load_dataset
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(data=load_dataset("mnist")))
+    thread.start()
+    thread.join()
+    return box["data"]
 
 
 HANDLERS = {  # worker signal -> (window handler, slot signature)
@@ -418,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-launch", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--launch-only", action="store_true", help="measure the launch alone")
     p.add_argument("--child-launch", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child-bare", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_launch is not None:
         return child_launch(args.child_launch)
+    if args.child_bare is not None:
+        return child_bare(args.child_bare)
     reps = args.reps or (1 if args.quick else 5)
     epochs = args.epochs or (2 if args.quick else 30)
 
@@ -449,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import torch
 
-    from ntkviz.data import load_dataset
     from ntkviz.gui.main_window import LIVE_EVERY, LIVE_INTERVAL_S
     from ntkviz.training import TrainConfig
 
@@ -463,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    data = load_dataset("mnist")
-    harness = Harness(data)
+    harness = Harness(load_off_main_thread())
     floor = harness.idle_floor(config, 2.0 if args.quick else 4.0)
     print(
         f"  idle window: max gap {floor['max_gap_ms']:.1f} ms, p99 {floor['p99_gap_ms']:.1f} ms",
@@ -474,11 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(reps):
         # the throughput pair back to back, in alternating order: the machine's speed drifts
         if i % 2 == 0:
-            bare.append(bare_training(config, data))
+            bare.append(measure_bare(config))
             gui.append(harness.gui_training(config, ticks=False))
         else:
             gui.append(harness.gui_training(config, ticks=False))
-            bare.append(bare_training(config, data))
+            bare.append(measure_bare(config))
         ratios.append(gui[-1]["steps_per_s"] / bare[-1]["steps_per_s"])
         live.append(harness.gui_training(config))
         browse.append(harness.gui_training(config, browse=True))
