@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ntkviz.errors import NtkvizError, StepDiverged
 from ntkviz.kernel import (
     _as_batch,
     empirical_ntk,
@@ -164,7 +165,8 @@ def decompose(
 
     ``x_o``, ``x_u``: single examples shaped like a dataset item, e.g. ``(1, 28, 28)``;
     ``y_u``: a class in ``[0, V)``; ``loss``: "ce" or "neg". The model is not changed (the step is
-    taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments.
+    taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments,
+    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits non-finite.
     """
     x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
@@ -189,6 +191,10 @@ def decompose(
             new[n] = new[n] - lr * grads[n]
         with torch.no_grad():
             z_new = functional_call(model, new, (both,))
+    if not torch.isfinite(z).all():
+        raise NtkvizError("the model's logits are not finite: it has diverged; reset or retrain it")
+    if not torch.isfinite(z_new).all():
+        raise StepDiverged(lr)
     logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
     probs_o = logp[0].exp()
     A = softmax_jacobian_of_log(probs_o)

@@ -2,27 +2,51 @@
 
 
 class NtkvizError(Exception):
-    """Base class of the errors a user can cause and fix (bad files, missing devices, …)."""
+    """Base class of the errors a user can cause and fix (bad files, missing devices, …).
+    ``title`` heads the message box the app shows."""
+
+    title = "Error"
 
 
 class DatasetError(NtkvizError):
     """A dataset is missing, truncated or corrupt; the message names the set and the directory."""
 
+    title = "Dataset not readable"
+
 
 class CheckpointError(NtkvizError):
     """A checkpoint cannot be read or does not fit the model."""
+
+    title = "Checkpoint not readable"
 
 
 class DeviceError(NtkvizError):
     """The requested device is not available."""
 
+    title = "Device not available"
+
 
 class TrainingDiverged(NtkvizError):
     """Training produced a non-finite loss; the model was restored to its last finite state."""
+
+    title = "Training diverged"
 
     def __init__(self, step: int, lr: float, loss: float):
         self.step, self.lr, self.loss = step, lr, loss
         super().__init__(
             f"training diverged at step {step} (learning rate {lr:.3g}, loss {loss}); "
             "the model was restored to its last finite state — try a smaller learning rate"
+        )
+
+
+class StepDiverged(NtkvizError):
+    """One step at learning rate ``lr`` makes the model's parameters or outputs non-finite."""
+
+    title = "Step diverged"
+
+    def __init__(self, lr: float, what: str = "the model's outputs"):
+        self.lr = lr
+        super().__init__(
+            f"a step with η = {lr:.3g} makes {what} non-finite (the learning rate diverges); "
+            "choose a smaller η"
         )

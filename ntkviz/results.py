@@ -30,10 +30,20 @@ def decomposition_record(dec: Decomposition, meta: dict | None = None) -> dict:
     }
 
 
-def _csv_text(dec: Decomposition) -> str:
-    """One row per output class i: the vectors at i, then row i of A and K."""
+def _csv_text(dec: Decomposition, record: dict) -> str:
+    """Comment lines ``# key: <JSON value>`` with the scalars and the metadata of ``record``,
+    then one row per output class i: the vectors at i, then row i of A and K."""
     V = len(dec.G)
     out = io.StringIO()
+    out.write("# ntkviz decomposition, one row per output class i (read with comment='#')\n")
+    top = {k: record[k] for k in ("formula", "lr", "loss", "y_u", "relative_residual")}
+    for key, value in top.items():
+        out.write(f"# {key}: {json.dumps(value)}\n")
+    for key, value in record["meta"].items():  # a metadata key that repeats a scalar: once
+        if key not in top:
+            out.write(f"# {key}: {json.dumps(value)}\n")
+        elif value != top[key]:
+            out.write(f"# meta.{key}: {json.dumps(value)}\n")
     w = csv.writer(out)
     vectors = [n for n, a in dec.arrays().items() if a.ndim == 1]
     w.writerow(
@@ -48,8 +58,9 @@ def _csv_text(dec: Decomposition) -> str:
 
 def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``dec`` to ``path`` (.json, .npz or .csv by suffix), atomically. ``meta`` (indices,
-    labels, model, training step, seed …) goes into JSON and NPZ. Raises ``ValueError`` for an
-    unknown suffix and ``OSError`` for an unwritable path."""
+    labels, model, training step, seed …) goes into every format (CSV: ``# key: <JSON>`` lines
+    above the header). Raises ``ValueError`` for an unknown suffix and ``OSError`` for an
+    unwritable path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
@@ -59,7 +70,7 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
         text = json.dumps(record, indent=2)
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if suffix == ".csv":
-        text = _csv_text(dec)
+        text = _csv_text(dec, record)
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     arrays = dict(dec.arrays())
     arrays["lr"] = np.array(dec.lr)

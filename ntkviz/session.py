@@ -25,6 +25,8 @@ VERSION = 1
 class SessionError(CheckpointError):
     """A session file cannot be read; the open session is unchanged."""
 
+    title = "Session not readable"
+
 
 @dataclass
 class Session:

@@ -84,7 +84,9 @@ def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
         )
         assert json.loads(str(npz["meta_json"]))["loss"] == "neg"
     with open(root / "r.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        lines = f.read().splitlines()
+    assert f"# x_u: {json.dumps(record['meta']['x_u'])}" in lines and '# loss: "neg"' in lines
+    rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#")))
     assert len(rows) == 10
     row4 = rows[4]
     tol = float32_tolerance(dec.predicted)

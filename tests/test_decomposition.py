@@ -8,6 +8,7 @@ from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
 
 from ntkviz.decomposition import decompose, influence, iter_influence
+from ntkviz.errors import NtkvizError, StepDiverged
 
 
 def autograd_step(model, x_o, x_u, y_u, lr, loss):
@@ -138,3 +139,13 @@ def test_bad_arguments_say_what_was_expected(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         decompose(model, **args)
+
+
+def test_a_step_that_makes_the_logits_non_finite_is_reported():
+    model, x = make("lenet").float(), inputs(2).float()  # η = 1e300 is inf in float32
+    with pytest.raises(StepDiverged, match="η = 1e\\+300"):
+        decompose(model, x[0], x[1], 1, 1e300)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NtkvizError, match="logits are not finite"):
+        decompose(model, x[0], x[1], 1, 0.1)

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import csv
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -17,9 +18,12 @@ pytest.importorskip("pyqtgraph")
 
 from conftest import TorchCalls
 from PySide6.QtCore import QSettings, Qt
-from PySide6.QtGui import QImage
+from PySide6.QtGui import QAction, QImage
+from PySide6.QtTest import QTest
+from PySide6.QtWidgets import QApplication
 
 from ntkviz.decomposition import decompose
+from ntkviz.gui.export import with_filter_suffix
 from ntkviz.gui.main_window import MainWindow
 from ntkviz.gui.plots import compact_tick_strings, nice_ceiling
 from ntkviz.models import build_model
@@ -73,6 +77,11 @@ def test_window_opens_and_loads_dataset_in_worker(qtbot, settings):
     assert window.model_info.num_parameters == 29624
     assert window.last_result is not None  # the untrained model's decomposition is shown
     assert "29,624" in window.params_label.text()
+    device = window.training_panel.device
+    cuda = device.model().item(device.findData("cuda"))
+    assert cuda.isEnabled() == torch.cuda.is_available()
+    if not torch.cuda.is_available():  # disabled, with the reason where the user looks
+        assert "not available" in cuda.text() and "not available" in device.toolTip()
     window.resize(820, 530)
     size = (window.width(), window.height())
     assert size != (1600, 1000)
@@ -256,16 +265,56 @@ def test_exports_decode(qtbot, settings, mnist, tmp_path):
     np.testing.assert_array_equal(np.array(record["K"]), dec.K)
     assert record["meta"]["model"] == "lenet" and record["meta"]["seed"] == 0
     assert record["meta"]["lr"] == dec.lr and "ntkviz_version" in record["meta"]
+    # CSV: "# key: <JSON>" lines with the metadata, then a header and one row per class
     with open(tmp_path / "d.csv", newline="") as f:
-        header, *rows = list(csv.reader(f))
-    first = [float(v) for v in rows[0]]
-    assert first[header.index("predicted")] == dec.predicted[0]
-    assert first[header.index("K[i,3]")] == dec.K[0, 3]
+        lines = f.read().splitlines()
+    comments = [ln[2:].split(": ", 1) for ln in lines if ln.startswith("# ") and ": " in ln]
+    csv_meta = {key: json.loads(value) for key, value in comments}
+    assert csv_meta["x_u"] == record["meta"]["x_u"] and csv_meta["x_o"] == record["meta"]["x_o"]
+    for key in ("lr", "loss", "y_u", "model", "seed", "training_step", "ntkviz_version"):
+        want = record[key] if key in record else record["meta"][key]
+        assert key in csv_meta and csv_meta[key] == want, key
+    header, *rows = list(csv.reader(ln for ln in lines if not ln.startswith("#")))
+    table = np.array(rows, dtype=float)
+    assert len(rows) == 10
+    for name, array in dec.arrays().items():
+        if array.ndim == 1:
+            np.testing.assert_array_equal(table[:, header.index(name)], array, err_msg=name)
+    for name, matrix in (("A", dec.A), ("K", dec.K)):
+        cols = [header.index(f"{name}[i,{j}]") for j in range(10)]
+        np.testing.assert_array_equal(table[:, cols], matrix, err_msg=name)
 
     bad = tmp_path / "missing" / "fig.png"
     assert not window.export_figure(str(bad))
     assert window.last_error[0] == "Export failed" and "does not exist" in window.last_error[1]
     assert not bad.parent.exists()
+
+
+def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog, QInputDialog
+
+    window = open_window(qtbot, settings, mnist)
+    answers = iter(
+        [
+            (str(tmp_path / "plot"), "PNG image (*.png)"),
+            (str(tmp_path / "numbers"), "NPZ (*.npz)"),
+            (str(tmp_path / "named.csv"), "NPZ (*.npz)"),  # a typed suffix wins
+            (str(tmp_path / "model"), "ntkviz checkpoint (*.pt)"),
+        ]
+    )
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: next(answers))
+    monkeypatch.setattr(QInputDialog, "getInt", lambda *a, **k: (320, True))
+    window._export_plot_dialog("Trajectory")
+    window._export_data_dialog()
+    window._export_data_dialog()
+    with qtbot.waitSignal(window.worker.message, timeout=TIMEOUT):
+        window._save_checkpoint_dialog()
+    assert QImage(str(tmp_path / "plot.png")).width() == 320
+    assert set(np.load(tmp_path / "numbers.npz")) >= {"A", "K", "G", "meta_json"}
+    assert (tmp_path / "named.csv").read_text().startswith("# ntkviz decomposition")
+    assert (tmp_path / "model.pt").stat().st_size > 0
+    assert window.last_error is None
+    assert with_filter_suffix("", "PNG (*.png)") == ""
 
 
 def test_export_figure_offscreen_function(qtbot, mnist, tmp_path):
@@ -340,6 +389,95 @@ def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch)
     window.refresh()  # the app keeps working
     wait_current(qtbot, window)
     assert window.thread.isRunning()
+
+
+def test_a_diverging_step_is_refused_and_the_model_kept(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    train_batches(qtbot, window, 1)
+    before = model_state(qtbot, window)
+    huge = dataclasses.replace(window.pair_request(), lr=1e300)  # the η box stops at 100
+    with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
+        window.apply_requested.emit(window.generation, huge)
+    assert blocker.args[0] == "Step diverged" and "η = 1e+300" in blocker.args[1]
+    after = model_state(qtbot, window)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+        window.apply_step()  # an ordinary step still works, and is the first in the history
+    assert len(window.last_history.probs_o) == 2
+
+
+def test_space_applies_a_step_unless_a_button_has_the_focus(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=TIMEOUT)
+    window.decomposition_view.setFocus()
+    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
+        QTest.keyClick(window.decomposition_view, Qt.Key_Space)
+    assert len(window.last_history.probs_o) == 2
+    button = window.training_panel.batch_button
+    button.setFocus()
+    assert QApplication.focusWidget() is button
+    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
+        QTest.keyClick(button, Qt.Key_Space)  # "One batch", not another step
+    qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
+    wait_current(qtbot, window)
+    assert window.records_received == 1 and window.last_result.applied_steps == 0
+
+
+def test_a_new_run_asks_before_discarding_a_trained_model(qtbot, settings, mnist, monkeypatch):
+    window = open_window(qtbot, settings, mnist)
+    asked = []
+    monkeypatch.setattr(window, "confirm", lambda title, text: asked.append(text) or False)
+    window.start_training()  # fresh weights: nothing to lose, no question
+    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    assert asked == [] and window.records_received == 20
+    window.start_training()
+    window.one_batch()
+    assert len(asked) == 2 and "trained for 20 steps" in asked[0]
+    assert window.state == "finished" and window.records_received == 20
+    monkeypatch.setattr(window, "confirm", lambda title, text: True)
+    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
+        window.one_batch()
+    assert window.records_received == 1
+
+
+def test_quit_has_a_shortcut_on_every_platform(qtbot, settings):
+    window = MainWindow(settings=settings, autostart=False)
+    qtbot.addWidget(window)
+    quit_action = next(a for a in window.findChildren(QAction) if a.text() == "&Quit")
+    assert not quit_action.shortcut().isEmpty()  # QKeySequence.Quit is empty offscreen
+
+
+def test_errors_go_to_a_log_file(qtbot, settings, tmp_path, monkeypatch):
+    import logging
+
+    from ntkviz.gui import app as app_module
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    monkeypatch.setenv("NTKVIZ_LOG", str(tmp_path / "logs" / "ntkviz.log"))
+    try:
+        path = app_module.setup_logging()
+        window = MainWindow(settings=settings, autostart=False)
+        qtbot.addWidget(window)
+        window.show_message_boxes = False
+        hook = app_module.excepthook_for(window)
+        try:
+            raise KeyError("injected")
+        except KeyError as e:
+            with qtbot.waitSignal(window.error_shown) as blocker:
+                hook(type(e), e, e.__traceback__)
+        assert blocker.args == ["Internal error", "KeyError: 'injected'"]
+        for handler in root.handlers:
+            handler.flush()
+        text = path.read_text()
+        assert "uncaught exception" in text and "Traceback" in text and "injected" in text
+        monkeypatch.setenv("NTKVIZ_LOG", str(path / "not-a-directory" / "x.log"))
+        assert app_module.setup_logging() is None  # stderr only, and the app goes on
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def test_thumbnails_follow_the_class_filter_and_select_on_click(qtbot, settings, mnist):

@@ -4,7 +4,55 @@ the dataset and the model (in the worker thread) while the window says "loading"
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
+from pathlib import Path
+
+log = logging.getLogger("ntkviz")
+
+
+def log_path() -> Path:
+    """The app's log file: ``$NTKVIZ_LOG``, else ``$XDG_STATE_HOME/ntkviz/ntkviz.log``, else
+    ``~/.local/state/ntkviz/ntkviz.log``."""
+    if path := os.environ.get("NTKVIZ_LOG"):
+        return Path(path)
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "ntkviz" / "ntkviz.log"
+
+
+def setup_logging() -> Path | None:
+    """Log to stderr and to :func:`log_path` (1 MB, two old files kept); the file's path, or
+    None when it cannot be written (then stderr only, with a warning)."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(fmt)
+    root.addHandler(stderr)
+    path = log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=1_000_000, backupCount=2, encoding="utf-8"
+        )
+    except OSError as e:
+        log.warning("no log file (%s); logging to stderr only", e)
+        return None
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    return path
+
+
+def excepthook_for(window):
+    """A ``sys.excepthook`` for exceptions escaping a slot on the GUI thread (PySide6 reports
+    them there and goes on): log them with their traceback and show them in ``window``."""
+
+    def excepthook(kind, value, tb):
+        log.error("uncaught exception", exc_info=(kind, value, tb))
+        window.show_error("Internal error", f"{kind.__name__}: {value}")
+
+    return excepthook
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -13,11 +61,13 @@ def run(argv: list[str] | None = None) -> int:
 
     from ntkviz.gui.main_window import APPLICATION, ORGANIZATION, MainWindow
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    path = setup_logging()
     app = QApplication.instance() or QApplication(list(argv or sys.argv[:1]))
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
     window = MainWindow(autostart=False)
+    window.log_file = path
+    sys.excepthook = excepthook_for(window)
     window.show()
     app.processEvents()  # first paint before PyTorch is imported
     window.start()

@@ -8,6 +8,7 @@ leaves no partial file behind and raises ``OSError``/``ValueError`` with a clear
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +16,27 @@ FIGURE_FORMATS = (".png", ".svg")
 DATA_FORMATS = (".csv", ".npz", ".json")
 
 
+def with_filter_suffix(path: str, selected_filter: str) -> str:
+    """``path`` as typed in a save dialog, with the suffix of the chosen filter (``"PNG image
+    (*.png)"`` → ``.png``) added when it has none; ``""`` stays ``""``."""
+    if not path or Path(path).suffix:
+        return path
+    match = re.search(r"\*(\.\w+)", selected_filter)
+    return path + match.group(1) if match else path
+
+
+def ask_save_path(parent, title: str, filters: str, directory: str = "") -> str:
+    """A save dialog's path with the chosen filter's suffix added if it has none; ``""`` if
+    cancelled."""
+    from PySide6.QtWidgets import QFileDialog
+
+    path, selected = QFileDialog.getSaveFileName(parent, title, directory, filters)
+    return with_filter_suffix(path, selected)
+
+
 def export_decomposition_data(dec, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``dec`` (a core ``Decomposition``) to ``path`` as .csv, .npz or .json; JSON and NPZ
-    carry ``meta`` (indices, labels, η, loss, model, training step, seed; the ntkviz version is
+    """Write ``dec`` (a core ``Decomposition``) to ``path`` as .csv, .npz or .json, each with
+    ``meta`` (indices, labels, η, loss, model, training step, seed; the ntkviz version is
     added). The numbers are the core's float64 values."""
     from ntkviz.results import write_decomposition
 

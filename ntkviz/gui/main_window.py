@@ -12,9 +12,11 @@ import time
 from collections import deque
 from pathlib import Path
 
-from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractItemView,
     QApplication,
     QComboBox,
     QDockWidget,
@@ -32,7 +34,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
+from ntkviz.gui.export import (
+    DATA_FORMATS,
+    ask_save_path,
+    export_decomposition_data,
+    export_graphics,
+)
 from ntkviz.gui.panels import LOSS_KINDS, SamplePicker, StepPanel, TrainingPanel
 from ntkviz.gui.plots import DecompositionView
 from ntkviz.gui.probe_views import InfluenceView, KernelMapView, LayersView, SqueezeView
@@ -77,6 +84,26 @@ neural tangent kernel; G = ∂L/∂z at x<sub>u</sub>.</p>
 <p>After Y. Ren and D. J. Sutherland, <i>Learning Dynamics of LLM Finetuning</i>, ICLR 2025.</p>
 <p>MNIST: Y. LeCun, C. Cortes and C. J. C. Burges, licensed CC BY-SA 3.0.</p>
 <p>ntkviz {version}</p>"""
+
+
+class SpaceKeeper(QObject):
+    """Event filter for focused widgets with a Space action of their own (buttons, check
+    boxes, combo boxes, lists): Space goes to them rather than to the Apply-step shortcut."""
+
+    WIDGETS = (QAbstractButton, QComboBox, QAbstractItemView)
+
+    def eventFilter(self, obj, event) -> bool:
+        if (
+            event.type() == QEvent.ShortcutOverride
+            and event.key() == Qt.Key_Space
+            and event.modifiers() == Qt.NoModifier
+        ):
+            event.accept()
+        return False
+
+    def focus_changed(self, old, new) -> None:
+        if isinstance(new, self.WIDGETS):
+            new.installEventFilter(self)
 
 
 class MainWindow(QMainWindow):
@@ -152,6 +179,8 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.records_received = 0
         self.show_message_boxes = True
+        self._error_box: QMessageBox | None = None  # the open error message, if any
+        self.log_file: Path | None = None  # where errors are logged (set by app.run)
         self._last_live = (0, 0.0)  # step and time of the last live update
         self._run_started: tuple[float, int] | None = None
         self._pending_progress: tuple[int, int, float | None] | None = None
@@ -242,6 +271,8 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Loading PyTorch and the dataset…")
 
         self._build_menus()
+        self._space_keeper = SpaceKeeper(self)
+        QApplication.instance().focusChanged.connect(self._space_keeper.focus_changed)
         tp = self.training_panel
         tp.start_button.clicked.connect(self.start_training)
         tp.pause_button.clicked.connect(self.pause_requested)
@@ -316,7 +347,9 @@ class MainWindow(QMainWindow):
         for name in PLOTS:
             self._action(plots, name, lambda checked=False, n=name: self._export_plot_dialog(n))
         file.addSeparator()
-        self._action(file, "&Quit", self.close, QKeySequence.Quit)
+        # QKeySequence.Quit is empty on some platforms (Windows, offscreen): Ctrl+Q there
+        quit_keys = QKeySequence(QKeySequence.Quit)
+        self._action(file, "&Quit", self.close, quit_keys if not quit_keys.isEmpty() else "Ctrl+Q")
         view = bar.addMenu("&View")
         view.addAction(self.training_dock.toggleViewAction())
         view.addAction(self.examples_dock.toggleViewAction())
@@ -498,11 +531,14 @@ class MainWindow(QMainWindow):
             self.history_requested.emit(gen, request)
 
     def start_training(self) -> None:
+        """Start a new run from fresh weights (asking first if that discards a model)."""
         self.config = self.training_panel.config(self.config)
         try:
             self.config.validate()
         except ValueError as e:
             self.show_error("Invalid settings", str(e))
+            return
+        if not self._confirm_new_run():
             return
         self.training_panel.curves.clear()
         self.records_received = 0
@@ -511,6 +547,7 @@ class MainWindow(QMainWindow):
         self.start_requested.emit(self.config)
 
     def one_batch(self) -> None:
+        """Train one batch of the paused run, or of a new run (which then pauses)."""
         if self.state not in ("paused",):
             self.config = self.training_panel.config(self.config)
             try:
@@ -519,9 +556,41 @@ class MainWindow(QMainWindow):
                 self.show_error("Invalid settings", str(e))
                 return
             if self.state not in ("training",):
+                if not self._confirm_new_run():
+                    return
                 self.training_panel.curves.clear()
                 self.records_received = 0
         self.one_batch_requested.emit(self.config)
+
+    def _confirm_new_run(self) -> bool:
+        """Ask before a new run discards a model worth keeping: trained, loaded from a file, or
+        moved by applied steps. True when there is nothing to lose or the user agrees."""
+        info, result = self.model_info, self.last_result
+        if info is None:
+            return True
+        if info.source not in ("fresh weights", "trained"):
+            what = f"loaded from {info.source}"
+        elif self.state in ("finished", "stopped"):
+            what = f"trained for {self.step_label.text().removeprefix('step: ')} steps"
+        elif result is not None and result.applied_steps:
+            what = f"moved by {result.applied_steps} applied step(s)"
+        else:
+            return True
+        return self.confirm(
+            "Start a new run?",
+            f"A new run starts from fresh weights: the current model ({what}) will be "
+            "discarded. Save it first with File ▸ Save checkpoint to keep it.",
+        )
+
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask a yes/no question (modal); always yes when message boxes are off (scripts)."""
+        if not self.show_message_boxes:
+            return True
+        box = QMessageBox(QMessageBox.Question, title, text, QMessageBox.Cancel, self)
+        yes = box.addButton("Discard and start", QMessageBox.AcceptRole)
+        box.setDefaultButton(QMessageBox.Cancel)
+        box.exec()
+        return box.clickedButton() is yes
 
     def apply_step(self) -> None:
         if self.model_info is not None:
@@ -699,7 +768,7 @@ class MainWindow(QMainWindow):
 
     def _save_session_dialog(self) -> None:
         if path := self._ask_path("Save session", "ntkviz session (*.ntks)"):
-            self.save_session(path if Path(path).suffix else path + ".ntks")
+            self.save_session(path)
 
     def _x_u_changed(self) -> None:
         self.y_u_box.blockSignals(True)
@@ -899,9 +968,17 @@ class MainWindow(QMainWindow):
         self.last_error = (title, message)
         self.statusBar().showMessage(f"{title}: {message}", 15000)
         if self.show_message_boxes:
-            box = QMessageBox(QMessageBox.Warning, title, message, QMessageBox.Ok, self)
-            box.setAttribute(Qt.WA_DeleteOnClose)
-            box.open()
+            box = self._error_box
+            if box is not None and box.isVisible() and box.windowTitle() == title:
+                box.setText(message)  # the same error again (e.g. while η is dragged): no pile
+            else:
+                box = QMessageBox(QMessageBox.Warning, title, message, QMessageBox.Ok, self)
+                if self.log_file is not None:
+                    box.setInformativeText(f"Logged in {self.log_file}")
+                box.setAttribute(Qt.WA_DeleteOnClose)
+                box.destroyed.connect(lambda: setattr(self, "_error_box", None))
+                self._error_box = box
+                box.open()
         self.error_shown.emit(title, message)
 
     def show_about(self) -> None:
@@ -910,7 +987,10 @@ class MainWindow(QMainWindow):
         box = QMessageBox(self)
         box.setWindowTitle("About ntkviz")
         box.setTextFormat(Qt.RichText)
-        box.setText(ABOUT.format(version=__version__))
+        text = ABOUT.format(version=__version__)
+        if self.log_file is not None:
+            text += f"<p>Log file: {self.log_file}</p>"
+        box.setText(text)
         box.setAttribute(Qt.WA_DeleteOnClose)
         box.open()
 
@@ -980,8 +1060,12 @@ class MainWindow(QMainWindow):
         return str(self.settings.value("lastDirectory", str(Path.home())))
 
     def _ask_path(self, title: str, filters: str, save: bool = True) -> str:
-        dialog = QFileDialog.getSaveFileName if save else QFileDialog.getOpenFileName
-        path, _ = dialog(self, title, self._last_dir(), filters)
+        """A path from a file dialog (a saved file gets the chosen filter's suffix if it has
+        none); ``""`` if cancelled."""
+        if save:
+            path = ask_save_path(self, title, filters, self._last_dir())
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, title, self._last_dir(), filters)
         if path:
             self.settings.setValue("lastDirectory", str(Path(path).parent))
         return path
@@ -996,7 +1080,7 @@ class MainWindow(QMainWindow):
 
     def _save_checkpoint_dialog(self) -> None:
         if path := self._ask_path("Save checkpoint", "ntkviz checkpoint (*.pt)"):
-            self.save_checkpoint(path if Path(path).suffix else path + ".pt")
+            self.save_checkpoint(path)
 
     def _export_figure_dialog(self) -> None:
         self._export_plot_dialog("Decomposition")

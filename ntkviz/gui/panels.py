@@ -61,7 +61,8 @@ class TrainingPanel(QWidget):
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda"])
+        for name in ("auto", "cpu", "cuda"):
+            self.device.addItem(name, name)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         for label, widget in (
@@ -109,12 +110,17 @@ class TrainingPanel(QWidget):
             self.model_box.setItemData(self.model_box.count() - 1, description, Qt.ToolTipRole)
         item = self.device.model().item(2)
         item.setEnabled(cuda_available)
-        item.setToolTip(
-            "train on the GPU"
-            if cuda_available
-            else "CUDA is not available: torch.cuda."
-            "is_available() is False (no NVIDIA GPU, driver, or CUDA build of PyTorch)"
-        )
+        if cuda_available:
+            item.setToolTip("train on the GPU")
+            self.device.setToolTip("auto: the GPU (CUDA) when there is one, else the CPU")
+        else:
+            why = (
+                "CUDA is not available: torch.cuda.is_available() is False (no NVIDIA GPU, "
+                "driver, or CUDA build of PyTorch)"
+            )
+            item.setText("cuda (not available)")
+            item.setToolTip(why)
+            self.device.setToolTip(f"auto and cpu train on the CPU. {why}.")
 
     def set_config(self, c) -> None:
         """Show a ``TrainConfig``."""
@@ -127,7 +133,7 @@ class TrainingPanel(QWidget):
         self.batch_size.setValue(c.batch_size)
         self.epochs.setValue(c.epochs)
         self.seed.setValue(c.seed)
-        j = self.device.findText(c.device if c.device in ("auto", "cpu", "cuda") else "auto")
+        j = self.device.findData(c.device if c.device in ("auto", "cpu", "cuda") else "auto")
         self.device.setCurrentIndex(j)
 
     def config(self, base):
@@ -144,7 +150,7 @@ class TrainingPanel(QWidget):
             batch_size=self.batch_size.value(),
             epochs=self.epochs.value(),
             seed=self.seed.value(),
-            device=self.device.currentText(),
+            device=self.device.currentData(),
         )
 
     def set_state(self, state: str) -> None:

@@ -19,7 +19,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QGridLayout,
     QHBoxLayout,
     QLabel,
@@ -32,7 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ntkviz.gui.export import export_graphics
+from ntkviz.gui.export import ask_save_path, export_graphics
 from ntkviz.gui.panels import digit_pixmap
 from ntkviz.gui.plots import HeatmapView
 
@@ -105,9 +104,7 @@ class ProbeView(QWidget):
         return export_graphics(self.graphics.ci, path, width)
 
     def _export_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export", "", "PNG (*.png);;SVG (*.svg);;CSV (*.csv);;NPZ (*.npz)"
-        )
+        path = ask_save_path(self, "Export", "PNG (*.png);;SVG (*.svg);;CSV (*.csv);;NPZ (*.npz)")
         if path:
             try:
                 self.export(path)

@@ -38,7 +38,7 @@ from ntkviz.analysis import (
 from ntkviz.checkpoint import load_checkpoint, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
 from ntkviz.decomposition import Decomposition, Influence, decompose, iter_influence
-from ntkviz.errors import DeviceError, NtkvizError, TrainingDiverged
+from ntkviz.errors import DeviceError, NtkvizError, StepDiverged, TrainingDiverged
 from ntkviz.kernel import empirical_ntk, empirical_ntk_by_layer
 from ntkviz.models import build_model, count_parameters
 from ntkviz.session import Session, SessionError, load_session, save_session
@@ -230,7 +230,7 @@ def _reporting(fn):
             return fn(self, *args)
         except NtkvizError as e:
             log.warning("%s: %s", fn.__name__, e)
-            self.error.emit(type(e).__name__, str(e))
+            self.error.emit(e.title, str(e))
         except Exception as e:
             log.exception("error in worker.%s", fn.__name__)
             self.error.emit("Internal error", f"{fn.__name__}: {type(e).__name__}: {e}")
@@ -325,7 +325,7 @@ class TrainingWorker(QObject):
         try:
             return resolve_device(name)
         except DeviceError as e:
-            self.error.emit("Device not available", f"{e}; using the CPU instead")
+            self.error.emit(e.title, f"{e}; using the CPU instead")
             return torch.device("cpu")
 
     def _new_model(self, config: TrainConfig, source: str) -> None:
@@ -435,7 +435,7 @@ class TrainingWorker(QObject):
         except TrainingDiverged as e:
             log.warning("%s", e)
             self._iter, self._running = None, False
-            self.error.emit("Training diverged", str(e))
+            self.error.emit(e.title, str(e))
             self.state_changed.emit("stopped")
         except Exception as e:
             log.exception("training failed")
@@ -527,6 +527,16 @@ class TrainingWorker(QObject):
                     if p.requires_grad and p.grad is not None:
                         p -= r.lr * p.grad
             model.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise StepDiverged(r.lr, "the parameters")
+            with torch.no_grad():
+                both = torch.cat([xu, self._x(r.split_o, r.index_o)[None]])
+                if not torch.isfinite(model(both)).all():
+                    raise StepDiverged(r.lr, "the logits of x_u or x_o")
+        except Exception:  # the model is left as it was before the step
+            model.load_state_dict(self._stack.pop())
+            self._lrs.pop()
+            raise
         finally:
             model.train(was)
         self._after_step_change(generation, r)
