@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ntkviz.decomposition import Influence, _forward, _frozen, _loss_grad, _validate
-from ntkviz.kernel import _as_batch, empirical_ntk, eval_mode, trainable_parameters
+from ntkviz.decomposition import (
+    Influence,
+    _frozen,
+    step_trajectory,
+)
+from ntkviz.kernel import empirical_ntk
 
 
 def readonly(a) -> np.ndarray:
@@ -143,22 +145,8 @@ def squeeze_steps(
 ) -> SqueezeRun:
     """Take ``steps`` plain-SGD steps on ``(x, y)`` (functional copies; the model is untouched) and
     record π(x) after each. ``loss`` "neg" is the paper's negative gradient, "ce" the positive."""
-    x, _, y = _validate(model, x, x, y, lr, loss)
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    xb = _as_batch(model, x[None], "x")
-    params = trainable_parameters(model)
-    others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    probs = []
-    with eval_mode(model):
-        with torch.no_grad():
-            probs.append(F.softmax(_forward(model, xb, y, "x"), -1)[0])
-        for _ in range(steps):
-            grad = _loss_grad(model, params, xb, y, loss)
-            params = {n: params[n] - lr * grad[n] for n in params}
-            with torch.no_grad():
-                probs.append(F.softmax(functional_call(model, {**others, **params}, (xb,)), -1)[0])
-    p = torch.stack(probs).double().cpu().numpy()
+    p = step_trajectory(model, x, x, y, lr, steps, loss).probs_u
+    y = int(y)
     fell = p[1:, y] < p[:-1, y]
     masked = p[:-1].copy()
     masked[:, y] = -np.inf

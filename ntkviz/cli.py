@@ -14,6 +14,9 @@ from pathlib import Path
 EPILOG = "Run 'ntkviz COMMAND --help' for a command's options. Without a command the app opens."
 
 
+FIGURES = ("decomposition", "preview", "trajectory")
+
+
 class _UsageError(Exception):
     """Bad arguments: exit code 2."""
 
@@ -68,9 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decompose", help="decompose one update; print it and write JSON/NPZ/CSV")
     _add_pair_args(p)
     p.add_argument("--out", help="result file: .json, .npz or .csv")
-    p = sub.add_parser("export", help="export the decomposition figure (PNG/SVG) and data")
+    p = sub.add_parser("export", help="export a figure of the app (PNG/SVG) and the data")
     _add_pair_args(p)
     p.add_argument("--out", required=True, action="append", help=".png .svg .json .npz .csv")
+    p.add_argument(
+        "--figure",
+        choices=FIGURES,
+        default="decomposition",
+        help="what .png/.svg outputs show: the decomposition view (A, K, G, Δ), the predicted vs "
+        "actual bars, or π(x_o) over --steps steps on (x_u, y_u) (default: decomposition)",
+    )
+    p.add_argument("--steps", type=int, default=10, help="steps of the trajectory (default 10)")
+    p.add_argument("--log", action="store_true", help="trajectory of log π instead of π")
     p.add_argument("--width", type=int, default=1600, help="PNG width in pixels")
     p = sub.add_parser("demo", help="train briefly, then decompose a 4→9 update (no GUI)")
     p.add_argument("--lr", type=float, default=0.5)
@@ -172,10 +184,10 @@ def _pick(data, split: str, index: int, what: str):
     return s.x[index], int(s.y[index])
 
 
-def _decompose_from_args(args):
+def _pair_from_args(args):
+    """The checkpoint's model, x_o, x_u, y_u and the export metadata the arguments name."""
     from ntkviz.checkpoint import load_checkpoint
     from ntkviz.data import load_dataset
-    from ntkviz.decomposition import decompose
 
     if args.lr != args.lr or args.lr in (float("inf"), float("-inf")):
         raise _UsageError(f"--lr must be finite, got {args.lr}")
@@ -186,7 +198,6 @@ def _decompose_from_args(args):
     y_u = label_u if args.yu is None else args.yu
     if not 0 <= y_u < data.num_classes:
         raise _UsageError(f"--yu must be a class in 0..{data.num_classes - 1}, got {y_u}")
-    dec = decompose(ckpt.model, x_o, x_u, y_u, args.lr, args.loss)
     meta = {
         "x_u": {"split": args.xu_split, "index": args.xu, "label": label_u},
         "x_o": {"split": args.xo_split, "index": args.xo, "label": label_o},
@@ -198,7 +209,7 @@ def _decompose_from_args(args):
         "seed": ckpt.config.seed,
         "checkpoint": str(args.checkpoint),
     }
-    return dec, meta
+    return ckpt.model, x_o, x_u, y_u, meta
 
 
 def format_decomposition(dec, classes=None) -> str:
@@ -225,7 +236,10 @@ def cmd_decompose(args) -> int:
 
     if args.out and Path(args.out).suffix.lower() not in FORMATS:
         raise _UsageError(f"--out must end in one of {', '.join(FORMATS)}")
-    dec, meta = _decompose_from_args(args)
+    from ntkviz.decomposition import decompose
+
+    model, x_o, x_u, y_u, meta = _pair_from_args(args)
+    dec = decompose(model, x_o, x_u, y_u, args.lr, args.loss)
     print(format_decomposition(dec))
     if args.out:
         write_decomposition(dec, args.out, meta)
@@ -240,12 +254,25 @@ def cmd_export(args) -> int:
     for out in args.out:
         if Path(out).suffix.lower() not in FORMATS + figure:
             raise _UsageError(f"--out {out}: use .png, .svg, .json, .npz or .csv")
-    dec, meta = _decompose_from_args(args)
+    if args.steps < 1:
+        raise _UsageError(f"--steps must be ≥ 1, got {args.steps}")
+    from ntkviz.decomposition import decompose, step_trajectory
+
+    model, x_o, x_u, y_u, meta = _pair_from_args(args)
+    dec = decompose(model, x_o, x_u, y_u, args.lr, args.loss)
+    trajectory = None
+    if args.figure == "trajectory" and any(Path(o).suffix.lower() in figure for o in args.out):
+        trajectory = step_trajectory(model, x_o, x_u, y_u, args.lr, args.steps, args.loss)
     for out in args.out:
         if Path(out).suffix.lower() in figure:
-            from ntkviz.gui.export import export_decomposition_figure
+            from ntkviz.gui import export
 
-            export_decomposition_figure(dec, out, width=args.width, meta=meta)
+            if args.figure == "decomposition":
+                export.export_decomposition_figure(dec, out, width=args.width, meta=meta)
+            elif args.figure == "preview":
+                export.export_preview_figure(dec, out, width=args.width, meta=meta)
+            else:
+                export.export_trajectory_figure(trajectory, out, args.width, meta, args.log)
         else:
             from ntkviz.results import write_decomposition
 

@@ -224,6 +224,46 @@ def decompose(
 
 
 @dataclass(frozen=True)
+class StepTrajectory:
+    """π of x_o and of x_u before and after each of several plain-SGD steps on (x_u, y_u):
+    ``probs_o``, ``probs_u`` ``(steps + 1, V)``, row 0 before the first step."""
+
+    probs_o: np.ndarray
+    probs_u: np.ndarray
+    lr: float
+    loss: str
+    y_u: int
+
+
+def step_trajectory(
+    model: nn.Module, x_o: Tensor, x_u: Tensor, y_u: int, lr: float, steps: int, loss: str = "ce"
+) -> StepTrajectory:
+    """Take ``steps`` plain-SGD steps on ``(x_u, y_u)`` (on functional copies of the parameters:
+    the model is untouched) and record π(x_o) and π(x_u) after each. Raises ``ValueError`` on
+    bad arguments and :class:`~ntkviz.errors.StepDiverged` when the logits become non-finite."""
+    x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
+    params = trainable_parameters(model)
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    probs = []
+    with eval_mode(model):
+        with torch.no_grad():
+            probs.append(F.softmax(_forward(model, both, y_u), -1))
+        for _ in range(steps):
+            grad = _loss_grad(model, params, both[1:], y_u, loss)
+            params = {n: params[n] - lr * grad[n] for n in params}
+            with torch.no_grad():
+                z = functional_call(model, {**others, **params}, (both,))
+            if not torch.isfinite(z).all():
+                raise StepDiverged(lr)
+            probs.append(F.softmax(z, -1))
+    p = torch.stack(probs).double().cpu().numpy()  # (steps + 1, 2, V)
+    return StepTrajectory(_frozen(p[:, 0]), _frozen(p[:, 1]), float(lr), loss, y_u)
+
+
+@dataclass(frozen=True)
 class Influence:
     """One update's effect on many x_o. Arrays are read-only float64, ``(N, V)`` unless noted.
 

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -95,6 +96,29 @@ def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
     )
     tol = float32_tolerance(dec.K)
     assert float(row4["K[i,9]"]) == pytest.approx(dec.K[4, 9], rel=tol["rtol"], abs=tol["atol"])
+
+
+def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
+    from PySide6.QtGui import QImage
+
+    root, ckpt_path = trained
+    pair = ["--checkpoint", str(ckpt_path), "--xu", "2", "--xo", "7", "--lr", "0.3"]
+    # as a user would: a subprocess with no DISPLAY
+    r = run("export", *pair, "--width", "640", "--out", str(root / "d.png"),
+            "--out", str(root / "d.svg"), "--out", str(root / "d.json"), env_cache=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert QImage(str(root / "d.png")).width() == 640
+    assert ET.parse(root / "d.svg").getroot().tag.endswith("svg")
+    assert json.loads((root / "d.json").read_text())["meta"]["x_o"]["index"] == 7
+    monkeypatch.setenv("NTKVIZ_CACHE", str(root))
+    for figure, extra in (("preview", []), ("trajectory", ["--steps", "3", "--log"])):
+        out = root / f"{figure}.png"
+        args = ["export", *pair, "--figure", figure, *extra, "--width", "500", "--out", str(out)]
+        assert main(args) == 0
+        image = QImage(str(out))
+        assert image.width() == 500 and 100 < image.height() < 500
+        assert len({image.pixel(x, y) for x in range(0, 500, 7) for y in range(0, 200, 7)}) > 5
+    assert main(["export", *pair, "--figure", "trajectory", "--steps", "0", "--out", "t.png"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
 
-from ntkviz.decomposition import decompose, influence, iter_influence
+from ntkviz.decomposition import decompose, influence, iter_influence, step_trajectory
 from ntkviz.errors import NtkvizError, StepDiverged
 
 
@@ -149,3 +149,32 @@ def test_a_step_that_makes_the_logits_non_finite_is_reported():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(NtkvizError, match="logits are not finite"):
         decompose(model, x[0], x[1], 1, 0.1)
+
+
+@pytest.mark.parametrize("loss", ["ce", "neg"])
+def test_step_trajectory_equals_real_sgd_steps_on_a_copy(loss):
+    model = make("lenet")
+    x = inputs(2)
+    snap = snapshot(model)
+    traj = step_trajectory(model, x[0], x[1], 3, 0.2, 4, loss)
+    assert_unchanged(model, snap)
+    copy = make("lenet").eval()
+    sgd = torch.optim.SGD(copy.parameters(), lr=0.2)
+    want_o, want_u = [], []
+    for step in range(5):
+        with torch.no_grad():
+            want_o.append(copy(x[:1]).softmax(-1)[0])
+            want_u.append(copy(x[1:]).softmax(-1)[0])
+        if step < 4:
+            sgd.zero_grad()
+            ce = F.cross_entropy(copy(x[1:]), torch.tensor([3]))
+            (ce if loss == "ce" else -ce).backward()
+            sgd.step()
+    np.testing.assert_allclose(traj.probs_o, torch.stack(want_o).numpy(), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(traj.probs_u, torch.stack(want_u).numpy(), rtol=1e-10, atol=1e-13)
+    assert traj.probs_o.shape == (5, 10) and not traj.probs_o.flags.writeable
+    with pytest.raises(ValueError, match="steps"):
+        step_trajectory(model, x[0], x[1], 3, 0.2, 0)
+    small = make("lenet").float()
+    with pytest.raises(StepDiverged):
+        step_trajectory(small, x[0].float(), x[1].float(), 3, 1e300, 1)

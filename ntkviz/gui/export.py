@@ -46,8 +46,6 @@ def export_decomposition_data(dec, path: str | Path, meta: dict | None = None) -
 def export_graphics(item, path: str | Path, width: int = 1600) -> Path:
     """Render a pyqtgraph ``item`` (a PlotItem, a GraphicsLayout, or a scene) to ``path``: PNG
     ``width`` pixels wide (height in proportion) or SVG, by suffix."""
-    import pyqtgraph.exporters as pgex
-
     from ntkviz.checkpoint import atomic_write
 
     path = Path(path)
@@ -55,11 +53,7 @@ def export_graphics(item, path: str | Path, width: int = 1600) -> Path:
     if suffix == ".png":
         if width < 16 or width > 20000:
             raise ValueError(f"PNG width must be between 16 and 20000 pixels, got {width}")
-        exporter = pgex.ImageExporter(item)
-        source = exporter.getSourceRect()
-        exporter.parameters()["width"] = int(width)
-        exporter.parameters()["height"] = max(1, round(width * source.height() / source.width()))
-        image = exporter.export(toBytes=True)
+        image = _png_image(item, width)
 
         def write(tmp):
             if not image.save(tmp, "PNG"):
@@ -72,18 +66,46 @@ def export_graphics(item, path: str | Path, width: int = 1600) -> Path:
     raise ValueError(f"unknown figure format {path.suffix!r}; use .png or .svg")
 
 
-def _svg_bytes(item) -> bytes:
-    """A vector SVG of a pyqtgraph item (or scene), rendered through QSvgGenerator (pyqtgraph's
-    SVGExporter cannot parse the paths that Qt 6.12 writes)."""
-    from PySide6.QtCore import QBuffer, QIODevice, QRectF, QSize, Qt
-    from PySide6.QtGui import QPainter
-    from PySide6.QtSvg import QSvgGenerator
+def _scene_and_source(item):
+    """The scene of ``item`` (or ``item`` itself if it is one) and the rectangle to render."""
     from PySide6.QtWidgets import QGraphicsScene
 
     scene = item if isinstance(item, QGraphicsScene) else item.scene()
     source = scene.sceneRect() if scene is item else item.sceneBoundingRect()
     if hasattr(scene, "prepareForPaint"):
         scene.prepareForPaint()
+    return scene, source
+
+
+def _png_image(item, width: int):
+    """``item`` rendered ``width`` pixels wide: the scene is painted at its on-screen layout on
+    an image whose device pixel ratio is the scale, so that everything grows alike — legends
+    and text labels included, which ignore the painter's transformation and so keep their
+    screen size in pyqtgraph's ImageExporter."""
+    from PySide6.QtCore import QRectF, Qt
+    from PySide6.QtGui import QImage, QPainter
+
+    scene, source = _scene_and_source(item)
+    scale = width / source.width()
+    image = QImage(int(width), max(1, round(source.height() * scale)), QImage.Format_ARGB32)
+    image.setDevicePixelRatio(scale)
+    image.fill(Qt.GlobalColor.white)
+    painter = QPainter(image)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    scene.render(painter, QRectF(0, 0, source.width(), source.height()), source)
+    painter.end()
+    image.setDevicePixelRatio(1.0)
+    return image
+
+
+def _svg_bytes(item) -> bytes:
+    """A vector SVG of a pyqtgraph item (or scene), rendered through QSvgGenerator (pyqtgraph's
+    SVGExporter cannot parse the paths that Qt 6.12 writes)."""
+    from PySide6.QtCore import QBuffer, QIODevice, QRectF, QSize, Qt
+    from PySide6.QtGui import QPainter
+    from PySide6.QtSvg import QSvgGenerator
+
+    scene, source = _scene_and_source(item)
     w, h = max(1, round(source.width())), max(1, round(source.height()))
     buffer = QBuffer()
     buffer.open(QIODevice.OpenModeFlag.WriteOnly)
@@ -132,27 +154,72 @@ def describe_meta(meta: dict | None) -> str:
     return "  ·  ".join(parts)
 
 
+def _export_offscreen(widget, item, path: str | Path, width: int, size: tuple[int, int]) -> Path:
+    """Lay ``widget`` out offscreen at ``size``, export its pyqtgraph ``item``, dispose of it."""
+    from PySide6.QtCore import Qt
+
+    widget.setAttribute(Qt.WA_DontShowOnScreen, True)
+    widget.resize(*size)
+    widget.show()
+    _ensure_app().processEvents()
+    try:
+        return export_graphics(item, path, width)
+    finally:
+        widget.close()
+        widget.deleteLater()
+
+
+def _check_figure_path(path: str | Path) -> None:
+    if Path(path).suffix.lower() not in FIGURE_FORMATS:
+        raise ValueError(f"unknown figure format {Path(path).suffix!r}; use .png or .svg")
+
+
 def export_decomposition_figure(
     dec, path: str | Path, width: int = 1600, meta: dict | None = None, classes=None
 ) -> Path:
     """Render the decomposition view of ``dec`` offscreen to ``path`` (.png ``width`` px wide, or
     .svg). Creates a QApplication if none exists."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in FIGURE_FORMATS:
-        raise ValueError(f"unknown figure format {Path(path).suffix!r}; use .png or .svg")
-    app = _ensure_app()
-    from PySide6.QtCore import Qt
-
+    _check_figure_path(path)
+    _ensure_app()
     from ntkviz.gui.plots import DecompositionView
 
     view = DecompositionView()
-    view.setAttribute(Qt.WA_DontShowOnScreen, True)
-    view.resize(1500, 820)
     view.set_decomposition(dec, classes, describe_meta(meta))
-    view.show()
-    app.processEvents()
-    try:
-        return export_graphics(view.ci, path, width)
-    finally:
-        view.close()
-        view.deleteLater()
+    return _export_offscreen(view, view.ci, path, width, (1500, 820))
+
+
+def export_preview_figure(dec, path: str | Path, width: int = 1200, meta=None) -> Path:
+    """The step panel's bars of ``dec``: predicted vs actual Δlog π(x_o) per class, offscreen,
+    to ``path`` (.png ``width`` px wide, or .svg)."""
+    _check_figure_path(path)
+    _ensure_app()
+    from ntkviz.gui.plots import PreviewBars
+
+    bars = PreviewBars()
+    bars.set_values(dec.predicted, dec.actual)
+    _add_caption(bars.getPlotItem(), meta, f"η = {dec.lr:g}, {dec.loss}, y_u = {dec.y_u}")
+    return _export_offscreen(bars, bars.getPlotItem(), path, width, (900, 480))
+
+
+def export_trajectory_figure(
+    trajectory, path: str | Path, width: int = 1200, meta=None, log: bool = False
+) -> Path:
+    """The step panel's trajectory of a core ``StepTrajectory``: π(x_o) (or log π) per class and
+    π_{y_u}(x_u) over the steps, offscreen, to ``path`` (.png ``width`` px wide, or .svg)."""
+    _check_figure_path(path)
+    _ensure_app()
+    from ntkviz.gui.plots import TrajectoryPlot
+
+    plot = TrajectoryPlot()
+    plot.set_log(log)
+    plot.set_trajectory(trajectory.probs_o, trajectory.probs_u, trajectory.y_u)
+    t = trajectory
+    _add_caption(plot.getPlotItem(), meta, f"η = {t.lr:g}, {t.loss}, y_u = {t.y_u}")
+    return _export_offscreen(plot, plot.getPlotItem(), path, width, (900, 480))
+
+
+def _add_caption(plot_item, meta: dict | None, step: str) -> None:
+    """Append the pair, the model and the step's settings to ``plot_item``'s title."""
+    caption = "  ·  ".join(p for p in (describe_meta(meta), step) if p)
+    title = plot_item.titleLabel.text
+    plot_item.setTitle(f"{title}<br><span style='font-size:8pt'>{caption}</span>", size="10pt")

@@ -229,8 +229,15 @@ class SamplePicker(QGroupBox):
         self.thumbnails.setIconSize(QSize(self.THUMB, self.THUMB))
         self.thumbnails.setMovement(QListView.Static)
         self.thumbnails.setResizeMode(QListView.Adjust)
-        self.thumbnails.setSpacing(1)
-        self.thumbnails.setFixedHeight(2 * (self.THUMB + 8) + 6)
+        # icons only, on a fixed grid two rows high: rows are never cut, the selected one framed
+        cell = self.THUMB + 6
+        self.thumbnails.setGridSize(QSize(cell, cell))
+        self.thumbnails.setUniformItemSizes(True)
+        self.thumbnails.setStyleSheet(
+            "QListWidget::item { border: 2px solid transparent; }"
+            "QListWidget::item:selected { border: 2px solid palette(highlight); }"
+        )
+        self.thumbnails.setFixedHeight(2 * cell + 2 * self.thumbnails.frameWidth())
         self.thumbnails.setToolTip("examples of the split and class filter from the current index")
         self.thumbnails.itemClicked.connect(
             lambda item: self.select(self.split, int(item.data(Qt.UserRole)))
@@ -267,7 +274,10 @@ class SamplePicker(QGroupBox):
         self.thumbnails.clear()
         images, labels = self.images[self.split], self.labels[self.split]
         for i in self.thumbnail_indices():
-            item = QListWidgetItem(QIcon(digit_pixmap(images[i], self.THUMB)), "")
+            pixmap = digit_pixmap(images[i], self.THUMB)
+            icon = QIcon(pixmap)
+            icon.addPixmap(pixmap, QIcon.Selected)  # framed when selected, not tinted
+            item = QListWidgetItem(icon, "")
             item.setData(Qt.UserRole, i)
             item.setToolTip(f"{self.split}[{i}], label {self.classes[int(labels[i])]}")
             self.thumbnails.addItem(item)

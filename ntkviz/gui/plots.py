@@ -400,15 +400,19 @@ class TrajectoryPlot(pg.PlotWidget):
         self.log_scale = on
         self._update_labels()
         if self._history is not None:
-            self.set_history(self._history)
+            self.set_trajectory(*self._history)
 
     def set_history(self, history) -> None:
         """``history``: a worker ``StepHistory``."""
-        self._history = history
-        steps = np.arange(len(history.probs_o))
+        self.set_trajectory(history.probs_o, history.probs_u, history.request.y_u)
+
+    def set_trajectory(self, probs_o: np.ndarray, probs_u: np.ndarray, y_u: int) -> None:
+        """π(x_o) and π(x_u) ``(steps + 1, V)`` over the steps on (x_u, y_u)."""
+        self._history = (probs_o, probs_u, y_u)
+        steps = np.arange(len(probs_o))
         f = (lambda p: np.log(np.maximum(p, 1e-300))) if self.log_scale else (lambda p: p)
-        values = f(history.probs_o)  # (steps, V)
-        own = f(history.probs_u[:, history.request.y_u])
+        values = f(probs_o)  # (steps, V)
+        own = f(probs_u[:, y_u])
         classes = values.shape[1]
         for i, curve in enumerate(self.curves):
             if i < classes:
