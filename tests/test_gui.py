@@ -22,6 +22,7 @@ from PySide6.QtGui import QAction, QImage
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication
 
+from ntkviz.checkpoint import load_checkpoint
 from ntkviz.decomposition import decompose
 from ntkviz.gui.export import with_filter_suffix
 from ntkviz.gui.main_window import MainWindow
@@ -112,6 +113,23 @@ def test_training_updates_loss_curve(qtbot, settings, mnist):
     assert window.step_label.text() == "step: 20"
     wait_current(qtbot, window)
     assert window.last_result.step == 20  # the decomposition follows the trained model
+
+
+def test_decompositions_follow_the_model_while_it_trains(qtbot, settings, mnist, monkeypatch):
+    import ntkviz.gui.main_window as main_window
+
+    monkeypatch.setattr(main_window, "LIVE_EVERY", 5)
+    monkeypatch.setattr(main_window, "LIVE_INTERVAL_S", 0.0)
+    window = open_window(qtbot, settings, mnist, dataclasses.replace(SMALL, epochs=10))
+    live = []
+    window.decomposition_shown.connect(
+        lambda result: window.state == "training" and live.append(result.step)
+    )
+    window.start_training()
+    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    wait_current(qtbot, window)
+    assert live and all(0 < step < 100 for step in live) and live == sorted(live)
+    assert window.last_result.step == 100  # and the trained model's, once finished
 
 
 def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
@@ -294,6 +312,7 @@ def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_
     from PySide6.QtWidgets import QFileDialog, QInputDialog
 
     window = open_window(qtbot, settings, mnist)
+    train_batches(qtbot, window, 2)
     answers = iter(
         [
             (str(tmp_path / "plot"), "PNG image (*.png)"),
@@ -312,7 +331,8 @@ def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_
     assert QImage(str(tmp_path / "plot.png")).width() == 320
     assert set(np.load(tmp_path / "numbers.npz")) >= {"A", "K", "G", "meta_json"}
     assert (tmp_path / "named.csv").read_text().startswith("# ntkviz decomposition")
-    assert (tmp_path / "model.pt").stat().st_size > 0
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint.metadata["step"] == 2 and checkpoint.metadata["dataset"] == "mnist"
     assert window.last_error is None
     assert with_filter_suffix("", "PNG (*.png)") == ""
 

@@ -1048,10 +1048,8 @@ class MainWindow(QMainWindow):
         return True
 
     def save_checkpoint(self, path: str) -> None:
-        meta = {"step": self.model_info.step if self.model_info else 0}
-        if self.last_result is not None:
-            meta["step"] = self.last_result.step
-        self.save_requested.emit(path, meta)
+        """Save the model (the worker adds its training step) with the dataset's name."""
+        self.save_requested.emit(path, {"dataset": self.dataset.name if self.dataset else None})
 
     def open_checkpoint(self, path: str) -> None:
         self.open_requested.emit(path)

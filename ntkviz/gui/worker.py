@@ -597,6 +597,8 @@ class TrainingWorker(QObject):
     @Slot(str, object)
     @_reporting
     def save_checkpoint(self, path: str, metadata: dict) -> None:
+        """Save the model with ``metadata`` and its training step (and applied steps)."""
+        metadata = {**metadata, "step": self._step, "applied_steps": len(self._stack)}
         save_checkpoint(path, self._model, self._model_name, self.config, metadata)
         self.message.emit(f"saved checkpoint {path}")
 
