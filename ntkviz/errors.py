@@ -44,9 +44,9 @@ class StepDiverged(NtkvizError):
 
     title = "Step diverged"
 
-    def __init__(self, lr: float, what: str = "the model's outputs"):
+    def __init__(self, lr: float, what: str = "the model's outputs", prefix: str = ""):
         self.lr = lr
         super().__init__(
-            f"a step with η = {lr:.3g} makes {what} non-finite (the learning rate diverges); "
-            "choose a smaller η"
+            f"{prefix}a step with η = {lr:.3g} makes {what} non-finite (the learning rate "
+            "diverges); choose a smaller η"
         )

@@ -7,6 +7,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import csv
 import dataclasses
 import json
+import threading
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -20,11 +21,10 @@ from conftest import TorchCalls
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QImage
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from ntkviz.checkpoint import load_checkpoint
 from ntkviz.decomposition import decompose
-from ntkviz.gui.export import with_filter_suffix
 from ntkviz.gui.main_window import MainWindow
 from ntkviz.gui.plots import compact_tick_strings, nice_ceiling
 from ntkviz.models import build_model
@@ -95,8 +95,11 @@ def test_window_opens_and_loads_dataset_in_worker(qtbot, settings):
 
 def test_training_updates_loss_curve(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
+    states = []  # the window's state as each batch of records arrives
+    window.records_shown.connect(lambda n: states.append(window.state))
     window.start_training()
     qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    assert states and set(states) == {"training"}  # "finished" comes after the last records
     curves = window.training_panel.curves
     xs, ys = curves.raw_curve.getData()
     assert window.records_received == 20  # 640 / 64 · 2 epochs
@@ -120,16 +123,16 @@ def test_decompositions_follow_the_model_while_it_trains(qtbot, settings, mnist,
 
     monkeypatch.setattr(main_window, "LIVE_EVERY", 5)
     monkeypatch.setattr(main_window, "LIVE_INTERVAL_S", 0.0)
-    window = open_window(qtbot, settings, mnist, dataclasses.replace(SMALL, epochs=10))
-    live = []
-    window.decomposition_shown.connect(
-        lambda result: window.state == "training" and live.append(result.step)
-    )
+    window = open_window(qtbot, settings, mnist, dataclasses.replace(SMALL, epochs=30))
+    shown = []
+    window.decomposition_shown.connect(lambda result: shown.append(result.step))
     window.start_training()
     qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
     wait_current(qtbot, window)
-    assert live and all(0 < step < 100 for step in live) and live == sorted(live)
-    assert window.last_result.step == 100  # and the trained model's, once finished
+    # only live updates are computed mid-run: the others are of step 0 and of the trained model
+    live = [step for step in shown if 0 < step < 300]
+    assert live and live == sorted(live)
+    assert window.last_result.step == shown[-1] == 300  # and the trained model's, at the end
 
 
 def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
@@ -309,32 +312,58 @@ def test_exports_decode(qtbot, settings, mnist, tmp_path):
 
 
 def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_path, monkeypatch):
+    from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QFileDialog, QInputDialog
 
     window = open_window(qtbot, settings, mnist)
     train_batches(qtbot, window, 2)
+    monkeypatch.setattr(QInputDialog, "getInt", lambda *a, **k: (320, True))
     answers = iter(
         [
-            (str(tmp_path / "plot"), "PNG image (*.png)"),
-            (str(tmp_path / "numbers"), "NPZ (*.npz)"),
-            (str(tmp_path / "named.csv"), "NPZ (*.npz)"),  # a typed suffix wins
-            (str(tmp_path / "model"), "ntkviz checkpoint (*.pt)"),
+            ("plot", "PNG image (*.png)"),
+            ("numbers", "NPZ (*.npz)"),
+            ("named.csv", "NPZ (*.npz)"),  # a typed suffix wins
+            ("model", None),  # the only filter: *.pt
         ]
     )
-    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: next(answers))
-    monkeypatch.setattr(QInputDialog, "getInt", lambda *a, **k: (320, True))
-    window._export_plot_dialog("Trajectory")
-    window._export_data_dialog()
-    window._export_data_dialog()
-    with qtbot.waitSignal(window.worker.message, timeout=TIMEOUT):
-        window._save_checkpoint_dialog()
+
+    errors = []
+
+    def answer():  # fill in and accept the open save dialog, as a user would
+        dialogs = [
+            w
+            for w in QApplication.topLevelWidgets()
+            if isinstance(w, QFileDialog) and w.isVisible()
+        ]
+        try:
+            (dialog,) = dialogs
+            name, name_filter = next(answers)
+            if name_filter:
+                dialog.selectNameFilter(name_filter)
+                dialog.filterSelected.emit(name_filter)
+            dialog.selectFile(str(tmp_path / name))
+            dialog.accept()
+        except Exception as e:  # never leave a modal dialog open: the test would hang
+            errors.append(e)
+            for dialog in dialogs:
+                dialog.reject()
+
+    for show in (
+        lambda: window._export_plot_dialog("Trajectory"),
+        window._export_data_dialog,
+        window._export_data_dialog,
+        window._save_checkpoint_dialog,
+    ):
+        QTimer.singleShot(0, answer)
+        show()
+    assert errors == []
+    qtbot.waitUntil(lambda: (tmp_path / "model.pt").exists(), timeout=TIMEOUT)
     assert QImage(str(tmp_path / "plot.png")).width() == 320
     assert set(np.load(tmp_path / "numbers.npz")) >= {"A", "K", "G", "meta_json"}
     assert (tmp_path / "named.csv").read_text().startswith("# ntkviz decomposition")
     checkpoint = load_checkpoint(tmp_path / "model.pt")
     assert checkpoint.metadata["step"] == 2 and checkpoint.metadata["dataset"] == "mnist"
     assert window.last_error is None
-    assert with_filter_suffix("", "PNG (*.png)") == ""
 
 
 def test_export_figure_offscreen_function(qtbot, mnist, tmp_path):
@@ -459,6 +488,33 @@ def test_a_new_run_asks_before_discarding_a_trained_model(qtbot, settings, mnist
     with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
         window.one_batch()
     assert window.records_received == 1
+    qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
+    monkeypatch.setattr(window, "confirm", lambda title, text: asked.append(text) or False)
+    window.start_training()  # a paused run is a trained model too
+    assert "trained for 1 steps" in asked[-1] and window.state == "paused"
+
+
+def test_the_same_error_twice_shows_one_box(qtbot, settings):
+    window = MainWindow(settings=settings, autostart=False)
+    qtbot.addWidget(window)
+    window.show()
+
+    def boxes(title):
+        return [
+            b
+            for b in window.findChildren(QMessageBox)
+            if b.isVisible() and b.windowTitle() == title
+        ]
+
+    window.show_error("A", "first")
+    window.show_error("B", "second")
+    (a,) = boxes("A")
+    a.close()
+    qtbot.waitUntil(lambda: not boxes("A"))
+    window.show_error("B", "again")
+    assert len(boxes("B")) == 1 and boxes("B")[0].text() == "again"
+    for box in boxes("B"):
+        box.close()
 
 
 def test_quit_has_a_shortcut_on_every_platform(qtbot, settings):
@@ -482,12 +538,21 @@ def test_errors_go_to_a_log_file(qtbot, settings, tmp_path, monkeypatch):
         qtbot.addWidget(window)
         window.show_message_boxes = False
         hook = app_module.excepthook_for(window)
-        try:
-            raise KeyError("injected")
-        except KeyError as e:
-            with qtbot.waitSignal(window.error_shown) as blocker:
+        shown_on = []
+        window.error_shown.connect(lambda *_: shown_on.append(threading.current_thread()))
+
+        def fail():
+            try:
+                raise KeyError("injected")
+            except KeyError as e:
                 hook(type(e), e, e.__traceback__)
+
+        with qtbot.waitSignal(window.error_shown) as blocker:
+            worker = threading.Thread(target=fail)  # a slot of the worker thread that raised
+            worker.start()
+            worker.join()
         assert blocker.args == ["Internal error", "KeyError: 'injected'"]
+        assert shown_on == [threading.main_thread()]  # widgets are touched on the GUI thread
         for handler in root.handlers:
             handler.flush()
         text = path.read_text()

@@ -45,12 +45,13 @@ def setup_logging() -> Path | None:
 
 
 def excepthook_for(window):
-    """A ``sys.excepthook`` for exceptions escaping a slot on the GUI thread (PySide6 reports
-    them there and goes on): log them with their traceback and show them in ``window``."""
+    """A ``sys.excepthook`` for exceptions escaping a slot (PySide6 reports them to it on the
+    thread that raised, and goes on): log them with their traceback and show them in
+    ``window``, through a signal, queued to the GUI thread when raised on another."""
 
     def excepthook(kind, value, tb):
         log.error("uncaught exception", exc_info=(kind, value, tb))
-        window.show_error("Internal error", f"{kind.__name__}: {value}")
+        window.error_raised.emit("Internal error", f"{kind.__name__}: {value}")
 
     return excepthook
 

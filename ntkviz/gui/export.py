@@ -16,22 +16,27 @@ FIGURE_FORMATS = (".png", ".svg")
 DATA_FORMATS = (".csv", ".npz", ".json")
 
 
-def with_filter_suffix(path: str, selected_filter: str) -> str:
-    """``path`` as typed in a save dialog, with the suffix of the chosen filter (``"PNG image
-    (*.png)"`` → ``.png``) added when it has none; ``""`` stays ``""``."""
-    if not path or Path(path).suffix:
-        return path
-    match = re.search(r"\*(\.\w+)", selected_filter)
-    return path + match.group(1) if match else path
-
-
 def ask_save_path(parent, title: str, filters: str, directory: str = "") -> str:
-    """A save dialog's path with the chosen filter's suffix added if it has none; ``""`` if
-    cancelled."""
-    from PySide6.QtWidgets import QFileDialog
+    """A path from a modal save dialog, ``""`` if cancelled. A name typed without a suffix gets
+    the chosen filter's (``"PNG image (*.png)"`` → ``.png``) before the dialog checks whether
+    the file exists, so an existing file is never replaced without asking."""
+    from PySide6.QtWidgets import QDialog, QFileDialog
 
-    path, selected = QFileDialog.getSaveFileName(parent, title, directory, filters)
-    return with_filter_suffix(path, selected)
+    dialog = QFileDialog(parent, title, directory, filters)
+    dialog.setAcceptMode(QFileDialog.AcceptMode.AcceptSave)
+
+    def use_suffix_of(name_filter: str) -> None:
+        match = re.search(r"\*\.(\w+)", name_filter)
+        dialog.setDefaultSuffix(match.group(1) if match else "")
+
+    dialog.filterSelected.connect(use_suffix_of)
+    use_suffix_of(dialog.selectedNameFilter())
+    try:
+        accepted = dialog.exec() == QDialog.DialogCode.Accepted
+        files = dialog.selectedFiles()
+    finally:
+        dialog.deleteLater()
+    return files[0] if accepted and files else ""
 
 
 def export_decomposition_data(dec, path: str | Path, meta: dict | None = None) -> Path:

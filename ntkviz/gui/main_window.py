@@ -116,6 +116,7 @@ class MainWindow(QMainWindow):
 
     ready = Signal()  # dataset and first model are loaded
     error_shown = Signal(str, str)  # title, message
+    error_raised = Signal(str, str)  # from any thread: shown by show_error on the GUI thread
     decomposition_shown = Signal(object)  # DecompositionResult
     history_shown = Signal(object)  # StepHistory
     records_shown = Signal(int)  # number of records received so far
@@ -271,6 +272,7 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Loading PyTorch and the dataset…")
 
         self._build_menus()
+        self.error_raised.connect(self.show_error)  # queued when emitted off the GUI thread
         self._space_keeper = SpaceKeeper(self)
         QApplication.instance().focusChanged.connect(self._space_keeper.focus_changed)
         tp = self.training_panel
@@ -570,7 +572,7 @@ class MainWindow(QMainWindow):
             return True
         if info.source not in ("fresh weights", "trained"):
             what = f"loaded from {info.source}"
-        elif self.state in ("finished", "stopped"):
+        elif self.state in ("finished", "stopped", "paused"):
             what = f"trained for {self.step_label.text().removeprefix('step: ')} steps"
         elif result is not None and result.applied_steps:
             what = f"moved by {result.applied_steps} applied step(s)"
@@ -976,10 +978,13 @@ class MainWindow(QMainWindow):
                 if self.log_file is not None:
                     box.setInformativeText(f"Logged in {self.log_file}")
                 box.setAttribute(Qt.WA_DeleteOnClose)
-                box.destroyed.connect(lambda: setattr(self, "_error_box", None))
+                box.destroyed.connect(lambda: self._error_box is box and self._forget_error_box())
                 self._error_box = box
                 box.open()
         self.error_shown.emit(title, message)
+
+    def _forget_error_box(self) -> None:
+        self._error_box = None
 
     def show_about(self) -> None:
         from ntkviz import __version__

@@ -422,6 +422,7 @@ class TrainingWorker(QObject):
             self._timer.stop()
             return
         out: list[TrainRecord] = []
+        ended, error = None, None  # the run's end state and error, reported after its records
         deadline = time.perf_counter() + self.tick_seconds
         try:
             while not self.stop_requested:
@@ -430,25 +431,25 @@ class TrainingWorker(QObject):
                 if self._single or time.perf_counter() > deadline:
                     break
         except StopIteration:
-            self._iter, self._running = None, False
-            self.state_changed.emit("finished")
+            ended = "finished"
         except TrainingDiverged as e:
             log.warning("%s", e)
-            self._iter, self._running = None, False
-            self.error.emit(e.title, str(e))
-            self.state_changed.emit("stopped")
+            ended, error = "stopped", (e.title, str(e))
         except Exception as e:
             log.exception("training failed")
+            ended, error = "stopped", ("Training failed", f"{type(e).__name__}: {e}")
+        if ended is not None:
             self._iter, self._running = None, False
-            self.error.emit("Training failed", f"{type(e).__name__}: {e}")
-            self.state_changed.emit("stopped")
-        finally:
-            if out:
-                self.records.emit(tuple(out))
-            if self._single:
-                self._single = False
-                if self._iter is not None:
-                    self.state_changed.emit("paused")
+        if out:
+            self.records.emit(tuple(out))
+        if error is not None:
+            self.error.emit(*error)
+        if ended is not None:
+            self.state_changed.emit(ended)
+        if self._single:
+            self._single = False
+            if self._iter is not None:
+                self.state_changed.emit("paused")
 
     # ---------------------------------------------------------- decomposition
     def _x(self, split: str, index: int) -> torch.Tensor:
@@ -467,7 +468,19 @@ class TrainingWorker(QObject):
             self._timer.start()
 
     @_reporting
-    def _decompose_now(self, generation: int, r: PairRequest) -> None:
+    def _decompose_now(self, generation: int, r: PairRequest, after_step: bool = False) -> None:
+        try:
+            self._decompose(generation, r)
+        except StepDiverged as e:
+            if not after_step:
+                raise
+            raise StepDiverged(
+                r.lr,
+                "the model's outputs",
+                prefix="The step was applied, but its successor cannot be previewed: ",
+            ) from e
+
+    def _decompose(self, generation: int, r: PairRequest) -> None:
         dec = decompose(
             self._model, self._x(r.split_o, r.index_o), self._x(r.split_u, r.index_u), r.y_u,
             r.lr, r.loss,
@@ -566,7 +579,7 @@ class TrainingWorker(QObject):
 
     def _after_step_change(self, generation: int, r: PairRequest) -> None:
         self.history_changed.emit(generation, self._history(r))
-        self._decompose_now(generation, r)
+        self._decompose_now(generation, r, True)  # after a step
 
     @Slot(int, object)
     @_reporting
