@@ -144,23 +144,24 @@ def child_launch(t0: float) -> int:
     return 0
 
 
+def run_child(args: list[str], env=None, timeout: float = 1800) -> dict:
+    """Run this script with ``args`` in a fresh process; the JSON of its ``RESULT`` line."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{args[0]} child failed (rc {proc.returncode}):\n{proc.stderr}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def measure_launch(reps: int) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as config_home:
         env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_CONFIG_HOME=config_home)
         for i in range(reps):
             t0 = time.time()
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child-launch", repr(t0)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"launch child failed (rc {proc.returncode}):\n{proc.stderr}")
-            r = json.loads(lines[-1][len("RESULT ") :])
+            r = run_child(["--child-launch", repr(t0)], env=env, timeout=300)
             results.append(r)
             print(
                 f"  launch {i + 1}/{reps}: first paint {r['first_paint_s']:.2f} s, "
@@ -198,16 +199,7 @@ def child_bare(config_json: str) -> int:
 
 def measure_bare(config) -> dict:
     """:func:`bare_training` in a fresh subprocess."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child-bare", json.dumps(config.to_dict())],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"bare child failed (rc {proc.returncode}):\n{proc.stderr}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_child(["--child-bare", json.dumps(config.to_dict())])
 
 
 def load_off_main_thread():
