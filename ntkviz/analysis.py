@@ -17,11 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntkviz.decomposition import (
-    Influence,
-    _frozen,
-    step_trajectory,
-)
+from ntkviz.decomposition import Influence, _frozen, step_trajectory
 from ntkviz.kernel import empirical_ntk
 
 

@@ -217,8 +217,8 @@ def export_trajectory_figure(
 
     plot = TrajectoryPlot()
     plot.set_log(log)
-    plot.set_trajectory(trajectory.probs_o, trajectory.probs_u, trajectory.y_u)
     t = trajectory
+    plot.set_trajectory(t.probs_o, t.probs_u, t.y_u)
     _add_caption(plot.getPlotItem(), meta, f"η = {t.lr:g}, {t.loss}, y_u = {t.y_u}")
     return _export_offscreen(plot, plot.getPlotItem(), path, width, (900, 480))
 

@@ -180,7 +180,6 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.records_received = 0
         self.show_message_boxes = True
-        self._error_box: QMessageBox | None = None  # the open error message, if any
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
         self._last_live = (0, 0.0)  # step and time of the last live update
         self._run_started: tuple[float, int] | None = None
@@ -573,7 +572,7 @@ class MainWindow(QMainWindow):
         if info.source not in ("fresh weights", "trained"):
             what = f"loaded from {info.source}"
         elif self.state in ("finished", "stopped", "paused"):
-            what = f"trained for {self.step_label.text().removeprefix('step: ')} steps"
+            what = f"trained for {self.records_received} steps"
         elif result is not None and result.applied_steps:
             what = f"moved by {result.applied_steps} applied step(s)"
         else:
@@ -970,21 +969,20 @@ class MainWindow(QMainWindow):
         self.last_error = (title, message)
         self.statusBar().showMessage(f"{title}: {message}", 15000)
         if self.show_message_boxes:
-            box = self._error_box
-            if box is not None and box.isVisible() and box.windowTitle() == title:
-                box.setText(message)  # the same error again (e.g. while η is dragged): no pile
+            shown = [
+                b
+                for b in self.findChildren(QMessageBox)
+                if b.isVisible() and b.windowTitle() == title
+            ]
+            if shown:  # the same error again (e.g. while η is dragged): no pile of boxes
+                shown[-1].setText(message)
             else:
                 box = QMessageBox(QMessageBox.Warning, title, message, QMessageBox.Ok, self)
                 if self.log_file is not None:
                     box.setInformativeText(f"Logged in {self.log_file}")
                 box.setAttribute(Qt.WA_DeleteOnClose)
-                box.destroyed.connect(lambda: self._error_box is box and self._forget_error_box())
-                self._error_box = box
                 box.open()
         self.error_shown.emit(title, message)
-
-    def _forget_error_box(self) -> None:
-        self._error_box = None
 
     def show_about(self) -> None:
         from ntkviz import __version__
