@@ -11,6 +11,7 @@ Everything is Qt-free and returns read-only numpy arrays; models are never modif
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,23 +73,35 @@ def class_influence(
     return out
 
 
-def class_kernel_map(
+def iter_class_kernel_map(
     model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int = 100
-) -> np.ndarray:
-    """Mean ‖K(x_a, x_b)‖_F over pairs with label i and j, ``(C, C)``, symmetric. Pairs of an
-    example with itself are left out of the diagonal. ``x (N, ...)``: a probe set, typically
-    :func:`balanced_indices` of a split (e.g. 50 per class)."""
+) -> Iterator[tuple[int, int] | np.ndarray]:
+    """Generator form of :func:`class_kernel_map`: yields ``(done, total)`` after each chunk of
+    rows, then the ``(C, C)`` map."""
     labels = np.asarray(labels)
     C = num_classes or int(labels.max()) + 1
     norms = np.zeros((len(x), len(x)))
     for start in range(0, len(x), chunk):
         block = empirical_ntk(model, x[start : start + chunk], x)
         norms[start : start + chunk] = block.flatten(2).norm(dim=2).double().cpu().numpy()
+        yield min(start + chunk, len(x)), len(x)
     onehot = np.eye(C)[labels]
     off_diagonal = 1 - np.eye(len(x))
     sums = onehot.T @ (norms * off_diagonal) @ onehot
     counts = onehot.T @ off_diagonal @ onehot
-    return _frozen(sums / np.maximum(counts, 1))
+    yield _frozen(sums / np.maximum(counts, 1))
+
+
+def class_kernel_map(
+    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int = 100
+) -> np.ndarray:
+    """Mean ‖K(x_a, x_b)‖_F over pairs with label i and j, ``(C, C)``, symmetric. Pairs of an
+    example with itself are left out of the diagonal. ``x (N, ...)``: a probe set, typically
+    :func:`balanced_indices` of a split (e.g. 50 per class)."""
+    for item in iter_class_kernel_map(model, x, labels, num_classes, chunk):
+        if isinstance(item, np.ndarray):
+            return item
+    raise AssertionError("unreachable")
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

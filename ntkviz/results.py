@@ -1,4 +1,5 @@
-"""Writing decompositions to disk as JSON, NPZ or CSV (atomically, no pickle)."""
+"""Writing results to disk: decompositions as JSON, NPZ or CSV, named arrays as NPZ or CSV
+(atomically, no pickle)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,28 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
             np.savez(f, **arrays)
 
     return atomic_write(path, write_npz)
+
+
+def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write named arrays atomically: ``.npz`` (all of them) or ``.csv`` (one section per array,
+    ``# name shape`` then its rows); None values are left out."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    arrays = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+    if suffix == ".npz":
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        return atomic_write(path, write)
+    if suffix == ".csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for name, a in arrays.items():
+            w.writerow([f"# {name}", *a.shape])
+            for row in np.atleast_2d(a) if a.ndim <= 2 else a.reshape(a.shape[0], -1):
+                w.writerow([repr(float(v)) if a.dtype.kind == "f" else v for v in row])
+        data = buf.getvalue().encode()
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    raise ValueError(f"unknown data format {path.suffix!r}; use .csv or .npz")

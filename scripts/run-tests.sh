@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check ntkviz tests scripts
 .venv/bin/ruff format --check ntkviz tests scripts
+.venv/bin/lint-imports --no-cache
 QT_QPA_PLATFORM=${QT_QPA_PLATFORM:-offscreen} .venv/bin/python -m pytest -q "$@"

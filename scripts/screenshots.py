@@ -29,7 +29,7 @@ def wait_until(app: QApplication, condition, timeout: float = 120.0) -> None:
 
 def open_window(app: QApplication):
     """The real window with fresh settings, a 20,000-image 1-epoch config, shown and ready."""
-    from ntkviz.gui.main_window import MainWindow
+    from ntkviz.gui.window import MainWindow
     from ntkviz.training import TrainConfig
 
     settings = QSettings(str(Path(tempfile.mkdtemp()) / "ntkviz.ini"), QSettings.IniFormat)
@@ -37,8 +37,40 @@ def open_window(app: QApplication):
     window.show_message_boxes = False
     window.resize(1680, 1050)
     window.show()
-    wait_until(app, lambda: window.model_info is not None and window.last_result is not None)
+    wait_until(app, lambda: window.state.model is not None and current(window))
     return window
+
+
+def current(window) -> bool:
+    """The shown decomposition and step history answer the newest requests."""
+    pair, generation = window.views["pair"], window.controller.generation
+    return (
+        pair.shown_generation == generation["pair"]
+        and pair.shown_history_generation == generation["history"]
+    )
+
+
+def start_training(app: QApplication, window) -> None:
+    """Start a run and wait for its end."""
+    window.views["training"].start_button.click()
+    try:
+        wait_until(app, lambda: window.state.run_state == "finished", 600)
+    except TimeoutError:
+        print("state", window.state.run_state, "error", window.last_error)
+        window.close()
+        raise
+
+
+def select(app: QApplication, window, lr: float = 0.05):
+    """x_u: the third "4" of the training split, learnt as 4; x_o: the fourth "9" of the test
+    split; η = ``lr``. Waits until the window shows them."""
+    from ntkviz.app.state import Example
+
+    labels = window.state.dataset.labels
+    u = int((labels["train"] == 4).nonzero()[0][2])
+    o = int((labels["test"] == 9).nonzero()[0][3])
+    window.controller.select(x_u=Example("train", u), y_u=4, x_o=Example("test", o), lr=lr)
+    wait_until(app, lambda: current(window))
 
 
 def main(out_dir: str = "docs/screenshots") -> int:
@@ -47,37 +79,21 @@ def main(out_dir: str = "docs/screenshots") -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     window = open_window(app)
 
-    window.start_training()
-    try:
-        wait_until(app, lambda: window.state == "finished")
-    except TimeoutError:
-        print("state", window.state, "error", window.last_error, "records", window.records_received)
-        window.close()
-        raise
-    labels = window.dataset.labels
-    u = int((labels["train"] == 4).nonzero()[0][2])
-    o = int((labels["test"] == 9).nonzero()[0][3])
-    window.x_u_picker.select("train", u)
-    window.x_o_picker.select("test", o)
-    window.step_panel.lr.setValue(0.05)
-    gen = window.generation
-    wait_until(app, lambda: window.last_result is not None and window.generation == gen
-               and window.last_result.request.index_o == o and window.last_history is not None
-               and window.last_history.request.index_o == o)  # fmt: skip
+    start_training(app, window)
+    select(app, window)
+    pair = window.views["pair"]
     for _ in range(20):
         app.processEvents()
     window.grab().save(str(out / "main.png"))
-    window.decomposition_view.grab().save(str(out / "decomposition.png"))
+    pair.decomposition_view.grab().save(str(out / "decomposition.png"))
 
-    for _ in range(5):
-        window.apply_step()
-        n = window.last_result.applied_steps
-        wait_until(app, lambda n=n: window.last_result.applied_steps == n + 1)
-    wait_until(app, lambda: window.last_history is not None and len(window.last_history.lrs) == 5)
+    for n in range(5):
+        window.controller.apply_step()
+        wait_until(app, lambda n=n: current(window) and pair.last_result.applied_steps == n + 1)
     for _ in range(20):
         app.processEvents()
     window.grab().save(str(out / "step.png"))
-    window.step_panel.grab().save(str(out / "step_panel.png"))
+    pair.step_panel.grab().save(str(out / "step_panel.png"))
     window.close()
     print(f"wrote screenshots to {out}")
     return 0

@@ -16,7 +16,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np
 import screenshots
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QDockWidget
 
 
 def settle(app: QApplication) -> None:
@@ -34,35 +34,30 @@ def main(out_dir: str = "docs/screenshots") -> int:
     out.mkdir(parents=True, exist_ok=True)
     app = QApplication.instance() or QApplication(sys.argv[:1])
     window = screenshots.open_window(app)
+    views = window.views
     shown = {}
-    for name in ("spectrum", "influence", "squeeze", "layers"):
-        getattr(window, f"{name}_shown").connect(lambda r, n=name: shown.__setitem__(n, r))
+    window.shown.connect(lambda topic, result: shown.__setitem__(topic, result))
 
     # the spectrum at initialisation, kept as a faded curve
-    window.compute_spectrum(50)
+    lv = views["layers"]
+    lv.n_box.setValue(50)
+    lv.run_spectrum()
     wait_until(app, lambda: "spectrum" in shown)
 
-    kv = window.kernel_map_view
+    kv = views["kernel_maps"]
     kv.per_class_box.setValue(10)
     kv.every_box.setValue(50)
     kv.record_box.setChecked(True)
-    window.start_training()
-    wait_until(app, lambda: window.state == "finished")
+    screenshots.start_training(app, window)
     t0 = time.monotonic()
-    print("trained; kernel maps at steps", window.kernel_maps.steps.tolist())
+    print("trained; kernel maps at steps", kv.maps.steps.tolist())
 
-    labels = window.dataset.labels
-    u = int((labels["train"] == 4).nonzero()[0][2])
-    o = int((labels["test"] == 9).nonzero()[0][3])
-    window.x_u_picker.select("train", u)
-    window.x_o_picker.select("test", o)
-    window.y_u_box.setCurrentIndex(4)
-    window.step_panel.lr.setValue(0.05)
-    iv = window.influence_view
+    screenshots.select(app, window)
+    iv = views["influence"]
     iv.set_probe_size(10000)
     iv.norm_box.setValue(1000)
     iv.actual_box.setChecked(True)
-    window.compute_influence()
+    iv.run()
     wait_until(app, lambda: "influence" in shown)
     print(f"influence in {time.monotonic() - t0:.0f} s")
     r = shown["influence"]
@@ -73,8 +68,8 @@ def main(out_dir: str = "docs/screenshots") -> int:
     if r.kernel_norm is not None:
         print("mean ‖K‖ by class:", np.array2string(iv.norm_means, precision=3))
     # the probe views are wide: give them the whole window (View menu: hide both docks)
-    window.training_dock.hide()
-    window.examples_dock.hide()
+    for dock in window.findChildren(QDockWidget):
+        dock.hide()
     window.show_view(iv)
     settle(app)
     window.centralWidget().grab().save(str(out / "influence.png"))
@@ -83,22 +78,22 @@ def main(out_dir: str = "docs/screenshots") -> int:
     settle(app)
     window.centralWidget().grab().save(str(out / "kernel_map.png"))
 
-    sv = window.squeeze_view
+    sv = views["squeeze"]
     sv.label_box.setCurrentIndex(4)
     sv.steps_box.setValue(5)
     sv.lr_box.setValue(0.05)
     sv.log_box.setChecked(True)
-    window.run_squeeze()
+    sv.run()
     wait_until(app, lambda: "squeeze" in shown)
     window.show_view(sv)
     settle(app)
     window.centralWidget().grab().save(str(out / "squeeze.png"))
 
     shown.pop("spectrum")
-    window.compute_layers()
-    window.compute_spectrum(50)
+    lv.run()
+    lv.run_spectrum()
     wait_until(app, lambda: "layers" in shown and "spectrum" in shown)
-    window.show_view(window.layers_view)
+    window.show_view(lv)
     settle(app)
     window.centralWidget().grab().save(str(out / "layers.png"))
     window.close()

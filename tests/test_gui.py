@@ -18,67 +18,53 @@ pytest.importorskip("PySide6")
 pytest.importorskip("pyqtgraph")
 
 from conftest import TorchCalls
-from PySide6.QtCore import QSettings, Qt
+from gui_helpers import (
+    SMALL,
+    TIMEOUT,
+    model_state,
+    open_window,
+    settings_in,
+    train_batches,
+    wait_current,
+    wait_shown,
+)
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QImage
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication, QMessageBox
 
+from ntkviz.app.features.pair import PairRequest
+from ntkviz.app.jobs import JobEvent
+from ntkviz.app.state import Example
 from ntkviz.checkpoint import load_checkpoint
 from ntkviz.decomposition import decompose
-from ntkviz.gui.main_window import MainWindow
 from ntkviz.gui.plots import compact_tick_strings, nice_ceiling
+from ntkviz.gui.window import MainWindow
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
-
-SMALL = TrainConfig(train_size=640, batch_size=64, epochs=2, eval_every=5, eval_size=200)
-TIMEOUT = 60_000
 
 
 @pytest.fixture
 def settings(tmp_path):
-    return QSettings(str(tmp_path / "ntkviz.ini"), QSettings.IniFormat)
+    return settings_in(tmp_path)
 
 
-def open_window(qtbot, settings, dataset=None, config=SMALL) -> MainWindow:
-    window = MainWindow(config=config, dataset=dataset, settings=settings)
-    window.show_message_boxes = False
-    qtbot.addWidget(window)
-    with qtbot.waitSignal(window.ready, timeout=TIMEOUT):
-        window.show()
-    wait_current(qtbot, window)
-    return window
-
-
-def wait_current(qtbot, window) -> None:
-    """Wait until the shown decomposition answers the newest request."""
-    qtbot.waitUntil(lambda: window.shown_generation == window.generation, timeout=TIMEOUT)
-
-
-def model_state(qtbot, window) -> dict:
-    with qtbot.waitSignal(window.worker.state_dict_ready, timeout=TIMEOUT) as blocker:
-        window.state_dict_requested.emit(1)
-    return blocker.args[1]
-
-
-def train_batches(qtbot, window, n: int) -> None:
-    for _ in range(n):
-        with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
-            window.one_batch()
-        qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
-    wait_current(qtbot, window)
+def start_training(qtbot, window) -> None:
+    window.views["training"].start_button.click()
 
 
 def test_window_opens_and_loads_dataset_in_worker(qtbot, settings):
     window = open_window(qtbot, settings)
     assert "ntkviz" in window.windowTitle()
     assert window.thread.isRunning()
-    assert window.dataset.images["train"].shape == (60000, 28, 28)
-    assert window.dataset.labels["test"].shape == (10000,)
-    assert window.x_u_picker.isEnabled() and window.x_o_picker.isEnabled()
-    assert window.model_info.num_parameters == 29624
-    assert window.last_result is not None  # the untrained model's decomposition is shown
-    assert "29,624" in window.params_label.text()
-    device = window.training_panel.device
+    assert window.state.dataset.images["train"].shape == (60000, 28, 28)
+    assert window.state.dataset.labels["test"].shape == (10000,)
+    examples = window.views["examples"]
+    assert examples.x_u_picker.isEnabled() and examples.x_o_picker.isEnabled()
+    assert window.state.model.num_parameters == 29624
+    assert window.views["pair"].last_result is not None  # the untrained model's decomposition
+    assert "29,624" in window.status_labels["params"].text()
+    device = window.views["training"].device
     cuda = device.model().item(device.findData("cuda"))
     assert cuda.isEnabled() == torch.cuda.is_available()
     if not torch.cuda.is_available():  # disabled, with the reason where the user looks
@@ -95,15 +81,16 @@ def test_window_opens_and_loads_dataset_in_worker(qtbot, settings):
 
 def test_training_updates_loss_curve(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
-    states = []  # the window's state as each batch of records arrives
-    window.records_shown.connect(lambda n: states.append(window.state))
-    window.start_training()
-    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    states = []  # the run state as each batch of records arrives
+    window.controller.on("records", lambda e: states.append(window.state.run_state))
+    start_training(qtbot, window)
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
     assert states and set(states) == {"training"}  # "finished" comes after the last records
-    curves = window.training_panel.curves
+    curves = window.views["training"].curves
+    curves.flush()
     xs, ys = curves.raw_curve.getData()
-    assert window.records_received == 20  # 640 / 64 · 2 epochs
-    assert len(xs) == len(ys) == window.records_received
+    assert window.controller.records_received == 20  # 640 / 64 · 2 epochs
+    assert len(xs) == len(ys) == window.controller.records_received
     assert list(xs) == list(range(1, 21))
     assert np.all(np.isfinite(ys)) and ys[-1] < ys[0]
     assert len(curves.ema_curve.getData()[0]) == 20
@@ -112,44 +99,54 @@ def test_training_updates_loss_curve(qtbot, settings, mnist):
     # fixed axes: every step of the run, loss from 0 to the round number above its maximum
     (x0, x1), (y0, y1) = curves.loss_plot.getViewBox().viewRange()
     assert x0 <= 0 and 20 <= x1 < 21 and y0 <= 0 and max(ys) <= y1 <= 1.6 * max(ys)
-    assert window.training_panel.progress.value() == 20
-    assert window.step_label.text() == "step: 20"
+    assert window.views["training"].progress.value() == 20
+    assert window.status_labels["step"].text() == "step: 20"
     wait_current(qtbot, window)
-    assert window.last_result.step == 20  # the decomposition follows the trained model
+    assert (
+        window.views["pair"].last_result.step == 20
+    )  # the decomposition follows the trained model
 
 
 def test_decompositions_follow_the_model_while_it_trains(qtbot, settings, mnist, monkeypatch):
-    import ntkviz.gui.main_window as main_window
+    import ntkviz.app.controller as controller
 
-    monkeypatch.setattr(main_window, "LIVE_EVERY", 5)
-    monkeypatch.setattr(main_window, "LIVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(controller, "LIVE_EVERY", 5)
+    monkeypatch.setattr(controller, "LIVE_INTERVAL_S", 0.0)
     window = open_window(qtbot, settings, mnist, dataclasses.replace(SMALL, epochs=30))
     shown = []
-    window.decomposition_shown.connect(lambda result: shown.append(result.step))
-    window.start_training()
-    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+    window.shown.connect(
+        lambda topic, result: shown.append(result.step) if topic == "pair" else None
+    )
+    start_training(qtbot, window)
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
     wait_current(qtbot, window)
     # only live updates are computed mid-run: the others are of step 0 and of the trained model
     live = [step for step in shown if 0 < step < 300]
     assert live and live == sorted(live)
-    assert window.last_result.step == shown[-1] == 300  # and the trained model's, at the end
+    assert (
+        window.views["pair"].last_result.step == shown[-1] == 300
+    )  # and the trained model's, at the end
 
 
 def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
     train_batches(qtbot, window, 3)
-    window.loss_box.setCurrentIndex(1)  # negative gradient
-    window.x_u_picker.select("train", 11)
-    window.y_u_box.setCurrentIndex(7)
-    window.x_o_picker.select("test", 3)
-    window.step_panel.lr.setValue(0.2)
+    examples, pair = window.views["examples"], window.views["pair"]
+    examples.loss_box.setCurrentIndex(1)  # negative gradient
+    examples.x_u_picker.index_box.setValue(11)
+    examples.y_u_box.setCurrentIndex(7)
+    window.state.x_o = Example("test", 3)
+    pair.step_panel.lr.setValue(0.2)
     wait_current(qtbot, window)
+    assert window.controller.pair() == PairRequest(
+        Example("train", 11), 7, Example("test", 3), 0.2, "neg"
+    )
     # the step history (the trajectory's data) follows every change of the pair
-    qtbot.waitUntil(lambda: window.last_history.request == window.pair_request(), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: pair.last_history.request == window.controller.pair(), timeout=TIMEOUT)
     model = build_model("lenet")
     model.load_state_dict(model_state(qtbot, window))
     dec = decompose(model, mnist.test.x[3], mnist.train.x[11], 7, 0.2, "neg")
-    maps = window.decomposition_view.heatmaps
+    maps = pair.decomposition_view.heatmaps
     expected = {
         "A": dec.A,
         "K": dec.K,
@@ -163,13 +160,13 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
     for name, want in expected.items():
         np.testing.assert_allclose(maps[name].image, want, rtol=1e-6, atol=1e-9, err_msg=name)
     assert np.abs(dec.K).max() > 0 and dec.G[7] > 0  # "neg": G = e_y − π
-    preview = window.step_panel.preview
+    preview = pair.step_panel.preview
     np.testing.assert_allclose(preview.predicted.opts["height"], dec.predicted, atol=1e-9)
     np.testing.assert_allclose(preview.actual.opts["height"], dec.actual, atol=1e-9)
     (y0, y1) = preview.getViewBox().viewRange()[1]  # every bar is inside the view
     both = np.concatenate([dec.predicted, dec.actual])
     assert y0 <= both.min() and both.max() <= y1 and y1 - y0 <= 3.5 * np.ptp(both)
-    np.testing.assert_allclose(window.x_o_picker.bars.probs, dec.probs_before, atol=1e-9)
+    np.testing.assert_allclose(examples.x_o_picker.bars.probs, dec.probs_before, atol=1e-9)
     # the colour scale is symmetric around zero and ends at the round number just above max |K|
     low, high = maps["K"].colorbar.levels()
     k_max = np.abs(dec.K).max()
@@ -202,43 +199,44 @@ def test_colour_bar_tick_labels_are_short_and_exact():
 
 def test_stale_results_are_dropped(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
-    shown = window.last_result
-    old = window.generation
-    window.step_panel.lr.setValue(0.5)  # a newer request
-    window.worker.decomposition_ready.emit(old, shown)  # a late answer to the old one
+    pair = window.views["pair"]
+    shown = pair.last_result
+    old = window.controller.generation["pair"]
+    pair.step_panel.lr.setValue(0.5)  # a newer request
+    window.controller.handle(JobEvent("pair", old, "result", shown))  # a late answer to the old one
     wait_current(qtbot, window)
-    assert window.last_result.request.lr == 0.5
-    window.worker.decomposition_ready.emit(old, shown)
-    assert window.last_result.request.lr == 0.5
+    assert pair.last_result.request.lr == 0.5
+    seen = []
+    window.controller.on("pair", seen.append)
+    window.controller.handle(JobEvent("pair", old, "result", shown))
+    assert seen == [] and pair.last_result.request.lr == 0.5  # dropped before any view saw it
 
 
 def test_apply_step_then_undo_is_bit_exact(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
     train_batches(qtbot, window, 2)
-    window.step_panel.lr.setValue(0.5)
+    pair, actions = window.views["pair"], window.menu_actions
+    pair.step_panel.lr.setValue(0.5)
     wait_current(qtbot, window)
     before = model_state(qtbot, window)
-    predicted_after = window.last_result.decomposition.probs_after
-    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-        window.apply_action.trigger()
+    predicted_after = pair.last_result.decomposition.probs_after
+    wait_shown(qtbot, window, "history", actions["&Apply step"].trigger)
     wait_current(qtbot, window)
-    assert len(window.last_history.probs_o) == 2
+    assert len(pair.last_history.probs_o) == 2
     # the real step lands where decompose()'s "actual" said it would
-    np.testing.assert_allclose(window.last_history.probs_o[-1], predicted_after, atol=1e-5)
+    np.testing.assert_allclose(pair.last_history.probs_o[-1], predicted_after, atol=1e-5)
     after = model_state(qtbot, window)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert window.last_result.applied_steps == 1
-    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-        window.undo_action.trigger()
+    assert pair.last_result.applied_steps == 1
+    wait_shown(qtbot, window, "history", actions["&Undo step"].trigger)
     undone = model_state(qtbot, window)
     assert all(torch.equal(before[k], undone[k]) for k in before)
     for _ in range(3):
-        with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-            window.apply_step()
-    history = window.last_history
+        wait_shown(qtbot, window, "history", window.controller.apply_step)
+    history = pair.last_history
     assert len(history.probs_o) == 4
     # the trajectory plot shows exactly these π(x_o), one line per class, and π_{y_u}(x_u)
-    trajectory = window.step_panel.trajectory
+    trajectory = pair.step_panel.trajectory
     for i, curve in enumerate(trajectory.curves):
         xs, ys = curve.getData()
         assert list(xs) == [0, 1, 2, 3]
@@ -255,33 +253,33 @@ def test_apply_step_then_undo_is_bit_exact(qtbot, settings, mnist):
     )
     assert trajectory.getViewBox().viewRange()[1][0] <= np.log(history.probs_o).min()
     trajectory.set_log(False)
-    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-        window.reset_steps()
+    wait_shown(qtbot, window, "history", window.controller.reset_steps)
     reset = model_state(qtbot, window)
     assert all(torch.equal(before[k], reset[k]) for k in before)
-    assert len(window.last_history.probs_o) == 1
+    assert len(pair.last_history.probs_o) == 1
 
 
 def test_exports_decode(qtbot, settings, mnist, tmp_path):
     window = open_window(qtbot, settings, mnist)
     train_batches(qtbot, window, 1)
-    dec = window.last_result.decomposition
+    pair = window.views["pair"]
+    dec = pair.last_result.decomposition
     png, svg = tmp_path / "fig.png", tmp_path / "fig.svg"
-    assert window.export_figure(str(png), width=900)
+    assert window.export_plot("Decomposition", str(png), width=900)
     image = QImage(str(png))
     assert not image.isNull() and image.width() == 900 and image.height() > 100
-    assert window.export_figure(str(svg))
+    assert window.export_plot("Decomposition", str(svg))
     assert ET.parse(svg).getroot().tag.endswith("svg")
     assert window.export_plot("Trajectory", str(tmp_path / "traj.png"), 400)
     assert QImage(str(tmp_path / "traj.png")).width() == 400
 
     for suffix in ("csv", "npz", "json"):
-        assert window.export_data(str(tmp_path / f"d.{suffix}")), window.last_error
+        pair.export_data(str(tmp_path / f"d.{suffix}"))
     data = np.load(tmp_path / "d.npz")
     for name, array in dec.arrays().items():
         np.testing.assert_array_equal(data[name], array, err_msg=name)
     meta = json.loads(str(data["meta_json"]))
-    assert meta["x_u"]["index"] == window.x_u_picker.index and meta["training_step"] == 1
+    assert meta["x_u"]["index"] == window.state.x_u.index and meta["training_step"] == 1
     record = json.loads((tmp_path / "d.json").read_text())
     np.testing.assert_array_equal(np.array(record["K"]), dec.K)
     assert record["meta"]["model"] == "lenet" and record["meta"]["seed"] == 0
@@ -306,7 +304,7 @@ def test_exports_decode(qtbot, settings, mnist, tmp_path):
         np.testing.assert_array_equal(table[:, cols], matrix, err_msg=name)
 
     bad = tmp_path / "missing" / "fig.png"
-    assert not window.export_figure(str(bad))
+    assert not window.export_plot("Decomposition", str(bad))
     assert window.last_error[0] == "Export failed" and "does not exist" in window.last_error[1]
     assert not bad.parent.exists()
 
@@ -350,8 +348,8 @@ def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_
 
     for show in (
         lambda: window._export_plot_dialog("Trajectory"),
-        window._export_data_dialog,
-        window._export_data_dialog,
+        window.views["pair"]._export_data_dialog,
+        window.views["pair"]._export_data_dialog,
         window._save_checkpoint_dialog,
     ):
         QTimer.singleShot(0, answer)
@@ -380,11 +378,9 @@ def test_export_figure_offscreen_function(qtbot, mnist, tmp_path):
 
 def test_closing_mid_training_stops_the_thread(qtbot, settings, mnist, qtlog):
     window = open_window(qtbot, settings, mnist, TrainConfig(epochs=5))
-    window.start_training()
-    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
-        pass
+    wait_shown(qtbot, window, "records", lambda: start_training(qtbot, window))
     thread = window.thread
-    assert window.state == "training" and thread.isRunning()
+    assert window.state.run_state == "training" and thread.isRunning()
     window.close()
     assert not thread.isRunning() and thread.isFinished()
     assert window.thread is None
@@ -399,43 +395,42 @@ def test_the_gui_thread_runs_no_torch_op(qtbot, settings, mnist, tmp_path):
     with calls:
         window = open_window(qtbot, settings, mnist)
         train_batches(qtbot, window, 2)
-        window.x_u_picker.select("train", 5)
-        window.x_o_picker.select("test", 9)
+        window.state.x_u = Example("train", 5)
+        window.state.x_o = Example("test", 9)
         wait_current(qtbot, window)
-        for action in (window.apply_step, window.undo_step):
-            with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-                action()
+        for action in (window.controller.apply_step, window.controller.undo_step):
+            wait_shown(qtbot, window, "history", action)
         wait_current(qtbot, window)
-        assert window.export_data(str(tmp_path / "d.npz")), window.last_error
-        assert window.export_figure(str(tmp_path / "d.png"), width=600)
-        window.start_training()
-        qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
+        window.views["pair"].export_data(str(tmp_path / "d.npz"))
+        assert window.export_plot("Decomposition", str(tmp_path / "d.png"), width=600)
+        start_training(qtbot, window)
+        qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
         wait_current(qtbot, window)
         window.close()
-    assert window.last_result.step == 20  # a fresh run: 640 / 64 · 2 epochs
+    assert window.views["pair"].last_result.step == 20  # a fresh run: 640 / 64 · 2 epochs
     assert calls.calls == []
 
 
 def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch):
     window = open_window(qtbot, settings, mnist)
-    window.training_panel.lr.setValue(1e6)
+    window.views["training"].lr.setValue(1e6)
     with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
-        window.start_training()
+        start_training(qtbot, window)
     assert blocker.args[0] == "Training diverged" and "diverged" in blocker.args[1]
-    qtbot.waitUntil(lambda: window.state == "stopped", timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: window.state.run_state == "stopped", timeout=TIMEOUT)
     assert "diverged" in window.statusBar().currentMessage()
 
-    import ntkviz.gui.worker as worker_module
+    import ntkviz.decomposition
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(worker_module, "decompose", broken)
+    monkeypatch.setattr(ntkviz.decomposition, "decompose", broken)
     with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
-        window.refresh()
-    assert "injected failure" in blocker.args[1]
+        window.controller.refresh()
+    assert blocker.args[0] == "Internal error" and "injected failure" in blocker.args[1]
     monkeypatch.undo()
-    window.refresh()  # the app keeps working
+    window.controller.refresh()  # the app keeps working
     wait_current(qtbot, window)
     assert window.thread.isRunning()
 
@@ -444,54 +439,56 @@ def test_a_diverging_step_is_refused_and_the_model_kept(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
     train_batches(qtbot, window, 1)
     before = model_state(qtbot, window)
-    huge = dataclasses.replace(window.pair_request(), lr=1e300)  # the η box stops at 100
+    huge = dataclasses.replace(window.controller.pair(), lr=1e300)  # the η box stops at 100
     with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
-        window.apply_requested.emit(window.generation, huge)
+        window.controller.send("apply_step", huge)
     assert blocker.args[0] == "Step diverged" and "η = 1e+300" in blocker.args[1]
     after = model_state(qtbot, window)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-        window.apply_step()  # an ordinary step still works, and is the first in the history
-    assert len(window.last_history.probs_o) == 2
+    # an ordinary step still works, and is the first in the history
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    assert len(window.views["pair"].last_history.probs_o) == 2
 
 
 def test_space_applies_a_step_unless_a_button_has_the_focus(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
     window.activateWindow()
     qtbot.waitUntil(window.isActiveWindow, timeout=TIMEOUT)
-    window.decomposition_view.setFocus()
-    with qtbot.waitSignal(window.history_shown, timeout=TIMEOUT):
-        QTest.keyClick(window.decomposition_view, Qt.Key_Space)
-    assert len(window.last_history.probs_o) == 2
-    button = window.training_panel.batch_button
+    pair = window.views["pair"]
+    pair.decomposition_view.setFocus()
+    wait_shown(
+        qtbot, window, "history", lambda: QTest.keyClick(pair.decomposition_view, Qt.Key_Space)
+    )
+    assert len(pair.last_history.probs_o) == 2
+    button = window.views["training"].batch_button
     button.setFocus()
     assert QApplication.focusWidget() is button
-    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
-        QTest.keyClick(button, Qt.Key_Space)  # "One batch", not another step
-    qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
+    # "One batch", not another step
+    wait_shown(qtbot, window, "records", lambda: QTest.keyClick(button, Qt.Key_Space))
+    qtbot.waitUntil(lambda: window.state.run_state == "paused", timeout=TIMEOUT)
     wait_current(qtbot, window)
-    assert window.records_received == 1 and window.last_result.applied_steps == 0
+    assert window.controller.records_received == 1 and pair.last_result.applied_steps == 0
 
 
 def test_a_new_run_asks_before_discarding_a_trained_model(qtbot, settings, mnist, monkeypatch):
     window = open_window(qtbot, settings, mnist)
+    training, controller = window.views["training"], window.controller
     asked = []
-    monkeypatch.setattr(window, "confirm", lambda title, text: asked.append(text) or False)
-    window.start_training()  # fresh weights: nothing to lose, no question
-    qtbot.waitUntil(lambda: window.state == "finished", timeout=TIMEOUT)
-    assert asked == [] and window.records_received == 20
-    window.start_training()
-    window.one_batch()
+    monkeypatch.setattr(controller, "ask", lambda title, text: asked.append(text) or False)
+    training.start_button.click()  # fresh weights: nothing to lose, no question
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    assert asked == [] and controller.records_received == 20
+    training.start_button.click()
+    training.batch_button.click()
     assert len(asked) == 2 and "trained for 20 steps" in asked[0]
-    assert window.state == "finished" and window.records_received == 20
-    monkeypatch.setattr(window, "confirm", lambda title, text: True)
-    with qtbot.waitSignal(window.records_shown, timeout=TIMEOUT):
-        window.one_batch()
-    assert window.records_received == 1
-    qtbot.waitUntil(lambda: window.state == "paused", timeout=TIMEOUT)
-    monkeypatch.setattr(window, "confirm", lambda title, text: asked.append(text) or False)
-    window.start_training()  # a paused run is a trained model too
-    assert "trained for 1 steps" in asked[-1] and window.state == "paused"
+    assert window.state.run_state == "finished" and controller.records_received == 20
+    monkeypatch.setattr(controller, "ask", lambda title, text: True)
+    wait_shown(qtbot, window, "records", training.batch_button.click)
+    assert controller.records_received == 1
+    qtbot.waitUntil(lambda: window.state.run_state == "paused", timeout=TIMEOUT)
+    monkeypatch.setattr(controller, "ask", lambda title, text: asked.append(text) or False)
+    training.start_button.click()  # a paused run is a trained model too
+    assert "trained for 1 steps" in asked[-1] and window.state.run_state == "paused"
 
 
 def test_the_same_error_twice_shows_one_box(qtbot, settings):
@@ -567,14 +564,15 @@ def test_errors_go_to_a_log_file(qtbot, settings, tmp_path, monkeypatch):
 
 def test_thumbnails_follow_the_class_filter_and_select_on_click(qtbot, settings, mnist):
     window = open_window(qtbot, settings, mnist)
-    picker = window.x_o_picker
+    picker = window.views["examples"].x_o_picker
     picker.class_box.setCurrentIndex(picker.class_box.findData(3))
     items = [picker.thumbnails.item(k) for k in range(picker.thumbnails.count())]
     indices = [int(item.data(Qt.UserRole)) for item in items]
     assert len(indices) == picker.THUMBS
     assert all(int(mnist.test.y[i]) == 3 for i in indices)
-    assert picker.index in indices
+    assert window.state.x_o.index in indices and picker.example == window.state.x_o
     target = items[5]
-    with qtbot.waitSignal(picker.changed):
+    with qtbot.waitSignal(picker.picked):
         picker.thumbnails.itemClicked.emit(target)
-    assert picker.index == int(target.data(Qt.UserRole)) and picker.label == 3
+    assert window.state.x_o == Example("test", int(target.data(Qt.UserRole)))
+    assert picker.example == window.state.x_o and picker.label == 3

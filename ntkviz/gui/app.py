@@ -60,7 +60,7 @@ def run(argv: list[str] | None = None) -> int:
     """Open the ntkviz main window; return the application's exit code."""
     from PySide6.QtWidgets import QApplication
 
-    from ntkviz.gui.main_window import APPLICATION, ORGANIZATION, MainWindow
+    from ntkviz.gui.window import APPLICATION, ORGANIZATION, MainWindow
 
     path = setup_logging()
     app = QApplication.instance() or QApplication(list(argv or sys.argv[:1]))

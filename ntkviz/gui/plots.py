@@ -443,19 +443,15 @@ class TrajectoryPlot(pg.PlotWidget):
 
 
 class TrainingCurves(QWidget):
-    """Loss per step (raw and EMA-smoothed) and test accuracy. ``steps``/``losses`` hold every
-    record received."""
+    """Shows a :class:`~ntkviz.app.features.training.RunCurves`: loss per step (raw and
+    smoothed) and test accuracy, redrawn at most every ``REDRAW_MS`` while records arrive."""
 
-    def __init__(self, ema: float = 0.95, parent: QWidget | None = None):
+    REDRAW_MS = 250
+
+    def __init__(self, curves, parent: QWidget | None = None):
         super().__init__(parent)
-        self.ema_factor = ema
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.smoothed: list[float] = []
-        self.acc_steps: list[int] = []
-        self.accuracies: list[float] = []
+        self.model = curves
         self._acc_drawn = -1  # accuracy points drawn
-        self.total_steps = 0  # of the current run (0: unknown)
         self._ranges = None  # (steps, loss top) of the axes
         self.loss_plot = pg.PlotWidget(title="training loss")
         self.loss_plot.setBackground("w")
@@ -483,8 +479,15 @@ class TrainingCurves(QWidget):
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.setInterval(self.REDRAW_MS)
         self._redraw_timer.timeout.connect(self._redraw)
+        curves.changed.connect(self._changed)
+        self._redraw()
 
-    REDRAW_MS = 250
+    def _changed(self) -> None:
+        if not self.model.steps:  # cleared: show it at once
+            self._acc_drawn = -1
+            self._redraw()
+        elif not self._redraw_timer.isActive():
+            self._redraw_timer.start()
 
     def flush(self) -> None:
         """Draw what has arrived now rather than at the next throttled redraw."""
@@ -492,58 +495,18 @@ class TrainingCurves(QWidget):
             self._redraw_timer.stop()
             self._redraw()
 
-    def clear(self) -> None:
-        for a in (self.steps, self.losses, self.smoothed, self.acc_steps, self.accuracies):
-            a.clear()
-        self.total_steps = 0
-        self._acc_drawn = -1
-        self._redraw()
-
-    def add_records(self, records) -> None:
-        for r in records:
-            self.steps.append(r.step)
-            self.losses.append(r.loss)
-            prev = self.smoothed[-1] if self.smoothed else r.loss
-            self.smoothed.append(self.ema_factor * prev + (1 - self.ema_factor) * r.loss)
-            if r.test_accuracy is not None:
-                self.acc_steps.append(r.step)
-                self.accuracies.append(r.test_accuracy)
-            self.total_steps = r.total_steps
-        if not self._redraw_timer.isActive():
-            self._redraw_timer.start()
-
-    def curves(self) -> dict[str, list[float]]:
-        """The recorded curves as plain lists (for sessions)."""
-        return {
-            "step": [float(s) for s in self.steps],
-            "loss": list(self.losses),
-            "acc_step": [float(s) for s in self.acc_steps],
-            "accuracy": list(self.accuracies),
-        }
-
-    def set_curves(self, curves: dict) -> None:
-        """Replace everything by ``curves`` (as :meth:`curves` returns)."""
-        self.clear()
-        self.steps[:] = [int(s) for s in curves.get("step", [])]
-        self.losses[:] = [float(v) for v in curves.get("loss", [])]
-        for v in self.losses:
-            prev = self.smoothed[-1] if self.smoothed else v
-            self.smoothed.append(self.ema_factor * prev + (1 - self.ema_factor) * v)
-        self.acc_steps[:] = [int(s) for s in curves.get("acc_step", [])]
-        self.accuracies[:] = [float(v) for v in curves.get("accuracy", [])]
-        self._redraw()
-
     def _redraw(self) -> None:
+        m = self.model
         # Fixed ranges (all steps of the run; loss from 0 to a round number above its maximum):
         # the axes then stay as drawn, and a redraw repaints the curves alone.
-        steps = max(self.total_steps, self.steps[-1] if self.steps else 1)
-        top = nice_ceiling(max(self.losses, default=1.0))
+        steps = max(m.total_steps, m.steps[-1] if m.steps else 1)
+        top = nice_ceiling(max(m.losses, default=1.0))
         if (steps, top) != self._ranges:
             self._ranges = (steps, top)
             self.loss_plot.setRange(xRange=(0, steps), yRange=(0, top), padding=0.02)
             self.acc_plot.setRange(xRange=(0, steps), yRange=(0, 1), padding=0.02)
-        self.raw_curve.setData(self.steps, self.losses)
-        self.ema_curve.setData(self.steps, self.smoothed)
-        if len(self.acc_steps) != self._acc_drawn:  # accuracy arrives every eval_every steps
-            self._acc_drawn = len(self.acc_steps)
-            self.acc_curve.setData(self.acc_steps, self.accuracies)
+        self.raw_curve.setData(m.steps, m.losses)
+        self.ema_curve.setData(m.steps, m.smoothed)
+        if len(m.acc_steps) != self._acc_drawn:  # accuracy arrives every eval_every steps
+            self._acc_drawn = len(m.acc_steps)
+            self.acc_curve.setData(m.acc_steps, m.accuracies)

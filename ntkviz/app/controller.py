@@ -1,0 +1,310 @@
+"""AppController: turns the user's intent into engine commands and engine events into state.
+
+It lives on the GUI thread and is Qt-free: commands leave through ``send`` (in the app a queued
+signal to the engine's thread; in tests the engine itself), events come back through
+:meth:`handle`. It keeps one generation number per feature and drops stale job events in one
+place; it follows the :class:`~ntkviz.app.state.AppState` (a new pair → a new decomposition),
+throttles live decompositions while training, asks (through ``ask``) before a new run discards
+a model worth keeping, and merges the features' session state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from ntkviz.app.features.pair import Decompose, History, PairRequest
+from ntkviz.app.jobs import JobEvent
+from ntkviz.app.messages import Command, Event
+from ntkviz.app.state import AppState, Example
+
+log = logging.getLogger(__name__)
+
+#: Live decompositions while training: at least this many steps and seconds apart.
+LIVE_EVERY = 50
+LIVE_INTERVAL_S = 1.0
+
+
+class AppController:
+    """``state``: the app's :class:`AppState`; ``send(Command)``: to the engine; ``ask(title,
+    text) -> bool``: a yes/no question to the user; ``report(title, message)``: an error for the
+    user; ``clock``: seconds (monotonic)."""
+
+    def __init__(
+        self,
+        state: AppState,
+        send: Callable[[Command], None],
+        ask: Callable[[str, str], bool] | None = None,
+        report: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.state = state
+        self._send = send
+        self.ask = ask or (lambda title, text: True)
+        self.report = report or (lambda title, message: log.warning("%s: %s", title, message))
+        self.clock = clock
+        self.generation: dict[str, int] = defaultdict(int)
+        self.results: dict[str, object] = {}  #: the newest accepted result of each feature
+        self.records_received = 0  #: records of the current run
+        self.trained_steps = 0  #: optimizer steps of the model's training run
+        self._listeners: dict[str, list[Callable]] = defaultdict(list)
+        self._session_parts: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
+        self._last_live = (0, 0.0)  # step and time of the last live decomposition
+        self._hold = 0  # > 0: selection changes in progress, refresh once at the end
+        for name in ("x_u", "y_u", "x_o", "lr", "loss"):
+            getattr(state.events, name).connect(self._pair_changed)
+        state.events.x_u.connect(self._x_u_changed)
+        self.add_session_part("pair", self._pair_state, self._restore_pair)
+
+    # ------------------------------------------------------------------ plumbing
+    def send(self, name: str, *args) -> None:
+        """Ask the engine to run its method ``name`` with ``args``."""
+        self._send(Command(name, args))
+
+    def on(self, topic: str, callback: Callable) -> None:
+        """Call ``callback(event)`` for every accepted event of ``topic``: a feature's name (its
+        current :class:`JobEvent` s) or an engine event topic (the :class:`Event`)."""
+        self._listeners[topic].append(callback)
+
+    def _dispatch(self, topic: str, event) -> None:
+        for callback in list(self._listeners[topic]):
+            callback(event)
+
+    def handle(self, event) -> None:
+        """Take one event of the engine (on the GUI thread)."""
+        if isinstance(event, JobEvent):
+            if event.generation != self.generation[event.feature]:
+                return  # an answer to a request that has been superseded
+            if event.kind == "result":
+                self.results[event.feature] = event.payload
+            elif event.kind == "error":
+                self.report(*event.payload)
+            self._dispatch(event.feature, event)
+            return
+        getattr(self, f"_on_{event.topic}", lambda payload: None)(event.payload)
+        self._dispatch(event.topic, event)
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, feature: str, request, *, supersede: bool = True) -> int:
+        """Run ``request`` as ``feature``'s job; its results are accepted until the next request
+        that ``supersede`` s it (a request that does not keeps the current generation)."""
+        if supersede:
+            self.generation[feature] += 1
+        self.send("submit", feature, self.generation[feature], request)
+        return self.generation[feature]
+
+    def cancel(self, feature: str) -> None:
+        self.send("cancel", feature)
+
+    def set_periodic(self, feature: str, request, every: int, *, supersede: bool = False) -> None:
+        """While training, run ``request`` at once and every ``every`` steps (None: stop)."""
+        if supersede:
+            self.generation[feature] += 1
+        self.send("set_periodic", feature, self.generation[feature], request, every)
+
+    def current(self, feature: str):
+        """The newest accepted result of ``feature`` (None if none yet)."""
+        return self.results.get(feature)
+
+    # ------------------------------------------------------------------ the pair
+    def pair(self) -> PairRequest:
+        return PairRequest.of(self.state)
+
+    @property
+    def ready(self) -> bool:
+        return self.state.model is not None and self.state.dataset is not None
+
+    def refresh(self, history: bool = True, after_step: bool = False) -> None:
+        """Decompose the current pair (and fetch its step history if ``history``)."""
+        if not self.ready or self._hold:
+            return
+        pair = self.pair()
+        self.submit("pair", Decompose(pair, after_step))
+        if history:
+            self.submit("history", History(pair))
+
+    def _pair_changed(self, *args) -> None:
+        self.refresh()
+
+    def _x_u_changed(self, example: Example) -> None:
+        if self.state.dataset is not None:
+            self.state.y_u = self.state.label(example)
+
+    def select(self, **fields) -> None:
+        """Set several fields of the state at once, with one refresh at the end."""
+        self._hold += 1
+        try:
+            for name, value in fields.items():
+                setattr(self.state, name, value)
+        finally:
+            self._hold -= 1
+        self.refresh()
+
+    def apply_step(self) -> None:
+        self._step_command("apply_step", self.pair())
+
+    def undo_step(self) -> None:
+        self._step_command("undo")
+
+    def reset_steps(self) -> None:
+        self._step_command("reset_steps")
+
+    def _step_command(self, name: str, *args) -> None:
+        if self.ready:
+            self.send(name, *args)
+            self.refresh(after_step=True)
+
+    # ------------------------------------------------------------------ training
+    def start_training(self, config) -> bool:
+        """Start a new run with ``config`` from fresh weights (asking first if that discards a
+        model worth keeping). False if the settings are invalid or the user said no."""
+        if not self._new_run_allowed(config):
+            return False
+        self.send("start", config)
+        return True
+
+    def one_batch(self, config) -> bool:
+        """Train one batch of the paused run, or of a new run with ``config`` (which then
+        pauses)."""
+        new_run = self.state.run_state not in ("paused", "training")
+        if new_run and not self._new_run_allowed(config):
+            return False
+        self.send("one_batch", config)
+        return True
+
+    def pause(self) -> None:
+        self.send("pause")
+
+    def resume(self) -> None:
+        self.send("resume")
+
+    def stop(self) -> None:
+        self.send("stop")
+
+    def _new_run_allowed(self, config) -> bool:
+        try:
+            config.validate()
+        except ValueError as e:
+            self.report("Invalid settings", str(e))
+            return False
+        what = self.unsaved_work()
+        if what and not self.ask(
+            "Start a new run?",
+            f"A new run starts from fresh weights: the current model ({what}) will be "
+            "discarded. Save it first with File ▸ Save checkpoint to keep it.",
+        ):
+            return False
+        self.records_received = 0
+        self._last_live = (0, self.clock())
+        self._dispatch("new_run", Event("new_run", config))
+        return True
+
+    def unsaved_work(self) -> str:
+        """What a new run or a new model would discard ("" if nothing worth keeping): a model
+        loaded from a file, trained, or moved by applied steps."""
+        info = self.state.model
+        if info is None:
+            return ""
+        if info.source not in ("fresh weights", "trained"):
+            return f"loaded from {info.source}"
+        if self.state.run_state in ("finished", "stopped", "paused"):
+            return f"trained for {self.trained_steps} steps"
+        if info.applied_steps:
+            return f"moved by {info.applied_steps} applied step(s)"
+        return ""
+
+    # ------------------------------------------------------------------ engine events
+    def _on_info(self, info) -> None:
+        self.state.engine = info
+
+    def _on_dataset(self, info) -> None:
+        self._hold += 1
+        try:
+            self.state.dataset = info
+            first = {}
+            for split, label in (("train", 4), ("test", 9)):
+                hits = (info.labels[split] == label).nonzero()[0]
+                first[split] = int(hits[0]) if len(hits) else 0
+            self.state.x_o = Example("test", first["test"])
+            self.state.x_u = Example("train", first["train"])
+        finally:
+            self._hold -= 1
+
+    def _on_model(self, info) -> None:
+        self.state.model = info
+        self.trained_steps = info.step
+        self.refresh()
+
+    def _on_records(self, records) -> None:
+        self.records_received += len(records)
+        self.trained_steps = records[-1].step
+        if self.state.run_state != "training":  # one batch: show its effect at once
+            self.refresh()
+            return
+        step, now = records[-1].step, self.clock()
+        last_step, last_time = self._last_live
+        if step - last_step >= LIVE_EVERY and now - last_time >= LIVE_INTERVAL_S:
+            self._last_live = (step, now)
+            self.refresh(history=False)
+
+    def _on_run_state(self, run_state: str) -> None:
+        self.state.run_state = run_state
+        if run_state in ("finished", "stopped", "paused"):
+            self.refresh()
+
+    def _on_error(self, error) -> None:
+        self.report(error.title, error.message)
+
+    def _on_session_opened(self, opened) -> None:
+        self._hold += 1
+        try:
+            for name, part in opened.parts.items():
+                if name in self._session_parts:
+                    try:
+                        self._session_parts[name][1](part)
+                    except (KeyError, TypeError, ValueError, IndexError) as e:
+                        self.report("Session part not restored", f"{name}: {e}")
+        finally:
+            self._hold -= 1
+        self.refresh()
+
+    # ------------------------------------------------------------------ files
+    def add_session_part(
+        self, name: str, save: Callable[[], dict], restore: Callable[[dict], None]
+    ) -> None:
+        """A feature's part of a session: ``save()`` gives plain values, ``restore`` takes them."""
+        self._session_parts[name] = (save, restore)
+
+    def save_session(self, path: str) -> None:
+        parts = {name: save() for name, (save, _) in self._session_parts.items()}
+        self.send("save_session", path, parts)
+
+    def open_session(self, path: str) -> None:
+        self.send("open_session", path)
+
+    def save_checkpoint(self, path: str) -> None:
+        dataset = self.state.dataset
+        self.send("save_checkpoint", path, {"dataset": dataset.name if dataset else None})
+
+    def open_checkpoint(self, path: str) -> None:
+        self.send("load_checkpoint", path)
+
+    def _pair_state(self) -> dict:
+        s = self.state
+        return {
+            "x_u": [s.x_u.split, s.x_u.index], "y_u": s.y_u,
+            "x_o": [s.x_o.split, s.x_o.index], "lr": s.lr, "loss": s.loss,
+        }  # fmt: skip
+
+    def _restore_pair(self, part: dict) -> None:
+        x_u, x_o = Example(*part["x_u"]), Example(*part["x_o"])
+        for example in (x_u, x_o):
+            if not 0 <= example.index < self.state.dataset.size(example.split):
+                raise ValueError(f"{example} is not an example of this dataset")
+        self.state.x_u = x_u
+        self.state.x_o = x_o
+        self.state.y_u = int(part["y_u"])
+        self.state.lr = float(part["lr"])
+        self.state.loss = str(part.get("loss", "ce"))

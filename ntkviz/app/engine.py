@@ -1,0 +1,463 @@
+"""Engine: the one object that owns dataset, model, optimizer, training run and undo stack.
+
+It is plain Python, driven from one thread (the worker's, in the app; the test's, in tests):
+commands arrive through :meth:`handle` (or direct calls), work advances in :meth:`tick` slices of
+about ``tick_seconds``, and everything it reports goes out through ``emit`` as immutable
+messages (:class:`~ntkviz.app.messages.Event`, :class:`~ntkviz.app.jobs.JobEvent`). Errors in
+a command or a tick are reported as "error" events, never raised.
+
+Feature jobs are requests with a ``run(engine)`` generator (see :mod:`ntkviz.app.jobs`); the
+engine runs them in its :class:`~ntkviz.app.jobs.JobRunner` and gives them read access through
+:meth:`example`, :attr:`model`, :attr:`data`, :attr:`step`. Anything that changes the model
+cancels the running jobs first: a job must never see two sets of weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ntkviz.app.jobs import JobRunner, describe_error
+from ntkviz.app.messages import (
+    Command,
+    DatasetInfo,
+    EngineInfo,
+    ErrorReport,
+    Event,
+    ModelInfo,
+    SessionOpened,
+    readonly,
+)
+from ntkviz.checkpoint import load_checkpoint, save_checkpoint
+from ntkviz.data import ImageDataset, load_dataset
+from ntkviz.errors import DeviceError, NtkvizError, StepDiverged, TrainingDiverged
+from ntkviz.models import MODELS, build_model, count_parameters
+from ntkviz.session import Session, SessionError, load_session, save_session
+from ntkviz.training import TrainConfig, make_optimizer, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Owns the model and everything that changes it. Not thread-safe: one thread calls it.
+
+    ``emit``: receives every event; ``config``: the first model's ``TrainConfig``; ``dataset``:
+    a loaded ``ImageDataset`` (else :meth:`load` reads ``dataset_name``).
+    """
+
+    #: Seconds of work per :meth:`tick` before returning to the caller's event loop.
+    tick_seconds = 0.03
+
+    def __init__(
+        self,
+        emit: Callable[[object], None],
+        config: TrainConfig | None = None,
+        dataset: ImageDataset | None = None,
+        dataset_name: str = "mnist",
+    ):
+        self.emit = emit
+        self.config = config or TrainConfig()
+        self.data = dataset
+        self._dataset_name = dataset_name
+        self.model: torch.nn.Module | None = None
+        self.model_name = self.config.model
+        self.source = "fresh weights"
+        self.optimizer = None
+        self.step = 0  #: optimizer steps of the current run
+        self.undo_stack: list[dict] = []  #: state_dict clones before each applied step
+        self.applied_lrs: list[float] = []
+        self.runner = JobRunner(emit)
+        self._iter = None  # the training generator
+        self._running = False
+        self._single = False
+        self._periodic: dict[str, list] = {}  # feature -> [generation, request, every, due]
+
+    # ------------------------------------------------------------------ plumbing
+    def handle(self, command: Command) -> None:
+        """Run ``command`` (a method of this engine); report any error as an event."""
+        try:
+            getattr(self, command.name)(*command.args)
+        except Exception as e:
+            self.report(*describe_error(command.name, e))
+
+    def report(self, title: str, message: str) -> None:
+        if title != "Internal error":
+            log.warning("%s: %s", title, message)
+        self.emit(Event("error", ErrorReport(title, message)))
+
+    def message(self, text: str) -> None:
+        self.emit(Event("message", text))
+
+    def _run_state(self, state: str) -> None:
+        self.emit(Event("run_state", state))
+
+    @property
+    def busy(self) -> bool:
+        """True while there is work for :meth:`tick`."""
+        return self.runner.busy or (self._iter is not None and (self._running or self._single))
+
+    # ------------------------------------------------------------------ setup
+    def load(self) -> None:
+        """Load the dataset (unless given) and build a fresh model from the config."""
+        self._run_state("loading")
+        self.emit(
+            Event(
+                "info",
+                EngineInfo({k: v[1] for k, v in MODELS.items()}, torch.cuda.is_available()),
+            )
+        )
+        if self.data is None:
+            self.data = load_dataset(self._dataset_name)
+        d = self.data
+        self.emit(
+            Event(
+                "dataset",
+                DatasetInfo(
+                    d.name,
+                    tuple(d.classes),
+                    {s: readonly(d.split(s).images.numpy()) for s in ("train", "test")},
+                    {s: readonly(d.split(s).y.numpy()) for s in ("train", "test")},
+                ),
+            )
+        )
+        self._new_model(self.config, "fresh weights")
+        self._run_state("ready")
+
+    def _device(self, name: str) -> torch.device:
+        try:
+            return resolve_device(name)
+        except DeviceError as e:
+            self.report(e.title, f"{e}; using the CPU instead")
+            return torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _set_model(self, model, config: TrainConfig, source: str, step: int = 0) -> None:
+        """Replace the model (and forget the optimizer, the run and the undo stack)."""
+        self.runner.cancel_all("the model changed")
+        self._close_run()
+        self.config = config
+        self.model_name = config.model
+        self.model = model.to(self._device(config.device))
+        self.optimizer = None
+        self.step = step
+        self.undo_stack.clear()
+        self.applied_lrs.clear()
+        self.source = source
+        for p in self._periodic.values():
+            p[3] = step  # periodic jobs start over with the new model
+        self.emit_model()
+
+    def _new_model(self, config: TrainConfig, source: str) -> None:
+        config.validate()
+        model = build_model(config.model, len(self.data.classes), seed=config.seed)
+        self._set_model(model, config, source)
+
+    def emit_model(self) -> None:
+        self.emit(
+            Event(
+                "model",
+                ModelInfo(
+                    self.model_name,
+                    count_parameters(self.model),
+                    str(self.device),
+                    self.config,
+                    self.step,
+                    self.source,
+                    len(self.undo_stack),
+                ),
+            )
+        )
+
+    def example(self, split: str, index: int) -> torch.Tensor:
+        """The normalised example ``split[index]`` on the model's device."""
+        s = self.data.split(split)
+        if not 0 <= index < len(s):
+            raise NtkvizError(
+                f"index {index} is out of range for the {split} split (0–{len(s) - 1})"
+            )
+        return s.x[index].to(self.device)
+
+    def x(self, example) -> torch.Tensor:
+        """:meth:`example` of an :class:`~ntkviz.app.state.Example`."""
+        return self.example(example.split, example.index)
+
+    # ------------------------------------------------------------------ training
+    def start(self, config: TrainConfig) -> None:
+        """Start a new run from freshly initialised weights."""
+        self._new_model(config, "trained")
+        self._begin_run(config)
+        self._running = True
+        self._run_state("training")
+
+    def _begin_run(self, config: TrainConfig) -> None:
+        self.optimizer = make_optimizer(self.model, config)
+        self._iter = train(self.model, self.data, config, self.optimizer)
+
+    def pause(self) -> None:
+        if self._running:
+            self._running = False
+            self._run_state("paused")
+
+    def resume(self) -> None:
+        if self._iter is not None and not self._running:
+            self._forget_applied_steps()  # they are part of the training history now
+            self._running = True
+            self._run_state("training")
+
+    def stop(self) -> None:
+        if self._iter is not None:
+            self._close_run()
+            self._run_state("stopped")
+
+    def _close_run(self) -> None:
+        if self._iter is not None:
+            self._iter.close()
+        self._iter, self._running, self._single = None, False, False
+
+    def one_batch(self, config: TrainConfig) -> None:
+        """Train exactly one batch (starting a paused run with ``config`` if none is active)."""
+        if self._iter is None:
+            self._new_model(config, "trained")
+            self._begin_run(config)
+        self.runner.cancel_all("the model changed")
+        self._running, self._single = False, True
+
+    def _forget_applied_steps(self) -> None:
+        if self.undo_stack:
+            self.undo_stack.clear()
+            self.applied_lrs.clear()
+            self.emit_model()
+
+    def tick(self) -> bool:
+        """Do about ``tick_seconds`` of work: jobs first, then due periodic jobs, then training.
+        Returns :attr:`busy`."""
+        try:
+            if self.runner.busy:
+                self.runner.step(self.tick_seconds)
+            elif not self._start_due_periodic():
+                self._train_slice()
+        except Exception as e:  # a bug: report it, keep the engine alive
+            self._close_run()
+            self.report(*describe_error("engine", e))
+        return self.busy
+
+    def _train_slice(self) -> None:
+        if self._iter is None or not (self._running or self._single):
+            return
+        records, ended, error = [], None, None
+        deadline = time.perf_counter() + self.tick_seconds
+        due = min((p[3] for p in self._periodic.values()), default=math.inf)
+        try:
+            while True:
+                records.append(next(self._iter))
+                self.step = records[-1].step
+                if self._single or self.step >= due or time.perf_counter() > deadline:
+                    break
+        except StopIteration:
+            ended = "finished"
+        except TrainingDiverged as e:
+            ended, error = "stopped", (e.title, str(e))
+        except Exception as e:
+            ended, error = "stopped", describe_error("training", e)
+        if ended is not None:
+            self._iter, self._running = None, False
+        if records:
+            self.emit(Event("records", tuple(records)))
+        if error is not None:
+            self.report(*error)
+        if ended is not None:
+            self._run_state(ended)
+        if self._single:
+            self._single = False
+            if self._iter is not None:
+                self._run_state("paused")
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, feature: str, generation: int, request) -> None:
+        """Run ``request.run(self)`` as ``feature``'s job (replacing its running one)."""
+        self.runner.start(feature, generation, request.run(self), getattr(request, "priority", 10))
+
+    def cancel(self, feature: str) -> None:
+        self.runner.cancel(feature)
+
+    def set_periodic(self, feature: str, generation: int, request, every: int) -> None:
+        """While training, run ``request`` as ``feature``'s job at the current step and then
+        every ``every`` steps (``request`` None: stop)."""
+        if request is None:
+            self._periodic.pop(feature, None)
+            return
+        due = self._periodic[feature][3] if feature in self._periodic else self.step
+        self._periodic[feature] = [generation, request, max(1, int(every)), due]
+
+    def _start_due_periodic(self) -> bool:
+        if self._iter is None or not self._running:
+            return False
+        for feature, p in self._periodic.items():
+            generation, request, every, due = p
+            if self.step >= due:
+                p[3] = self.step + every
+                self.submit(feature, generation, request)
+                return True
+        return False
+
+    # ------------------------------------------------------------------ step-through
+    def _clone_state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def apply_step(self, pair) -> None:
+        """One plain-SGD step (no momentum, no weight decay) on ``pair``'s (x_u, y_u) in eval
+        mode; refused, and the model kept, when it makes the model non-finite."""
+        if not math.isfinite(pair.lr):
+            raise NtkvizError(f"η must be finite, got {pair.lr}")
+        x_u = self.x(pair.x_u)[None]
+        x_o = self.x(pair.x_o)[None]
+        self.runner.cancel_all("the model changed")
+        self.pause()
+        before = self._clone_state()
+        model = self.model
+        was = model.training
+        model.eval()
+        try:
+            y = torch.tensor([pair.y_u], device=x_u.device)
+            model.zero_grad(set_to_none=True)
+            ce = F.cross_entropy(model(x_u), y)
+            (ce if pair.loss == "ce" else -ce).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad and p.grad is not None:
+                        p -= pair.lr * p.grad
+            model.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise StepDiverged(pair.lr, "the parameters")
+            with torch.no_grad():
+                if not torch.isfinite(model(torch.cat([x_u, x_o]))).all():
+                    raise StepDiverged(pair.lr, "the logits of x_u or x_o")
+        except Exception:
+            model.load_state_dict(before)  # the model is left as it was before the step
+            raise
+        finally:
+            model.train(was)
+        self.undo_stack.append(before)
+        self.applied_lrs.append(float(pair.lr))
+        self.emit_model()
+
+    def undo(self) -> None:
+        """Restore the parameters from before the last applied step, bit for bit."""
+        if not self.undo_stack:
+            self.message("nothing to undo")
+            return
+        self.runner.cancel_all("the model changed")
+        self.model.load_state_dict(self.undo_stack.pop())
+        self.applied_lrs.pop()
+        self.emit_model()
+
+    def reset_steps(self) -> None:
+        """Return to the state before the first applied step."""
+        if self.undo_stack:
+            self.runner.cancel_all("the model changed")
+            self.model.load_state_dict(self.undo_stack[0])
+            self.undo_stack.clear()
+            self.applied_lrs.clear()
+            self.emit_model()
+
+    # ------------------------------------------------------------------ files
+    def send_state_dict(self) -> None:
+        """Emit a numpy copy of the model's state_dict (for tests and inspection)."""
+        state = {k: readonly(v.detach().cpu().numpy()) for k, v in self.model.state_dict().items()}
+        self.emit(Event("state_dict", state))
+
+    def save_checkpoint(self, path: str, metadata: dict) -> None:
+        """Save the model with ``metadata`` and its training step (and applied steps)."""
+        metadata = {**metadata, "step": self.step, "applied_steps": len(self.undo_stack)}
+        save_checkpoint(path, self.model, self.model_name, self.config, metadata)
+        self.message(f"saved checkpoint {path}")
+
+    def load_checkpoint(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        self._set_model(ckpt.model, ckpt.config, path, int(ckpt.metadata.get("step", 0)))
+        self._run_state("ready")
+        self.message(f"loaded checkpoint {path}")
+
+    def save_session(self, path: str, parts: dict) -> None:
+        """Write weights, config, the undo stack and the features' ``parts`` (plain values) to
+        ``path``."""
+        history = [
+            {"lr": float(lr), "state_before": {k: v.detach().cpu() for k, v in st.items()}}
+            for lr, st in zip(self.applied_lrs, self.undo_stack, strict=True)
+        ]
+        session = Session(
+            model_name=self.model_name,
+            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            config=self.config,
+            step=self.step,
+            selection=dict(parts),
+            history=history,
+        )
+        save_session(path, session)
+        self.emit(Event("session_saved", str(path)))
+        self.message(f"saved session {path}")
+
+    def open_session(self, path: str) -> None:
+        """Replace everything by the session in ``path``; a bad file changes nothing."""
+        session = load_session(path)
+        model = session.build_model()
+        stack, lrs = [], []
+        probe = session.build_model()
+        for k, h in enumerate(session.history):
+            try:
+                probe.load_state_dict(h["state_before"])
+                lrs.append(float(h["lr"]))
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise SessionError(
+                    f"{path}: step-through history entry {k} is damaged: {e}"
+                ) from None
+            stack.append({k2: v.clone() for k2, v in h["state_before"].items()})
+        try:
+            session.config.validate()
+        except ValueError as e:
+            raise SessionError(f"{path}: invalid training config: {e}") from None
+        # everything checked: now replace the state
+        self._set_model(model, session.config, str(path), session.step)
+        self.undo_stack = [{k: v.to(self.device) for k, v in st.items()} for st in stack]
+        self.applied_lrs = lrs
+        self.emit_model()
+        self.emit(Event("session_opened", SessionOpened(str(path), session_parts(session))))
+        self._run_state("ready")
+        self.message(f"opened session {path}")
+
+    def shutdown(self) -> None:
+        """Stop everything (the caller then ends the engine's thread)."""
+        self.runner.close()
+        self._close_run()
+
+
+def session_parts(session: Session) -> dict:
+    """The features' parts of ``session``: its ``selection`` field holds them by feature name;
+    files of ntkviz 0.1's first format kept curves, kernel maps and a flat selection apart."""
+    sel = dict(session.selection)
+    if "split_u" not in sel:
+        return sel
+    parts = {
+        "pair": {
+            "x_u": [sel["split_u"], sel["index_u"]],
+            "x_o": [sel["split_o"], sel["index_o"]],
+            **{k: sel[k] for k in ("y_u", "lr")},
+        },
+        "training": {"curves": dict(session.curves)},
+        "kernel_maps": {
+            "per_class": sel.get("kernel_map_per_class", 20),
+            "maps": [(s, m.tolist()) for s, m in session.kernel_maps],
+        },
+    }
+    parts["pair"]["loss"] = sel.get("loss", "ce")
+    if "influence_size" in sel:
+        parts["influence"] = {"size": sel["influence_size"]}
+    return parts

@@ -1,0 +1,69 @@
+"""Where the kernel lives: K(x_o, x_u) split by parameter group (feature "layers") and the
+spectrum of the NTK Gram matrix of a probe set (feature "spectrum")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ntkviz.app.features.pair import PairRequest
+from ntkviz.app.jobs import Progress
+from ntkviz.app.messages import readonly
+
+
+@dataclass(frozen=True, eq=False)
+class LayerResult:
+    """``blocks[name] (V, V)`` = the part of K(x_o, x_u) from parameter group ``name``;
+    ``norms (L,)`` their Frobenius norms in ``names`` order; ``total_norm`` = ‖K‖_F."""
+
+    request: PairRequest
+    names: tuple[str, ...]
+    norms: np.ndarray
+    blocks: dict
+    total_norm: float
+    step: int
+
+
+@dataclass(frozen=True)
+class LayersRequest:
+    """Job: split K of ``pair`` by parameter group."""
+
+    pair: PairRequest
+
+    def run(self, engine):
+        from ntkviz.kernel import empirical_ntk_by_layer
+
+        yield from ()
+        r = self.pair
+        parts = empirical_ntk_by_layer(engine.model, engine.x(r.x_o)[None], engine.x(r.x_u)[None])
+        blocks = {k: readonly(v[0, 0].double().cpu().numpy()) for k, v in parts.items()}
+        names = tuple(blocks)
+        norms = np.array([np.linalg.norm(blocks[n]) for n in names])
+        total = float(np.linalg.norm(sum(blocks.values())))
+        return LayerResult(r, names, readonly(norms), blocks, total, engine.step)
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumResult:
+    """Eigenvalues (descending) of the NTK Gram matrix of test examples ``indices``."""
+
+    indices: np.ndarray
+    eigenvalues: np.ndarray
+    step: int
+
+
+@dataclass(frozen=True)
+class SpectrumRequest:
+    """Job: the spectrum of about ``n`` class-balanced test examples."""
+
+    n: int = 50
+
+    def run(self, engine):
+        from ntkviz.analysis import balanced_indices, ntk_spectrum
+
+        s = engine.data.split("test")
+        idx = balanced_indices(s.y, max(1, self.n // len(engine.data.classes)))
+        yield Progress(0, 1)
+        eig = ntk_spectrum(engine.model, s.x[idx].to(engine.device))
+        return SpectrumResult(readonly(idx), eig, engine.step)

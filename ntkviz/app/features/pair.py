@@ -1,0 +1,157 @@
+"""The pair: one update (x_u learnt as y_u with learning rate η) seen from x_o.
+
+Jobs: its :class:`~ntkviz.decomposition.Decomposition` (feature "pair"), π of the pair at every
+state of the step-through stack (feature "history"), and the search for the most confidently
+wrong example (feature "search"). The model is changed only by the engine's ``apply_step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ntkviz.app.jobs import Progress
+from ntkviz.app.messages import readonly
+from ntkviz.app.state import AppState, Example
+
+#: Interactive jobs run before probe sweeps.
+INTERACTIVE = 0
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """x_u learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr``,
+    observed on x_o."""
+
+    x_u: Example
+    y_u: int
+    x_o: Example
+    lr: float
+    loss: str = "ce"
+
+    @classmethod
+    def of(cls, state: AppState) -> PairRequest:
+        return cls(state.x_u, state.y_u, state.x_o, float(state.lr), state.loss)
+
+
+@dataclass(frozen=True, eq=False)
+class DecompositionResult:
+    """The core's ``Decomposition`` of ``request`` at training step ``step``, after
+    ``applied_steps`` step-through steps."""
+
+    request: PairRequest
+    decomposition: object
+    step: int
+    applied_steps: int
+    model_name: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Decompose:
+    """Job: decompose ``pair``'s update. ``after_step``: the model was just stepped (a diverging
+    decomposition then says that the step itself was applied)."""
+
+    pair: PairRequest
+    after_step: bool = False
+    priority = INTERACTIVE
+
+    def run(self, engine):
+        from ntkviz.decomposition import decompose
+        from ntkviz.errors import StepDiverged
+
+        r = self.pair
+        yield from ()
+        try:
+            dec = decompose(engine.model, engine.x(r.x_o), engine.x(r.x_u), r.y_u, r.lr, r.loss)
+        except StepDiverged as e:
+            if not self.after_step:
+                raise
+            raise StepDiverged(
+                r.lr,
+                "the model's outputs",
+                prefix="The step was applied, but its successor cannot be previewed: ",
+            ) from e
+        return DecompositionResult(
+            r, dec, engine.step, len(engine.undo_stack), engine.model_name, engine.config.seed
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class StepHistory:
+    """π of the pair at each state of the step-through stack (first: before stepping):
+    ``probs_o (S + 1, V)``, ``probs_u (S + 1, V)``; ``lrs (S,)`` the η of each applied step."""
+
+    request: PairRequest
+    probs_o: np.ndarray
+    probs_u: np.ndarray
+    lrs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class History:
+    """Job: the :class:`StepHistory` of ``pair``."""
+
+    pair: PairRequest
+    priority = INTERACTIVE
+
+    def run(self, engine):
+        import torch
+        import torch.nn.functional as F
+        from torch.func import functional_call
+
+        from ntkviz.kernel import eval_mode
+
+        yield from ()
+        r, model = self.pair, engine.model
+        x = torch.stack([engine.x(r.x_o), engine.x(r.x_u)])
+        probs = []
+        with torch.no_grad(), eval_mode(model):
+            for state in [*engine.undo_stack, None]:
+                z = model(x) if state is None else functional_call(model, state, (x,))
+                probs.append(F.softmax(z.double(), -1).cpu().numpy())
+        probs = np.stack(probs)  # (S + 1, 2, V)
+        return StepHistory(
+            r, readonly(probs[:, 0]), readonly(probs[:, 1]), tuple(engine.applied_lrs)
+        )
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The example the model misclassifies most confidently (None: it classifies every
+    candidate correctly)."""
+
+    example: Example | None
+    confidence: float
+
+
+@dataclass(frozen=True)
+class FindConfidentlyWrong:
+    """Job: search ``split`` (examples of class ``label`` only, or all when -1)."""
+
+    split: str
+    label: int = -1
+    priority = INTERACTIVE
+
+    def run(self, engine):
+        import torch
+        import torch.nn.functional as F
+
+        from ntkviz.kernel import eval_mode
+
+        s = engine.data.split(self.split)
+        idx = torch.arange(len(s)) if self.label < 0 else (s.y == self.label).nonzero()[:, 0]
+        best, best_p = -1, -1.0
+        for start in range(0, len(idx), 4000):
+            chunk = idx[start : start + 4000]
+            with torch.no_grad(), eval_mode(engine.model):
+                probs = F.softmax(engine.model(s.x[chunk].to(engine.device)), -1).cpu()
+            p, pred = probs.max(1)
+            p = torch.where(pred != s.y[chunk], p, torch.tensor(-1.0))
+            k = int(p.argmax())
+            if float(p[k]) > best_p:
+                best, best_p = int(chunk[k]), float(p[k])
+            yield Progress(start + len(chunk), len(idx))
+        found = Example(self.split, best) if best_p >= 0 else None
+        return SearchResult(found, max(best_p, 0.0))

@@ -1,0 +1,95 @@
+"""Messages between the GUI thread and the engine's thread: commands in, events out.
+
+Every message is a frozen dataclass of plain values and read-only numpy arrays, never a live
+tensor, so it can cross threads as it is. Qt-free and torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def readonly(a) -> np.ndarray:
+    """A read-only numpy copy of ``a`` (results handed across threads must not change)."""
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True)
+class Command:
+    """Call the engine method ``name`` with ``args`` (on the engine's thread)."""
+
+    name: str
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something the engine reports. ``topic``: "info" (:class:`EngineInfo`), "dataset"
+    (:class:`DatasetInfo`), "model" (:class:`ModelInfo`), "records" (a tuple of the core's
+    ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
+    "message" (status text), "error" (:class:`ErrorReport`), "session_opened"
+    (:class:`SessionOpened`), "session_saved" (the path), "state_dict" (name -> numpy array)."""
+
+    topic: str
+    payload: object = None
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """An error for the user: ``title`` heads the message box, ``message`` says what to do."""
+
+    title: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine can do: ``models`` name -> one-line description; ``cuda_available``."""
+
+    models: dict
+    cuda_available: bool
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetInfo:
+    """What the window needs to show examples: per split, ``images`` uint8 ``(N, H, W)`` and
+    ``labels`` int64 ``(N,)`` (read-only), and the class names."""
+
+    name: str
+    classes: tuple[str, ...]
+    images: dict
+    labels: dict
+
+    def label(self, split: str, index: int) -> int:
+        return int(self.labels[split][index])
+
+    def size(self, split: str) -> int:
+        return len(self.labels[split])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model the engine holds now. ``config``: its ``TrainConfig``; ``step``: optimizer steps
+    of its training run; ``applied_steps``: step-through steps on top of them; ``source``: "fresh
+    weights", "trained", or the file it came from."""
+
+    name: str
+    num_parameters: int
+    device: str
+    config: object
+    step: int
+    source: str
+    applied_steps: int = 0
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """A session file was opened: ``parts`` is the features' state (plain values and numpy
+    arrays), by feature name, as they saved it."""
+
+    path: str
+    parts: dict = field(default_factory=dict)

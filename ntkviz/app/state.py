@@ -1,0 +1,49 @@
+"""AppState: the one evented model of what the user has chosen and what the engine holds.
+
+Widgets show it and write to it; the controller reacts to its changes (psygnal events, emitted
+synchronously on the thread that sets a field — the GUI thread). Qt-free and torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psygnal import evented
+
+from ntkviz.app.messages import DatasetInfo, EngineInfo, ModelInfo
+
+LOSSES = (("ce", "learn y_u (cross-entropy)"), ("neg", "negative gradient on y_u"))
+RUN_STATES = ("loading", "ready", "training", "paused", "stopped", "finished")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of the dataset: ``split`` ("train" or "test") and ``index``."""
+
+    split: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.index}]"
+
+
+@evented
+@dataclass
+class AppState:
+    """``x_u`` learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr``,
+    seen from ``x_o``; the engine's run state, dataset, model and capabilities (None until
+    loaded)."""
+
+    x_u: Example = Example("train", 0)
+    y_u: int = 0
+    x_o: Example = Example("test", 0)
+    lr: float = 0.01
+    loss: str = "ce"
+    run_state: str = "loading"
+    engine: EngineInfo | None = None
+    dataset: DatasetInfo | None = None
+    model: ModelInfo | None = None
+
+    def label(self, example: Example) -> int:
+        """The true class of ``example`` (the dataset must be loaded)."""
+        return self.dataset.label(example.split, example.index)

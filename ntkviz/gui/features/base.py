@@ -1,0 +1,167 @@
+"""What a feature's view is to the window: a widget with a place, plots to export, actions for
+the menus and a part of the session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+
+from ntkviz.app.controller import AppController
+from ntkviz.app.state import AppState
+from ntkviz.gui.export import ask_save_path, export_graphics
+from ntkviz.gui.widgets import JobControls
+
+VIEW_DATA_FORMATS = (".csv", ".npz")
+
+
+@dataclass(frozen=True)
+class Action:
+    """A menu entry a view offers: ``menu`` ("File", "Step", …), its text, what it calls, an
+    optional shortcut (a QKeySequence argument) and whether it needs a loaded model."""
+
+    menu: str
+    text: str
+    slot: Callable
+    shortcut: object = None
+    needs_model: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureContext:
+    """What a view may use: the ``controller`` and its ``state``; ``status(text, ms)`` for the
+    status bar; ``shown(topic, payload)`` to say a result is on screen (tests and benchmarks
+    wait for it); ``error(title, message)`` to report an error; ``ask_path(title, filters)`` for
+    a file to save (``""``: cancelled); ``attempt(title, do, done)``: call ``do()``, report an
+    ``OSError``/``ValueError`` as an error titled ``title``, else show ``done``; True on success."""
+
+    controller: AppController
+    state: AppState
+    status: Callable[[str, int], None]
+    shown: Callable[[str, object], None]
+    error: Callable[[str, str], None]
+    ask_path: Callable[[str, str], str]
+    attempt: Callable[[str, Callable, str], bool]
+
+
+class FeatureView(QWidget):
+    """Base of every view. Subclasses set ``name`` (their session part and identity),
+    ``title`` and ``placement``: "left" or "right" (a dock), "center" (the first tab) or "tab"
+    (a tab built after the first paint)."""
+
+    name = ""
+    title = ""
+    placement = "tab"
+
+    def __init__(self, ctx: FeatureContext):
+        super().__init__()
+        self.ctx = ctx
+        self.controller, self.state = ctx.controller, ctx.state
+
+    def plots(self) -> dict[str, Callable[[], object]]:
+        """Exportable plots: name -> a callable giving the pyqtgraph item."""
+        return {}
+
+    def actions(self) -> list[Action]:
+        return []
+
+    def session_state(self) -> dict | None:
+        """This view's part of a session (plain values), or None for none."""
+        return None
+
+    def restore_session(self, part: dict) -> None:
+        pass
+
+    def save_settings(self, settings) -> None:
+        """Remember layout in ``settings`` (a QSettings)."""
+
+    def restore_settings(self, settings) -> None:
+        pass
+
+
+class ProbeView(FeatureView):
+    """A tab that runs one job of its feature (``name``) on request: a control row ending in
+    the job's Run / Cancel / progress and an Export button, above a pyqtgraph layout
+    ``graphics``. Subclasses give :meth:`request` and :meth:`show_result`, and :meth:`data`
+    for CSV/NPZ export."""
+
+    placement = "tab"
+    run_text = "Compute"
+
+    def __init__(self, ctx: FeatureContext):
+        super().__init__(ctx)
+        self.result = None  #: the result on screen
+        self.controls = QHBoxLayout()
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setBackground("w")
+        self.job = JobControls(self.run_text)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip("figure (PNG, SVG) or numbers (CSV, NPZ)")
+        self.export_button.clicked.connect(self._export_dialog)
+        self.layout_ = QVBoxLayout(self)
+        self.layout_.setContentsMargins(4, 4, 4, 4)
+        self.layout_.addLayout(self.controls)
+        self.layout_.addWidget(self.graphics, 1)
+        self.job.run_clicked.connect(self.run)
+        self.job.cancel_clicked.connect(lambda: self.controller.cancel(self.name))
+        self.controller.on(self.name, self._on_event)
+
+    def add_controls(self, *widgets) -> None:
+        for w in widgets:
+            self.controls.addWidget(w)
+
+    def finish_controls(self) -> None:
+        """End the control row: the job controls, a stretch and Export."""
+        self.controls.addWidget(self.job)
+        self.controls.addStretch(1)
+        self.controls.addWidget(self.export_button)
+
+    def plots(self):
+        return {self.plot_name: lambda: self.graphics.ci}
+
+    @property
+    def plot_name(self) -> str:
+        return self.title.split(" over ")[0]
+
+    def request(self):
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Submit :meth:`request` (when a model is loaded)."""
+        if self.controller.ready:
+            self.job.set_running(True)
+            self.controller.submit(self.name, self.request())
+
+    def _on_event(self, event) -> None:
+        self.job.follow(event)
+        if event.kind == "result":
+            self.result = event.payload
+            self.show_result(event.payload)
+            self.ctx.shown(self.name, event.payload)
+
+    def show_result(self, result) -> None:
+        raise NotImplementedError
+
+    def data(self) -> dict[str, np.ndarray]:
+        """The shown numbers (for CSV/NPZ export)."""
+        return {}
+
+    def export(self, path: str | Path, width: int = 1600) -> Path:
+        """Figure (.png, .svg) or numbers (.csv, .npz) by suffix; raises OSError/ValueError."""
+        from ntkviz.results import write_arrays
+
+        if Path(path).suffix.lower() in VIEW_DATA_FORMATS:
+            data = self.data()
+            if not data:
+                raise ValueError("nothing computed yet")
+            return write_arrays(path, data)
+        return export_graphics(self.graphics.ci, path, width)
+
+    def _export_dialog(self) -> None:
+        path = ask_save_path(self, "Export", "PNG (*.png);;SVG (*.svg);;CSV (*.csv);;NPZ (*.npz)")
+        if path:
+            self.ctx.attempt("Export failed", lambda: self.export(path), f"wrote {path}")

@@ -1,0 +1,217 @@
+"""The influence tab (feature "influence"): one update's effect over a probe set of the test
+split — class×class mean Δπ, the most raised / lowered x_o (clickable), ‖K(x_o, x_u)‖_F per
+class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QCheckBox, QComboBox, QGridLayout, QLabel, QToolButton
+
+from ntkviz.app.features.influence import InfluenceRequest
+from ntkviz.app.state import Example
+from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.plots import HeatmapView
+from ntkviz.gui.widgets import digit_pixmap, spin
+
+QUANTITIES = (
+    ("delta_probs", "mean Δπ (predicted)"),
+    ("delta_log_probs", "mean Δlog π (predicted)"),
+    ("delta_probs_actual", "mean Δπ (actual step)"),
+)
+THUMBS = 10
+
+
+class InfluenceView(ProbeView):
+    """The class map, the thumbnails and the kernel norms of one update."""
+
+    name = "influence"
+    title = "Influence over a probe set"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.classes = tuple(str(i) for i in range(10))
+        self.size_box = QComboBox()
+        for n in (1000, 10000, 200):
+            self.size_box.addItem(f"{n} test examples", n)
+        self.size_box.setCurrentIndex(1)
+        self.actual_box = QCheckBox("actual change")
+        self.actual_box.setToolTip("also take the real step and measure the change")
+        self.norm_box = spin(0, 10000, 1000, 100)
+        self.norm_box.setToolTip("‖K(x_o, x_u)‖_F on this many probe examples (0: off; slower)")
+        self.quantity_box = QComboBox()
+        for key, text in QUANTITIES:
+            self.quantity_box.addItem(text, key)
+        self.rank_box = QComboBox()
+        self.rank_box.addItem("y_u", -1)
+        for i in range(10):
+            self.rank_box.addItem(str(i), i)
+        self.rank_box.setToolTip("rank x_o by the predicted Δlog π of this output class")
+        self.add_controls(
+            QLabel("probe"), self.size_box, self.actual_box, QLabel("‖K‖ on"), self.norm_box,
+            QLabel("show"), self.quantity_box, QLabel("rank by"), self.rank_box,
+        )  # fmt: skip
+        self.finish_controls()
+        g = self.graphics
+        self.caption = g.addLabel("Compute to see one update's effect", 0, 0, 1, 2)
+        self.heatmap = HeatmapView(
+            "mean Δπ per true class of x<sub>o</sub>", self._describe, "true class of x_o",
+            "output class",
+        )  # fmt: skip
+        g.addItem(self.heatmap, 1, 0)
+        self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
+        self.norm_plot.setLabel("bottom", "true class of x_o")
+        self.norm_plot.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
+        self.norm_plot.setMenuEnabled(False)
+        self.norm_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#9ecae1")
+        self.norm_err = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
+        self.norm_strip = pg.ScatterPlotItem(size=3, pen=None, brush=pg.mkBrush(30, 30, 30, 70))
+        for item in (self.norm_bars, self.norm_err, self.norm_strip):
+            self.norm_plot.addItem(item)
+        g.ci.layout.setColumnStretchFactor(0, 3)
+        g.ci.layout.setColumnStretchFactor(1, 2)
+        self.norm_means = np.zeros(0)
+        self.norm_stds = np.zeros(0)
+        thumbs = QGridLayout()
+        self.raised_buttons, self.lowered_buttons = [], []
+        for row, (text, buttons) in enumerate(
+            (("most raised", self.raised_buttons), ("most lowered", self.lowered_buttons))
+        ):
+            label = QLabel(text)
+            label.setMinimumWidth(90)
+            thumbs.addWidget(label, row, 0)
+            for k in range(THUMBS):
+                b = QToolButton()
+                b.setIconSize(QSize(48, 48))
+                b.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
+                b.setEnabled(False)
+                b.clicked.connect(lambda checked=False, b=b: self._thumb(b))
+                buttons.append(b)
+                thumbs.addWidget(b, row, k + 1)
+        thumbs.setColumnStretch(THUMBS + 1, 1)
+        self.layout_.addLayout(thumbs)
+        self.quantity_box.currentIndexChanged.connect(self.redraw)
+        self.rank_box.currentIndexChanged.connect(self.redraw)
+
+    def session_state(self) -> dict:
+        return {"size": self.probe_size}
+
+    def restore_session(self, part: dict) -> None:
+        self.set_probe_size(int(part["size"]))
+
+    @property
+    def probe_size(self) -> int:
+        return int(self.size_box.currentData())
+
+    def set_probe_size(self, n: int) -> None:
+        i = self.size_box.findData(n)
+        if i < 0:
+            self.size_box.addItem(f"{n} test examples", n)
+            i = self.size_box.count() - 1
+        self.size_box.setCurrentIndex(i)
+
+    def request(self) -> InfluenceRequest:
+        return InfluenceRequest(
+            self.controller.pair(), self.probe_size, self.actual_box.isChecked(),
+            self.norm_box.value(),
+        )  # fmt: skip
+
+    def show_result(self, result) -> None:
+        self.classes = self.state.dataset.classes
+        self.redraw()
+
+    def _thumb(self, button) -> None:
+        index = button.property("index")
+        if index is not None and index >= 0:
+            self.state.x_o = Example("test", int(index))
+
+    def quantity(self) -> str:
+        key = self.quantity_box.currentData()
+        if self.result is not None and key not in self.result.classes:
+            return "delta_probs"
+        return key
+
+    def rank_class(self) -> int:
+        c = self.rank_box.currentData()
+        return self.result.request.pair.y_u if c is None or c < 0 else int(c)
+
+    def redraw(self) -> None:
+        r = self.result
+        if r is None:
+            return
+        c, key = self.classes, self.quantity()
+        images = self.state.dataset.images["test"]
+        self.heatmap.set_matrix(r.classes[key], c)
+        title = dict(QUANTITIES)[key]
+        self.heatmap.titleLabel.setText(f"{title} per true class of x<sub>o</sub>", size="11pt")
+        q = r.request.pair
+        kind = "learn" if q.loss == "ce" else "negative gradient on"
+        self.caption.setText(
+            f"update: x<sub>u</sub> = {q.x_u}, {kind} y<sub>u</sub> = {c[q.y_u]}, η = "
+            f"{q.lr:.3g}  ·  {len(r.indices)} test examples  ·  step {r.step}",
+            size="11pt",
+        )
+        col = self.rank_class()
+        score = r.influence.predicted[:, col]
+        order = np.argsort(score, kind="stable")
+        for buttons, picks in ((self.raised_buttons, order[::-1]), (self.lowered_buttons, order)):
+            for b, k in zip(buttons, picks[: len(buttons)], strict=False):
+                idx = int(r.indices[k])
+                b.setIcon(QIcon(digit_pixmap(images[idx], 48)))
+                b.setText(f"{c[int(r.labels[k])]}: {score[k]:+.2g}")
+                b.setToolTip(
+                    f"test[{idx}], label {c[int(r.labels[k])]}: predicted Δlog π_{c[col]} = "
+                    f"{score[k]:+.4g}; click to make it x_o"
+                )
+                b.setProperty("index", idx)
+                b.setEnabled(True)
+        self._draw_norms()
+
+    def _draw_norms(self) -> None:
+        r = self.result
+        if r.kernel_norm is None:
+            self.norm_means = self.norm_stds = np.zeros(0)
+            self.norm_bars.setOpts(x=[], height=[])
+            self.norm_err.setData(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
+            self.norm_strip.setData([], [])
+            self.norm_plot.setTitle("‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F: off")
+            return
+        C = len(self.classes)
+        labels, norms = r.norm_labels, r.kernel_norm
+        present = [labels == k for k in range(C)]
+        means = np.array([norms[m].mean() if m.any() else 0 for m in present])
+        stds = np.array([norms[m].std() if m.any() else 0 for m in present])
+        self.norm_means, self.norm_stds = means, stds
+        x = np.arange(C)
+        y_u = r.request.pair.y_u
+        brushes = [pg.mkBrush("#fdae6b" if k == y_u else "#9ecae1") for k in x]
+        self.norm_bars.setOpts(x=x, height=means, brushes=brushes)
+        self.norm_err.setData(x=x, y=means, height=2 * stds, beam=0.25)
+        jitter = np.random.default_rng(0).uniform(-0.22, 0.22, len(norms))
+        self.norm_strip.setData(labels + jitter, norms)
+        self.norm_plot.setTitle(
+            f"‖K(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub> per class (mean ± std, "
+            f"{len(norms)} x<sub>o</sub>)"
+        )
+
+    def _describe(self, i: int, j: int) -> str:
+        r, c = self.result, self.classes
+        if r is None:
+            return ""
+        v = r.classes[self.quantity()][i, j]
+        n = int(r.classes["count"][i])
+        return f"true class {c[i]} (n = {n}), output {c[j]}: {self.quantity_box.currentText()} = {v:.4g}"
+
+    def data(self) -> dict[str, np.ndarray]:
+        r = self.result
+        if r is None:
+            return {}
+        out = {f"class_{k}": v for k, v in r.classes.items()}
+        out.update(
+            indices=r.indices, labels=r.labels, predicted=r.influence.predicted,
+            probs_before=r.influence.probs_before, actual=r.influence.actual,
+            norm_indices=r.norm_indices, kernel_norm=r.kernel_norm,
+        )  # fmt: skip
+        return out

@@ -1,0 +1,166 @@
+"""The kernel-map tab (feature "kernel_maps"): mean ‖K‖_F between classes on a balanced probe
+set, recorded at the start of a run and every N steps, with a time slider and the rank
+correlation of each map with the latest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QCheckBox, QLabel, QSlider
+
+from ntkviz.app.features.kernel_maps import KernelMapHistory, KernelMapRequest
+from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.plots import HeatmapView
+from ntkviz.gui.widgets import spin
+
+SEQUENTIAL = pg.colormap.get("viridis")
+
+
+class KernelMapView(ProbeView):
+    """Recording settings, Record now, the map at the slider's step and the correlations."""
+
+    name = "kernel_maps"
+    title = "Kernel map over training"
+    run_text = "Record now"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.history = KernelMapHistory()
+        self.maps = None  #: the KernelMaps shown
+        self.classes = tuple(str(i) for i in range(10))
+        self.record_box = QCheckBox("record kernel maps while training")
+        self.every_box = spin(1, 1_000_000, 200, 50)
+        self.per_class_box = spin(2, 1000, 20, 5)
+        self.slider = QSlider(Qt.Horizontal)
+        self.slider.setRange(0, 0)
+        self.slider.setMinimumWidth(200)
+        self.slider_label = QLabel("no maps yet")
+        self.add_controls(
+            self.record_box, QLabel("every"), self.every_box, QLabel("steps,"),
+            self.per_class_box, QLabel("per class"), self.slider, self.slider_label,
+        )  # fmt: skip
+        self.finish_controls()
+        self.heatmap = HeatmapView(
+            "mean ‖K(x, x')‖<sub>F</sub> between classes", self._describe, "class of x",
+            "class of x'", colormap=SEQUENTIAL,
+        )  # fmt: skip
+        self.graphics.addItem(self.heatmap, 0, 0)
+        self.corr_plot = self.graphics.addPlot(
+            0, 1, title="Spearman rank correlation of class pairs with the latest map"
+        )
+        self.corr_plot.setLabel("bottom", "training step")
+        self.corr_plot.setYRange(-0.05, 1.05)
+        self.corr_curve = self.corr_plot.plot(
+            pen=pg.mkPen("#1f77b4", width=2), symbol="o", symbolSize=6, symbolBrush="#1f77b4"
+        )
+        self.corr_marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", width=1))
+        self.corr_plot.addItem(self.corr_marker)
+        self.graphics.ci.layout.setColumnStretchFactor(0, 3)
+        self.graphics.ci.layout.setColumnStretchFactor(1, 2)
+        self.record_box.toggled.connect(self._settings_changed)
+        self.every_box.valueChanged.connect(self._settings_changed)
+        self.per_class_box.valueChanged.connect(self._settings_changed)
+        self.slider.valueChanged.connect(self.redraw)
+        self.history.changed.connect(self._history_changed)
+        self.controller.on("new_run", lambda event: self.history.clear())
+
+    def plots(self):
+        return {"Kernel map": lambda: self.graphics.ci}
+
+    def session_state(self) -> dict:
+        return {
+            **self.history.to_dict(),
+            "record": self.record_box.isChecked(),
+            "every": self.every_box.value(),
+        }
+
+    def restore_session(self, part: dict) -> None:
+        for box in (self.record_box, self.every_box, self.per_class_box):
+            box.blockSignals(True)
+        self.record_box.setChecked(bool(part.get("record", self.record_box.isChecked())))
+        self.every_box.setValue(int(part.get("every", self.every_box.value())))
+        self.per_class_box.setValue(int(part["per_class"]))
+        for box in (self.record_box, self.every_box, self.per_class_box):
+            box.blockSignals(False)
+        self.history.restore(part)
+        self._configure(supersede=True)
+
+    # ------------------------------------------------------------------ recording
+    def request(self) -> KernelMapRequest:
+        return KernelMapRequest(self.per_class_box.value())
+
+    def run(self) -> None:
+        """Record one map now (periodic recording goes on: its results stay current)."""
+        if self.controller.ready:
+            self.job.set_running(True)
+            self.controller.submit(self.name, self.request(), supersede=False)
+
+    def _settings_changed(self) -> None:
+        per_class = self.per_class_box.value()
+        new_probe_set = per_class != self.history.per_class
+        if new_probe_set:
+            self.history.clear(per_class)
+        self._configure(supersede=new_probe_set)
+
+    def _configure(self, supersede: bool) -> None:
+        request = self.request() if self.record_box.isChecked() else None
+        self.controller.set_periodic(
+            self.name, request, self.every_box.value(), supersede=supersede
+        )
+
+    def show_result(self, record) -> None:
+        self.history.add(record)
+
+    def _history_changed(self) -> None:
+        dataset = self.state.dataset
+        if dataset is not None:
+            self.classes = dataset.classes
+        self.set_maps(self.history.maps(len(self.classes)))
+
+    def set_maps(self, maps) -> None:
+        """Show ``maps`` (a ``KernelMaps``), the latest first."""
+        self.maps = maps
+        n = len(maps.steps)
+        self.slider.blockSignals(True)
+        self.slider.setRange(0, max(0, n - 1))
+        self.slider.setValue(max(0, n - 1))
+        self.slider.blockSignals(False)
+        self.corr_curve.setData(maps.steps.astype(float), maps.correlations)
+        self.redraw()
+        self.ctx.shown("kernel_map_history", maps)
+
+    @property
+    def current(self) -> int:
+        return self.slider.value()
+
+    def redraw(self) -> None:
+        m = self.maps
+        if m is None or not len(m.steps):
+            self.slider_label.setText("no maps yet")
+            self.heatmap.image_item.clear()
+            return
+        k = self.current
+        top = float(m.maps.max()) or 1.0
+        self.heatmap.set_matrix(m.maps[k], self.classes, levels=(0.0, top))
+        self.slider_label.setText(
+            f"map {k + 1}/{len(m.steps)} · step {int(m.steps[k])} · ρ = {m.correlations[k]:.3f}"
+        )
+        self.heatmap.titleLabel.setText(
+            f"mean ‖K(x, x')‖<sub>F</sub> between classes at step {int(m.steps[k])} "
+            f"({m.per_class} per class)",
+            size="11pt",
+        )
+        self.corr_marker.setPos(float(m.steps[k]))
+
+    def _describe(self, i: int, j: int) -> str:
+        m, c = self.maps, self.classes
+        if m is None or not len(m.steps):
+            return ""
+        return f"classes {c[i]}, {c[j]}: mean ‖K‖_F = {m.maps[self.current][i, j]:.4g}"
+
+    def data(self) -> dict[str, np.ndarray]:
+        m = self.maps
+        if m is None or not len(m.steps):
+            return {}
+        return {"steps": m.steps, "correlations": m.correlations, "maps": m.maps}

@@ -1,0 +1,123 @@
+"""The layers tab (features "layers" and "spectrum"): ‖K_layer(x_o, x_u)‖_F per parameter
+group for the selected pair, and the NTK spectrum of a probe set on a log scale (earlier
+spectra stay as faded curves)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QLabel, QPushButton
+
+from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
+from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.widgets import JobControls, spin
+
+
+class LayersView(ProbeView):
+    """Split K by layer (the main job) and the spectrum (a second job)."""
+
+    name = "layers"
+    title = "Layers && spectrum"
+    run_text = "Split K for the selected pair"
+    MAX_SPECTRA = 8
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.spectra: list = []
+        self.n_box = spin(10, 500, 50, 10)
+        self.spectrum_job = JobControls("Compute spectrum")
+        self.clear_button = QPushButton("Clear old spectra")
+        self.add_controls(self.job, QLabel("spectrum of N ="), self.n_box, self.spectrum_job,
+                          self.clear_button)  # fmt: skip
+        self.controls.addStretch(1)
+        self.controls.addWidget(self.export_button)
+        self.bar_plot = self.graphics.addPlot(0, 0, title="‖K<sub>layer</sub>(x<sub>o</sub>, "
+                                              "x<sub>u</sub>)‖<sub>F</sub>")  # fmt: skip
+        self.bar_plot.setMenuEnabled(False)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#4c72b0")
+        self.bar_plot.addItem(self.bars)
+        self.total_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#d62728", style=Qt.DashLine))
+        self.bar_plot.addItem(self.total_line)
+        self.total_label = pg.TextItem("", color="#d62728", anchor=(0, 1))
+        self.bar_plot.addItem(self.total_label)
+        self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
+        self.spec_plot.setLogMode(x=False, y=True)
+        self.spec_plot.setLabel("bottom", "rank")
+        self.spec_plot.setLabel("left", "eigenvalue")
+        self.spec_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")
+        self.spec_curves: list = []
+        self.clear_button.clicked.connect(self.clear_spectra)
+        self.spectrum_job.run_clicked.connect(self.run_spectrum)
+        self.spectrum_job.cancel_clicked.connect(lambda: self.controller.cancel("spectrum"))
+        self.controller.on("spectrum", self._on_spectrum)
+
+    def plots(self):
+        return {"Layers and spectrum": lambda: self.graphics.ci}
+
+    def request(self) -> LayersRequest:
+        return LayersRequest(self.controller.pair())
+
+    def run_spectrum(self) -> None:
+        if self.controller.ready:
+            self.spectrum_job.set_running(True)
+            self.controller.submit("spectrum", SpectrumRequest(self.n_box.value()))
+
+    def _on_spectrum(self, event) -> None:
+        self.spectrum_job.follow(event)
+        if event.kind == "result":
+            self.set_spectrum(event.payload)
+            self.ctx.shown("spectrum", event.payload)
+
+    def show_result(self, result) -> None:
+        """``result``: a ``LayerResult``."""
+        x = np.arange(len(result.names))
+        self.bars.setOpts(x=x, height=result.norms)
+        self.bar_plot.getAxis("bottom").setTicks([list(zip(x, result.names, strict=True))])
+        self.total_line.setPos(result.total_norm)
+        self.total_label.setText(f"‖K‖_F (all layers) = {result.total_norm:.3g}")
+        self.total_label.setPos(-0.4, result.total_norm)
+        r = result.request
+        self.bar_plot.setTitle(
+            f"‖K<sub>layer</sub>‖<sub>F</sub>: x<sub>o</sub> = {r.x_o}, "
+            f"x<sub>u</sub> = {r.x_u}, step {result.step}"
+        )
+        self.bar_plot.setYRange(0, max(result.total_norm, float(result.norms.max())) * 1.12)
+
+    def set_spectrum(self, result) -> None:
+        """``result``: a ``SpectrumResult``; earlier ones fade."""
+        self.spectra.append(result)
+        self.spectra = self.spectra[-self.MAX_SPECTRA :]
+        self._draw_spectra()
+
+    def clear_spectra(self) -> None:
+        self.spectra = self.spectra[-1:]
+        self._draw_spectra()
+
+    def _draw_spectra(self) -> None:
+        for c in self.spec_curves:
+            self.spec_plot.removeItem(c)
+        self.spec_curves = []
+        legend = self.spec_plot.legend
+        if legend is not None:
+            legend.clear()
+        n = len(self.spectra)
+        for k, s in enumerate(self.spectra):
+            eig = np.clip(s.eigenvalues, 1e-12, None)
+            latest = k == n - 1
+            alpha = 255 if latest else int(60 + 120 * k / max(n - 1, 1))
+            pen = pg.mkPen((31, 119, 180, alpha) if latest else (120, 120, 120, alpha),
+                           width=2.5 if latest else 1.5)  # fmt: skip
+            curve = self.spec_plot.plot(np.arange(1, len(eig) + 1), eig, pen=pen,
+                                        name=f"step {s.step} (N = {len(s.indices)})")  # fmt: skip
+            self.spec_curves.append(curve)
+
+    def data(self) -> dict[str, np.ndarray]:
+        out = {}
+        if self.result is not None:
+            out["layer_norms"] = self.result.norms
+            for name, block in self.result.blocks.items():
+                out[f"K_{name}"] = block
+        for k, s in enumerate(self.spectra):
+            out[f"spectrum_{k}_step{s.step}"] = s.eigenvalues
+        return out

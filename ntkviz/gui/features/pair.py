@@ -1,0 +1,244 @@
+"""The pair view (feature "pair"): Δlog π(x_o) = −η·A·K·G as a formula of heatmaps, and the
+step-through panel (η, Preview, Apply, Undo, Reset, predicted-vs-actual bars, trajectory)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
+from ntkviz.gui.features.base import Action, FeatureView
+from ntkviz.gui.plots import DecompositionView, PreviewBars, TrajectoryPlot
+from ntkviz.gui.widgets import PaintQueue, double_spin
+
+
+class StepPanel(QWidget):
+    """η (spin box and log-scale slider), Preview / Apply / Undo / Reset, predicted-vs-actual
+    bars and the trajectory of π(x_o) over applied steps. ``lr_changed`` fires on user edits."""
+
+    lr_changed = Signal(float)
+
+    SLIDER_SCALE = 20  # slider ticks per decade
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.lr = double_spin(1e-6, 100.0, 6, 0.001)
+        self.lr.setValue(0.01)
+        self.lr.setKeyboardTracking(False)
+        self.slider = QSlider(Qt.Horizontal)
+        self.slider.setRange(-6 * self.SLIDER_SCALE, 2 * self.SLIDER_SCALE)
+        self.slider.setToolTip("η on a log scale, 1e-6 … 100")
+        self.preview_button = QPushButton("Preview")
+        self.preview_button.setToolTip("compute predicted and actual Δ without changing the model")
+        self.apply_button = QPushButton("Apply step")
+        self.apply_button.setToolTip("one real plain-SGD step on (x_u, y_u) (Space)")
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("restore the parameters before the last applied step (Ctrl+Z)")
+        self.reset_button = QPushButton("Reset")
+        self.reset_button.setToolTip("return to the model before the first applied step")
+        self.log_box = QCheckBox("log π")
+        self.summary = QLabel("")
+        self.summary.setWordWrap(True)  # a long line must not widen the window
+        self.summary.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.summary.setToolTip(
+            "residual = actual − predicted is the O(η²) remainder: halving η roughly quarters it"
+        )
+        row = QHBoxLayout()
+        row.addWidget(QLabel("η"))
+        row.addWidget(self.lr)
+        row.addWidget(self.slider, 1)
+        for w in (self.preview_button, self.apply_button, self.undo_button, self.reset_button):
+            row.addWidget(w)
+        row.addWidget(self.log_box)
+        self.preview = PreviewBars()
+        self.trajectory = TrajectoryPlot()
+        plots = QHBoxLayout()
+        plots.addWidget(self.preview, 1)
+        plots.addWidget(self.trajectory, 1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        lay.addLayout(row)
+        lay.addWidget(self.summary)
+        lay.addLayout(plots, 1)
+        self.lr.valueChanged.connect(self._spin_changed)
+        self.slider.valueChanged.connect(self._slider_changed)
+        self.log_box.toggled.connect(self.trajectory.set_log)
+        self.show_lr(self.lr.value())
+
+    def show_lr(self, value: float) -> None:
+        """Show η = ``value`` without emitting ``lr_changed``."""
+        for w in (self.lr, self.slider):
+            w.blockSignals(True)
+        self.lr.setValue(value)
+        self.slider.setValue(round(math.log10(max(value, 1e-6)) * self.SLIDER_SCALE))
+        for w in (self.lr, self.slider):
+            w.blockSignals(False)
+
+    def _spin_changed(self, value: float) -> None:
+        self.show_lr(value)
+        self.lr_changed.emit(value)
+
+    def _slider_changed(self, ticks: int) -> None:
+        self.lr.setValue(float(f"{10 ** (ticks / self.SLIDER_SCALE):.3g}"))  # → _spin_changed
+
+    def set_decomposition(self, dec) -> None:
+        self.preview.set_values(dec.predicted, dec.actual)
+        self.summary.setText(
+            f"‖predicted‖ = {np.linalg.norm(dec.predicted):.4g}   ‖actual‖ = "
+            f"{np.linalg.norm(dec.actual):.4g}   ‖residual‖ = {np.linalg.norm(dec.residual):.3g}"
+            f"   relative residual = {dec.relative_residual:.3g}"
+        )
+
+
+class PairView(FeatureView):
+    """The decomposition of the current pair above the step-through panel."""
+
+    name = "pair"
+    title = "Decomposition"
+    placement = "center"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.decomposition_view = DecompositionView()
+        self.step_panel = sp = StepPanel()
+        self.splitter = QSplitter(Qt.Vertical)
+        self.splitter.setObjectName("centralSplitter")
+        self.splitter.addWidget(self.decomposition_view)
+        self.splitter.addWidget(sp)
+        self.splitter.setStretchFactor(0, 3)
+        self.splitter.setStretchFactor(1, 2)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.splitter)
+        self.paints = PaintQueue(self)
+        self.last_result = None  #: the DecompositionResult on screen
+        self.shown_generation = -1  #: the request generation of ``last_result``
+        self.last_history = None  #: the StepHistory on screen
+        self.shown_history_generation = -1
+        c = self.controller
+        sp.lr_changed.connect(lambda value: setattr(self.state, "lr", float(value)))
+        sp.preview_button.clicked.connect(c.refresh)
+        sp.apply_button.clicked.connect(c.apply_step)
+        sp.undo_button.clicked.connect(c.undo_step)
+        sp.reset_button.clicked.connect(c.reset_steps)
+        self.state.events.lr.connect(sp.show_lr)
+        self.state.events.model.connect(lambda info: sp.setEnabled(info is not None))
+        sp.setEnabled(False)
+        c.on("pair", self._on_pair)
+        c.on("history", self._on_history)
+
+    def plots(self):
+        return {
+            "Decomposition": lambda: self.decomposition_view.ci,
+            "Predicted vs actual": lambda: self.step_panel.preview.getPlotItem(),
+            "Trajectory": lambda: self.step_panel.trajectory.getPlotItem(),
+        }
+
+    def actions(self):
+        c = self.controller
+        return [
+            Action("File", "Export &data…", self._export_data_dialog, "Ctrl+Shift+E"),
+            Action("Step", "&Apply step", c.apply_step, Qt.Key_Space),
+            Action("Step", "&Undo step", c.undo_step, QKeySequence.Undo),
+            Action("Step", "&Reset steps", c.reset_steps),
+            Action("View", "&Recompute decomposition", c.refresh, "F5"),
+        ]
+
+    def save_settings(self, settings) -> None:
+        settings.setValue("splitter", self.splitter.saveState())
+
+    def restore_settings(self, settings) -> None:
+        state = settings.value("splitter")
+        if state is not None:
+            self.splitter.restoreState(state)
+        else:
+            self.splitter.setSizes([560, 380])
+
+    # ------------------------------------------------------------------ results
+    def _on_pair(self, event) -> None:
+        if event.kind != "result":
+            return
+        result = event.payload
+        dec, view = result.decomposition, self.decomposition_view
+        if self.state.dataset is None:
+            return
+        classes = self.state.dataset.classes
+        # Paint one piece at a time (the decomposition view in three), returning to the event
+        # loop in between: the whole set at once is one repaint of ~40-60 ms.
+        steps = [(view, step) for step in view.update_steps(dec, classes, self.caption(result))]
+        steps.append((self.step_panel.preview, lambda: self.step_panel.set_decomposition(dec)))
+
+        def shown():
+            self.last_result, self.shown_generation = result, event.generation
+            self.ctx.shown("pair", result)
+
+        steps.append((None, shown))
+        self.paints.put(steps)
+
+    def _on_history(self, event) -> None:
+        if event.kind != "result":
+            return
+        history, trajectory = event.payload, self.step_panel.trajectory
+
+        def shown():
+            self.last_history, self.shown_history_generation = history, event.generation
+            self.ctx.shown("history", history)
+
+        self.paints.put([(trajectory, lambda: trajectory.set_history(history)), (None, shown)])
+
+    def caption(self, result) -> str:
+        r, c = result.request, self.state.dataset.classes
+        steps = f", {result.applied_steps} applied step(s)" if result.applied_steps else ""
+        return (
+            f"x<sub>u</sub> = {r.x_u} (label {c[self.state.label(r.x_u)]})  ·  "
+            f"x<sub>o</sub> = {r.x_o} (label {c[self.state.label(r.x_o)]})  ·  "
+            f"{result.model_name}, step {result.step}{steps}"
+        )
+
+    # ------------------------------------------------------------------ export
+    def export_meta(self) -> dict:
+        """Metadata of the shown decomposition for exports."""
+        from ntkviz import __version__
+
+        result, d = self.last_result, self.state.dataset
+        r, c = result.request, d.classes
+
+        def example(ref):
+            return {"split": ref.split, "index": ref.index, "label": c[self.state.label(ref)]}
+
+        return {
+            "x_u": example(r.x_u), "x_o": example(r.x_o), "y_u": c[r.y_u], "lr": r.lr,
+            "loss": r.loss, "model": result.model_name, "training_step": result.step,
+            "applied_steps": result.applied_steps, "seed": result.seed, "dataset": d.name,
+            "ntkviz_version": __version__,
+        }  # fmt: skip
+
+    def export_figure(self, path: str, width: int = 1600) -> Path:
+        if self.last_result is None:
+            raise ValueError("no decomposition has been computed yet")
+        return export_graphics(self.decomposition_view.ci, path, width)
+
+    def _export_data_dialog(self) -> None:
+        filters = ";;".join(f"{s[1:].upper()} (*{s})" for s in DATA_FORMATS)
+        if path := self.ctx.ask_path("Export data", filters):
+            self.ctx.attempt("Export failed", lambda: self.export_data(path), f"wrote {path}")
+
+    def export_data(self, path: str) -> Path:
+        """Write the shown decomposition's numbers to ``path`` (.csv, .npz, .json)."""
+        if self.last_result is None:
+            raise ValueError("no decomposition has been computed yet")
+        return export_decomposition_data(self.last_result.decomposition, path, self.export_meta())

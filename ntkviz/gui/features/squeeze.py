@@ -1,0 +1,175 @@
+"""The squeezing tab (feature "squeeze"): S negative-gradient steps on (x_u, ȳ) beside S
+positive ones; π before and after (linear or log), the guaranteed moves checked per step, the η
+sweep and the survey of the squeezed mass over test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
+
+from ntkviz.app.features.squeeze import SqueezeRequest
+from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.widgets import spin
+
+
+class SqueezeView(ProbeView):
+    """The squeezing lab: negative against positive steps on x_u."""
+
+    name = "squeeze"
+    title = "Squeezing effect"
+    run_text = "Run"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.classes = tuple(str(i) for i in range(10))
+        self.label_box = QComboBox()
+        self.label_box.addItems([str(i) for i in range(10)])
+        self.steps_box = spin(1, 100, 5)
+        self.lr_box = QDoubleSpinBox()
+        self.lr_box.setDecimals(4)
+        self.lr_box.setRange(1e-4, 10.0)
+        self.lr_box.setSingleStep(0.05)
+        self.lr_box.setValue(0.5)
+        self.log_box = QCheckBox("log scale")
+        self.add_controls(
+            QLabel("x = x_u, ȳ"), self.label_box, QLabel("steps S"), self.steps_box,
+            QLabel("η"), self.lr_box, self.log_box,
+        )  # fmt: skip
+        self.finish_controls()
+        self.caption = self.graphics.addLabel("Run to compare", 0, 0, 1, 3)
+        self.run_plots, self.curves, self.marks = {}, {}, {}
+        for col, (key, title) in enumerate(
+            (("neg", "negative gradient on ȳ"), ("ce", "positive gradient (learn ȳ)"))
+        ):
+            p = self.graphics.addPlot(1, col, title=title)
+            p.setLabel("bottom", "class")
+            p.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
+            p.addLegend(offset=(-5, -5), labelTextSize="8pt")
+            p.setMenuEnabled(False)
+            before = p.plot(
+                stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None,
+                name="before",
+            )  # fmt: skip
+            color = "#d62728" if key == "neg" else "#2ca02c"
+            after = p.plot(stepMode="center", pen=pg.mkPen(color, width=2.5), name="after S steps")
+            self.run_plots[key], self.curves[key] = p, (before, after)
+            self.marks[key] = []
+        self.sweep_plot = self.graphics.addPlot(
+            1, 2, title="squeezed mass: π gain of the top other class after one negative step"
+        )
+        self.sweep_plot.setLogMode(x=True, y=False)
+        self.sweep_plot.setLabel("bottom", "η")
+        self.sweep_plot.getAxis("bottom").enableAutoSIPrefix(False)
+        self.sweep_curve = self.sweep_plot.plot(
+            pen=pg.mkPen("#9467bd", width=2), symbol="o", symbolSize=7, symbolBrush="#9467bd"
+        )
+        self.survey_plots, self.survey_points = {}, {}
+        survey_row = self.graphics.addLayout(2, 0, colspan=3)
+        for col, (key, xlabel) in enumerate(
+            (("peak", "max π before (how peaked π is)"), ("p_label", "π(ȳ) before"))
+        ):
+            p = survey_row.addPlot(
+                0, col, title="squeezed mass over test images (ȳ = each one's label)"
+            )
+            p.getAxis("left").enableAutoSIPrefix(False)
+            p.setLabel("bottom", xlabel)
+            p.setLabel("left", "π gain of the top other class")
+            p.setMenuEnabled(False)
+            points = pg.ScatterPlotItem(size=5, pen=None, brush=pg.mkBrush(148, 103, 189, 140))
+            p.addItem(points)
+            self.survey_plots[key], self.survey_points[key] = p, points
+        self.graphics.ci.layout.setRowStretchFactor(1, 3)
+        self.graphics.ci.layout.setRowStretchFactor(2, 2)
+        self.checks = QLabel("")
+        self.checks.setWordWrap(True)
+        self.layout_.addWidget(self.checks)
+        self.log_box.toggled.connect(self.redraw)
+        self.state.events.x_u.connect(self._x_u_changed)
+
+    def plots(self):
+        return {"Squeezing": lambda: self.graphics.ci}
+
+    def _x_u_changed(self, example) -> None:
+        self.label_box.setCurrentIndex(self.state.label(example))
+
+    def request(self) -> SqueezeRequest:
+        return SqueezeRequest(
+            self.state.x_u, self.label_box.currentIndex(), float(self.lr_box.value()),
+            self.steps_box.value(),
+        )  # fmt: skip
+
+    def show_result(self, result) -> None:
+        self.classes = self.state.dataset.classes
+        self.redraw()
+
+    def redraw(self) -> None:
+        r = self.result
+        if r is None:
+            return
+        log = self.log_box.isChecked()
+        c = self.classes
+        lines = []
+        for key in ("neg", "ce"):
+            run = getattr(r, key)
+            p = self.run_plots[key]
+            p.setLogMode(x=False, y=log)
+            p.setLabel("left", "π (log scale)" if log else "π")
+            edges = np.arange(len(run.probs[0]) + 1) - 0.5
+            before, after = self.curves[key]
+            before.setData(edges, run.probs[0])
+            after.setData(edges, run.probs[-1])
+            for item in self.marks[key]:
+                p.removeItem(item)
+            self.marks[key] = []
+            p0 = run.probs[0].copy()
+            p0[r.y] = -np.inf
+            top = int(p0.argmax())
+            held_y, held_top = bool(run.label_fell.all()), bool(run.top_rose.all())
+            for cls, text, color in (
+                (r.y, f"ȳ {'↓' if run.probs[-1, r.y] < run.probs[0, r.y] else '↑'}", "#d62728"),
+                (top, f"top other {'↑' if run.probs[-1, top] > run.probs[0, top] else '↓'}",
+                 "#2ca02c"),
+            ):  # fmt: skip
+                y = max(run.probs[0, cls], run.probs[-1, cls])
+                label = pg.TextItem(text, color=color, anchor=(0.5, 1.0))
+                label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
+                p.addItem(label)
+                self.marks[key].append(label)
+            if key == "neg":
+                marks = " ".join(
+                    f"{k + 1}:{'✓' if f else '✗'}{'✓' if t else '✗'}"
+                    for k, (f, t) in enumerate(zip(run.label_fell, run.top_rose, strict=True))
+                )
+                lines.append(
+                    f"<b>negative gradient</b>, guaranteed moves per step (π(ȳ) fell, top other "
+                    f"class {c[top]} rose): {marks}  →  π(ȳ) fell at every step: "
+                    f"{'✓' if held_y else '✗'}, top rose at every step: "
+                    f"{'✓' if held_top else '✗'}"
+                )
+            else:
+                lines.append(
+                    f"<b>positive gradient</b>: π(ȳ) {run.probs[0, r.y]:.3g} → "
+                    f"{run.probs[-1, r.y]:.3g}"
+                )
+        self.checks.setText("<br>".join(lines))
+        self.sweep_curve.setData(r.sweep_lrs, r.sweep_mass)
+        for key, points in self.survey_points.items():
+            points.setData(getattr(r.survey, key), r.survey.gained)
+        self.caption.setText(
+            f"x = {r.x}, ȳ = {c[r.y]}, S = {len(r.neg.probs) - 1} steps of "
+            f"η = {r.neg.lr:.3g}  ·  training step {r.step}",
+            size="11pt",
+        )
+
+    def data(self) -> dict[str, np.ndarray]:
+        r = self.result
+        if r is None:
+            return {}
+        return {
+            "neg_probs": r.neg.probs, "neg_label_fell": r.neg.label_fell,
+            "neg_top_rose": r.neg.top_rose, "ce_probs": r.ce.probs,
+            "sweep_lrs": r.sweep_lrs, "sweep_mass": r.sweep_mass,
+            "survey_indices": r.survey_indices, "survey_peak": r.survey.peak,
+            "survey_p_label": r.survey.p_label, "survey_gained": r.survey.gained,
+        }  # fmt: skip

@@ -1,0 +1,216 @@
+"""The training dock (feature "training"): hyper-parameters, run buttons, progress with ETA,
+and the loss and accuracy curves of the current run."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+)
+
+from ntkviz.app.features.training import RunCurves, RunProgress
+from ntkviz.gui.features.base import FeatureView
+from ntkviz.gui.plots import TrainingCurves
+from ntkviz.gui.widgets import double_spin
+
+NO_CUDA = (
+    "CUDA is not available: torch.cuda.is_available() is False (no NVIDIA GPU, driver, or CUDA "
+    "build of PyTorch)"
+)
+
+
+class TrainingView(FeatureView):
+    """Settings, Start / Pause / Resume / Stop / One batch, progress and curves."""
+
+    name = "training"
+    title = "Training"
+    placement = "left"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.model_box = QComboBox()
+        self.train_size = QSpinBox()
+        self.train_size.setRange(0, 60000)
+        self.train_size.setSingleStep(1000)
+        self.train_size.setSpecialValueText("all")
+        self.train_size.setToolTip("examples drawn (seeded) from the training split; 0 = all")
+        self.lr = double_spin(1e-6, 1e6, 5, 0.01)
+        self.momentum = double_spin(0, 0.999, 3, 0.05)
+        self.weight_decay = double_spin(0, 1, 6, 1e-4)
+        self.batch_size = QSpinBox()
+        self.batch_size.setRange(1, 4096)
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 1000)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.device = QComboBox()
+        for name in ("auto", "cpu", "cuda"):
+            self.device.addItem(name, name)
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        for label, widget in (
+            ("Model", self.model_box), ("Training set", self.train_size),
+            ("Learning rate", self.lr), ("Momentum", self.momentum),
+            ("Weight decay", self.weight_decay), ("Batch size", self.batch_size),
+            ("Epochs", self.epochs), ("Seed", self.seed), ("Device", self.device),
+        ):  # fmt: skip
+            form.addRow(label, widget)
+        self.start_button = QPushButton("Start")
+        self.start_button.setToolTip("start a new run from freshly initialised weights")
+        self.pause_button = QPushButton("Pause")
+        self.resume_button = QPushButton("Resume")
+        self.stop_button = QPushButton("Stop")
+        self.batch_button = QPushButton("One batch")
+        self.batch_button.setToolTip("train exactly one batch, then pause")
+        buttons = QGridLayout()
+        for k, b in enumerate(
+            (self.start_button, self.pause_button, self.resume_button, self.stop_button)
+        ):
+            buttons.addWidget(b, 0, k)
+        buttons.addWidget(self.batch_button, 1, 0, 1, 4)
+        self.progress = QProgressBar()
+        self.progress.setFormat("step %v / %m")
+        self.eta = QLabel("not started")
+        self.run_curves = RunCurves()
+        self.curves = TrainingCurves(self.run_curves)
+        self.run_progress = RunProgress()
+        self._pending_progress = None
+        self._progress_timer = QTimer(self)  # repaint progress at most 4 times a second
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.setInterval(250)
+        self._progress_timer.timeout.connect(self._show_progress)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.eta)
+        lay.addWidget(self.curves, 1)
+        c, s = self.controller, self.state
+        self.start_button.clicked.connect(lambda: c.start_training(self.config()))
+        self.pause_button.clicked.connect(c.pause)
+        self.resume_button.clicked.connect(c.resume)
+        self.stop_button.clicked.connect(c.stop)
+        self.batch_button.clicked.connect(lambda: c.one_batch(self.config()))
+        s.events.engine.connect(self._on_engine)
+        s.events.model.connect(self._on_model)
+        s.events.run_state.connect(self._on_run_state)
+        c.on("records", self._on_records)
+        c.on("new_run", self._on_new_run)
+        self._on_run_state("loading")
+
+    def plots(self):
+        return {
+            "Training loss": lambda: self.curves.loss_plot.getPlotItem(),
+            "Test accuracy": lambda: self.curves.acc_plot.getPlotItem(),
+        }
+
+    def session_state(self) -> dict:
+        return {"curves": self.run_curves.to_dict()}
+
+    def restore_session(self, part: dict) -> None:
+        self.run_curves.restore(part["curves"])
+        self.controller.records_received = len(self.run_curves.steps)
+
+    # ------------------------------------------------------------------ settings
+    def _on_engine(self, info) -> None:
+        """Fill the model list; disable CUDA (saying why) when it is absent."""
+        self.model_box.clear()
+        for name, description in info.models.items():
+            self.model_box.addItem(name, name)
+            self.model_box.setItemData(self.model_box.count() - 1, description, Qt.ToolTipRole)
+        item = self.device.model().item(2)
+        item.setEnabled(info.cuda_available)
+        if info.cuda_available:
+            item.setToolTip("train on the GPU")
+            self.device.setToolTip("auto: the GPU (CUDA) when there is one, else the CPU")
+        else:
+            item.setText("cuda (not available)")
+            item.setToolTip(NO_CUDA)
+            self.device.setToolTip(f"auto and cpu train on the CPU. {NO_CUDA}.")
+
+    def _on_model(self, info) -> None:
+        if info is not None and info.source != "trained":  # a new model's own settings
+            self.set_config(info.config)
+
+    def set_config(self, c) -> None:
+        """Show a ``TrainConfig``."""
+        self.model_box.setCurrentIndex(max(self.model_box.findData(c.model), 0))
+        self.train_size.setValue(c.train_size or 0)
+        self.lr.setValue(c.lr)
+        self.momentum.setValue(c.momentum)
+        self.weight_decay.setValue(c.weight_decay)
+        self.batch_size.setValue(c.batch_size)
+        self.epochs.setValue(c.epochs)
+        self.seed.setValue(c.seed)
+        device = c.device if c.device in ("auto", "cpu", "cuda") else "auto"
+        self.device.setCurrentIndex(self.device.findData(device))
+
+    def config(self):
+        """A ``TrainConfig`` from the fields (other settings from the current model's)."""
+        base = self.state.model.config
+        return replace(
+            base,
+            model=self.model_box.currentData() or base.model,
+            train_size=self.train_size.value() or None,
+            lr=self.lr.value(),
+            momentum=self.momentum.value(),
+            weight_decay=self.weight_decay.value(),
+            batch_size=self.batch_size.value(),
+            epochs=self.epochs.value(),
+            seed=self.seed.value(),
+            device=self.device.currentData(),
+        )
+
+    # ------------------------------------------------------------------ the run
+    def _on_run_state(self, state: str) -> None:
+        """Enable the buttons that make sense in ``state``; show the latest records."""
+        ready = state != "loading"
+        self.start_button.setEnabled(ready and state != "training")
+        self.pause_button.setEnabled(state == "training")
+        self.resume_button.setEnabled(state == "paused")
+        self.stop_button.setEnabled(state in ("training", "paused"))
+        self.batch_button.setEnabled(ready and state != "training")
+        self.curves.flush()
+        self._show_progress()
+        if state in ("finished", "stopped", "paused"):
+            self.run_progress.reset()
+
+    def _on_new_run(self, event) -> None:
+        self.run_curves.clear()
+        self.run_progress.reset()
+
+    def _on_records(self, event) -> None:
+        records = event.payload
+        self.run_curves.add(records)
+        self._pending_progress = self.run_progress.update(records, time.perf_counter())
+        if self.state.run_state != "training":  # a last batch or one step: show it now
+            self.curves.flush()
+            self._show_progress()
+        elif not self._progress_timer.isActive():
+            self._progress_timer.start()
+        self.ctx.shown("records", self.controller.records_received)
+
+    def _show_progress(self) -> None:
+        self._progress_timer.stop()
+        if self._pending_progress is None:
+            return
+        step, total, eta = self._pending_progress
+        self._pending_progress = None
+        self.progress.setMaximum(total)
+        self.progress.setValue(step)
+        if eta is None or not math.isfinite(eta):
+            self.eta.setText(f"step {step} of {total}")
+        else:
+            m, s = divmod(round(eta), 60)
+            self.eta.setText(f"{100 * step / total:.0f} % · ETA {m}:{s:02d}")

@@ -1,0 +1,387 @@
+"""MainWindow: assembles the feature views (docks, tabs, menus), the status bar, settings and
+error boxes, and starts the engine's thread. It never touches the model: the controller sends
+commands to the engine's :class:`~ntkviz.gui.worker_host.WorkerHost` and takes its events on
+this thread."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QFileDialog,
+    QFrame,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QScrollArea,
+    QTabWidget,
+    QWidget,
+)
+
+from ntkviz.app.controller import AppController
+from ntkviz.app.messages import Command
+from ntkviz.app.state import AppState
+from ntkviz.gui.dialogs import show_about
+from ntkviz.gui.export import ask_save_path, export_graphics
+from ntkviz.gui.features import FEATURES
+from ntkviz.gui.features.base import FeatureContext
+from ntkviz.gui.widgets import SpaceKeeper
+
+log = logging.getLogger(__name__)
+
+ORGANIZATION = "ntkviz"
+APPLICATION = "ntkviz"
+MENUS = ("File", "View", "Step", "Help")
+
+
+class MainWindow(QMainWindow):
+    """The ntkviz main window. ``config``: the first model's ``TrainConfig``; ``dataset``: a
+    loaded ``ImageDataset`` (else the engine loads ``dataset_name``); ``settings``: where the
+    layout is remembered; ``autostart``: start the engine from the event loop (else call
+    :meth:`start`)."""
+
+    ready = Signal()  # dataset and first model are loaded
+    shown = Signal(str, object)  # a view shows a new result: its topic and the result
+    error_shown = Signal(str, str)  # title, message
+    error_raised = Signal(str, str)  # from any thread: shown by show_error on the GUI thread
+    command = Signal(object)  # to the engine's thread
+
+    def __init__(
+        self, config=None, dataset=None, dataset_name: str = "mnist",
+        settings: QSettings | None = None, autostart: bool = True, features=FEATURES,
+    ):  # fmt: skip
+        super().__init__()
+        self.setWindowTitle("ntkviz — learning dynamics of one gradient step")
+        self.settings = settings or QSettings(ORGANIZATION, APPLICATION)
+        self._engine_args = (config, dataset, dataset_name)
+        self.last_error: tuple[str, str] | None = None
+        self.show_message_boxes = True
+        self.log_file: Path | None = None  # where errors are logged (set by app.run)
+        self.thread: QThread | None = None
+        self.host = None
+        self.state = AppState()
+        self.controller = AppController(
+            self.state, self.command.emit, self.confirm, self.show_error
+        )
+        self.ctx = FeatureContext(
+            self.controller, self.state, self._status, self.shown.emit, self.show_error,
+            self._ask_path, self._attempt,
+        )  # fmt: skip
+        self.views: dict[str, QWidget] = {}
+        self._deferred: list[tuple[type, QScrollArea]] = []
+        self._build(features)
+        self._restore_settings()
+        if autostart:
+            QTimer.singleShot(0, self.start)
+
+    # ------------------------------------------------------------------ building
+    def _build(self, features) -> None:
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("centralTabs")
+        self.setCentralWidget(self.tabs)
+        self.menus = {name: self.menuBar().addMenu(f"&{name}") for name in MENUS}
+        self.menu_actions: dict[str, QAction] = {}
+        self._model_actions: list[QAction] = []
+        self._file_menu()
+        for feature in features:
+            if feature.placement == "tab":  # built after the first paint: a scroll area now
+                scroll = QScrollArea()  # wide control rows scroll instead of widening the window
+                scroll.setWidgetResizable(True)
+                scroll.setFrameShape(QFrame.NoFrame)
+                self.tabs.addTab(scroll, feature.title)
+                self._deferred.append((feature, scroll))
+            else:
+                self._add_view(feature(self.ctx))
+        self._finish_menus()
+        self.status_labels = {k: QLabel(v) for k, v in (
+            ("device", "device: –"), ("params", "parameters: –"), ("step", "step: 0"),
+            ("state", "loading…"))}  # fmt: skip
+        for label in self.status_labels.values():
+            self.statusBar().addPermanentWidget(label)
+        self.statusBar().showMessage("Loading PyTorch and the dataset…")
+        self.error_raised.connect(self.show_error)  # queued when emitted off the GUI thread
+        self._space_keeper = SpaceKeeper(self)
+        QApplication.instance().focusChanged.connect(self._space_keeper.focus_changed)
+        s = self.state
+        s.events.model.connect(self._on_model)
+        s.events.run_state.connect(lambda state: self.status_labels["state"].setText(state))
+        self.controller.on("records", self._on_records)
+        self.controller.on("message", lambda event: self._status(event.payload, 5000))
+        self._enable_model_actions(False)
+
+    def _add_view(self, view) -> None:
+        self.views[view.name] = view
+        if view.placement in ("left", "right"):
+            area = Qt.LeftDockWidgetArea if view.placement == "left" else Qt.RightDockWidgetArea
+            self.addDockWidget(area, self._dock(view))
+        elif view.placement == "center":
+            self.tabs.insertTab(0, view, view.title)
+            self.tabs.setCurrentIndex(0)
+        for action in view.actions():
+            self._action(action.menu, action.text, action.slot, action.shortcut, action.needs_model)
+        part = view.session_state()
+        if part is not None:
+            self.controller.add_session_part(view.name, view.session_state, view.restore_session)
+
+    def _dock(self, view) -> QDockWidget:
+        scroll = QScrollArea()
+        scroll.setWidget(view)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setMinimumWidth(view.minimumSizeHint().width() + 16)  # room for the scroll bar
+        dock = QDockWidget(view.title, self)
+        dock.setObjectName(f"{view.name}Dock")
+        dock.setWidget(scroll)
+        self.menus["View"].addAction(dock.toggleViewAction())
+        return dock
+
+    def _build_deferred(self) -> None:
+        """The tabs' views (about a quarter of the window's construction time)."""
+        for feature, scroll in self._deferred:
+            view = feature(self.ctx)
+            scroll.setWidget(view)
+            self._add_view(view)
+        self._deferred.clear()
+
+    def _file_menu(self) -> None:
+        a = partial(self._action, "File")
+        a("&Open checkpoint…", self._open_checkpoint_dialog, QKeySequence.Open, False)
+        a("&Save checkpoint…", self._save_checkpoint_dialog, QKeySequence.Save)
+        a("Open s&ession…", self._open_session_dialog, "Ctrl+Shift+O", False)
+        a("Save sessio&n…", self._save_session_dialog, "Ctrl+Shift+S")
+        self.menus["File"].addSeparator()
+        a("Export &figure…", lambda: self._export_plot_dialog("Decomposition"), "Ctrl+E")
+        self.plot_menu = self.menus["File"].addMenu("Export &plot")
+
+    def _finish_menus(self) -> None:
+        self.menus["File"].addSeparator()
+        # QKeySequence.Quit is empty on some platforms (Windows, offscreen): Ctrl+Q there
+        quit_keys = QKeySequence(QKeySequence.Quit)
+        self._action("File", "&Quit", self.close, quit_keys if not quit_keys.isEmpty() else "Ctrl+Q",
+                     False)  # fmt: skip
+        self._action("Help", "&About ntkviz", self.show_about, None, False)
+
+    def _action(self, menu: str, text: str, slot, shortcut=None, needs_model=True) -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        action.triggered.connect(slot)
+        self.menus[menu].addAction(action)
+        self.menu_actions[text] = action
+        if needs_model:
+            self._model_actions.append(action)
+            action.setEnabled(self.state.model is not None)
+        return action
+
+    def _enable_model_actions(self, on: bool) -> None:
+        for action in self._model_actions:
+            action.setEnabled(on)
+
+    def plots(self) -> dict:
+        """Every exportable plot of every view built so far: name -> callable giving it."""
+        return {name: item for view in self.views.values() for name, item in view.plots().items()}
+
+    def _refresh_plot_menu(self) -> None:
+        self.plot_menu.clear()
+        for name in self.plots():
+            self.plot_menu.addAction(name, lambda n=name: self._export_plot_dialog(n))
+
+    def show_view(self, view: QWidget) -> None:
+        """Bring the tab holding ``view`` (a tab's view sits in a scroll area) to the front."""
+        for i in range(self.tabs.count()):
+            page = self.tabs.widget(i)
+            if page is view or page.isAncestorOf(view):
+                self.tabs.setCurrentIndex(i)
+                return
+        raise ValueError(f"{type(view).__name__} is not in a tab")
+
+    # ------------------------------------------------------------------ settings
+    def _restore_settings(self) -> None:
+        geometry = self.settings.value("geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            screen = self.screen().availableGeometry() if self.screen() else None
+            width, height = 1600, 1000
+            if screen is not None:  # fit smaller screens
+                width, height = min(width, screen.width()), min(height, screen.height())
+            self.resize(width, height)
+            docks = self.findChildren(QDockWidget)
+            self.resizeDocks(docks, [300, 330][: len(docks)], Qt.Horizontal)
+        state = self.settings.value("windowState")
+        if state is not None:
+            self.restoreState(state)
+        for view in self.views.values():
+            view.restore_settings(self.settings)
+
+    def _save_settings(self) -> None:
+        self.settings.setValue("geometry", self.saveGeometry())
+        self.settings.setValue("windowState", self.saveState())
+        for view in self.views.values():
+            view.save_settings(self.settings)
+        self.settings.sync()
+
+    # ------------------------------------------------------------------ the engine
+    def start(self) -> None:
+        """Build the tabs, then start the engine's thread; it loads PyTorch and the dataset."""
+        if self.thread is not None:
+            return
+        from ntkviz.gui.worker_host import WorkerHost, make_engine
+
+        self._build_deferred()
+        self._refresh_plot_menu()
+        self.host = WorkerHost(make_engine(*self._engine_args))
+        self._engine_args = None  # the engine owns the dataset now
+        self.thread = QThread()
+        self.thread.setObjectName("ntkviz-worker")
+        self.host.moveToThread(self.thread)
+        self.thread.finished.connect(self.host.deleteLater)
+        self.command.connect(self.host.command)
+        self.host.event.connect(self._on_event)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.shutdown)
+        self.thread.start()
+        self.controller.send("load")
+
+    @Slot(object)
+    def _on_event(self, event) -> None:
+        self.controller.handle(event)
+
+    def shutdown(self) -> None:
+        """Stop the engine and wait for its thread to end (idempotent)."""
+        thread, self.thread = self.thread, None
+        if thread is None:
+            return
+        self.command.emit(Command("shutdown"))
+        if not thread.wait(30000):
+            log.error("the worker thread did not stop within 30 s")
+        self.host = None
+
+    def closeEvent(self, event) -> None:
+        self._save_settings()
+        self.shutdown()
+        super().closeEvent(event)
+
+    def _on_model(self, info) -> None:
+        if info is None:
+            return
+        first = not self.menu_actions["&Save checkpoint…"].isEnabled()
+        self.status_labels["device"].setText(f"device: {info.device}")
+        self.status_labels["params"].setText(f"parameters: {info.num_parameters:,}")
+        self.status_labels["step"].setText(f"step: {info.step}")
+        self._enable_model_actions(True)
+        if first:
+            self._status(f"{info.name} ({info.source}) ready; train it, or pick x_u and x_o", 8000)
+            self.ready.emit()
+
+    def _on_records(self, event) -> None:
+        self.status_labels["step"].setText(f"step: {event.payload[-1].step}")
+
+    # ------------------------------------------------------------------ messages
+    def _status(self, text: str, ms: int = 5000) -> None:
+        self.statusBar().showMessage(text, ms)
+
+    @Slot(str, str)
+    def show_error(self, title: str, message: str) -> None:
+        """Report an error: log, status bar, and a non-blocking message box."""
+        log.warning("%s: %s", title, message)
+        self.last_error = (title, message)
+        self._status(f"{title}: {message}", 15000)
+        if self.show_message_boxes:
+            shown = [
+                b
+                for b in self.findChildren(QMessageBox)
+                if b.isVisible() and b.windowTitle() == title
+            ]
+            if shown:  # the same error again (e.g. while η is dragged): no pile of boxes
+                shown[-1].setText(message)
+            else:
+                box = QMessageBox(QMessageBox.Warning, title, message, QMessageBox.Ok, self)
+                if self.log_file is not None:
+                    box.setInformativeText(f"Logged in {self.log_file}")
+                box.setAttribute(Qt.WA_DeleteOnClose)
+                box.open()
+        self.error_shown.emit(title, message)
+
+    def confirm(self, title: str, text: str) -> bool:
+        """Ask a yes/no question (modal); always yes when message boxes are off (scripts)."""
+        if not self.show_message_boxes:
+            return True
+        box = QMessageBox(QMessageBox.Question, title, text, QMessageBox.Cancel, self)
+        yes = box.addButton("Discard and start", QMessageBox.AcceptRole)
+        box.setDefaultButton(QMessageBox.Cancel)
+        box.exec()
+        return box.clickedButton() is yes
+
+    def show_about(self) -> None:
+        show_about(self, self.log_file)
+
+    # ------------------------------------------------------------------ files
+    def _attempt(self, title: str, do, done: str) -> bool:
+        try:
+            do()
+        except (OSError, ValueError) as e:
+            self.show_error(title, str(e))
+            return False
+        self._status(done, 5000)
+        return True
+
+    def export_plot(self, name: str, path: str, width: int = 1600) -> bool:
+        """Write the plot ``name`` (a key of :meth:`plots`) to ``path``; False on error."""
+        if name == "Decomposition" and self.views["pair"].last_result is None:
+            self.show_error("Nothing to export", "no decomposition has been computed yet")
+            return False
+        item = self.plots()[name]
+        return self._attempt(
+            "Export failed", lambda: export_graphics(item(), path, width), f"wrote {path}"
+        )
+
+    def _ask_path(self, title: str, filters: str, save: bool = True) -> str:
+        """A path from a file dialog (a saved file gets the chosen filter's suffix if it has
+        none); ``""`` if cancelled."""
+        directory = str(self.settings.value("lastDirectory", str(Path.home())))
+        if save:
+            path = ask_save_path(self, title, filters, directory)
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, title, directory, filters)
+        if path:
+            self.settings.setValue("lastDirectory", str(Path(path).parent))
+        return path
+
+    def _open_checkpoint_dialog(self) -> None:
+        if path := self._ask_path("Open checkpoint", "ntkviz checkpoint (*.pt)", save=False):
+            self.controller.open_checkpoint(path)
+
+    def _save_checkpoint_dialog(self) -> None:
+        if path := self._ask_path("Save checkpoint", "ntkviz checkpoint (*.pt)"):
+            self.controller.save_checkpoint(path)
+
+    def _open_session_dialog(self) -> None:
+        if path := self._ask_path("Open session", "ntkviz session (*.ntks)", save=False):
+            self.controller.open_session(path)
+
+    def _save_session_dialog(self) -> None:
+        if path := self._ask_path("Save session", "ntkviz session (*.ntks)"):
+            self.controller.save_session(path)
+
+    def _export_plot_dialog(self, name: str) -> None:
+        path = self._ask_path(f"Export {name}", "PNG image (*.png);;SVG vector image (*.svg)")
+        if not path:
+            return
+        width = 1600
+        if Path(path).suffix.lower() == ".png":
+            width, ok = QInputDialog.getInt(
+                self, "PNG width", "width in pixels", 1600, 100, 20000, 100
+            )
+            if not ok:
+                return
+        self.export_plot(name, path, width)

@@ -1,0 +1,65 @@
+"""WorkerHost: the engine's home on its own ``QThread``.
+
+One slot takes commands (queued from the GUI thread), one signal carries the engine's events
+back (queued to the GUI thread). A zero-interval timer calls ``Engine.tick`` while the engine has
+work, so commands such as pause, cancel and shutdown are taken between two slices of at most
+``Engine.tick_seconds``.
+
+The engine, and with it PyTorch, is created on this thread by its first command: every torch op
+of the app runs here, none on the GUI thread (tests check this). Beyond the house rule it is a
+matter of speed: a thread that has run one parallel op keeps an OpenMP team, and with two teams
+on a 2-core machine libgomp throttles its spin-waiting, so that the worker's convolutions and
+matrix products run about 3× slower from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+
+from ntkviz.app.messages import Command
+
+
+class WorkerHost(QObject):
+    """Runs ``make_engine(emit)`` (on its thread, at the first command), then every command.
+    Create it, ``moveToThread`` a started ``QThread``, and talk to it only through signals."""
+
+    event = Signal(object)
+
+    def __init__(self, make_engine: Callable):
+        super().__init__()
+        self._make_engine = make_engine
+        self.engine = None
+        self._timer = QTimer(self)  # moves with the host to its thread
+        self._timer.setInterval(0)
+        self._timer.timeout.connect(self._tick)
+
+    @Slot(object)
+    def command(self, command: Command) -> None:
+        if command.name == "shutdown":
+            self._timer.stop()
+            if self.engine is not None:
+                self.engine.shutdown()
+            QThread.currentThread().quit()
+            return
+        if self.engine is None:
+            self.engine = self._make_engine(self.event.emit)
+        self.engine.handle(command)
+        if self.engine.busy and not self._timer.isActive():
+            self._timer.start()
+
+    def _tick(self) -> None:
+        if not self.engine.tick():
+            self._timer.stop()
+
+
+def make_engine(config, dataset, dataset_name: str) -> Callable:
+    """A factory for :class:`WorkerHost` that imports the engine (and PyTorch) when called."""
+
+    def make(emit):
+        from ntkviz.app.engine import Engine
+
+        return Engine(emit, config, dataset, dataset_name)
+
+    return make

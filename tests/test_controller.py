@@ -1,0 +1,276 @@
+"""The application layer without Qt: an Engine and an AppController driven synchronously (the
+engine's events go to the controller, the controller's commands to the engine), with recorded
+listeners standing in for the views."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ntkviz.app.controller import AppController
+from ntkviz.app.engine import Engine
+from ntkviz.app.features.influence import InfluenceRequest
+from ntkviz.app.features.kernel_maps import KernelMapRequest
+from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
+from ntkviz.app.features.pair import Decompose, FindConfidentlyWrong, History
+from ntkviz.app.features.squeeze import SqueezeRequest
+from ntkviz.app.jobs import JobEvent, Progress
+from ntkviz.app.state import AppState, Example
+from ntkviz.training import TrainConfig
+
+CONFIG = TrainConfig(train_size=256, batch_size=64, epochs=2, eval_every=4, eval_size=100)
+
+
+class App:
+    """Engine + controller + a log of what each topic's listeners received."""
+
+    def __init__(self, data, config=CONFIG, ask=None):
+        self.events = []  # from the engine, not yet handled
+        self.engine = Engine(self.events.append, config, data)
+        self.state = AppState()
+        self.errors = []
+        self.controller = AppController(
+            self.state, self.engine.handle, ask, lambda *error: self.errors.append(error)
+        )
+        self.seen: dict[str, list] = {}
+        self.send("load")
+        self.drain()
+
+    def send(self, name, *args):
+        self.controller.send(name, *args)
+
+    def listen(self, topic):
+        self.seen.setdefault(topic, [])
+        self.controller.on(topic, self.seen[topic].append)
+        return self.seen[topic]
+
+    def handle_events(self):
+        while self.events:
+            self.controller.handle(self.events.pop(0))
+
+    def drain(self, ticks: int | None = None):
+        """Handle events and tick until idle (or ``ticks`` ticks)."""
+        done = 0
+        while True:
+            self.handle_events()
+            if not self.engine.busy or (ticks is not None and done >= ticks):
+                return
+            self.engine.tick()
+            done += 1
+
+    def state_dict(self):
+        return {k: v.detach().clone() for k, v in self.engine.model.state_dict().items()}
+
+
+@pytest.fixture
+def app(mnist):
+    return App(mnist)
+
+
+def requests(app):
+    pair = app.controller.pair()
+    return {
+        "pair": Decompose(pair),
+        "history": History(pair),
+        "search": FindConfidentlyWrong("test", 3),
+        "influence": InfluenceRequest(pair, size=100, norm_size=20),
+        "kernel_maps": KernelMapRequest(2),
+        "squeeze": SqueezeRequest(pair.x_u, pair.y_u, 0.1, 1),
+        "layers": LayersRequest(pair),
+        "spectrum": SpectrumRequest(10),
+    }
+
+
+def test_loading_selects_a_pair_and_shows_its_decomposition(app, mnist):
+    s = app.state
+    assert s.run_state == "ready" and s.dataset.name == "mnist" and s.model.name == "lenet"
+    assert s.x_u == Example("train", 2) and int(mnist.train.y[2]) == 4 == s.y_u
+    assert s.x_o.split == "test" and int(mnist.test.y[s.x_o.index]) == 9
+    result = app.controller.current("pair")
+    assert result.request == app.controller.pair() and result.step == 0
+    assert app.errors == []
+
+
+def test_every_feature_drops_stale_results(app):
+    for feature, request in requests(app).items():
+        seen = app.listen(feature)
+        old = app.controller.submit(feature, request)
+        new = app.controller.submit(feature, request)  # replaces the running job
+        app.drain()
+        assert new == old + 1
+        # the replaced job's "cancelled" (generation old) was dropped; only the new one counts
+        assert [e.generation for e in seen] == [new] * len(seen) and seen[-1].kind == "result"
+        result = app.controller.current(feature)
+        assert result is seen[-1].payload
+        late = JobEvent(feature, old, "result", object())  # a late answer to the old request
+        app.controller.handle(late)
+        assert app.controller.current(feature) is result and seen[-1].payload is result
+    assert app.errors == []
+
+
+def test_a_job_is_cancelled_and_the_engine_is_free_again(app):
+    seen = app.listen("influence")
+    request = InfluenceRequest(app.controller.pair(), size=10000)
+    app.engine.tick_seconds = 0.0  # one chunk per tick
+    app.controller.submit("influence", request)
+    app.drain(ticks=2)
+    assert [e.kind for e in seen] == ["progress", "progress"]
+    assert isinstance(seen[-1].payload, Progress) and 0 < seen[-1].payload.done < 10000
+    app.controller.cancel("influence")
+    app.drain()
+    assert seen[-1].kind == "cancelled" and not app.engine.busy
+    assert app.controller.current("influence") is None
+    app.controller.submit("influence", dataclasses.replace(request, size=50))
+    app.drain()
+    assert seen[-1].kind == "result" and len(seen[-1].payload.indices) == 50
+
+
+def test_changing_the_model_cancels_jobs_and_undo_restores_it_bit_exactly(app):
+    seen = app.listen("influence")
+    app.engine.tick_seconds = 0.0
+    before = app.state_dict()
+    app.controller.submit("influence", InfluenceRequest(app.controller.pair(), size=10000))
+    app.drain(ticks=1)
+    app.controller.apply_step()
+    app.drain()
+    assert seen[-1].kind == "cancelled" and seen[-1].payload == "the model changed"
+    assert app.state.model.applied_steps == 1
+    assert any(not torch.equal(before[k], v) for k, v in app.state_dict().items())
+    history = app.controller.current("history")
+    assert len(history.probs_o) == 2 and history.lrs == (app.state.lr,)
+    app.controller.submit("influence", InfluenceRequest(app.controller.pair(), size=50))
+    app.drain()  # a job on the stepped model, then undo
+    app.controller.undo_step()
+    app.drain()
+    assert all(torch.equal(before[k], v) for k, v in app.state_dict().items())
+    assert app.state.model.applied_steps == 0 and len(app.controller.current("history").lrs) == 0
+
+
+def test_the_pair_follows_the_state(app, mnist):
+    seen = app.listen("pair")
+    app.controller.select(x_u=Example("train", 11), x_o=Example("test", 3), lr=0.2, loss="neg")
+    app.drain()
+    assert len(seen) == 1  # one refresh for several changes
+    assert app.state.y_u == int(mnist.train.y[11])  # y_u follows x_u's label
+    r = app.controller.current("pair").request
+    assert (r.x_u, r.x_o, r.lr, r.loss) == (Example("train", 11), Example("test", 3), 0.2, "neg")
+    app.state.y_u = 7
+    app.drain()
+    assert app.controller.current("pair").decomposition.y_u == 7
+
+
+def test_live_decompositions_while_training_are_throttled(app, monkeypatch):
+    import ntkviz.app.controller as controller
+
+    now = [0.0]
+    app.controller.clock = lambda: now[0]
+    monkeypatch.setattr(controller, "LIVE_EVERY", 2)
+    monkeypatch.setattr(controller, "LIVE_INTERVAL_S", 1.0)
+    steps = []
+    app.listen("pair")
+    app.controller.on("pair", lambda e: steps.append(e.payload.step) if e.kind == "result" else 0)
+    app.controller.start_training(CONFIG)
+    while app.state.run_state == "training":
+        app.engine.tick()
+        now[0] += 0.4  # 0.4 s per tick: a live refresh at most every third tick
+        app.handle_events()
+    app.drain()
+    live = steps[:-1]
+    assert live == sorted(live) and all(b - a >= 2 for a, b in itertools.pairwise(live))
+    assert steps[-1] == 8 == app.controller.records_received  # and the trained model's at the end
+    assert app.controller.current("history").request == app.controller.pair()
+
+
+def test_a_new_run_asks_before_it_discards_a_model_worth_keeping(mnist, tmp_path):
+    asked = []
+    answer = [False]
+    app = App(mnist, ask=lambda title, text: asked.append(text) or answer[0])
+    assert app.controller.start_training(CONFIG)  # fresh weights: nothing to lose
+    app.drain()
+    assert asked == [] and app.state.run_state == "finished"
+    assert not app.controller.start_training(CONFIG)
+    assert not app.controller.one_batch(CONFIG)
+    assert "trained for 8 steps" in asked[0] and len(asked) == 2
+    assert app.state.run_state == "finished" and app.controller.records_received == 8
+    path = tmp_path / "m.pt"
+    app.send("save_checkpoint", str(path), {})
+    app.send("load_checkpoint", str(path))
+    app.drain()
+    assert not app.controller.start_training(CONFIG)
+    assert f"loaded from {path}" in asked[-1]
+    answer[0] = True
+    assert app.controller.one_batch(CONFIG)
+    app.drain()
+    assert app.state.run_state == "paused" and app.controller.records_received == 1
+    app.controller.apply_step()
+    app.drain()
+    answer[0] = False
+    assert not app.controller.start_training(CONFIG) and "trained for 1 steps" in asked[-1]
+    invalid = dataclasses.replace(CONFIG, lr=-1.0)
+    n = len(asked)
+    assert not app.controller.start_training(invalid)
+    assert len(asked) == n and app.errors[-1][0] == "Invalid settings"
+
+
+def test_session_parts_are_merged_and_restored(mnist, tmp_path):
+    app = App(mnist)
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    app.controller.select(x_o=Example("test", 5), lr=0.3)
+    app.controller.apply_step()
+    app.drain()
+    app.controller.add_session_part("extra", lambda: {"n": 3, "xs": [1.5, 2.5]}, None)
+    path = tmp_path / "s.ntks"
+    saved = app.listen("session_saved")
+    app.controller.save_session(str(path))
+    app.drain()
+    assert saved and saved[0].payload == str(path)
+
+    other = App(mnist)
+    restored = []
+    other.controller.add_session_part("extra", lambda: {}, restored.append)
+    other.controller.open_session(str(path))
+    other.drain()
+    assert restored == [{"n": 3, "xs": [1.5, 2.5]}]
+    assert other.state.x_o == Example("test", 5) and other.state.lr == 0.3
+    assert other.state.model.applied_steps == 1 and other.state.model.step == 1
+    for k, v in app.state_dict().items():
+        assert torch.equal(other.engine.model.state_dict()[k], v)
+    np.testing.assert_array_equal(
+        other.controller.current("history").probs_o, app.controller.current("history").probs_o
+    )
+    # a part that cannot be restored is reported; the rest of the session still is
+    other.controller.add_session_part("extra", lambda: {}, lambda part: part["missing"])
+    other.controller.open_session(str(path))
+    other.drain()
+    assert other.errors[-1][0] == "Session part not restored" and "extra" in other.errors[-1][1]
+
+
+def test_periodic_jobs_run_at_the_start_and_every_n_steps(app):
+    records = []
+    app.controller.on(
+        "kernel_maps", lambda e: records.append(e.payload.step) if e.kind == "result" else 0
+    )
+    app.controller.set_periodic("kernel_maps", KernelMapRequest(2), 3, supersede=True)
+    app.controller.start_training(CONFIG)
+    app.drain()
+    assert records == [0, 3, 6]  # 8 steps; the new run starts the schedule over
+    app.controller.set_periodic("kernel_maps", None, 3)
+    app.controller.start_training(CONFIG)
+    app.drain()
+    assert records == [0, 3, 6]
+
+
+def test_engine_errors_are_reported_not_raised(app):
+    app.send("apply_step", dataclasses.replace(app.controller.pair(), x_u=Example("train", 10**6)))
+    app.drain()
+    assert app.errors[-1][0] == "Error" and "out of range" in app.errors[-1][1]
+    app.controller.submit(
+        "influence", InfluenceRequest(app.controller.pair(), size=10, norm_size=0)
+    )
+    app.send("open_session", "/nonexistent/file.ntks")
+    app.drain()
+    assert app.errors[-1][0] == "Session not readable"
+    assert app.controller.current("influence") is not None  # the engine keeps working
