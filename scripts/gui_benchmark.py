@@ -1,37 +1,39 @@
-"""Benchmark the ntkviz desktop app: launch time, event-loop stalls, training throughput.
+"""Benchmark the ntkviz desktop app: launch time, event-loop stalls, training throughput, and the
+cost of every probe job in the app against the core calls it wraps.
 
-1. Launch: in a fresh subprocess per repetition (``QT_QPA_PLATFORM=offscreen``, an empty
-   ``XDG_CONFIG_HOME`` so no saved geometry is used), ``ntkviz.gui.app.run`` opens the window;
-   the time from process start (``time.time()`` taken by this script just before spawning) to the
-   window's first paint and to ``MainWindow.ready`` (dataset loaded and first model built in the
-   worker). "first paint" is the end of the first burst of paint events of the window; the
-   creation time of the process from ``/proc/self/stat`` is reported beside it as a cross-check.
-2. Event-loop stall: with a preloaded dataset, the window trains a ``TrainConfig`` in its worker
-   with the window's own live decomposition updates (at most one every ``LIVE_EVERY`` steps
-   and ``LIVE_INTERVAL_S`` seconds, and at the end); a second scenario also asks for a
-   decomposition every 0.5 s (as F5 / a user browsing x_o would). A 5 ms precise ``QTimer`` on
-   the main thread records its tick times; the longest gap and the 99th percentile of the gaps
-   are reported. An idle window gives the noise floor (the machine's own scheduling jitter).
-   The window's result handlers and repaints are timed (by a subclass that wraps them) so that
-   long stalls can be attributed.
-3. Throughput: steps/s of the same config through ``ntkviz.training.train`` in a plain loop
-   in a fresh subprocess (the core trainer as a script or ``ntkviz train`` runs it: main
-   thread, no Qt), against the records the window receives per wall second from
-   ``start_training()`` to the last record, in a window run without the 5 ms tick timer (it
-   wakes the main thread 200 times a second, which the app itself never does). Bare and GUI
-   runs are paired back to back, in alternating order, and the median of the pair ratios is
-   reported: this shared machine's speed drifts by ±20 % within minutes. The GUI thread's CPU
-   time per wall second while training is reported beside it.
+1. Launch: the ``ntkviz`` console script in a fresh process per repetition (offscreen, or on the
+   X display of ``$DISPLAY`` with ``--x11``; an empty ``XDG_CONFIG_HOME`` so no saved layout is
+   used). A ``sitecustomize`` probe on ``PYTHONPATH`` (nothing in ntkviz itself) watches the
+   window: the time from process start (``time.time()`` taken by this script just before
+   spawning) to the window's first paint and to ``MainWindow.ready`` (dataset loaded and first
+   model built by the engine). "first paint" is the end of the first burst of paint events of
+   the window; the creation time of the process from ``/proc/self/stat`` is reported beside it.
+2. Event-loop stall: with a preloaded dataset, the window trains a ``TrainConfig`` in its engine
+   with its own live decomposition updates (at most one every ``LIVE_EVERY`` steps and
+   ``LIVE_INTERVAL_S`` seconds, and at the end); a second scenario also asks for a decomposition
+   every 0.5 s (as F5 / a user browsing x_o would). A 5 ms precise ``QTimer`` on the main thread
+   records its tick times; the longest gap and the 99th percentile of the gaps are reported. An
+   idle window gives the noise floor. The controller's event handling (per topic), the pair
+   view's paint steps and the window's repaints are timed, so that long stalls can be attributed.
+3. Throughput: steps/s of the same config through ``ntkviz.training.train`` in a plain loop in a
+   fresh subprocess (the core trainer as a script or ``ntkviz train`` runs it), against the
+   records the window receives per wall second, in a window run without the 5 ms tick timer.
+   Bare and GUI runs are paired back to back, in alternating order, and the median of the pair
+   ratios is reported: this shared machine's speed drifts by ±20 % within minutes.
+4. Probe jobs: each tab's job at its default settings (influence of one update on the 10,000
+   test images with ‖K‖ on 1,000; the class×class kernel map of 20 images per class; the
+   squeezing lab; the per-layer split; the spectrum of 50 images), from the click to the result
+   on screen, against the same core calls in a fresh process (main thread, no Qt), on the same
+   model (a LeNet, seed 0) and pair. Medians of the repetitions; app/core per job.
 
-   The main thread of the GUI process never runs a torch op, as in the app (the dataset is
-   loaded by a helper thread that has ended): a thread that runs one parallel op keeps an
-   OpenMP team, and with two teams on two cores libgomp throttles its spin-waiting, so that
-   every parallel op of the worker runs about 3× slower (measured: 0.65 of the bare speed when
-   this benchmark trained both in one process, 0.95–1.0 now).
+The main thread of the GUI process never runs a torch op, as in the app (the dataset is loaded by
+a helper thread that has ended): a thread that runs one parallel op keeps an OpenMP team, and
+with two teams on two cores libgomp throttles its spin-waiting, so that every parallel op of the
+engine runs about 3× slower (measured: 0.65 of the bare speed when this benchmark trained both
+in one process, 0.95–1.0 now).
 
-Repetitions are interleaved and medians reported.
-
-    python scripts/gui_benchmark.py [--quick] [--reps N] [--json out.json]
+    python scripts/gui_benchmark.py [--quick] [--reps N] [--x11] [--json out.json]
+        [--launch-only | --jobs-only]
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
-FIRST_PAINT_TARGET_S = 1.5
+FIRST_PAINT_TARGET_S = 1.0
+JOB_RATIO_TARGET = 1.3  # a probe job in the app may cost at most 1.3× its core calls
 READY_TARGET_S = 8.0
 STALL_TARGET_MS = 50.0
 SLOWDOWN_TARGET = 0.10  # the GUI may slow training by at most ~10 %
@@ -64,84 +67,135 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-# ------------------------------------------------------------------------- launch (child side)
+# ------------------------------------------------------------------------------- launch
+
+#: ``sitecustomize`` for the launched console script: when ``ntkviz.gui.window`` is imported,
+#: wrap ``MainWindow.show`` to watch the window's paint events from then on (an app-wide filter
+#: installed earlier would slow its construction) and report once the window is ready.
+LAUNCH_PROBE = r"""
+import importlib.abc, json, os, sys, time
+
+REPORT = os.environ["NTKVIZ_BENCH_REPORT"]
 
 
-def _process_start_from_proc() -> float | None:
-    """Wall-clock creation time of this process from /proc (10 ms resolution), else None."""
+def process_start():
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])  # field 22 of stat; fields[0] is field 3
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+        return time.time() - (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
 
 
-def child_launch(t0: float) -> int:
-    """Run the real app (``ntkviz.gui.app.run``) until the window is ready; print JSON times."""
-    proc_start = _process_start_from_proc()
+START = process_start()
+
+
+def patch(window_module):
     from PySide6.QtCore import QEvent, QObject, QTimer
     from PySide6.QtWidgets import QApplication, QWidget
 
-    from ntkviz.gui import app as gui_app
-    from ntkviz.gui.main_window import MainWindow
-
-    qapp = QApplication(sys.argv[:1])  # run() reuses it
-    times: dict = {"paints": [], "ready": None}
-
-    def on_ready():
-        times["ready"] = time.time()
-        QTimer.singleShot(0, qapp.quit)
+    MainWindow = window_module.MainWindow
+    times = {"paints": [], "ready": None, "process_start": START}
 
     class Probe(QObject):
         def eventFilter(self, obj, event):
-            if (
-                event.type() == QEvent.Paint
-                and times["ready"] is None
-                and isinstance(obj, QWidget)
-                and isinstance(obj.window(), MainWindow)
-            ):
+            if (event.type() == QEvent.Paint and times["ready"] is None
+                    and isinstance(obj, QWidget) and isinstance(obj.window(), MainWindow)):
                 times["paints"].append(time.time())
             return False
 
     probe = Probe()
     show = MainWindow.show
 
+    def on_ready():
+        times["ready"] = time.time()
+        with open(REPORT, "w") as f:
+            json.dump(times, f)
+        QTimer.singleShot(0, QApplication.instance().quit)
+
     def show_and_watch(window):
-        # The filter sees every event of the application; installed only now, its cost does
-        # not inflate the construction of the window.
         window.ready.connect(on_ready)
-        qapp.installEventFilter(probe)
+        QApplication.instance().installEventFilter(probe)
         show(window)
 
     MainWindow.show = show_and_watch
-    QTimer.singleShot(120_000, qapp.quit)  # safety net
-    gui_app.run(sys.argv[:1])
-    paints = times["paints"]
-    first_paint = None
-    if paints:
-        first_paint = paints[0]
-        for t in paints[1:]:
-            if t - first_paint > PAINT_BURST_GAP_S:
-                break
-            first_paint = t
-    rel = lambda t: None if t is None else t - t0  # noqa: E731
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "first_paint_s": rel(first_paint),
+
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "ntkviz.gui.window":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+import importlib.util
+sys.meta_path.insert(0, Hook())
+"""
+
+
+def console_script() -> str:
+    """The ``ntkviz`` console script beside this Python (the project's venv)."""
+    path = Path(sys.executable).with_name("ntkviz")
+    if not path.exists():
+        raise SystemExit(f"no ntkviz console script at {path}: run scripts/setup.sh first")
+    return str(path)
+
+
+def measure_launch(reps: int, x11: bool) -> list[dict]:
+    """First paint and ready of the ``ntkviz`` console script, from process start."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as probe:
+        Path(probe, "sitecustomize.py").write_text(LAUNCH_PROBE)
+        env = dict(os.environ, XDG_CONFIG_HOME=tmp, PYTHONPATH=probe)
+        env.pop("PYTHONSTARTUP", None)
+        if x11:
+            if not env.get("DISPLAY"):
+                raise SystemExit("--x11 needs an X display in $DISPLAY (e.g. Xvfb)")
+            env.pop("QT_QPA_PLATFORM", None)
+        else:
+            env["QT_QPA_PLATFORM"] = "offscreen"
+        for i in range(reps):
+            report = Path(tmp, f"launch{i}.json")
+            env["NTKVIZ_BENCH_REPORT"] = str(report)
+            t0 = time.time()
+            proc = subprocess.run(
+                [console_script()], env=env, capture_output=True, text=True, timeout=300
+            )
+            if not report.exists():
+                raise RuntimeError(f"the app gave no launch report (rc {proc.returncode}):\n"
+                                   f"{proc.stderr}")  # fmt: skip
+            times = json.loads(report.read_text())
+            paints = times["paints"]
+            first = paints[0] if paints else None
+            for t in paints[1:]:
+                if t - first > PAINT_BURST_GAP_S:
+                    break
+                first = t
+            rel = lambda t, t0=t0: None if t is None else t - t0  # noqa: E731
+            r = {
+                "first_paint_s": rel(first),
                 "first_paint_event_s": rel(paints[0] if paints else None),
                 "ready_s": rel(times["ready"]),
-                "spawn_to_exec_s": rel(proc_start),
-                "paint_events_before_ready": len(paints),
+                "spawn_to_exec_s": rel(times["process_start"]),
             }
-        )
-    )
-    return 0
+            results.append(r)
+            print(
+                f"  launch {i + 1}/{reps}: first paint {r['first_paint_s']:.2f} s, "
+                f"ready {r['ready_s']:.2f} s",
+                flush=True,
+            )
+    return results
 
 
 def run_child(args: list[str], env=None, timeout: float = 1800) -> dict:
@@ -153,22 +207,6 @@ def run_child(args: list[str], env=None, timeout: float = 1800) -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{args[0]} child failed (rc {proc.returncode}):\n{proc.stderr}")
     return json.loads(lines[-1][len("RESULT ") :])
-
-
-def measure_launch(reps: int) -> list[dict]:
-    results = []
-    with tempfile.TemporaryDirectory() as config_home:
-        env = dict(os.environ, QT_QPA_PLATFORM="offscreen", XDG_CONFIG_HOME=config_home)
-        for i in range(reps):
-            t0 = time.time()
-            r = run_child(["--child-launch", repr(t0)], env=env, timeout=300)
-            results.append(r)
-            print(
-                f"  launch {i + 1}/{reps}: first paint {r['first_paint_s']:.2f} s, "
-                f"ready {r['ready_s']:.2f} s",
-                flush=True,
-            )
-    return results
 
 
 # ------------------------------------------------------------------ stall and throughput
@@ -216,75 +254,118 @@ def load_off_main_thread():
     return box["data"]
 
 
-HANDLERS = {  # worker signal -> (window handler, slot signature)
-    "records": ("_on_records", (object,)),
-    "decomposition_ready": ("_on_decomposition", (int, object)),
-    "history_changed": ("_on_history", (int, object)),
-    "state_changed": ("_on_state", (str,)),
-}
-
-
 def make_timed_window_class():
     """A MainWindow subclass that times its repaints and, after :meth:`time_handlers`, the
-    handlers of the worker's results."""
-    from PySide6.QtCore import QEvent, QObject, Slot
+    controller's handling of each engine event (by topic) and the pair view's paint steps."""
+    from PySide6.QtCore import QEvent
 
-    from ntkviz.gui.main_window import MainWindow
-
-    class Relay(QObject):
-        """Receives the worker's signals on the main thread (queued, like the window's own
-        slots) and calls the window's handler, timed. Overriding the handlers in the subclass
-        does not work: PySide6 then calls them directly in the worker's thread."""
-
-        def __init__(self, window):
-            super().__init__(window)
-            self.window = window
-
-        def _call(self, name, *args):
-            w = self.window
-            t = time.perf_counter()
-            getattr(w, name)(*args)
-            if w.timing:
-                w.handler_times.setdefault(name, []).append(time.perf_counter() - t)
-
-        @Slot(object)
-        def records(self, records):
-            self._call("_on_records", records)
-
-        @Slot(int, object)
-        def decomposition_ready(self, generation, result):
-            self._call("_on_decomposition", generation, result)
-
-        @Slot(int, object)
-        def history_changed(self, generation, history):
-            self._call("_on_history", generation, history)
-
-        @Slot(str)
-        def state_changed(self, state):
-            self._call("_on_state", state)
+    from ntkviz.gui.window import MainWindow
 
     class TimedWindow(MainWindow):
         timing = False
         handler_times: dict
 
+        def _timed(self, name: str, call):
+            def wrapper(*args):
+                t = time.perf_counter()
+                result = call(*args)
+                if self.timing:
+                    self.handler_times.setdefault(name, []).append(time.perf_counter() - t)
+                return result
+
+            return wrapper
+
         def time_handlers(self) -> None:
-            """Route the worker's result signals through a timing relay."""
-            self.relay = Relay(self)
-            for signal_name, (handler, _) in HANDLERS.items():
-                signal = getattr(self.worker, signal_name)
-                signal.disconnect(getattr(self, handler))
-                signal.connect(getattr(self.relay, signal_name))
+            handle = self.controller.handle
+
+            def timed_handle(event):
+                topic = getattr(event, "topic", None) or f"job {event.feature} {event.kind}"
+                return self._timed(f"handle {topic}", handle)(event)
+
+            self.controller.handle = timed_handle
+            paints = self.views["pair"].paints
+            paints._next = self._timed("pair view paint step", paints._next)
 
         def event(self, event):
             if self.timing and event.type() == QEvent.UpdateRequest:
-                t = time.perf_counter()
-                result = super().event(event)
-                dt = time.perf_counter() - t
-                self.handler_times.setdefault("repaint (UpdateRequest)", []).append(dt)
-                return result
+                return self._timed("repaint (UpdateRequest)", super().event)(event)
             return super().event(event)
 
     return TimedWindow
+
+
+#: The probe jobs measured: topic, how the app starts it (on a window), and its core calls.
+JOBS = ("influence", "kernel_maps", "squeeze", "layers", "spectrum")
+
+
+def core_jobs(data, reps: int) -> dict:
+    """Seconds per repetition of each probe job's core calls, as the app's jobs make them at
+    their default settings, on the app's first model and pair (main thread, no Qt)."""
+    import numpy as np
+
+    from ntkviz.analysis import (
+        balanced_indices,
+        class_influence,
+        class_kernel_map,
+        ntk_spectrum,
+        squeeze_steps,
+        squeeze_survey,
+    )
+    from ntkviz.app.features.influence import probe_indices
+    from ntkviz.app.features.squeeze import SURVEY_SIZE, SWEEP
+    from ntkviz.decomposition import influence
+    from ntkviz.kernel import empirical_ntk_by_layer
+    from ntkviz.models import build_model
+
+    model = build_model("lenet", len(data.classes), seed=0)
+    test = data.test
+    u = int((data.train.y == 4).nonzero()[0])
+    o = int((test.y == 9).nonzero()[0])
+    x_u, x_o, y_u, lr = data.train.x[u], test.x[o], 4, 0.01  # the app's first pair and η
+
+    def run_influence():
+        idx = probe_indices(len(test), 10000)
+        inf = influence(model, test.x[idx], x_u, y_u, lr)
+        class_influence(inf, test.y[idx].numpy(), 10)
+        influence(model, test.x[idx[:1000]], x_u, y_u, lr, kernel_norm=True, chunk_size=100)
+
+    def run_kernel_map():
+        idx = balanced_indices(test.y, 20)
+        class_kernel_map(model, test.x[idx], test.y[idx].numpy(), 10)
+
+    def run_squeeze():
+        neg = squeeze_steps(model, x_u, y_u, 0.5, 5, "neg")
+        squeeze_steps(model, x_u, y_u, 0.5, 5, "ce")
+        for eta in np.geomspace(0.5 / 100, 0.5 * 10, SWEEP):
+            squeeze_steps(model, x_u, y_u, float(eta), 1, "neg")
+        idx = np.sort(np.random.default_rng(0).choice(len(test), SURVEY_SIZE, replace=False))
+        squeeze_survey(model, test.x[idx], test.y[idx].numpy(), 0.5)
+        return neg
+
+    def run_layers():
+        empirical_ntk_by_layer(model, x_o[None], x_u[None])
+
+    def run_spectrum():
+        ntk_spectrum(model, test.x[balanced_indices(test.y, 5)])
+
+    calls = dict(zip(JOBS, (run_influence, run_kernel_map, run_squeeze, run_layers,
+                            run_spectrum)))  # fmt: skip
+    out = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        out[name] = times
+    return out
+
+
+def child_core_jobs(reps: str) -> int:
+    from ntkviz.data import load_dataset
+
+    print("RESULT " + json.dumps(core_jobs(load_dataset("mnist"), int(reps))))
+    return 0
 
 
 class Harness:
@@ -335,6 +416,15 @@ class Harness:
         timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
         return timer, ticks
 
+    @staticmethod
+    def current(window) -> bool:
+        """The shown decomposition and history answer the newest requests."""
+        pair, generation = window.views["pair"], window.controller.generation
+        return (
+            pair.shown_generation == generation["pair"]
+            and pair.shown_history_generation == generation["history"]
+        )
+
     def open_window(self, config):
         from PySide6.QtCore import QSettings
 
@@ -343,8 +433,8 @@ class Harness:
         window.show_message_boxes = False
         window.handler_times = {}
         window.show()
-        self.run_loop(lambda: window.model_info is not None, 120)
-        self.run_loop(lambda: window.shown_generation == window.generation, 120)
+        self.run_loop(lambda: window.state.model is not None, 120)
+        self.run_loop(lambda: self.current(window), 120)
         window.time_handlers()
         return window
 
@@ -371,31 +461,32 @@ class Harness:
         window = self.open_window(config)
         record_times: list[float] = []
         cpu: list[float] = []
-        window.records_shown.connect(
-            lambda n: (record_times.append(time.perf_counter()), cpu.append(time.thread_time()))
+        window.controller.on(
+            "records",
+            lambda e: (record_times.append(time.perf_counter()), cpu.append(time.thread_time())),
         )
         timer, tick_times = self.tick_recorder()
         browser = QTimer()
         browser.setInterval(BROWSE_INTERVAL_MS)
-        browser.timeout.connect(window.refresh)
+        browser.timeout.connect(window.controller.refresh)
         window.handler_times = {}
         window.timing = True
         if ticks:
             timer.start()
         t0, cpu0 = time.perf_counter(), time.thread_time()
-        window.start_training()
+        window.views["training"].start_button.click()
         if browse:
             browser.start()
         # the run ends with the decomposition of the trained model on screen
         self.run_loop(
-            lambda: window.state == "finished" and window.shown_generation == window.generation,
+            lambda: window.state.run_state == "finished" and self.current(window),
             1800,
-            (window.records_shown, window.decomposition_shown),
+            (window.shown,),
         )
         browser.stop()
         timer.stop()
         window.timing = False
-        steps = window.records_received
+        steps = window.controller.records_received
         wall = record_times[-1] - t0 if record_times else float("nan")
         result = {
             "steps": steps,
@@ -403,7 +494,7 @@ class Harness:
             "steps_per_s": steps / wall if wall > 0 else float("nan"),
             # CPU time of the main (GUI) thread per wall second while training
             "main_thread_cpu": (cpu[-1] - cpu0) / wall if cpu else float("nan"),
-            "decompositions_shown": len(window.handler_times.get("_on_decomposition", [])),
+            "decompositions_shown": len(window.handler_times.get("handle job pair result", [])),
             "handlers": {
                 name: {"calls": len(v), "max_ms": 1000 * max(v), "total_ms": 1000 * sum(v)}
                 for name, v in window.handler_times.items()
@@ -412,6 +503,34 @@ class Harness:
         }
         self.close_window(window)
         return result
+
+    def gui_jobs(self, config, reps: int) -> dict:
+        """Seconds from the click to the result on screen for each probe job at the views'
+        default settings, on the window's first model and pair."""
+        window = self.open_window(config)
+        views = window.views
+        starts = {
+            "influence": views["influence"].run,
+            "kernel_maps": views["kernel_maps"].run,
+            "squeeze": views["squeeze"].run,
+            "layers": views["layers"].run,
+            "spectrum": views["layers"].run_spectrum,
+        }
+        out = {}
+        for name in JOBS:
+            times = []
+            for _ in range(reps):
+                shown = []
+                catch = lambda topic, result, n=name: topic == n and shown.append(result)  # noqa
+                window.shown.connect(catch)
+                t = time.perf_counter()
+                starts[name]()
+                self.run_loop(lambda shown=shown: bool(shown), 600, (window.shown,))
+                times.append(time.perf_counter() - t)
+                window.shown.disconnect(catch)
+            out[name] = times
+        self.close_window(window)
+        return out
 
 
 def gap_stats(ticks: list[float]) -> dict:
@@ -454,13 +573,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write all numbers as JSON")
     p.add_argument("--skip-launch", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--launch-only", action="store_true", help="measure the launch alone")
-    p.add_argument("--child-launch", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--jobs-only", action="store_true", help="measure the probe jobs alone")
+    p.add_argument("--x11", action="store_true", help="launch on $DISPLAY, not offscreen")
     p.add_argument("--child-bare", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
+    p.add_argument("--child-core-jobs", metavar="REPS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child_launch is not None:
-        return child_launch(args.child_launch)
     if args.child_bare is not None:
         return child_bare(args.child_bare)
+    if args.child_core_jobs is not None:
+        return child_core_jobs(args.child_core_jobs)
     reps = args.reps or (1 if args.quick else 5)
     epochs = args.epochs or (2 if args.quick else 30)
 
@@ -474,9 +595,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. launch ------------------------------------------------------------------------------
     launches = []
-    if not args.skip_launch:
-        print(f"[1] launch: {reps} fresh subprocess(es), QT_QPA_PLATFORM=offscreen", flush=True)
-        launches = measure_launch(reps)
+    if not (args.skip_launch or args.jobs_only):
+        where = f"X display {os.environ.get('DISPLAY')}" if args.x11 else "offscreen"
+        print(f"[1] launch: the ntkviz console script, {reps} fresh processes, {where}",
+              flush=True)  # fmt: skip
+        launches = measure_launch(reps, args.x11)
     report["launch"] = launches
 
     if args.launch_only:
@@ -489,12 +612,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import torch
 
-    from ntkviz.gui.main_window import LIVE_EVERY, LIVE_INTERVAL_S
+    from ntkviz.app.controller import LIVE_EVERY, LIVE_INTERVAL_S
     from ntkviz.training import TrainConfig
 
     config = TrainConfig(train_size=args.train_size, epochs=epochs, device="cpu")
     report["config"] = config.to_dict()
     report["torch_threads"] = torch.get_num_threads()
+    harness = Harness(load_off_main_thread())
+    if args.jobs_only:
+        report["jobs"] = measure_jobs(harness, config, reps)
+        report["summary"] = {"jobs": summarize_jobs(report["jobs"])}
+        return write_json(args.json, report)
     print(
         f"[2,3] training {config.model}, {config.train_size} images × {config.epochs} epochs, "
         f"batch {config.batch_size} (live decomposition at most every {LIVE_EVERY} steps and "
@@ -502,7 +630,6 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    harness = Harness(load_off_main_thread())
     floor = harness.idle_floor(config, 2.0 if args.quick else 4.0)
     print(
         f"  idle window: max gap {floor['max_gap_ms']:.1f} ms, p99 {floor['p99_gap_ms']:.1f} ms",
@@ -528,14 +655,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{browse[-1]['decompositions_shown']} decompositions)",
             flush=True,
         )
-    report.update(
-        idle=floor,
-        bare=bare,
-        gui=gui,
-        gui_live=live,
-        gui_browsing=browse,
-        loadavg_end=os.getloadavg(),
-    )
+    report.update(idle=floor, bare=bare, gui=gui, gui_live=live, gui_browsing=browse)
+    report["jobs"] = measure_jobs(harness, config, reps)
+    report["loadavg_end"] = os.getloadavg()
 
     # summary --------------------------------------------------------------------------------
     print()
@@ -610,10 +732,38 @@ def main(argv: list[str] | None = None) -> int:
         f"              ratios {', '.join(f'{r:.2f}' for r in ratios)}; GUI thread CPU while "
         f"training {100 * cpu:.0f} % of one core"
     )
+    summary["jobs"] = summarize_jobs(report["jobs"])
     report["summary"] = summary
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    return write_json(args.json, report)
+
+
+def measure_jobs(harness, config, reps: int) -> dict:
+    print(f"[4] probe jobs: the app against the core calls (fresh process), {reps} rep(s) each",
+          flush=True)  # fmt: skip
+    core = run_child(["--child-core-jobs", str(reps)])
+    gui = harness.gui_jobs(config, reps)
+    for name in JOBS:
+        print(f"  {name:12s} core {median(core[name]):6.2f} s, app {median(gui[name]):6.2f} s",
+              flush=True)  # fmt: skip
+    return {"core": core, "app": gui}
+
+
+def summarize_jobs(jobs: dict) -> dict:
+    out = {}
+    for name in JOBS:
+        c, a = median(jobs["core"][name]), median(jobs["app"][name])
+        out[name] = {"core_s": c, "app_s": a, "app_over_core": a / c}
+        print(
+            f"4. job        {name:12s} app {a:6.2f} s / core {c:6.2f} s = {a / c:5.2f} "
+            f"(target ≤ {JOB_RATIO_TARGET})  {verdict(a / c <= JOB_RATIO_TARGET)}"
+        )
+    return out
+
+
+def write_json(path: str | None, report: dict) -> int:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """House rule 1: the core and the application layer import and work with Qt absent; the GUI
-shows its window before PyTorch is imported."""
+shows its window before pyqtgraph and PyTorch are imported."""
 
 import subprocess
 import sys
@@ -84,7 +84,7 @@ app.installEventFilter(watch)
 window.show()
 while not painted:
     app.processEvents()
-heavy = [m for m in ("torch", "torchvision", "ntkviz.app.engine") if m in sys.modules]
+heavy = [m for m in ("torch", "torchvision", "pyqtgraph", "ntkviz.app.engine") if m in sys.modules]
 assert not heavy, f"imported before the first paint: {heavy}"
 print("ok")
 """
@@ -106,7 +106,7 @@ def test_application_layer_imports_and_runs_with_qt_blocked():
     run(APP)
 
 
-def test_the_window_paints_before_torch_is_imported():
+def test_the_window_paints_before_pyqtgraph_and_torch_are_imported():
     run(FIRST_PAINT)
 
 

@@ -69,7 +69,38 @@ def run(argv: list[str] | None = None) -> int:
     window = MainWindow(autostart=False)
     window.log_file = path
     sys.excepthook = excepthook_for(window)
+    after_first_paint(window, window.start)
     window.show()
-    app.processEvents()  # first paint before PyTorch is imported
-    window.start()
     return app.exec()
+
+
+def after_first_paint(window, callback, wait_ms: int = 1000) -> None:
+    """Call ``callback`` once ``window`` has painted (or after ``wait_ms``, if the platform
+    paints nothing before): the views, pyqtgraph and PyTorch load after the window is seen."""
+    from PySide6.QtCore import QEvent, QObject, QTimer
+    from PySide6.QtWidgets import QApplication, QWidget
+
+    app = QApplication.instance()
+
+    class Watch(QObject):
+        done = False
+
+        def eventFilter(self, obj, event):
+            if (
+                not self.done
+                and event.type() == QEvent.Paint
+                and isinstance(obj, QWidget)
+                and obj.window() is window
+            ):
+                self.fire()
+            return False
+
+        def fire(self):
+            if not self.done:
+                self.done = True
+                app.removeEventFilter(self)
+                QTimer.singleShot(0, callback)
+
+    watch = Watch(window)
+    app.installEventFilter(watch)
+    QTimer.singleShot(wait_ms, watch.fire)

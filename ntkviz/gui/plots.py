@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Qt, QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
-pg.setConfigOptions(imageAxisOrder="row-major", antialias=True, background="w", foreground="k")
+from ntkviz.gui.graphics import pg
 
 #: Diverging blue–white–red colour map (CET-D1), used symmetrically around zero.
 DIVERGING = pg.colormap.get("CET-D1")
@@ -22,6 +21,7 @@ CLASS_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )  # fmt: skip
+
 SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
 
 

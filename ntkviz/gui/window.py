@@ -30,8 +30,6 @@ from ntkviz.app.messages import Command
 from ntkviz.app.state import AppState
 from ntkviz.gui.dialogs import show_about
 from ntkviz.gui.export import ask_save_path, export_graphics
-from ntkviz.gui.features import FEATURES
-from ntkviz.gui.features.base import FeatureContext
 from ntkviz.gui.widgets import SpaceKeeper
 
 log = logging.getLogger(__name__)
@@ -44,8 +42,12 @@ MENUS = ("File", "View", "Step", "Help")
 class MainWindow(QMainWindow):
     """The ntkviz main window. ``config``: the first model's ``TrainConfig``; ``dataset``: a
     loaded ``ImageDataset`` (else the engine loads ``dataset_name``); ``settings``: where the
-    layout is remembered; ``autostart``: start the engine from the event loop (else call
-    :meth:`start`)."""
+    layout is remembered; ``autostart``: start from the event loop (else call :meth:`start`);
+    ``features``: the view classes (default :data:`ntkviz.gui.features.FEATURES`).
+
+    Construction builds only the frame (menus, status bar, a notice): nothing but Qt before the
+    first paint. :meth:`start` then builds the views (pyqtgraph) and starts the engine's thread,
+    which loads PyTorch and the dataset."""
 
     ready = Signal()  # dataset and first model are loaded
     shown = Signal(str, object)  # a view shows a new result: its topic and the result
@@ -55,7 +57,7 @@ class MainWindow(QMainWindow):
 
     def __init__(
         self, config=None, dataset=None, dataset_name: str = "mnist",
-        settings: QSettings | None = None, autostart: bool = True, features=FEATURES,
+        settings: QSettings | None = None, autostart: bool = True, features=None,
     ):  # fmt: skip
         super().__init__()
         self.setWindowTitle("ntkviz — learning dynamics of one gradient step")
@@ -70,35 +72,25 @@ class MainWindow(QMainWindow):
         self.controller = AppController(
             self.state, self.command.emit, self.confirm, self.show_error
         )
-        self.ctx = FeatureContext(
-            self.controller, self.state, self._status, self.shown.emit, self.show_error,
-            self._ask_path, self._attempt,
-        )  # fmt: skip
         self.views: dict[str, QWidget] = {}
-        self._deferred: list[tuple[type, QScrollArea]] = []
-        self._build(features)
-        self._restore_settings()
+        self._features = features
+        self._build()
+        self._restore_geometry()
         if autostart:
             QTimer.singleShot(0, self.start)
 
     # ------------------------------------------------------------------ building
-    def _build(self, features) -> None:
+    def _build(self) -> None:
         self.tabs = QTabWidget()
         self.tabs.setObjectName("centralTabs")
+        self.notice = QLabel("Starting ntkviz…")
+        self.notice.setAlignment(Qt.AlignCenter)
+        self.tabs.addTab(self.notice, "ntkviz")
         self.setCentralWidget(self.tabs)
         self.menus = {name: self.menuBar().addMenu(f"&{name}") for name in MENUS}
         self.menu_actions: dict[str, QAction] = {}
         self._model_actions: list[QAction] = []
         self._file_menu()
-        for feature in features:
-            if feature.placement == "tab":  # built after the first paint: a scroll area now
-                scroll = QScrollArea()  # wide control rows scroll instead of widening the window
-                scroll.setWidgetResizable(True)
-                scroll.setFrameShape(QFrame.NoFrame)
-                self.tabs.addTab(scroll, feature.title)
-                self._deferred.append((feature, scroll))
-            else:
-                self._add_view(feature(self.ctx))
         self._finish_menus()
         self.status_labels = {k: QLabel(v) for k, v in (
             ("device", "device: –"), ("params", "parameters: –"), ("step", "step: 0"),
@@ -116,6 +108,30 @@ class MainWindow(QMainWindow):
         self.controller.on("message", lambda event: self._status(event.payload, 5000))
         self._enable_model_actions(False)
 
+    def _build_views(self) -> None:
+        """Every feature's view: docks, the centre tab, the other tabs (each in a scroll area:
+        wide control rows scroll instead of widening the window), menus, session parts."""
+        from ntkviz.gui.features import FEATURES
+        from ntkviz.gui.features.base import FeatureContext
+
+        ctx = FeatureContext(
+            self.controller, self.state, self._status, self.shown.emit, self.show_error,
+            self._ask_path, self._attempt,
+        )  # fmt: skip
+        self.tabs.removeTab(self.tabs.indexOf(self.notice))
+        for feature in self._features or FEATURES:
+            self._add_view(feature(ctx))
+        self.tabs.setCurrentIndex(0)
+        self._refresh_plot_menu()
+        state = self.settings.value("windowState")
+        if state is None:
+            docks = self.findChildren(QDockWidget)
+            self.resizeDocks(docks, [300, 330][: len(docks)], Qt.Horizontal)
+        else:
+            self.restoreState(state)
+        for view in self.views.values():
+            view.restore_settings(self.settings)
+
     def _add_view(self, view) -> None:
         self.views[view.name] = view
         if view.placement in ("left", "right"):
@@ -123,7 +139,12 @@ class MainWindow(QMainWindow):
             self.addDockWidget(area, self._dock(view))
         elif view.placement == "center":
             self.tabs.insertTab(0, view, view.title)
-            self.tabs.setCurrentIndex(0)
+        else:
+            scroll = QScrollArea()
+            scroll.setWidgetResizable(True)
+            scroll.setFrameShape(QFrame.NoFrame)
+            scroll.setWidget(view)
+            self.tabs.addTab(scroll, view.title)
         for action in view.actions():
             self._action(action.menu, action.text, action.slot, action.shortcut, action.needs_model)
         part = view.session_state()
@@ -143,14 +164,6 @@ class MainWindow(QMainWindow):
         self.menus["View"].addAction(dock.toggleViewAction())
         return dock
 
-    def _build_deferred(self) -> None:
-        """The tabs' views (about a quarter of the window's construction time)."""
-        for feature, scroll in self._deferred:
-            view = feature(self.ctx)
-            scroll.setWidget(view)
-            self._add_view(view)
-        self._deferred.clear()
-
     def _file_menu(self) -> None:
         a = partial(self._action, "File")
         a("&Open checkpoint…", self._open_checkpoint_dialog, QKeySequence.Open, False)
@@ -162,11 +175,14 @@ class MainWindow(QMainWindow):
         self.plot_menu = self.menus["File"].addMenu("Export &plot")
 
     def _finish_menus(self) -> None:
-        self.menus["File"].addSeparator()
+        self._file_tail = self.menus["File"].addSeparator()  # views' File entries go above
         # QKeySequence.Quit is empty on some platforms (Windows, offscreen): Ctrl+Q there
         quit_keys = QKeySequence(QKeySequence.Quit)
-        self._action("File", "&Quit", self.close, quit_keys if not quit_keys.isEmpty() else "Ctrl+Q",
-                     False)  # fmt: skip
+        quit_action = QAction("&Quit", self)
+        quit_action.setShortcut(quit_keys if not quit_keys.isEmpty() else QKeySequence("Ctrl+Q"))
+        quit_action.triggered.connect(self.close)
+        self.menus["File"].addAction(quit_action)
+        self.menu_actions["&Quit"] = quit_action
         self._action("Help", "&About ntkviz", self.show_about, None, False)
 
     def _action(self, menu: str, text: str, slot, shortcut=None, needs_model=True) -> QAction:
@@ -174,7 +190,8 @@ class MainWindow(QMainWindow):
         if shortcut is not None:
             action.setShortcut(QKeySequence(shortcut))
         action.triggered.connect(slot)
-        self.menus[menu].addAction(action)
+        tail = getattr(self, "_file_tail", None) if menu == "File" else None
+        self.menus[menu].insertAction(tail, action)
         self.menu_actions[text] = action
         if needs_model:
             self._model_actions.append(action)
@@ -204,7 +221,7 @@ class MainWindow(QMainWindow):
         raise ValueError(f"{type(view).__name__} is not in a tab")
 
     # ------------------------------------------------------------------ settings
-    def _restore_settings(self) -> None:
+    def _restore_geometry(self) -> None:
         geometry = self.settings.value("geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
@@ -214,30 +231,23 @@ class MainWindow(QMainWindow):
             if screen is not None:  # fit smaller screens
                 width, height = min(width, screen.width()), min(height, screen.height())
             self.resize(width, height)
-            docks = self.findChildren(QDockWidget)
-            self.resizeDocks(docks, [300, 330][: len(docks)], Qt.Horizontal)
-        state = self.settings.value("windowState")
-        if state is not None:
-            self.restoreState(state)
-        for view in self.views.values():
-            view.restore_settings(self.settings)
 
     def _save_settings(self) -> None:
         self.settings.setValue("geometry", self.saveGeometry())
-        self.settings.setValue("windowState", self.saveState())
+        if self.views:  # the docks exist
+            self.settings.setValue("windowState", self.saveState())
         for view in self.views.values():
             view.save_settings(self.settings)
         self.settings.sync()
 
     # ------------------------------------------------------------------ the engine
     def start(self) -> None:
-        """Build the tabs, then start the engine's thread; it loads PyTorch and the dataset."""
+        """Build the views, then start the engine's thread; it loads PyTorch and the dataset."""
         if self.thread is not None:
             return
         from ntkviz.gui.worker_host import WorkerHost, make_engine
 
-        self._build_deferred()
-        self._refresh_plot_menu()
+        self._build_views()
         self.host = WorkerHost(make_engine(*self._engine_args))
         self._engine_args = None  # the engine owns the dataset now
         self.thread = QThread()

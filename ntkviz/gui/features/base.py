@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ntkviz.app.controller import AppController
 from ntkviz.app.state import AppState
 from ntkviz.gui.export import ask_save_path, export_graphics
+from ntkviz.gui.graphics import pg
 from ntkviz.gui.widgets import JobControls
 
 VIEW_DATA_FORMATS = (".csv", ".npz")

@@ -5,12 +5,12 @@ correlation of each map with the latest."""
 from __future__ import annotations
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLabel, QSlider
 
 from ntkviz.app.features.kernel_maps import KernelMapHistory, KernelMapRequest
 from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import HeatmapView
 from ntkviz.gui.widgets import spin
 

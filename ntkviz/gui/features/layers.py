@@ -5,12 +5,12 @@ spectra stay as faded curves)."""
 from __future__ import annotations
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QPushButton
 
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.graphics import pg
 from ntkviz.gui.widgets import JobControls, spin
 
 

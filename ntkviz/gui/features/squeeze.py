@@ -5,11 +5,11 @@ sweep and the survey of the squeezed mass over test images."""
 from __future__ import annotations
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 
 from ntkviz.app.features.squeeze import SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
+from ntkviz.gui.graphics import pg
 from ntkviz.gui.widgets import spin
 
 
