@@ -303,12 +303,22 @@ def cmd_demo(args) -> int:
 
 
 def cmd_gui(argv: list[str]) -> int:
+    """Run the desktop app, then end the process at once: when the window closes, the engine's
+    thread has stopped and every file is written; what is left is Python's teardown of PyTorch
+    (1–2 s of unloading its libraries), which the user need not wait for."""
     try:
         from ntkviz.gui.app import run
     except ImportError as e:
         print(f"ntkviz: the desktop app is not available ({e})", file=sys.stderr)
         return 1
-    return run(argv)
+    code = run(argv)
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

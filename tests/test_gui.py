@@ -413,9 +413,9 @@ def test_the_gui_thread_runs_no_torch_op(qtbot, settings, mnist, tmp_path):
 
 def test_worker_errors_are_shown_not_raised(qtbot, settings, mnist, monkeypatch):
     window = open_window(qtbot, settings, mnist)
-    window.views["training"].lr.setValue(1e6)
+    diverging = dataclasses.replace(window.views["training"].config(), lr=1e6)
     with qtbot.waitSignal(window.error_shown, timeout=TIMEOUT) as blocker:
-        start_training(qtbot, window)
+        window.controller.start_training(diverging)
     assert blocker.args[0] == "Training diverged" and "diverged" in blocker.args[1]
     qtbot.waitUntil(lambda: window.state.run_state == "stopped", timeout=TIMEOUT)
     assert "diverged" in window.statusBar().currentMessage()
@@ -450,24 +450,44 @@ def test_a_diverging_step_is_refused_and_the_model_kept(qtbot, settings, mnist):
     assert len(window.views["pair"].last_history.probs_o) == 2
 
 
-def test_space_applies_a_step_unless_a_button_has_the_focus(qtbot, settings, mnist):
+def test_space_and_ctrl_z_step_from_any_control_but_a_text_field(qtbot, settings, mnist):
+    from PySide6.QtWidgets import QLineEdit
+
     window = open_window(qtbot, settings, mnist)
     window.activateWindow()
     qtbot.waitUntil(window.isActiveWindow, timeout=TIMEOUT)
-    pair = window.views["pair"]
-    pair.decomposition_view.setFocus()
-    wait_shown(
-        qtbot, window, "history", lambda: QTest.keyClick(pair.decomposition_view, Qt.Key_Space)
-    )
-    assert len(pair.last_history.probs_o) == 2
-    button = window.views["training"].batch_button
-    button.setFocus()
-    assert QApplication.focusWidget() is button
-    # "One batch", not another step
-    wait_shown(qtbot, window, "records", lambda: QTest.keyClick(button, Qt.Key_Space))
-    qtbot.waitUntil(lambda: window.state.run_state == "paused", timeout=TIMEOUT)
-    wait_current(qtbot, window)
-    assert window.controller.records_received == 1 and pair.last_result.applied_steps == 0
+    pair, training = window.views["pair"], window.views["training"]
+
+    def steps() -> int:
+        wait_current(qtbot, window)
+        return len(pair.last_history.lrs)
+
+    def key(widget, k, modifier=Qt.NoModifier) -> None:
+        widget.setFocus()
+        assert QApplication.focusWidget() in (widget, widget.focusProxy())
+        wait_shown(qtbot, window, "history", lambda: QTest.keyClick(widget, k, modifier))
+
+    key(pair.decomposition_view, Qt.Key_Space)
+    assert steps() == 1
+    key(pair.step_panel.undo_button, Qt.Key_Space)  # a focused button: still a step, no undo
+    assert steps() == 2
+    key(training.batch_button, Qt.Key_Space)  # "One batch" is not pressed by Space
+    assert steps() == 3 and window.controller.records_received == 0
+    key(pair.step_panel.lr, Qt.Key_Space)  # the η box takes no spaces: a step
+    assert steps() == 4
+    key(pair.step_panel.lr, Qt.Key_Z, Qt.ControlModifier)  # Ctrl+Z in the η box: undo
+    assert steps() == 3
+    key(pair.step_panel.slider, Qt.Key_Z, Qt.ControlModifier)
+    assert steps() == 2
+    # a text field keeps its keys: Space types a space, no step
+    field = QLineEdit(pair)
+    field.show()
+    field.setFocus()
+    QTest.keyClicks(field, "a b")
+    assert field.text() == "a b"
+    assert steps() == 2
+    tips = pair.step_panel.apply_button.toolTip() + pair.step_panel.undo_button.toolTip()
+    assert tips.count("from anywhere but a text field") == 2
 
 
 def test_a_new_run_asks_before_discarding_a_trained_model(qtbot, settings, mnist, monkeypatch):

@@ -49,6 +49,7 @@ class AppController:
         self.results: dict[str, object] = {}  #: the newest accepted result of each feature
         self.records_received = 0  #: records of the current run
         self.trained_steps = 0  #: optimizer steps of the model's training run
+        self.dirty = False  #: the model changed (trained, stepped) since it was saved or loaded
         self._listeners: dict[str, list[Callable]] = defaultdict(list)
         self._session_parts: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
         self._last_live = (0, 0.0)  # step and time of the last live decomposition
@@ -128,9 +129,21 @@ class AppController:
     def _pair_changed(self, *args) -> None:
         self.refresh()
 
-    def _x_u_changed(self, example: Example) -> None:
-        if self.state.dataset is not None:
-            self.state.y_u = self.state.label(example)
+    def _x_u_changed(self, example: Example, old: Example) -> None:
+        """y_u follows x_u's label, unless the user chose another class for it: that stays."""
+        s = self.state
+        if s.dataset is None:
+            return
+        label = s.label(example)
+        if s.y_u == s.label(old) or not 0 <= s.y_u < len(s.dataset.classes):
+            s.y_u = label
+        elif s.y_u != label:
+            c = s.dataset.classes
+            self.message(f"y_u stays {c[s.y_u]} (x_u = {example} is labelled {c[label]})")
+
+    def message(self, text: str) -> None:
+        """A short note for the status bar."""
+        self._dispatch("message", Event("message", text))
 
     def select(self, **fields) -> None:
         """Set several fields of the state at once, with one refresh at the end."""
@@ -163,6 +176,17 @@ class AppController:
         if not self._new_run_allowed(config):
             return False
         self.send("start", config)
+        return True
+
+    def continue_training(self, config) -> bool:
+        """Train the current model further with ``config``'s settings (nothing is discarded)."""
+        try:
+            config.validate()
+        except ValueError as e:
+            self.report("Invalid settings", str(e))
+            return False
+        self._last_live = (self.trained_steps, self.clock())
+        self.send("continue_training", config)
         return True
 
     def one_batch(self, config) -> bool:
@@ -201,6 +225,16 @@ class AppController:
         self._dispatch("new_run", Event("new_run", config))
         return True
 
+    def unsaved_changes(self) -> str:
+        """What closing would lose ("" if nothing): a model trained or moved by applied steps
+        since it was last saved or loaded."""
+        info = self.state.model
+        if not self.dirty or info is None:
+            return ""
+        if info.applied_steps:
+            return f"trained for {self.trained_steps} steps, moved by {info.applied_steps} applied step(s)"
+        return f"trained for {self.trained_steps} steps"
+
     def unsaved_work(self) -> str:
         """What a new run or a new model would discard ("" if nothing worth keeping): a model
         loaded from a file, trained, or moved by applied steps."""
@@ -229,15 +263,22 @@ class AppController:
                 first[split] = int(hits[0]) if len(hits) else 0
             self.state.x_o = Example("test", first["test"])
             self.state.x_u = Example("train", first["train"])
+            self.state.y_u = self.state.label(self.state.x_u)
         finally:
             self._hold -= 1
 
     def _on_model(self, info) -> None:
+        old = self.state.model
+        if old is None or info.number != old.number:
+            self.dirty = False  # a new model: fresh, or as loaded from a file
+        elif info.applied_steps != old.applied_steps:
+            self.dirty = True
         self.state.model = info
         self.trained_steps = info.step
         self.refresh()
 
     def _on_records(self, records) -> None:
+        self.dirty = True
         self.records_received += len(records)
         self.trained_steps = records[-1].step
         if self.state.run_state != "training":  # one batch: show its effect at once
@@ -253,6 +294,11 @@ class AppController:
         self.state.run_state = run_state
         if run_state in ("finished", "stopped", "paused"):
             self.refresh()
+
+    def _on_session_saved(self, path) -> None:
+        self.dirty = False
+
+    _on_checkpoint_saved = _on_session_saved
 
     def _on_error(self, error) -> None:
         self.report(error.title, error.message)
@@ -292,19 +338,12 @@ class AppController:
         self.send("load_checkpoint", path)
 
     def _pair_state(self) -> dict:
-        s = self.state
-        return {
-            "x_u": [s.x_u.split, s.x_u.index], "y_u": s.y_u,
-            "x_o": [s.x_o.split, s.x_o.index], "lr": s.lr, "loss": s.loss,
-        }  # fmt: skip
+        return self.pair().to_dict()
 
     def _restore_pair(self, part: dict) -> None:
-        x_u, x_o = Example(*part["x_u"]), Example(*part["x_o"])
-        for example in (x_u, x_o):
+        pair = PairRequest.from_dict(part)
+        for example in (pair.x_u, pair.x_o):
             if not 0 <= example.index < self.state.dataset.size(example.split):
                 raise ValueError(f"{example} is not an example of this dataset")
-        self.state.x_u = x_u
-        self.state.x_o = x_o
-        self.state.y_u = int(part["y_u"])
-        self.state.lr = float(part["lr"])
-        self.state.loss = str(part.get("loss", "ce"))
+        s = self.state
+        s.x_u, s.x_o, s.y_u, s.lr, s.loss = pair.x_u, pair.x_o, pair.y_u, pair.lr, pair.loss

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +71,15 @@ class Engine:
         self.optimizer = None
         self.step = 0  #: optimizer steps of the current run
         self.undo_stack: list[dict] = []  #: state_dict clones before each applied step
-        self.applied_lrs: list[float] = []
+        self.applied_lrs: list[float] = []  #: η of each applied step
+        self.applied_pairs: list = []  #: its PairRequest (None: unknown, from an old session)
         self.runner = JobRunner(emit)
         self._iter = None  # the training generator
         self._running = False
         self._single = False
         self._periodic: dict[str, list] = {}  # feature -> [generation, request, every, due]
+        self._models = 0  # models held so far
+        self._offset = 0  # steps of the model before the current run (a continued run)
 
     # ------------------------------------------------------------------ plumbing
     def handle(self, command: Command) -> None:
@@ -139,8 +143,11 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _set_model(self, model, config: TrainConfig, source: str, step: int = 0) -> None:
+    def _set_model(
+        self, model, config: TrainConfig, source: str, step: int = 0, emit: bool = True
+    ) -> None:
         """Replace the model (and forget the optimizer, the run and the undo stack)."""
+        self._models += 1
         self.runner.cancel_all("the model changed")
         self._close_run()
         self.config = config
@@ -148,12 +155,12 @@ class Engine:
         self.model = model.to(self._device(config.device))
         self.optimizer = None
         self.step = step
-        self.undo_stack.clear()
-        self.applied_lrs.clear()
+        self._forget_applied_steps(emit=False)
         self.source = source
         for p in self._periodic.values():
             p[3] = step  # periodic jobs start over with the new model
-        self.emit_model()
+        if emit:
+            self.emit_model()
 
     def _new_model(self, config: TrainConfig, source: str) -> None:
         config.validate()
@@ -172,6 +179,7 @@ class Engine:
                     self.step,
                     self.source,
                     len(self.undo_stack),
+                    self._models,
                 ),
             )
         )
@@ -197,9 +205,24 @@ class Engine:
         self._running = True
         self._run_state("training")
 
-    def _begin_run(self, config: TrainConfig) -> None:
+    def continue_training(self, config: TrainConfig) -> None:
+        """Train the current model further with ``config``'s settings (its model is the current
+        one): a fresh optimizer and schedule; steps count on from the model's."""
+        config = replace(config, model=self.model_name)
+        config.validate()
+        self.runner.cancel_all("the model changed")
+        self._close_run()
+        self._forget_applied_steps(emit=False)  # they become part of the training history
+        self.config, self.source = config, "trained"
+        self._begin_run(config, offset=self.step)
+        self.emit_model()
+        self._running = True
+        self._run_state("training")
+
+    def _begin_run(self, config: TrainConfig, offset: int = 0) -> None:
         self.optimizer = make_optimizer(self.model, config)
         self._iter = train(self.model, self.data, config, self.optimizer)
+        self._offset = offset
 
     def pause(self) -> None:
         if self._running:
@@ -230,10 +253,12 @@ class Engine:
         self.runner.cancel_all("the model changed")
         self._running, self._single = False, True
 
-    def _forget_applied_steps(self) -> None:
-        if self.undo_stack:
-            self.undo_stack.clear()
-            self.applied_lrs.clear()
+    def _forget_applied_steps(self, emit: bool = True) -> None:
+        had = bool(self.undo_stack)
+        self.undo_stack.clear()
+        self.applied_lrs.clear()
+        self.applied_pairs.clear()
+        if had and emit:
             self.emit_model()
 
     def tick(self) -> bool:
@@ -257,8 +282,14 @@ class Engine:
         due = min((p[3] for p in self._periodic.values()), default=math.inf)
         try:
             while True:
-                records.append(next(self._iter))
-                self.step = records[-1].step
+                record = next(self._iter)
+                if self._offset:
+                    record = replace(
+                        record, step=record.step + self._offset,
+                        total_steps=record.total_steps + self._offset,
+                    )  # fmt: skip
+                records.append(record)
+                self.step = record.step
                 if self._single or self.step >= due or time.perf_counter() > deadline:
                     break
         except StopIteration:
@@ -347,6 +378,7 @@ class Engine:
             model.train(was)
         self.undo_stack.append(before)
         self.applied_lrs.append(float(pair.lr))
+        self.applied_pairs.append(pair)
         self.emit_model()
 
     def undo(self) -> None:
@@ -357,6 +389,7 @@ class Engine:
         self.runner.cancel_all("the model changed")
         self.model.load_state_dict(self.undo_stack.pop())
         self.applied_lrs.pop()
+        self.applied_pairs.pop()
         self.emit_model()
 
     def reset_steps(self) -> None:
@@ -364,9 +397,7 @@ class Engine:
         if self.undo_stack:
             self.runner.cancel_all("the model changed")
             self.model.load_state_dict(self.undo_stack[0])
-            self.undo_stack.clear()
-            self.applied_lrs.clear()
-            self.emit_model()
+            self._forget_applied_steps()
 
     # ------------------------------------------------------------------ files
     def send_state_dict(self) -> None:
@@ -378,6 +409,7 @@ class Engine:
         """Save the model with ``metadata`` and its training step (and applied steps)."""
         metadata = {**metadata, "step": self.step, "applied_steps": len(self.undo_stack)}
         save_checkpoint(path, self.model, self.model_name, self.config, metadata)
+        self.emit(Event("checkpoint_saved", str(path)))
         self.message(f"saved checkpoint {path}")
 
     def load_checkpoint(self, path: str) -> None:
@@ -390,8 +422,14 @@ class Engine:
         """Write weights, config, the undo stack and the features' ``parts`` (plain values) to
         ``path``."""
         history = [
-            {"lr": float(lr), "state_before": {k: v.detach().cpu() for k, v in st.items()}}
-            for lr, st in zip(self.applied_lrs, self.undo_stack, strict=True)
+            {
+                "lr": float(lr),
+                "pair": None if pair is None else pair.to_dict(),
+                "state_before": {k: v.detach().cpu() for k, v in st.items()},
+            }
+            for lr, pair, st in zip(
+                self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
+            )
         ]
         session = Session(
             model_name=self.model_name,
@@ -409,12 +447,15 @@ class Engine:
         """Replace everything by the session in ``path``; a bad file changes nothing."""
         session = load_session(path)
         model = session.build_model()
-        stack, lrs = [], []
+        from ntkviz.app.features.pair import PairRequest
+
+        stack, lrs, pairs = [], [], []
         probe = session.build_model()
         for k, h in enumerate(session.history):
             try:
                 probe.load_state_dict(h["state_before"])
                 lrs.append(float(h["lr"]))
+                pairs.append(PairRequest.from_dict(h["pair"]) if h.get("pair") else None)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise SessionError(
                     f"{path}: step-through history entry {k} is damaged: {e}"
@@ -425,9 +466,9 @@ class Engine:
         except ValueError as e:
             raise SessionError(f"{path}: invalid training config: {e}") from None
         # everything checked: now replace the state
-        self._set_model(model, session.config, str(path), session.step)
+        self._set_model(model, session.config, str(path), session.step, emit=False)
         self.undo_stack = [{k: v.to(self.device) for k, v in st.items()} for st in stack]
-        self.applied_lrs = lrs
+        self.applied_lrs, self.applied_pairs = lrs, pairs
         self.emit_model()
         self.emit(Event("session_opened", SessionOpened(str(path), session_parts(session))))
         self._run_state("ready")

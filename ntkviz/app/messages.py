@@ -32,7 +32,8 @@ class Event:
     (:class:`DatasetInfo`), "model" (:class:`ModelInfo`), "records" (a tuple of the core's
     ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
     "message" (status text), "error" (:class:`ErrorReport`), "session_opened"
-    (:class:`SessionOpened`), "session_saved" (the path), "state_dict" (name -> numpy array)."""
+    (:class:`SessionOpened`), "session_saved" and "checkpoint_saved" (the path), "state_dict"
+    (name -> numpy array)."""
 
     topic: str
     payload: object = None
@@ -75,7 +76,8 @@ class DatasetInfo:
 class ModelInfo:
     """The model the engine holds now. ``config``: its ``TrainConfig``; ``step``: optimizer steps
     of its training run; ``applied_steps``: step-through steps on top of them; ``source``: "fresh
-    weights", "trained", or the file it came from."""
+    weights", "trained", or the file it came from; ``number``: counts the engine's models (a new
+    one for each new run, checkpoint or session)."""
 
     name: str
     num_parameters: int
@@ -84,6 +86,7 @@ class ModelInfo:
     step: int
     source: str
     applied_steps: int = 0
+    number: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,32 @@ CLASS_COLORS = (
 )  # fmt: skip
 
 SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
+PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
+
+
+def let_shrink(label: pg.LabelItem) -> pg.LabelItem:
+    """Let a (long) pyqtgraph label be narrower than its text instead of widening its plot or
+    layout (the text stays centred and may be cut at the edges); its height still follows the
+    text's lines."""
+    update = type(label).updateMin
+
+    def update_min():
+        update(label)
+        label.setMinimumWidth(1)
+        label._sizeHint[Qt.SizeHint.MinimumSize] = (1, label.minimumHeight())
+        label.updateGeometry()
+
+    label.updateMin = update_min
+    update_min()
+    return label
+
+
+def relative_residual_text(dec) -> str:
+    """‖actual − predicted‖ / ‖actual‖ of a decomposition, or a dash (with the reason) when
+    nothing moved: the ratio is undefined then, not 0."""
+    if not np.linalg.norm(dec.actual) > 0:
+        return "— (‖actual‖ = 0: the step moved nothing in float32)"
+    return f"{dec.relative_residual:.3g}"
 
 
 def symmetric_limit(*arrays: np.ndarray) -> float:
@@ -89,12 +115,7 @@ class HeatmapView(pg.PlotItem):
     ):
         super().__init__(title=title)
         self.titleLabel.setText(title, size="11pt")
-        # a long title must not force the plot's width: the label may shrink (it stays centred)
-        label = self.titleLabel
-        label.updateMin = lambda: None
-        label._sizeHint[Qt.SizeHint.MinimumSize] = (1, label._sizeHint[Qt.SizeHint.MinimumSize][1])
-        label.setMinimumWidth(1)
-        label.updateGeometry()
+        let_shrink(self.titleLabel)  # a long title must not force the plot's width
         self.image_item = HeatmapImage(describe)
         self.addItem(self.image_item)
         self.invertY(True)
@@ -124,6 +145,8 @@ class HeatmapView(pg.PlotItem):
             bar_axis = self.colorbar.getAxis("right")
             bar_axis.setTickFont(font)
             bar_axis.tickStrings = compact_tick_strings  # "-0.0005" would not fit the bar
+        # until the first matrix: the frame of a 10×10 one (not an axis around nothing)
+        self.setRange(xRange=(-0.5, 9.5), yRange=(-0.5, 9.5), padding=0)
 
     @property
     def image(self) -> np.ndarray | None:
@@ -173,7 +196,7 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         self.setBackground("w")
         self.classes: tuple[str, ...] = tuple(str(i) for i in range(10))
         self._dec = None
-        self.info = self.addLabel("Waiting for a model…", row=0, col=0, size="11pt")
+        self.info = let_shrink(self.addLabel("Waiting for a model…", row=0, col=0, size="11pt"))
         top = self.addLayout(row=1, col=0)
         bottom = self.addLayout(row=2, col=0)
         d = self._describe
@@ -197,9 +220,10 @@ class DecompositionView(pg.GraphicsLayoutWidget):
                 continue
             view = HeatmapView(title, lambda i, j, n=name: d(n, i, j), rlab, clab)
             if name in ("G", "predicted"):
-                view.setMaximumWidth(135)  # vectors stay narrow; the matrices get the room
+                view.setMaximumWidth(105)  # vectors stay narrow; the matrices get the room
             else:
-                view.setMinimumWidth(200)  # 10 readable columns with their tick labels
+                view.setMinimumWidth(150)  # 10 columns of ≥ 8 px with their tick labels
+                view.setPreferredWidth(420)
             self.heatmaps[name] = view
             top.addItem(view, 0, col)
         for col, stretch in enumerate([0, 8, 0, 8, 0, 2, 0, 2]):
@@ -218,6 +242,10 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             bottom.layout.setColumnStretchFactor(col, 3)
         self.ci.layout.setRowStretchFactor(1, 3)
         self.ci.layout.setRowStretchFactor(2, 2)
+        self.setMinimumSize(self.MIN_WIDTH, 360)
+
+    #: −η, A, K (≥ 150 px each), G, Δlog π and the operators between them
+    MIN_WIDTH = 600
 
     def set_decomposition(self, dec, classes: Sequence[str] | None = None, info: str = "") -> None:
         """Show every factor of ``dec`` (a core ``Decomposition``)."""
@@ -236,8 +264,8 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         lim_z = symmetric_limit(dec.delta_logits_predicted, dec.delta_logits_actual)
         kind = "learn y_u (cross-entropy)" if dec.loss == "ce" else "negative gradient on y_u"
         text = (
-            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  η = {dec.lr:.3g}  ·  "
-            f"‖actual − predicted‖ / ‖actual‖ = {dec.relative_residual:.3g}"
+            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  η = {dec.lr:.3g}<br>"
+            f"‖actual − predicted‖ / ‖actual‖ = {relative_residual_text(dec)}"
         )
         h = self.heatmaps
 
@@ -325,22 +353,26 @@ class PreviewBars(pg.PlotWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.setBackground("w")
-        self.setTitle("Δlog π(x<sub>o</sub>) after one step: predicted vs actual", size="10pt")
+        # the legend is in the title: inside the plot it would cover the tallest bars
+        self.setTitle(
+            "Δlog π(x<sub>o</sub>) after one step of η<br>"
+            f"<span style='color:{PREDICTED}'>■</span> predicted −η·A·K·G  "
+            f"<span style='color:{ACTUAL}'>■</span> actual (a real step)",
+            size="10pt",
+        )
         self.setMenuEnabled(False)
-        legend = self.addLegend(offset=(-5, 5), labelTextSize="8pt")
         self.predicted = pg.BarGraphItem(
-            x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush="#4c72b0"
+            x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush=PREDICTED
         )  # fmt: skip
         self.actual = pg.BarGraphItem(
-            x=np.arange(10) + 0.2, height=np.zeros(10), width=0.38, brush="#dd8452"
+            x=np.arange(10) + 0.2, height=np.zeros(10), width=0.38, brush=ACTUAL
         )  # fmt: skip
         self.addItem(self.predicted)
         self.addItem(self.actual)
-        legend.addItem(self.predicted, "predicted −η·A·K·G")
-        legend.addItem(self.actual, "actual (after a real step)")
         self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
         self.setLabel("bottom", "class i")
         self.disableAutoRange()
+        self.setRange(xRange=(-0.6, 9.6), yRange=(-1, 1), padding=0.05)
         self._view = None  # (classes, y low, y high) shown
 
     def set_values(self, predicted: np.ndarray, actual: np.ndarray) -> None:
@@ -385,15 +417,18 @@ class TrajectoryPlot(pg.PlotWidget):
             self.addItem(label)
         self.own = self.plot([], [], pen=pg.mkPen("k", width=2, style=Qt.PenStyle.DashLine))
         self._history = None
+        self._note = ""  # what the applied steps learnt when it was not the shown update
         self._view = None  # (steps, log scale, y low) shown
         self._update_labels()
 
     def _update_labels(self):
-        self.setTitle(
-            ("log π" if self.log_scale else "π") + "(x<sub>o</sub>) per class over applied steps; "
-            "dashed: π<sub>y<sub>u</sub></sub>(x<sub>u</sub>)",
-            size="10pt",
+        title = (
+            ("log π" if self.log_scale else "π") + "(x<sub>o</sub>) per class over applied steps"
+            "<br>dashed: π<sub>y<sub>u</sub></sub>(x<sub>u</sub>)"
         )
+        if self._note:
+            title += f"<br><span style='color:#b05000'>the steps learnt another update: {self._note}</span>"
+        self.setTitle(title, size="10pt")
         self.setLabel("left", "log π" if self.log_scale else "π")
 
     def set_log(self, on: bool) -> None:
@@ -402,8 +437,11 @@ class TrajectoryPlot(pg.PlotWidget):
         if self._history is not None:
             self.set_trajectory(*self._history)
 
-    def set_history(self, history) -> None:
-        """``history``: a worker ``StepHistory``."""
+    def set_history(self, history, note: str = "") -> None:
+        """``history``: a ``StepHistory``; ``note``: which other updates its steps learnt."""
+        if note != self._note:
+            self._note = note
+            self._update_labels()
         self.set_trajectory(history.probs_o, history.probs_u, history.request.y_u)
 
     def set_trajectory(self, probs_o: np.ndarray, probs_u: np.ndarray, y_u: int) -> None:

@@ -5,17 +5,22 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from PySide6.QtGui import QImage, QPixmap
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QImage, QKeySequence, QPixmap
 from PySide6.QtWidgets import (
-    QAbstractButton,
-    QAbstractItemView,
-    QComboBox,
+    QAbstractSpinBox,
+    QApplication,
     QDoubleSpinBox,
+    QGraphicsView,
     QHBoxLayout,
+    QLayout,
+    QLineEdit,
+    QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QTextEdit,
     QWidget,
 )
 
@@ -34,6 +39,12 @@ def double_spin(lo: float, hi: float, decimals: int, step: float) -> QDoubleSpin
     box.setDecimals(decimals)
     box.setSingleStep(step)
     return box
+
+
+def fit_text(*buttons: QPushButton) -> None:
+    """Let buttons be as narrow as their text (the style's 80 px minimum would widen docks)."""
+    for b in buttons:
+        b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
 
 
 def digit_pixmap(image: np.ndarray, size: int) -> QPixmap:
@@ -59,6 +70,7 @@ class JobControls(QWidget):
         self.progress = QProgressBar()
         self.progress.setMaximumWidth(160)
         self.progress.setValue(0)
+        fit_text(self.run_button, self.cancel_button)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         for w in (self.run_button, self.cancel_button, self.progress):
@@ -120,21 +132,102 @@ class PaintQueue(QObject):
             self._timer.start()
 
 
-class SpaceKeeper(QObject):
-    """Event filter for focused widgets with a Space action of their own (buttons, check
-    boxes, combo boxes, lists): Space goes to them rather than to the Apply-step shortcut."""
+class StepKeys(QObject):
+    """Application event filter that makes the step keys window-wide: Space (apply a step) and
+    Ctrl+Z (undo it) reach the window's shortcuts from any control — a focused button, list,
+    slider or spin box — except a field where text is typed (a line edit, a text box)."""
 
-    WIDGETS = (QAbstractButton, QComboBox, QAbstractItemView)
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() != QEvent.ShortcutOverride or not self._step_key(event):
+            return False
+        focus = QApplication.focusWidget()
+        if isinstance(focus, QTextEdit | QPlainTextEdit) or (
+            isinstance(focus, QLineEdit) and not isinstance(focus.parent(), QAbstractSpinBox)
+        ):
+            return False  # typing: the field keeps its keys
+        event.ignore()  # not overridden: the shortcut fires
+        return True
+
+    @staticmethod
+    def _step_key(event) -> bool:
+        plain = event.key() == Qt.Key_Space and event.modifiers() == Qt.NoModifier
+        return plain or event.matches(QKeySequence.Undo)
+
+
+class WheelScrolls(QObject):
+    """Application event filter: the mouse wheel over a plot scrolls the tab or dock around
+    it, as over any other widget; Ctrl+wheel zooms the plot."""
 
     def eventFilter(self, obj, event) -> bool:
         if (
-            event.type() == QEvent.ShortcutOverride
-            and event.key() == Qt.Key_Space
-            and event.modifiers() == Qt.NoModifier
+            event.type() != QEvent.Wheel
+            or event.modifiers() & Qt.ControlModifier
+            or not isinstance(obj.parent(), QGraphicsView)
         ):
-            event.accept()
-        return False
+            return False
+        area = obj.parent().parent()
+        while area is not None and not isinstance(area, QScrollArea):
+            area = area.parent()
+        if area is not None:
+            QApplication.sendEvent(area.verticalScrollBar(), event)
+        return True
 
-    def focus_changed(self, old, new) -> None:
-        if isinstance(new, self.WIDGETS):
-            new.installEventFilter(self)
+
+class FlowLayout(QLayout):
+    """Lays widgets out left to right and wraps them onto the next line when the width runs
+    out (control rows that must not set a tab's minimum width)."""
+
+    def __init__(self, parent: QWidget | None = None, spacing: int = 6):
+        super().__init__(parent)
+        self._items: list = []
+        self.setContentsMargins(0, 0, 0, 0)
+        self.setSpacing(spacing)
+
+    def addItem(self, item) -> None:
+        self._items.append(item)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, index: int):
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def takeAt(self, index: int):
+        return self._items.pop(index) if 0 <= index < len(self._items) else None
+
+    def expandingDirections(self):
+        return Qt.Orientation(0)
+
+    def hasHeightForWidth(self) -> bool:
+        return True
+
+    def heightForWidth(self, width: int) -> int:
+        return self._place(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect: QRect) -> None:
+        super().setGeometry(rect)
+        self._place(rect, move=True)
+
+    def sizeHint(self) -> QSize:
+        return self.minimumSize()
+
+    def minimumSize(self) -> QSize:
+        size = QSize()
+        for item in self._items:
+            size = size.expandedTo(item.minimumSize())
+        m = self.contentsMargins()
+        return size + QSize(m.left() + m.right(), m.top() + m.bottom())
+
+    def _place(self, rect: QRect, move: bool) -> int:
+        m = self.contentsMargins()
+        area = rect.adjusted(m.left(), m.top(), -m.right(), -m.bottom())
+        x, y, line = area.x(), area.y(), 0
+        for item in self._items:
+            hint = item.sizeHint()
+            if x + hint.width() > area.right() + 1 and line > 0:
+                x, y, line = area.x(), y + line + self.spacing(), 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + self.spacing()
+            line = max(line, hint.height())
+        return y + line - rect.y() + m.bottom()

@@ -26,11 +26,10 @@ from PySide6.QtWidgets import (
 )
 
 from ntkviz.app.controller import AppController
-from ntkviz.app.messages import Command
 from ntkviz.app.state import AppState
 from ntkviz.gui.dialogs import show_about
 from ntkviz.gui.export import ask_save_path, export_graphics
-from ntkviz.gui.widgets import SpaceKeeper
+from ntkviz.gui.widgets import StepKeys, WheelScrolls
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,8 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.show_message_boxes = True
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
+        self.engine = None  # the EngineThread, once started
         self.thread: QThread | None = None
-        self.host = None
         self.state = AppState()
         self.controller = AppController(
             self.state, self.command.emit, self.confirm, self.show_error
@@ -99,8 +98,8 @@ class MainWindow(QMainWindow):
             self.statusBar().addPermanentWidget(label)
         self.statusBar().showMessage("Loading PyTorch and the dataset…")
         self.error_raised.connect(self.show_error)  # queued when emitted off the GUI thread
-        self._space_keeper = SpaceKeeper(self)
-        QApplication.instance().focusChanged.connect(self._space_keeper.focus_changed)
+        for event_filter in (StepKeys(self), WheelScrolls(self)):
+            QApplication.instance().installEventFilter(event_filter)
         s = self.state
         s.events.model.connect(self._on_model)
         s.events.run_state.connect(lambda state: self.status_labels["state"].setText(state))
@@ -144,7 +143,7 @@ class MainWindow(QMainWindow):
             scroll.setWidgetResizable(True)
             scroll.setFrameShape(QFrame.NoFrame)
             scroll.setWidget(view)
-            self.tabs.addTab(scroll, view.title)
+            self.tabs.setTabToolTip(self.tabs.addTab(scroll, view.title), view.tooltip)
         for action in view.actions():
             self._action(action.menu, action.text, action.slot, action.shortcut, action.needs_model)
         part = view.session_state()
@@ -243,23 +242,17 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ the engine
     def start(self) -> None:
         """Build the views, then start the engine's thread; it loads PyTorch and the dataset."""
-        if self.thread is not None:
+        if self.engine is not None:
             return
-        from ntkviz.gui.worker_host import WorkerHost, make_engine
+        from ntkviz.gui.worker_host import EngineThread, make_engine
 
-        self._build_views()
-        self.host = WorkerHost(make_engine(*self._engine_args))
+        self.engine = EngineThread(make_engine(*self._engine_args))
         self._engine_args = None  # the engine owns the dataset now
-        self.thread = QThread()
-        self.thread.setObjectName("ntkviz-worker")
-        self.host.moveToThread(self.thread)
-        self.thread.finished.connect(self.host.deleteLater)
-        self.command.connect(self.host.command)
-        self.host.event.connect(self._on_event)
-        app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self.shutdown)
-        self.thread.start()
+        self.thread = self.engine.thread
+        self.command.connect(self.engine.send)  # queued until the thread runs: none is lost
+        self.engine.event.connect(self._on_event)
+        self._build_views()  # views may send commands (periodic jobs) as they are built
+        self.engine.start()
         self.controller.send("load")
 
     @Slot(object)
@@ -268,18 +261,38 @@ class MainWindow(QMainWindow):
 
     def shutdown(self) -> None:
         """Stop the engine and wait for its thread to end (idempotent)."""
-        thread, self.thread = self.thread, None
-        if thread is None:
-            return
-        self.command.emit(Command("shutdown"))
-        if not thread.wait(30000):
-            log.error("the worker thread did not stop within 30 s")
-        self.host = None
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine, self.thread = None, None
 
     def closeEvent(self, event) -> None:
+        if not self._may_close():
+            event.ignore()
+            return
         self._save_settings()
         self.shutdown()
         super().closeEvent(event)
+
+    def _may_close(self) -> bool:
+        """Ask before closing loses unsaved work: Save (a session, then close), Discard, or
+        Cancel. True when the window may close now."""
+        what = self.controller.unsaved_changes()
+        if not what or not self.show_message_boxes or self.engine is None:
+            return True
+        box = QMessageBox(QMessageBox.Question, "Save before closing?", "", parent=self)
+        box.setText(f"The model ({what}) has not been saved.")
+        box.setInformativeText("Save it as a session (weights, curves, selection), or discard it?")
+        box.setStandardButtons(QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        box.setDefaultButton(QMessageBox.Save)
+        answer = box.exec()
+        if answer == QMessageBox.Discard:
+            return True
+        if answer == QMessageBox.Save:
+            path = self._ask_path("Save session", "ntkviz session (*.ntks)")
+            if path:  # close once the engine has written it (an error keeps the window open)
+                self.controller.on("session_saved", lambda event: self.close())
+                self.controller.save_session(path)
+        return False
 
     def _on_model(self, info) -> None:
         if info is None:

@@ -14,11 +14,14 @@ matrix products run about 3× slower from then on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
-from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, QThread, QTimer, Signal, Slot
 
 from ntkviz.app.messages import Command
+
+log = logging.getLogger(__name__)
 
 
 class WorkerHost(QObject):
@@ -52,6 +55,42 @@ class WorkerHost(QObject):
     def _tick(self) -> None:
         if not self.engine.tick():
             self._timer.stop()
+
+
+class EngineThread(QObject):
+    """The engine's thread with its :class:`WorkerHost`, owned by the application: it stops when
+    the application quits, whatever became of the window. ``send(Command)`` queues a command;
+    ``event`` carries the engine's events (connect it to a slot of a GUI-thread object)."""
+
+    command = Signal(object)
+
+    def __init__(self, make_engine: Callable):
+        super().__init__(QCoreApplication.instance())
+        self.host = WorkerHost(make_engine)
+        self.event = self.host.event
+        self.thread = QThread(self)
+        self.thread.setObjectName("ntkviz-worker")
+        self.host.moveToThread(self.thread)
+        self.thread.finished.connect(self.host.deleteLater)
+        self.command.connect(self.host.command)
+        QCoreApplication.instance().aboutToQuit.connect(self.stop)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def send(self, command: Command) -> None:
+        self.command.emit(command)
+
+    @property
+    def running(self) -> bool:
+        return self.thread.isRunning()
+
+    def stop(self, timeout_ms: int = 30000) -> None:
+        """Stop the engine between two slices of work and wait for the thread (idempotent)."""
+        if self.thread.isRunning():
+            self.command.emit(Command("shutdown"))
+            if not self.thread.wait(timeout_ms):
+                log.error("the engine's thread did not stop within %d ms", timeout_ms)
 
 
 def make_engine(config, dataset, dataset_name: str) -> Callable:

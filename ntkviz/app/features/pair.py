@@ -34,6 +34,44 @@ class PairRequest:
     def of(cls, state: AppState) -> PairRequest:
         return cls(state.x_u, state.y_u, state.x_o, float(state.lr), state.loss)
 
+    def same_update(self, other: PairRequest | None) -> bool:
+        """Whether ``other`` learns the same x_u as the same class the same way (η aside)."""
+        return other is not None and (other.x_u, other.y_u, other.loss) == (
+            self.x_u, self.y_u, self.loss,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {
+            "x_u": [self.x_u.split, self.x_u.index], "y_u": self.y_u,
+            "x_o": [self.x_o.split, self.x_o.index], "lr": self.lr, "loss": self.loss,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairRequest:
+        return cls(
+            Example(*d["x_u"]), int(d["y_u"]), Example(*d["x_o"]), float(d["lr"]),
+            str(d.get("loss", "ce")),
+        )  # fmt: skip
+
+
+def describe_steps(pairs, current: PairRequest, classes) -> str:
+    """How the model was moved by step-through: "" for no step, "3 applied step(s)" when every
+    step learnt the current update, else which updates they learnt ("3 applied step(s):
+    train[2] → 4 ×2, train[5] → 7")."""
+    if not pairs:
+        return ""
+    text = f"{len(pairs)} applied step(s)"
+    if all(current.same_update(p) for p in pairs):
+        return text
+    counts: dict[str, int] = {}
+    for p in pairs:
+        key = "an unknown update" if p is None else f"{p.x_u} → {classes[p.y_u]}"
+        if p is not None and p.loss == "neg":
+            key += " (negative)"
+        counts[key] = counts.get(key, 0) + 1
+    parts = [k if n == 1 else f"{k} ×{n}" for k, n in counts.items()]
+    return f"{text}: {', '.join(parts)}"
+
 
 @dataclass(frozen=True, eq=False)
 class DecompositionResult:
@@ -43,9 +81,13 @@ class DecompositionResult:
     request: PairRequest
     decomposition: object
     step: int
-    applied_steps: int
+    applied_pairs: tuple  #: the PairRequest of each applied step (None: unknown)
     model_name: str
     seed: int
+
+    @property
+    def applied_steps(self) -> int:
+        return len(self.applied_pairs)
 
 
 @dataclass(frozen=True)
@@ -74,19 +116,26 @@ class Decompose:
                 prefix="The step was applied, but its successor cannot be previewed: ",
             ) from e
         return DecompositionResult(
-            r, dec, engine.step, len(engine.undo_stack), engine.model_name, engine.config.seed
+            r,
+            dec,
+            engine.step,
+            tuple(engine.applied_pairs),
+            engine.model_name,
+            engine.config.seed,
         )
 
 
 @dataclass(frozen=True, eq=False)
 class StepHistory:
     """π of the pair at each state of the step-through stack (first: before stepping):
-    ``probs_o (S + 1, V)``, ``probs_u (S + 1, V)``; ``lrs (S,)`` the η of each applied step."""
+    ``probs_o (S + 1, V)``, ``probs_u (S + 1, V)``; ``lrs (S,)`` the η of each applied step and
+    ``pairs (S,)`` its update (a PairRequest; None: unknown)."""
 
     request: PairRequest
     probs_o: np.ndarray
     probs_u: np.ndarray
     lrs: tuple[float, ...]
+    pairs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -113,7 +162,11 @@ class History:
                 probs.append(F.softmax(z.double(), -1).cpu().numpy())
         probs = np.stack(probs)  # (S + 1, 2, V)
         return StepHistory(
-            r, readonly(probs[:, 0]), readonly(probs[:, 1]), tuple(engine.applied_lrs)
+            r,
+            readonly(probs[:, 0]),
+            readonly(probs[:, 1]),
+            tuple(engine.applied_lrs),
+            tuple(engine.applied_pairs),
         )
 
 

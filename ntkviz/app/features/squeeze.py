@@ -31,12 +31,19 @@ class SqueezeResult:
     step: int
     survey_indices: np.ndarray
     survey: object
+    p_label_float32: float  #: π(ȳ) of x by the model as it is (float32): 1.0 when saturated
+
+    @property
+    def saturated(self) -> bool:
+        """π(ȳ) is within float32 resolution of 1: the moves show only in float64."""
+        return 1.0 - self.p_label_float32 < 1e-6
 
 
 @dataclass(frozen=True)
 class SqueezeRequest:
     """Job: ``steps`` negative and positive steps of η = ``lr`` on (x, y), the η sweep and the
-    survey."""
+    survey, on a float64 copy of the model: a saturated π (1 − 1e-9, which is 1.0 in float32)
+    still shows its moves."""
 
     x: Example
     y: int
@@ -44,9 +51,18 @@ class SqueezeRequest:
     steps: int
 
     def run(self, engine):
-        from ntkviz.analysis import SqueezeSurvey, squeeze_steps, squeeze_survey
+        import copy
 
-        x, model = engine.x(self.x), engine.model
+        import torch
+
+        from ntkviz.analysis import SqueezeSurvey, squeeze_steps, squeeze_survey
+        from ntkviz.kernel import eval_mode
+
+        x32 = engine.x(self.x)
+        with torch.no_grad(), eval_mode(engine.model):
+            p32 = float(torch.softmax(engine.model(x32[None]), -1)[0, self.y])
+        model = copy.deepcopy(engine.model).double()
+        x = x32.double()
         total = 2 + SWEEP + SURVEY_SIZE
         neg = squeeze_steps(model, x, self.y, self.lr, self.steps, loss="neg")
         yield Progress(1, total)
@@ -67,7 +83,7 @@ class SqueezeRequest:
         parts = []
         for start in range(0, len(idx), SURVEY_CHUNK):
             chunk = idx[start : start + SURVEY_CHUNK]
-            xs = test.x[chunk].to(engine.device)
+            xs = test.x[chunk].to(engine.device, torch.float64)
             parts.append(squeeze_survey(model, xs, test.y[chunk].numpy(), self.lr))
             yield Progress(2 + SWEEP + start + len(chunk), total)
         survey = SqueezeSurvey(
@@ -77,5 +93,5 @@ class SqueezeRequest:
         )  # fmt: skip
         return SqueezeResult(
             self.x, self.y, neg, ce, readonly(lrs), readonly(mass), engine.step, readonly(idx),
-            survey,
+            survey, p32,
         )  # fmt: skip

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PySide6.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QPushButton, QVBoxLayout, QWidget
 
 from ntkviz.app.controller import AppController
 from ntkviz.app.state import AppState
 from ntkviz.gui.export import ask_save_path, export_graphics
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.widgets import JobControls
+from ntkviz.gui.widgets import FlowLayout, JobControls
 
 VIEW_DATA_FORMATS = (".csv", ".npz")
 
@@ -55,6 +55,7 @@ class FeatureView(QWidget):
 
     name = ""
     title = ""
+    tooltip = ""  #: a longer title for the tab's tooltip
     placement = "tab"
 
     def __init__(self, ctx: FeatureContext):
@@ -95,7 +96,7 @@ class ProbeView(FeatureView):
     def __init__(self, ctx: FeatureContext):
         super().__init__(ctx)
         self.result = None  #: the result on screen
-        self.controls = QHBoxLayout()
+        self.controls = FlowLayout()  # wraps: a control row never sets the tab's width
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setBackground("w")
         self.job = JobControls(self.run_text)
@@ -115,17 +116,12 @@ class ProbeView(FeatureView):
             self.controls.addWidget(w)
 
     def finish_controls(self) -> None:
-        """End the control row: the job controls, a stretch and Export."""
+        """End the control row: the job controls and Export."""
         self.controls.addWidget(self.job)
-        self.controls.addStretch(1)
         self.controls.addWidget(self.export_button)
 
     def plots(self):
-        return {self.plot_name: lambda: self.graphics.ci}
-
-    @property
-    def plot_name(self) -> str:
-        return self.title.split(" over ")[0]
+        return {self.title: lambda: self.graphics.ci}
 
     def request(self):
         raise NotImplementedError

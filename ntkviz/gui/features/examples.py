@@ -26,7 +26,7 @@ from ntkviz.app.features.pair import FindConfidentlyWrong
 from ntkviz.app.state import LOSSES, Example
 from ntkviz.gui.features.base import FeatureView
 from ntkviz.gui.plots import ProbabilityBars
-from ntkviz.gui.widgets import digit_pixmap
+from ntkviz.gui.widgets import digit_pixmap, fit_text
 
 
 class SamplePicker(QGroupBox):
@@ -36,6 +36,7 @@ class SamplePicker(QGroupBox):
     picked = Signal(object)
 
     THUMB = 30  #: thumbnail size in pixels
+    IMAGE = 96  #: size of the large image
     THUMBS = 40  #: thumbnails shown
 
     def __init__(self, title: str, parent: QWidget | None = None):
@@ -50,9 +51,10 @@ class SamplePicker(QGroupBox):
         self.index_box.setRange(0, 0)
         self.index_box.setKeyboardTracking(False)
         self.random_button = QPushButton("Random")
+        fit_text(self.random_button)
         self.random_button.setToolTip("a random example of the split (of the filtered class)")
         self.image = QLabel()
-        self.image.setFixedSize(112, 112)
+        self.image.setFixedSize(self.IMAGE, self.IMAGE)
         self.image.setStyleSheet("background: black; border: 1px solid #888;")
         self.caption = QLabel("—")
         self.caption.setWordWrap(True)
@@ -106,6 +108,7 @@ class SamplePicker(QGroupBox):
 
     def add_button(self, text: str, tooltip: str, slot) -> QPushButton:
         button = QPushButton(text)
+        fit_text(button)
         button.setToolTip(tooltip)
         button.clicked.connect(slot)
         self.extra.addWidget(button)
@@ -153,12 +156,23 @@ class SamplePicker(QGroupBox):
             self.pick(Example(split, min(self.example.index, self.dataset.size(split) - 1)))
 
     def _class_changed(self) -> None:
-        if self.dataset is not None and self.class_filter >= 0 and self.label != self.class_filter:
+        """A new class filter: a random example of that class, or (when the example already
+        passes the filter) the strip of that class from it."""
+        if self.dataset is None:
+            return
+        if self.class_filter >= 0 and self.label != self.class_filter:
             self.pick_random()
+        else:
+            self._fill_thumbnails()
 
     def show_example(self, example: Example) -> None:
-        """Show ``example`` (without emitting ``picked``)."""
+        """Show ``example`` (without emitting ``picked``); a class filter it does not pass (it was
+        chosen elsewhere) is reset to "any"."""
         self.example = example
+        if self.class_filter >= 0 and self.label != self.class_filter:
+            self.class_box.blockSignals(True)
+            self.class_box.setCurrentIndex(0)
+            self.class_box.blockSignals(False)
         widgets = (self.split_box, self.index_box)
         for w in widgets:
             w.blockSignals(True)
@@ -168,7 +182,9 @@ class SamplePicker(QGroupBox):
         for w in widgets:
             w.blockSignals(False)
         self._fill_thumbnails()
-        self.image.setPixmap(digit_pixmap(self.dataset.images[example.split][example.index], 112))
+        self.image.setPixmap(
+            digit_pixmap(self.dataset.images[example.split][example.index], self.IMAGE)
+        )
         self.caption.setText(f"{example}\nlabel {self.dataset.classes[self.label]}")
 
     def thumbnail_indices(self) -> list[int]:
@@ -225,6 +241,10 @@ class ExamplesView(FeatureView):
         self.loss_box = QComboBox()
         for key, text in LOSSES:
             self.loss_box.addItem(text, key)
+            self.loss_box.setItemData(self.loss_box.count() - 1, text, Qt.ToolTipRole)
+        # elide the long names rather than widen the dock
+        self.loss_box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.loss_box.setMinimumContentsLength(12)
         form = QFormLayout()
         form.addRow("y_u", self.y_u_box)
         form.addRow("update", self.loss_box)

@@ -7,28 +7,29 @@ from __future__ import annotations
 import numpy as np
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import QCheckBox, QComboBox, QGridLayout, QLabel, QToolButton
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QToolButton
 
 from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView
-from ntkviz.gui.widgets import digit_pixmap, spin
+from ntkviz.gui.plots import HeatmapView, let_shrink
+from ntkviz.gui.widgets import FlowLayout, digit_pixmap, spin
 
 QUANTITIES = (
     ("delta_probs", "mean Δπ (predicted)"),
     ("delta_log_probs", "mean Δlog π (predicted)"),
     ("delta_probs_actual", "mean Δπ (actual step)"),
 )
-THUMBS = 10
+THUMBS = 8
 
 
 class InfluenceView(ProbeView):
     """The class map, the thumbnails and the kernel norms of one update."""
 
     name = "influence"
-    title = "Influence over a probe set"
+    title = "Influence"
+    tooltip = "Influence over a probe set"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -55,13 +56,14 @@ class InfluenceView(ProbeView):
         )  # fmt: skip
         self.finish_controls()
         g = self.graphics
-        self.caption = g.addLabel("Compute to see one update's effect", 0, 0, 1, 2)
+        self.caption = let_shrink(g.addLabel("Compute to see one update's effect", 0, 0, 1, 2))
         self.heatmap = HeatmapView(
             "mean Δπ per true class of x<sub>o</sub>", self._describe, "true class of x_o",
             "output class",
         )  # fmt: skip
         g.addItem(self.heatmap, 1, 0)
         self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
+        let_shrink(self.norm_plot.titleLabel)
         self.norm_plot.setLabel("bottom", "true class of x_o")
         self.norm_plot.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
         self.norm_plot.setMenuEnabled(False)
@@ -74,24 +76,21 @@ class InfluenceView(ProbeView):
         g.ci.layout.setColumnStretchFactor(1, 2)
         self.norm_means = np.zeros(0)
         self.norm_stds = np.zeros(0)
-        thumbs = QGridLayout()
         self.raised_buttons, self.lowered_buttons = [], []
-        for row, (text, buttons) in enumerate(
-            (("most raised", self.raised_buttons), ("most lowered", self.lowered_buttons))
-        ):
-            label = QLabel(text)
-            label.setMinimumWidth(90)
-            thumbs.addWidget(label, row, 0)
-            for k in range(THUMBS):
+        for text, buttons in (
+            ("most raised", self.raised_buttons), ("most lowered", self.lowered_buttons)
+        ):  # fmt: skip
+            self.layout_.addWidget(QLabel(text))
+            row = FlowLayout()  # a narrow tab wraps the thumbnails onto a second line
+            for _ in range(THUMBS):
                 b = QToolButton()
-                b.setIconSize(QSize(48, 48))
+                b.setIconSize(QSize(40, 40))
                 b.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
                 b.setEnabled(False)
                 b.clicked.connect(lambda checked=False, b=b: self._thumb(b))
                 buttons.append(b)
-                thumbs.addWidget(b, row, k + 1)
-        thumbs.setColumnStretch(THUMBS + 1, 1)
-        self.layout_.addLayout(thumbs)
+                row.addWidget(b)
+            self.layout_.addLayout(row)
         self.quantity_box.currentIndexChanged.connect(self.redraw)
         self.rank_box.currentIndexChanged.connect(self.redraw)
 
@@ -159,7 +158,7 @@ class InfluenceView(ProbeView):
         for buttons, picks in ((self.raised_buttons, order[::-1]), (self.lowered_buttons, order)):
             for b, k in zip(buttons, picks[: len(buttons)], strict=False):
                 idx = int(r.indices[k])
-                b.setIcon(QIcon(digit_pixmap(images[idx], 48)))
+                b.setIcon(QIcon(digit_pixmap(images[idx], 40)))
                 b.setText(f"{c[int(r.labels[k])]}: {score[k]:+.2g}")
                 b.setToolTip(
                     f"test[{idx}], label {c[int(r.labels[k])]}: predicted Δlog π_{c[col]} = "
@@ -192,7 +191,7 @@ class InfluenceView(ProbeView):
         jitter = np.random.default_rng(0).uniform(-0.22, 0.22, len(norms))
         self.norm_strip.setData(labels + jitter, norms)
         self.norm_plot.setTitle(
-            f"‖K(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub> per class (mean ± std, "
+            f"‖K(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub> per class<br>(mean ± std, "
             f"{len(norms)} x<sub>o</sub>)"
         )
 

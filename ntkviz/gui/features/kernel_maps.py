@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QCheckBox, QLabel, QSlider
 from ntkviz.app.features.kernel_maps import KernelMapHistory, KernelMapRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView
+from ntkviz.gui.plots import HeatmapView, let_shrink, nice_ceiling
 from ntkviz.gui.widgets import spin
 
 SEQUENTIAL = pg.colormap.get("viridis")
@@ -21,7 +21,8 @@ class KernelMapView(ProbeView):
     """Recording settings, Record now, the map at the slider's step and the correlations."""
 
     name = "kernel_maps"
-    title = "Kernel map over training"
+    title = "Kernel maps"
+    tooltip = "Kernel map over training"
     run_text = "Record now"
 
     def __init__(self, ctx):
@@ -30,6 +31,8 @@ class KernelMapView(ProbeView):
         self.maps = None  #: the KernelMaps shown
         self.classes = tuple(str(i) for i in range(10))
         self.record_box = QCheckBox("record kernel maps while training")
+        self.record_box.setChecked(True)
+        self.record_box.setToolTip("at the start of each run and every N steps")
         self.every_box = spin(1, 1_000_000, 200, 50)
         self.per_class_box = spin(2, 1000, 20, 5)
         self.slider = QSlider(Qt.Horizontal)
@@ -45,12 +48,15 @@ class KernelMapView(ProbeView):
             "mean ‖K(x, x')‖<sub>F</sub> between classes", self._describe, "class of x",
             "class of x'", colormap=SEQUENTIAL,
         )  # fmt: skip
+        self.heatmap.colorbar.setLevels((0.0, 1.0))  # a sequential map: from 0
         self.graphics.addItem(self.heatmap, 0, 0)
         self.corr_plot = self.graphics.addPlot(
-            0, 1, title="Spearman rank correlation of class pairs with the latest map"
+            0, 1, title="Spearman rank correlation of the class<br>pairs with the latest map"
         )
         self.corr_plot.setLabel("bottom", "training step")
-        self.corr_plot.setYRange(-0.05, 1.05)
+        self.corr_plot.getAxis("bottom").enableAutoSIPrefix(False)
+        self.corr_plot.setRange(xRange=(0, 1), yRange=(-0.05, 1.05))
+        let_shrink(self.corr_plot.titleLabel)
         self.corr_curve = self.corr_plot.plot(
             pen=pg.mkPen("#1f77b4", width=2), symbol="o", symbolSize=6, symbolBrush="#1f77b4"
         )
@@ -64,6 +70,7 @@ class KernelMapView(ProbeView):
         self.slider.valueChanged.connect(self.redraw)
         self.history.changed.connect(self._history_changed)
         self.controller.on("new_run", lambda event: self.history.clear())
+        self._configure(supersede=True)
 
     def plots(self):
         return {"Kernel map": lambda: self.graphics.ci}
@@ -127,6 +134,8 @@ class KernelMapView(ProbeView):
         self.slider.setValue(max(0, n - 1))
         self.slider.blockSignals(False)
         self.corr_curve.setData(maps.steps.astype(float), maps.correlations)
+        last = float(maps.steps[-1]) if n else 1.0
+        self.corr_plot.setXRange(0, max(last, 1.0), padding=0.05)
         self.redraw()
         self.ctx.shown("kernel_map_history", maps)
 
@@ -141,14 +150,14 @@ class KernelMapView(ProbeView):
             self.heatmap.image_item.clear()
             return
         k = self.current
-        top = float(m.maps.max()) or 1.0
+        top = nice_ceiling(float(m.maps.max()))  # one colour scale for every map, round top
         self.heatmap.set_matrix(m.maps[k], self.classes, levels=(0.0, top))
         self.slider_label.setText(
             f"map {k + 1}/{len(m.steps)} · step {int(m.steps[k])} · ρ = {m.correlations[k]:.3f}"
         )
         self.heatmap.titleLabel.setText(
-            f"mean ‖K(x, x')‖<sub>F</sub> between classes at step {int(m.steps[k])} "
-            f"({m.per_class} per class)",
+            f"mean ‖K(x, x')‖<sub>F</sub> between classes<br>at step {int(m.steps[k])}, "
+            f"{m.per_class} examples per class",
             size="11pt",
         )
         self.corr_marker.setPos(float(m.steps[k]))

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import QLabel, QPushButton
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
+from ntkviz.gui.plots import let_shrink
 from ntkviz.gui.widgets import JobControls, spin
 
 
@@ -18,7 +19,8 @@ class LayersView(ProbeView):
     """Split K by layer (the main job) and the spectrum (a second job)."""
 
     name = "layers"
-    title = "Layers && spectrum"
+    title = "Layers"
+    tooltip = "Layers & spectrum"
     run_text = "Split K for the selected pair"
     MAX_SPECTRA = 8
 
@@ -29,9 +31,7 @@ class LayersView(ProbeView):
         self.spectrum_job = JobControls("Compute spectrum")
         self.clear_button = QPushButton("Clear old spectra")
         self.add_controls(self.job, QLabel("spectrum of N ="), self.n_box, self.spectrum_job,
-                          self.clear_button)  # fmt: skip
-        self.controls.addStretch(1)
-        self.controls.addWidget(self.export_button)
+                          self.clear_button, self.export_button)  # fmt: skip
         self.bar_plot = self.graphics.addPlot(0, 0, title="‖K<sub>layer</sub>(x<sub>o</sub>, "
                                               "x<sub>u</sub>)‖<sub>F</sub>")  # fmt: skip
         self.bar_plot.setMenuEnabled(False)
@@ -43,6 +43,9 @@ class LayersView(ProbeView):
         self.bar_plot.addItem(self.total_label)
         self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
         self.spec_plot.setLogMode(x=False, y=True)
+        self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))  # until the first spectrum
+        for plot in (self.bar_plot, self.spec_plot):
+            let_shrink(plot.titleLabel)
         self.spec_plot.setLabel("bottom", "rank")
         self.spec_plot.setLabel("left", "eigenvalue")
         self.spec_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")

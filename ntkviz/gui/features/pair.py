@@ -1,5 +1,6 @@
 """The pair view (feature "pair"): Δlog π(x_o) = −η·A·K·G as a formula of heatmaps, and the
-step-through panel (η, Preview, Apply, Undo, Reset, predicted-vs-actual bars, trajectory)."""
+step-through panel (η, Apply, Undo, Reset, the next step's predicted-vs-actual bars — they
+follow η and the pair as they change —, the trajectory over applied steps)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,22 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ntkviz.app.features.pair import describe_steps
 from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
 from ntkviz.gui.features.base import Action, FeatureView
-from ntkviz.gui.plots import DecompositionView, PreviewBars, TrajectoryPlot
-from ntkviz.gui.widgets import PaintQueue, double_spin
+from ntkviz.gui.plots import (
+    DecompositionView,
+    PreviewBars,
+    TrajectoryPlot,
+    relative_residual_text,
+)
+from ntkviz.gui.widgets import PaintQueue, double_spin, fit_text
 
 
 class StepPanel(QWidget):
-    """η (spin box and log-scale slider), Preview / Apply / Undo / Reset, predicted-vs-actual
-    bars and the trajectory of π(x_o) over applied steps. ``lr_changed`` fires on user edits."""
+    """η (spin box and log-scale slider), Apply / Undo / Reset, the predicted-vs-actual bars of
+    the next step and the trajectory of π(x_o) over applied steps. ``lr_changed`` fires on user
+    edits."""
 
     lr_changed = Signal(float)
 
@@ -42,14 +50,18 @@ class StepPanel(QWidget):
         self.slider = QSlider(Qt.Horizontal)
         self.slider.setRange(-6 * self.SLIDER_SCALE, 2 * self.SLIDER_SCALE)
         self.slider.setToolTip("η on a log scale, 1e-6 … 100")
-        self.preview_button = QPushButton("Preview")
-        self.preview_button.setToolTip("compute predicted and actual Δ without changing the model")
         self.apply_button = QPushButton("Apply step")
-        self.apply_button.setToolTip("one real plain-SGD step on (x_u, y_u) (Space)")
+        self.apply_button.setToolTip(
+            "one real plain-SGD step on (x_u, y_u) — Space, from anywhere but a text field"
+        )
         self.undo_button = QPushButton("Undo")
-        self.undo_button.setToolTip("restore the parameters before the last applied step (Ctrl+Z)")
+        self.undo_button.setToolTip(
+            "restore the parameters before the last applied step — Ctrl+Z, from anywhere but a "
+            "text field"
+        )
         self.reset_button = QPushButton("Reset")
         self.reset_button.setToolTip("return to the model before the first applied step")
+        fit_text(self.apply_button, self.undo_button, self.reset_button)
         self.log_box = QCheckBox("log π")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)  # a long line must not widen the window
@@ -61,7 +73,7 @@ class StepPanel(QWidget):
         row.addWidget(QLabel("η"))
         row.addWidget(self.lr)
         row.addWidget(self.slider, 1)
-        for w in (self.preview_button, self.apply_button, self.undo_button, self.reset_button):
+        for w in (self.apply_button, self.undo_button, self.reset_button):
             row.addWidget(w)
         row.addWidget(self.log_box)
         self.preview = PreviewBars()
@@ -100,7 +112,7 @@ class StepPanel(QWidget):
         self.summary.setText(
             f"‖predicted‖ = {np.linalg.norm(dec.predicted):.4g}   ‖actual‖ = "
             f"{np.linalg.norm(dec.actual):.4g}   ‖residual‖ = {np.linalg.norm(dec.residual):.3g}"
-            f"   relative residual = {dec.relative_residual:.3g}"
+            f"   relative residual = {relative_residual_text(dec)}"
         )
 
 
@@ -131,7 +143,6 @@ class PairView(FeatureView):
         self.shown_history_generation = -1
         c = self.controller
         sp.lr_changed.connect(lambda value: setattr(self.state, "lr", float(value)))
-        sp.preview_button.clicked.connect(c.refresh)
         sp.apply_button.clicked.connect(c.apply_step)
         sp.undo_button.clicked.connect(c.undo_step)
         sp.reset_button.clicked.connect(c.reset_steps)
@@ -193,20 +204,24 @@ class PairView(FeatureView):
         if event.kind != "result":
             return
         history, trajectory = event.payload, self.step_panel.trajectory
+        r = history.request
+        others = [p for p in history.pairs if not r.same_update(p)]
+        note = describe_steps(others, r, self.state.dataset.classes) if others else ""
 
         def shown():
             self.last_history, self.shown_history_generation = history, event.generation
             self.ctx.shown("history", history)
 
-        self.paints.put([(trajectory, lambda: trajectory.set_history(history)), (None, shown)])
+        update = (trajectory, lambda: trajectory.set_history(history, note))
+        self.paints.put([update, (None, shown)])
 
     def caption(self, result) -> str:
         r, c = result.request, self.state.dataset.classes
-        steps = f", {result.applied_steps} applied step(s)" if result.applied_steps else ""
+        steps = describe_steps(result.applied_pairs, r, c)
         return (
             f"x<sub>u</sub> = {r.x_u} (label {c[self.state.label(r.x_u)]})  ·  "
             f"x<sub>o</sub> = {r.x_o} (label {c[self.state.label(r.x_o)]})  ·  "
-            f"{result.model_name}, step {result.step}{steps}"
+            f"{result.model_name}, step {result.step}{', ' + steps if steps else ''}"
         )
 
     # ------------------------------------------------------------------ export

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 
-from ntkviz.app.features.squeeze import SqueezeRequest
+from ntkviz.app.features.squeeze import SURVEY_SIZE, SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
+from ntkviz.gui.plots import let_shrink
 from ntkviz.gui.widgets import spin
 
 
@@ -17,7 +18,8 @@ class SqueezeView(ProbeView):
     """The squeezing lab: negative against positive steps on x_u."""
 
     name = "squeeze"
-    title = "Squeezing effect"
+    title = "Squeezing"
+    tooltip = "Squeezing effect"
     run_text = "Run"
 
     def __init__(self, ctx):
@@ -37,27 +39,30 @@ class SqueezeView(ProbeView):
             QLabel("η"), self.lr_box, self.log_box,
         )  # fmt: skip
         self.finish_controls()
-        self.caption = self.graphics.addLabel("Run to compare", 0, 0, 1, 3)
+        self.caption = let_shrink(self.graphics.addLabel("Run to compare", 0, 0, 1, 3))
         self.run_plots, self.curves, self.marks = {}, {}, {}
-        for col, (key, title) in enumerate(
-            (("neg", "negative gradient on ȳ"), ("ce", "positive gradient (learn ȳ)"))
-        ):
-            p = self.graphics.addPlot(1, col, title=title)
+        for col, (key, title, color) in enumerate(
+            (("neg", "negative gradient on ȳ", "#d62728"),
+             ("ce", "positive gradient (learn ȳ)", "#2ca02c"))
+        ):  # fmt: skip
+            # the legend is in the title: inside the plot it would cover the marks
+            p = self.graphics.addPlot(1, col, title=(
+                f"{title}<br><span style='color:#7f7f7f'>━</span> before  "
+                f"<span style='color:{color}'>━</span> after S steps"
+            ))  # fmt: skip
+            let_shrink(p.titleLabel)
             p.setLabel("bottom", "class")
             p.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
-            p.addLegend(offset=(-5, -5), labelTextSize="8pt")
             p.setMenuEnabled(False)
-            before = p.plot(
-                stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None,
-                name="before",
-            )  # fmt: skip
-            color = "#d62728" if key == "neg" else "#2ca02c"
-            after = p.plot(stepMode="center", pen=pg.mkPen(color, width=2.5), name="after S steps")
+            before = p.plot(stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None)
+            after = p.plot(stepMode="center", pen=pg.mkPen(color, width=2.5))
             self.run_plots[key], self.curves[key] = p, (before, after)
             self.marks[key] = []
         self.sweep_plot = self.graphics.addPlot(
-            1, 2, title="squeezed mass: π gain of the top other class after one negative step"
-        )
+            1, 2, title="squeezed mass against η: π gain of the<br>top other class after one "
+            "negative step",
+        )  # fmt: skip
+        let_shrink(self.sweep_plot.titleLabel)
         self.sweep_plot.setLogMode(x=True, y=False)
         self.sweep_plot.setLabel("bottom", "η")
         self.sweep_plot.getAxis("bottom").enableAutoSIPrefix(False)
@@ -70,9 +75,12 @@ class SqueezeView(ProbeView):
             (("peak", "max π before (how peaked π is)"), ("p_label", "π(ȳ) before"))
         ):
             p = survey_row.addPlot(
-                0, col, title="squeezed mass over test images (ȳ = each one's label)"
-            )
-            p.getAxis("left").enableAutoSIPrefix(False)
+                0, col, title=f"squeezed mass against {xlabel.split(' (')[0]}<br>over "
+                f"{SURVEY_SIZE} test images, ȳ = each one's label",
+            )  # fmt: skip
+            for axis in ("left", "bottom"):
+                p.getAxis(axis).enableAutoSIPrefix(False)
+            let_shrink(p.titleLabel)
             p.setLabel("bottom", xlabel)
             p.setLabel("left", "π gain of the top other class")
             p.setMenuEnabled(False)
@@ -85,13 +93,10 @@ class SqueezeView(ProbeView):
         self.checks.setWordWrap(True)
         self.layout_.addWidget(self.checks)
         self.log_box.toggled.connect(self.redraw)
-        self.state.events.x_u.connect(self._x_u_changed)
+        self.state.events.y_u.connect(lambda y: self.label_box.setCurrentIndex(y))  # ȳ = y_u
 
     def plots(self):
         return {"Squeezing": lambda: self.graphics.ci}
-
-    def _x_u_changed(self, example) -> None:
-        self.label_box.setCurrentIndex(self.state.label(example))
 
     def request(self) -> SqueezeRequest:
         return SqueezeRequest(
@@ -152,6 +157,12 @@ class SqueezeView(ProbeView):
                     f"<b>positive gradient</b>: π(ȳ) {run.probs[0, r.y]:.3g} → "
                     f"{run.probs[-1, r.y]:.3g}"
                 )
+        if r.saturated:
+            lines.append(
+                f"<span style='color:#b05000'>π(ȳ) = 1 − {1 - r.neg.probs[0, r.y]:.1e}: in float32 "
+                "it is 1.0 and these moves are below its resolution, so this lab computes in "
+                "float64. A less confident x (e.g. Most confidently wrong) shows larger ones.</span>"
+            )
         self.checks.setText("<br>".join(lines))
         self.sweep_curve.setData(r.sweep_lrs, r.sweep_mass)
         for key, points in self.survey_points.items():

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 from ntkviz.app.features.training import RunCurves, RunProgress
 from ntkviz.gui.features.base import FeatureView
 from ntkviz.gui.plots import TrainingCurves
-from ntkviz.gui.widgets import double_spin
+from ntkviz.gui.widgets import double_spin, fit_text
 
 NO_CUDA = (
     "CUDA is not available: torch.cuda.is_available() is False (no NVIDIA GPU, driver, or CUDA "
@@ -45,7 +45,7 @@ class TrainingView(FeatureView):
         self.train_size.setSingleStep(1000)
         self.train_size.setSpecialValueText("all")
         self.train_size.setToolTip("examples drawn (seeded) from the training split; 0 = all")
-        self.lr = double_spin(1e-6, 1e6, 5, 0.01)
+        self.lr = double_spin(1e-6, 1000, 5, 0.01)
         self.momentum = double_spin(0, 0.999, 3, 0.05)
         self.weight_decay = double_spin(0, 1, 6, 1e-4)
         self.batch_size = QSpinBox()
@@ -73,15 +73,28 @@ class TrainingView(FeatureView):
         self.stop_button = QPushButton("Stop")
         self.batch_button = QPushButton("One batch")
         self.batch_button.setToolTip("train exactly one batch, then pause")
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip(
+            "train the current model further (trained or loaded from a checkpoint) with these "
+            "settings: a fresh optimizer and learning-rate schedule; the model stays the same"
+        )
+        fit_text(
+            self.start_button, self.continue_button, self.batch_button, self.pause_button,
+            self.resume_button, self.stop_button,
+        )  # fmt: skip
         buttons = QGridLayout()
         for k, b in enumerate(
-            (self.start_button, self.pause_button, self.resume_button, self.stop_button)
-        ):
-            buttons.addWidget(b, 0, k)
-        buttons.addWidget(self.batch_button, 1, 0, 1, 4)
+            (self.start_button, self.continue_button, self.batch_button, self.pause_button,
+             self.resume_button, self.stop_button)
+        ):  # fmt: skip
+            buttons.addWidget(b, k // 3, k % 3)
         self.progress = QProgressBar()
         self.progress.setFormat("step %v / %m")
         self.eta = QLabel("not started")
+        self.accuracy = QLabel("test accuracy: –")
+        self.accuracy.setToolTip("accuracy on the test images of the run's periodic evaluation")
+        for label in (self.eta, self.accuracy):
+            label.setWordWrap(True)  # a long line must not widen the dock
         self.run_curves = RunCurves()
         self.curves = TrainingCurves(self.run_curves)
         self.run_progress = RunProgress()
@@ -95,6 +108,7 @@ class TrainingView(FeatureView):
         lay.addLayout(buttons)
         lay.addWidget(self.progress)
         lay.addWidget(self.eta)
+        lay.addWidget(self.accuracy)
         lay.addWidget(self.curves, 1)
         c, s = self.controller, self.state
         self.start_button.clicked.connect(lambda: c.start_training(self.config()))
@@ -102,6 +116,7 @@ class TrainingView(FeatureView):
         self.resume_button.clicked.connect(c.resume)
         self.stop_button.clicked.connect(c.stop)
         self.batch_button.clicked.connect(lambda: c.one_batch(self.config()))
+        self.continue_button.clicked.connect(lambda: c.continue_training(self.config()))
         s.events.engine.connect(self._on_engine)
         s.events.model.connect(self._on_model)
         s.events.run_state.connect(self._on_run_state)
@@ -181,18 +196,34 @@ class TrainingView(FeatureView):
         self.resume_button.setEnabled(state == "paused")
         self.stop_button.setEnabled(state in ("training", "paused"))
         self.batch_button.setEnabled(ready and state != "training")
+        self.continue_button.setEnabled(ready and state not in ("training", "paused"))
         self.curves.flush()
         self._show_progress()
         if state in ("finished", "stopped", "paused"):
             self.run_progress.reset()
+        step, total = self.run_progress.step, self.run_progress.total
+        if state == "finished":
+            self.eta.setText(f"finished: {step} steps")
+        elif state == "stopped" and total:
+            self.eta.setText(f"stopped at step {step} of {total}")
+        elif state == "paused" and total:
+            self.eta.setText(f"paused at step {step} of {total}")
 
     def _on_new_run(self, event) -> None:
         self.run_curves.clear()
         self.run_progress.reset()
+        self.accuracy.setText("test accuracy: –")
 
     def _on_records(self, event) -> None:
         records = event.payload
         self.run_curves.add(records)
+        tested = [r for r in records if r.test_accuracy is not None]
+        if tested:
+            r, size = tested[-1], self.state.model.config.eval_size
+            images = "all test images" if size is None else f"{size:,} test images"
+            self.accuracy.setText(
+                f"test accuracy {100 * r.test_accuracy:.1f} % at step {r.step} ({images})"
+            )
         self._pending_progress = self.run_progress.update(records, time.perf_counter())
         if self.state.run_state != "training":  # a last batch or one step: show it now
             self.curves.flush()
