@@ -3,9 +3,10 @@
 A step θ → θ + Δθ moves the logits of x_o by Δz = J(x_o)·Δθ to first order, and log π(x_o) by
 A(x_o)·Δz, A = I − 1·πᵀ. :func:`account_step` splits Δθ exactly as the optimizer builds it:
 
-* **SGD** (momentum μ, dampening τ, weight decay λ, Nesterov, maximize): Δθ = −η·(k·(g + λθ) + m·b)
-  with b the momentum buffer before the step; k = 1, m = μ (k = 1 − τ after the first step;
-  Nesterov: k = 1 + μ(1 − τ), m = μ²; first step k = 1 or 1 + μ, m = 0; no momentum k = 1, m = 0).
+* **SGD** (momentum μ, dampening τ, weight decay λ, Nesterov, maximize: g → −g):
+  Δθ = −η·(k·(g + λθ) + m·b) with b the momentum buffer before the step, k = 1 − τ and m = μ
+  (Nesterov: k = 1 + μ(1 − τ), m = μ²); on the first step (no buffer yet) k = 1 (Nesterov 1 + μ),
+  m = 0; without momentum k = 1, m = 0.
 * **Adam** (β₁, β₂, ε, L2 weight decay λ, amsgrad, maximize), step t:
   Δθ = −(η/(1 − β₁ᵗ))·P·(β₁·m + (1 − β₁)·(g + λθ)) with the diagonal preconditioner of *this* step
   P = 1/(√v̂ + ε), v̂ = (β₂·v + (1 − β₂)·(g + λθ)²)/(1 − β₂ᵗ) (amsgrad: the running maximum), exactly
@@ -25,7 +26,9 @@ layer its inputs and output gradients; nothing of size B × parameters is formed
 layers). Kernels and Δlog π are taken in eval mode. For models whose modules behave differently in
 the two modes (dropout, batch norm) the batch's Jacobians are taken in eval mode by a second pass,
 with G from the training-mode loss, so each gradient term is exactly −(s/B)·A·K_P·G_b and the
-difference between that and the real step lands in the residual.
+difference between that and the real step lands in the residual. (With Adam this difference can be
+large: a bias that batch norm cancels in training mode gets no gradient, hence P ≈ 1/ε, while its
+eval-mode per-example gradients are not zero.)
 
 Structured path (``nn.Sequential`` chains of Linear/Conv2d, as in :mod:`ntkviz.kernel`): J(x_o) is
 kept factored per layer (inputs, V output cotangents); a Conv2d's weight Jacobian rows are formed
@@ -72,7 +75,7 @@ def _frozen_int(a) -> np.ndarray:
 # --------------------------------------------------------------------------- the result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepAccount:
     """The account of one optimizer step for W watched examples x_o and a batch of B examples.
 
@@ -168,6 +171,11 @@ def _check_optimizer(model: nn.Module, optimizer) -> str:
                 raise ValueError("step accounting needs real parameters, not complex ones")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters")
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(own):
+        raise ValueError(
+            "step accounting does not support parameters shared between layers (tied weights, "
+            "a layer used twice)"
+        )
     return kind
 
 
@@ -523,28 +531,31 @@ def _structured_chain(model: nn.Module, x: Tensor):
 
 
 class _LayerCapture:
-    """Forward hooks that record each listed layer's input and output gradient during the
-    training step (hooks return None: the computation is unchanged)."""
+    """Forward hooks that record each listed layer's input and either its output gradient during
+    the backward pass (training step) or its output (``keep_outputs``, for ``autograd.grad``).
+    The hooks return None: the computation is unchanged. The gradient hooks write into a dict
+    that holds no graph, so no reference cycle keeps a step's graph alive."""
 
-    def __init__(self, layers: list[nn.Module]):
+    def __init__(self, layers: list[nn.Module], keep_outputs: bool = False):
         self.layers = layers
+        self.keep_outputs = keep_outputs
         self.inputs: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
         self.grads: dict[int, Tensor] = {}
         self.valid = True
 
     def hook(self, k: int):
+        grads = self.grads
+
         def forward_hook(module, args, output):
             if k in self.inputs or not isinstance(output, Tensor) or not output.requires_grad:
                 self.valid = False  # a layer used twice, or not differentiable here
                 return
             self.inputs[k] = args[0].detach()
-            self.outputs[k] = output
-
-            def grad_hook(grad):
-                self.grads[k] = grad
-
-            output.register_hook(grad_hook)
+            if self.keep_outputs:
+                self.outputs[k] = output
+            else:
+                output.register_hook(lambda grad: grads.__setitem__(k, grad))
 
         return forward_hook
 
@@ -650,10 +661,8 @@ class AccountedStep:
         else:
             logits = self.model(x_batch)
 
-        def grad_hook(grad):
-            self.logit_grad = grad
-
-        logits.register_hook(grad_hook)
+        box = self.logit_grad = {}
+        logits.register_hook(lambda grad: box.__setitem__("grad", grad))
         return logits
 
     def step(self, loss: Tensor, y_batch: Tensor) -> StepAccount:
@@ -663,7 +672,7 @@ class AccountedStep:
         model, optimizer = self.model, self.optimizer
         labels = torch.as_tensor(y_batch)
         loss.backward()
-        G_scaled = self.logit_grad.detach()  # ∂loss/∂z_b: G_b / B for a mean loss
+        G_scaled = self.logit_grad["grad"].detach()  # ∂loss/∂z_b: G_b / B for a mean loss
         B = len(G_scaled)
 
         # J(x_o) and the per-example gradients, at θ (and buffers) before the step.
@@ -722,7 +731,7 @@ class AccountedStep:
 
     def _eval_rows(self, G_scaled: Tensor) -> _Factored | None:
         """The batch's per-example gradient factors in eval mode (for dropout / batch norm)."""
-        capture = _LayerCapture([rows.layer for rows in self.watched.layers])
+        capture = _LayerCapture([rows.layer for rows in self.watched.layers], keep_outputs=True)
         with eval_mode(self.model), torch.enable_grad():
             z = capture.run(lambda: self.model(self.x_batch))
             n = len(capture.layers)
@@ -862,7 +871,7 @@ def account_step(
         lr = _check_lr(lr)
     _check_optimizer(model, optimizer)
     snapshot = None if commit else optimizer_snapshot(model, optimizer)
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices, enabled=not commit):
             step = AccountedStep(

@@ -3,8 +3,10 @@
 of torch's documentation, with the preconditioner read from a plain step's optimizer state."""
 
 import copy
+import gc
 import json
 import math
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +18,7 @@ from models import inputs, make
 from torch import nn
 
 from ntkviz.accounting import (
+    AccountedStep,
     Watch,
     account_step,
     optimizer_kernel,
@@ -47,6 +50,7 @@ OPTIMIZERS = {
         dict(lr=1e-3, betas=(0.8, 0.9), amsgrad=True, maximize=True),
     ),
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1, foreach=True)),
+    "adam-fused": (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2, fused=True)),
 }
 
 
@@ -311,6 +315,18 @@ def test_parameters_outside_the_optimizer_and_several_groups():
     assert torch.equal(model.conv2.weight, conv2)
 
 
+def test_shared_parameters_are_refused():
+    """torch.func.functional_call would swap a shared layer's parameters for copies."""
+    shared = nn.Linear(10, 10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Tanh(), shared, nn.Tanh(), shared)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, xw = X.float(), XW.float()
+    with pytest.raises(ValueError, match="shared between layers"):
+        account_step(model, optimizer, x, Y, xw)
+    with pytest.raises(ValueError, match="shared between layers"):
+        optimizer_kernel(model, optimizer, x, xw)
+
+
 def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
     model = make("tiny_cnn")
     x1, x2 = inputs(3, seed=7), inputs(2, seed=8)
@@ -388,6 +404,19 @@ def test_negative_gradient_steps_ascend():
     close(acc.G, F.one_hot(Y, 10) - probs, 1e-12)  # G = ∂(−ℓ)/∂z = e_y − π
 
 
+def test_a_step_leaves_no_reference_cycle_holding_its_graph():
+    """The hooks write into plain dicts: once the caller drops the logits, the graph is freed."""
+    for model in (make("lenet"), DropoutMLP().double()):  # captured factors; eval-mode pass
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = AccountedStep(model, optimizer, XW)
+        logits = step.forward(X)
+        step.step(F.cross_entropy(logits, Y), Y)
+        alive = [weakref.ref(logits), weakref.ref(step)]
+        del logits, step
+        gc.collect()
+        assert [ref() for ref in alive] == [None, None]
+
+
 def test_bad_inputs_raise_clear_errors():
     model = make("tiny_cnn")
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -442,7 +471,7 @@ def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist):
     )
     assert all(r.account is None for r in plain) and all(r.account is not None for r in seen)
     for r in seen:
-        assert np.array_equal(mnist.train.y[r.batch_indices].numpy(), r.account.batch_labels)
+        assert np.array_equal(mnist.train.y.numpy()[r.batch_indices], r.account.batch_labels)
         assert r.account.lr == r.lr and r.account.loss == pytest.approx(r.loss, rel=1e-6)
         assert r.account.classes.tolist() == list(labels)
         assert r.account.top_kernel.shape == (3, 10, 10)
