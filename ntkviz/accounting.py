@@ -195,7 +195,9 @@ def _depends_on_mode(model: nn.Module) -> bool:
 @dataclass
 class _StepMaps:
     """How the optimizer turns this step's gradient and state into Δθ, per parameter it moves:
-    Δθ_p = −(q[p] ⊙ g_p + decay[p] + history[p]), q = s·P (a float for SGD, a tensor for Adam).
+    Δθ_p = −(q[p] ⊙ g_p + c·u + c'·u') with ``decay[p] = (c, u)`` and ``history[p] = (c', u')``
+    (a float and a tensor, so that SGD's terms need no scaled copies of θ and of its buffer);
+    q = s·P (a float for SGD, a tensor for Adam).
     ``scale`` = s of the first parameter with s ≠ 0; :meth:`preconditioner` = q/scale."""
 
     q: dict = field(default_factory=dict)
@@ -234,8 +236,8 @@ def _sgd_maps(optimizer, moved: list[list[Tensor]]) -> _StepMaps:
                 k = 1.0 + mu if nesterov else 1.0
             else:
                 k = 1.0 + mu * (1.0 - tau) if nesterov else 1.0 - tau
-                history = (lr * (mu * mu if nesterov else mu)) * buf
-            decay = (lr * k * wd) * p.detach() if wd != 0 else None
+                history = (lr * (mu * mu if nesterov else mu), buf)
+            decay = (lr * k * wd, p.detach()) if wd != 0 else None
             maps.add(p, lr * k * sign, 1.0, decay, history)
     return maps
 
@@ -273,10 +275,10 @@ def _adam_maps(optimizer, moved: list[list[Tensor]], grads: dict | None) -> _Ste
             if wd == 0:
                 decay = None
             elif decoupled:
-                decay = (lr * wd) * p.detach()
+                decay = (lr * wd, p.detach())
             else:
-                decay = (step_size * (1 - beta1) * wd) * (P * p.detach())
-            history = (step_size * beta1) * (P * state["exp_avg"]) if state else None
+                decay = (step_size * (1 - beta1) * wd, P * p.detach())
+            history = (step_size * beta1, P * state["exp_avg"]) if state else None
             maps.add(p, step_size * (1 - beta1) * sign, P, decay, history)
     return maps
 
@@ -409,36 +411,28 @@ class _Factored:
         return total
 
     def times(self, vectors: list[dict]) -> Tensor:
-        """J(x)·u ``(N, R, K)`` for K parameter-space vectors (each param -> tensor; a missing
-        parameter counts as zeros)."""
+        """J(x)·u ``(N, R, K)`` for K parameter-space vectors, each a dict param -> (c, t): u_p =
+        c·t (a missing parameter counts as zeros)."""
         g0 = self.layers[0].g
-        out = g0.new_zeros((*g0.shape[:2], len(vectors)))
+        N, R = g0.shape[:2]
+        out = g0.new_zeros((N, R, len(vectors)))
         for x in self.layers:
             L = x.layer
-            parts = [_maps_of(L, v) for v in vectors]
-            if any(w is not None for w, _ in parts):
-                zero = L.weight.new_zeros(L.weight.shape)
-                uw = torch.stack([zero if w is None else w for w, _ in parts])
-                if isinstance(L, nn.Linear):
-                    c = (x.a @ uw.reshape(-1, L.in_features).T).view(len(x.a), len(vectors), -1)
-                    out += x.g @ c.transpose(1, 2)
-                elif x._weight_rows is not None:
-                    out += (x.weight_rows() @ uw.reshape(len(vectors), -1).T).view(out.shape)
-                else:
-                    c = F.conv2d(
-                        x.a,
-                        uw.reshape(-1, *L.weight.shape[1:]),
-                        None,
-                        L.stride,
-                        L.padding,
-                        L.dilation,
-                    )
-                    out += x.g.flatten(2) @ c.view(len(x.a), len(vectors), -1).transpose(1, 2)
-            if any(b is not None for _, b in parts):
-                ub = torch.stack(
-                    [L.bias.new_zeros(L.bias.shape) if b is None else b for _, b in parts]
-                )
-                out += (x.bias_rows() @ ub.T).view(out.shape)
+            for k, vector in enumerate(vectors):
+                uw, ub = _maps_of(L, vector)
+                if uw is not None:
+                    c, u = uw
+                    if isinstance(L, nn.Linear):
+                        part = torch.bmm(x.g, (x.a @ u.T).unsqueeze(-1))
+                    elif x._weight_rows is not None:
+                        part = x.weight_rows() @ u.reshape(-1)
+                    else:
+                        y = F.conv2d(x.a, u, None, L.stride, L.padding, L.dilation)
+                        part = torch.bmm(x.g.flatten(2), y.flatten(1).unsqueeze(-1))
+                    out[:, :, k] += c * part.view(N, R)
+                if ub is not None:
+                    c, u = ub
+                    out[:, :, k] += c * (x.bias_rows() @ u).view(N, R)
         return out
 
 
@@ -472,19 +466,20 @@ class _Materialised:
         r1, r2 = next(iter(self.rows.values())), next(iter(other.rows.values()))
         (N1, R1), (N2, R2) = r1.shape[:2], r2.shape[:2]
         total = r1.new_zeros((N1 * R1, N2 * R2))
-        for p, r1 in self.rows.items():
+        for p, rows in self.rows.items():
             q = maps.get(p)
             if q is not None:
-                total += _gram(r1.reshape(N1 * R1, -1), other.rows[p].reshape(N2 * R2, -1), q)
+                total += _gram(rows.reshape(N1 * R1, -1), other.rows[p].reshape(N2 * R2, -1), q)
         return total.view(N1, R1, N2, R2).permute(0, 2, 1, 3)
 
     def times(self, vectors: list[dict]) -> Tensor:
         r = next(iter(self.rows.values()))
         out = r.new_zeros((*r.shape[:2], len(vectors)))
         for p, rows in self.rows.items():
-            for k, v in enumerate(vectors):
-                if p in v:
-                    out[:, :, k] += rows @ v[p].reshape(-1)
+            for k, vector in enumerate(vectors):
+                if p in vector:
+                    c, u = vector[p]
+                    out[:, :, k] += c * (rows @ u.reshape(-1))
         return out
 
 
@@ -632,8 +627,8 @@ class AccountedStep:
         self.x_batch = None
         # The training-mode forward updates running statistics (batch norm); the Jacobians are
         # taken with the buffers as they were before it.
-        mode_dependent = _depends_on_mode(model)
-        self.buffers = [b.detach().clone() for b in model.buffers()] if mode_dependent else []
+        self.mode_dependent = _depends_on_mode(model)
+        self.buffers = [b.detach().clone() for b in model.buffers()] if self.mode_dependent else []
 
     @property
     def num_classes(self) -> int:
@@ -655,7 +650,7 @@ class AccountedStep:
         (each trainable layer's input and output gradient on the structured path)."""
         x_batch = self.check_batch(x_batch)
         self.x_batch = x_batch
-        if self.watched is not None and not _depends_on_mode(self.model):
+        if self.watched is not None and not self.mode_dependent:
             self.capture = _LayerCapture([rows.layer for rows in self.watched.layers])
             logits = self.capture.run(lambda: self.model(x_batch))
         else:

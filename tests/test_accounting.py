@@ -482,7 +482,7 @@ def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist):
     optimizer = make_optimizer(model, SMALL)
     for group in optimizer.param_groups:
         group["lr"] = seen[0].lr
-    idx = seen[0].batch_indices
+    idx = torch.from_numpy(seen[0].batch_indices.copy())
     first = account_step(
         model, optimizer, mnist.train.x[idx], mnist.train.y[idx], x_watch, classes=labels
     )
