@@ -11,15 +11,18 @@ after imports and data load; on Linux the high-water mark is reset after the loa
 ``--quick`` runs all measurements of one model in one subprocess (resetting the high-water mark
 between them) with fewer repeats, as a smoke run.
 
-Times are medians of repeats after warm-up (``time.perf_counter``). The watched-training and
-``account_step`` figures (8, 9) compare runs inside one process, alternating step by step, so
-that each side sees the same load; their "ratio" is unwatched / watched throughput (8) and
-``account_step`` / plain step time (9). The baseline at 1,000 x_o
+Times are medians of repeats after warm-up (``time.perf_counter``). The baseline at 1,000 x_o
 runs only with ``--full`` (it needs ~11 GB for the MLP); otherwise it is extrapolated linearly
 from its measurements at 1 and 100 x_o and marked "~", as is the baseline at 10,000 x_o.
 
+The watched-training and ``account_step`` figures (8, 9) compare runs inside one process,
+alternating step by step, so that each side sees the same load; their "ratio" is unwatched /
+watched throughput (8) and ``account_step`` / plain step time (9), in wall time and in CPU time
+of the measuring thread (``time.thread_time``; with ``--threads 1`` that is insensitive to other
+processes' load on a shared machine).
+
     python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--only NAMES]
-                                [--json out.json]
+                                [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -230,15 +233,17 @@ def _train_watch(model, data, quick: bool) -> dict:
     for w in WATCHED:
         runs[w] = Watch(data.test.x[:w], tuple(int(c) for c in data.test.y[:w]))
     gens = {w: train(copy.deepcopy(model), data, config, watch=watch) for w, watch in runs.items()}
-    elapsed = dict.fromkeys(runs, 0.0)
+    elapsed = {w: [0.0, 0.0] for w in runs}  # wall, CPU time of this thread
     for step in range(warm + steps):
         for w, gen in gens.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             next(gen)
             if step >= warm:
-                elapsed[w] += time.perf_counter() - t0
-    out = {"steps": steps, "steps_per_s": {str(w): steps / t for w, t in elapsed.items()}}
-    out["ratio"] = {str(w): elapsed[0] / elapsed[w] for w in WATCHED}
+                elapsed[w][0] += time.perf_counter() - t0
+                elapsed[w][1] += time.thread_time() - c0
+    out = {"steps": steps, "steps_per_s": {str(w): steps / t[0] for w, t in elapsed.items()}}
+    out["ratio"] = {str(w): elapsed[0][0] / elapsed[w][0] for w in WATCHED}
+    out["cpu_ratio"] = {str(w): elapsed[0][1] / elapsed[w][1] for w in WATCHED}
     return out
 
 
@@ -263,21 +268,30 @@ def _account(model, data, quick: bool) -> dict:
         account_step(model, optimizer, x, y, x_watch)
 
     repeats = 20 if quick else 100
-    times = {"plain": [], "account": []}
+    times = {"plain": [], "account": [], "plain_cpu": [], "account_cpu": []}
     for _ in range(3):
         plain(), account()
     for _ in range(repeats):
         for key, fn in (("plain", plain), ("account", account)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
             times[key].append(time.perf_counter() - t0)
-    plain_t, account_t = (statistics.median(times[k]) for k in ("plain", "account"))
-    return {"time": account_t, "plain": plain_t, "ratio": account_t / plain_t}
+            times[key + "_cpu"].append(time.thread_time() - c0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "time": med["account"],
+        "plain": med["plain"],
+        "ratio": med["account"] / med["plain"],
+        "cpu_ratio": med["account_cpu"] / med["plain_cpu"],
+    }
 
 
-def worker(model_name: str, names: list[str], quick: bool, full: bool) -> None:
+def worker(model_name: str, names: list[str], quick: bool, full: bool, threads: int) -> None:
     """Subprocess entry: load once, run ``names`` in order, print one JSON line per result."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from ntkviz.data import load_dataset
     from ntkviz.models import build_model
@@ -301,6 +315,7 @@ def run_group(model_name: str, names: list[str], args) -> dict[str, dict]:
     """Run measurements in a fresh subprocess; failures become ``{"error": ...}``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, ",".join(names)]
     cmd += ["--quick"] * args.quick + ["--full"] * args.full
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
     for line in proc.stdout.splitlines():
@@ -459,6 +474,16 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
             f"{r['ratio']['1']:.2f}{tag(targets, 'watch_1')}|{r['ratio']['16']:.2f}"
             + tag(targets, "watch_16"),
         ]
+    if row == "train_watch:cpu":
+        if "cpu_ratio" not in r:
+            return []
+        return [
+            "",
+            "",
+            "",
+            "",
+            f"{r['cpu_ratio']['1']:.2f}|{r['cpu_ratio']['16']:.2f}",
+        ]
     if row == "account":
         if "ratio" not in r:
             return []
@@ -469,6 +494,8 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
             "",
             f"{r['ratio']:.2f}×" + tag(targets, "account"),
         ]
+    if row == "account:cpu":
+        return [] if "cpu_ratio" not in r else ["", "", "", "", f"{r['cpu_ratio']:.2f}×"]
     return []
 
 
@@ -485,7 +512,9 @@ ROWS = [
     ("class_map", "(6) class×class ‖K‖ map, 500 x"),
     ("train", "(7) training throughput, batch 64"),
     ("train_watch", "(8) training 0|1|16 watched; ratios"),
+    ("train_watch:cpu", "    the same in CPU time of the thread"),
     ("account", "(9) account_step 16×64 | plain step"),
+    ("account:cpu", "    the same in CPU time of the thread"),
 ]
 WIDTHS = [16, 12, 9, 10, 10]
 HEADS = ["ntkviz", "peak", "baseline", "base peak", "ratio"]
@@ -524,12 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
     )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in the measurements (default: torch's choice)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker(args.worker[0], args.worker[1].split(","), args.quick, args.full)
+        worker(args.worker[0], args.worker[1].split(","), args.quick, args.full, args.threads)
         return 0
 
     import torch
@@ -542,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     print(
         f"ntkviz benchmark ({mode_name}) — torch {torch.__version__}, CPU, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.machine()}, "
+        f"{args.threads or torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"{platform.machine()}, "
         f"load avg {load_before:.2f}",
         flush=True,
     )

@@ -204,7 +204,11 @@ def close(actual, expected, rtol=1e-9):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
 
 
-CASES = [(m, o) for m in ("tiny_cnn", "lenet") for o in OPTIMIZERS] + [
+CASES = [("tiny_cnn", o) for o in OPTIMIZERS] + [
+    ("lenet", "sgd-momentum-decay"),
+    ("lenet", "sgd-dampening-maximize"),
+    ("lenet", "adam-amsgrad-maximize"),
+    ("lenet", "adamw"),
     ("mlp", "sgd-momentum-decay"),
     ("mlp", "adamw"),
     ("dropout_mlp", "sgd-nesterov"),
