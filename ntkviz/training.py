@@ -153,7 +153,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The config's optimizer over the model's parameters: SGD (lr, momentum, weight decay,
     Nesterov), Adam (lr, betas, eps, L2 weight decay) or AdamW (decoupled weight decay)."""
-    config.validate()
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}"
+        )
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
