@@ -22,8 +22,15 @@ class _UsageError(Exception):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model and write a checkpoint")
-    p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    p = sub.add_parser(
+        "train",
+        help="train a model; write a checkpoint and/or the exact account of every step",
+        description="Train a model. With --watch and --accounts, every optimizer step is "
+        "accounted for exactly on the watched examples: Δlog π split into one gradient term "
+        "per batch example, the momentum (history) term, the weight-decay term and the residual, "
+        "and the run's most helpful and harmful training examples.",
+    )
+    p.add_argument("--out", help="checkpoint file to write (.pt)")
     p.add_argument("--model", default="lenet", help="lenet or mlp (default lenet)")
     p.add_argument("--dataset", default="mnist", help="mnist (shipped), fashion-mnist or kmnist")
     p.add_argument("--data-dir", help="dataset directory (default: the ntkviz cache)")
@@ -36,10 +43,26 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    p.add_argument("--betas", help="Adam's β₁,β₂ (default 0.9,0.999)")
+    p.add_argument("--eps", type=float, help="Adam's ε (default 1e-8)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--watch",
+        help="comma-separated indices of examples to account for at every step, e.g. 7,16 "
+        "(indices into the TEST split unless --watch-split train)",
+    )
+    p.add_argument("--watch-split", default="test", choices=("test", "train"))
+    p.add_argument(
+        "--accounts",
+        action="append",
+        help="write the per-step accounts and the run's rankings of the watched examples: .npz "
+        "(everything) or .csv (one row per step and watched example, at its label); repeatable",
+    )
 
 
 def _add_pair_args(p) -> None:
@@ -132,6 +155,10 @@ def _train_config(args):
             "lr": args.lr,
             "momentum": args.momentum,
             "weight_decay": args.weight_decay,
+            "optimizer": args.optimizer,
+            "nesterov": args.nesterov or None,
+            "betas": _floats(args.betas, "--betas") if args.betas else None,
+            "eps": args.eps,
             "batch_size": args.batch_size,
             "seed": args.seed,
             "device": args.device,
@@ -148,6 +175,49 @@ def _train_config(args):
     return config
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise _UsageError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _watch_indices(text: str) -> list[int]:
+    try:
+        indices = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        indices = []
+    if not indices:
+        raise _UsageError(f"--watch must be comma-separated indices, got {text!r}")
+    return indices
+
+
+def _check_outputs(args) -> None:
+    if not args.out and not args.accounts:
+        raise _UsageError("give --out (a checkpoint), --accounts (with --watch), or both")
+    if bool(args.watch) != bool(args.accounts):
+        raise _UsageError("--watch and --accounts go together")
+    outputs = [Path(p) for p in [args.out, *(args.accounts or [])] if p]
+    for path in outputs:
+        if not path.parent.is_dir():
+            raise _UsageError(f"output directory {path.parent} does not exist")
+    for path in map(Path, args.accounts or []):
+        if path.suffix.lower() not in (".npz", ".csv"):
+            raise _UsageError(f"--accounts {path}: use .npz or .csv")
+
+
+def _print_run(run, indices, split) -> None:
+    """Per watched example: the run's total Δlog π(label), its split, and the top examples."""
+    totals = run.totals()
+    for w, (i, c) in enumerate(zip(indices, run.classes)):
+        terms = ", ".join(f"{k} {totals[k][w, c]:+.4f}" for k in totals if k != "actual")
+        top = run.top(w, 3)
+        print(
+            f"{split}[{i}] (class {c}): Δlog π = {totals['actual'][w, c]:+.4f} = {terms}; most "
+            f"helpful train {top.helpful.tolist()}, most harmful {top.harmful.tolist()}"
+        )
+
+
 def cmd_train(args) -> int:
     from ntkviz.checkpoint import save_checkpoint
     from ntkviz.data import load_dataset
@@ -157,23 +227,55 @@ def cmd_train(args) -> int:
     config = _train_config(args)
     if config.model not in MODELS:
         raise _UsageError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise _UsageError(f"output directory {out.parent} does not exist")
+    _check_outputs(args)
+    indices = _watch_indices(args.watch) if args.watch else []
     device = resolve_device(config.device)
     data = load_dataset(args.dataset, args.data_dir, download=args.download)
+    watch = run = None
+    if args.watch:
+        from ntkviz import __version__
+        from ntkviz.accounting import Watch
+        from ntkviz.run_account import RunAccount
+
+        split = data.split(args.watch_split)
+        if not all(0 <= i < len(split) for i in indices):
+            raise _UsageError(
+                f"--watch indices must be in the {args.watch_split} split (0..{len(split) - 1})"
+            )
+        labels = [int(split.y[i]) for i in indices]
+        watch = Watch(split.x[indices], tuple(labels))
+        meta = {
+            "watch_split": args.watch_split,
+            "watch_indices": indices,
+            "watch_labels": labels,
+            "classes": "the watched examples' labels",
+            "dataset": data.name,
+            "config": config.to_dict(),
+            "ntkviz_version": __version__,
+        }
+        run = RunAccount(labels, len(data.train), data.num_classes, keep_steps=True, meta=meta)
     model = build_model(config.model, data.num_classes, seed=config.seed).to(device)
     progress = _Progress()
     last = None
-    for record in train(model, data, config):
+    for record in train(model, data, config, watch=watch):
         last = record
+        if run is not None:
+            run.add(record.account, record.batch_indices, record.step)
         if not args.quiet:
             progress(record)
     model.cpu()
     test_acc = accuracy(model, data.test.x, data.test.y)
-    meta = {"step": last.step if last else 0, "test_accuracy": test_acc, "dataset": data.name}
-    save_checkpoint(out, model, config.model, config, meta)
-    print(f"test accuracy {test_acc:.4f} after {meta['step']} steps; wrote {out}")
+    steps = last.step if last else 0
+    print(f"test accuracy {test_acc:.4f} after {steps} steps")
+    if args.out:
+        meta = {"step": steps, "test_accuracy": test_acc, "dataset": data.name}
+        save_checkpoint(args.out, model, config.model, config, meta)
+        print(f"wrote {args.out}")
+    if run is not None:
+        _print_run(run, indices, args.watch_split)
+        for path in args.accounts:
+            run.save(path)
+            print(f"wrote {path}")
     return 0
 
 

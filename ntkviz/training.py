@@ -1,24 +1,33 @@
 """Training as a generator: one small immutable record per batch, so a worker can pause or stop
 between any two batches.
 
-SGD with momentum, weight decay and a cosine learning-rate schedule (per step, to 0 at the end).
-Seeded and deterministic on CPU: the same config and seed give identical losses. A non-finite loss
-stops training with :class:`~ntkviz.errors.TrainingDiverged`, the model restored to its last finite
-state.
+SGD (momentum, weight decay, optionally Nesterov), Adam or AdamW, with a cosine learning-rate
+schedule (per step, to 0 at the end). Seeded and deterministic on CPU: the same config and seed give
+identical losses. A non-finite loss stops training with :class:`~ntkviz.errors.TrainingDiverged`,
+the model restored to its last finite state. With a :class:`~ntkviz.accounting.Watch`, each record
+also carries the exact account of its step for the watched examples (the trajectory is unchanged).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ntkviz.data import ImageDataset, subset_indices
 from ntkviz.errors import DeviceError, TrainingDiverged
+
+if TYPE_CHECKING:
+    from ntkviz.accounting import StepAccount, Watch
+
+#: Optimizers :func:`make_optimizer` builds, by ``TrainConfig.optimizer``.
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,15 @@ class TrainConfig:
     device: str = "auto"
     eval_every: int = 100  #: steps between test-accuracy evaluations (and at the end)
     eval_size: int | None = 2000  #: test images used for periodic accuracy; None = all 10,000
+    optimizer: str = "sgd"  #: "sgd" (uses momentum, nesterov), "adam" or "adamw" (betas, eps)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        # Configs read back from files may hold betas as a list.
+        if isinstance(self.betas, list | tuple):
+            object.__setattr__(self, "betas", tuple(self.betas))
 
     @classmethod
     def paper(cls, **overrides) -> TrainConfig:
@@ -56,6 +74,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size must be ≥ 1 or None, got {self.train_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs the sgd optimizer with a momentum > 0")
+        betas = self.betas
+        if not (
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(self.eps, int | float) and math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +105,10 @@ class TrainRecord:
     batch_accuracy: float
     lr: float  #: learning rate used for this step
     test_accuracy: float | None = None
+    #: indices into ``data.train`` of the batch's examples ``(B,)`` int64, read-only
+    batch_indices: np.ndarray | None = field(default=None, compare=False)
+    #: the step's account for the watched examples (``train(..., watch=...)``), else None
+    account: StepAccount | None = field(default=None, compare=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,9 +150,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
     return correct / max(1, len(y))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The config's optimizer over the model's parameters: SGD (lr, momentum, weight decay,
+    Nesterov), Adam (lr, betas, eps, L2 weight decay) or AdamW (decoupled weight decay)."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}"
+        )
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+        )
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(
+        model.parameters(),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
     )
 
 
@@ -125,14 +181,28 @@ def train(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
+    watch: Watch | None = None,
 ) -> Iterator[TrainRecord]:
     """Train ``model`` in place, yielding a :class:`TrainRecord` after every batch.
 
     The model must already be on the config's device. Pass ``optimizer`` and ``start_step`` to
-    continue a run. Raises :class:`TrainingDiverged` (model restored) on a non-finite loss.
+    continue a run. ``watch``: examples to account for; each record then carries the
+    :class:`~ntkviz.accounting.StepAccount` of its step (identical losses and weights as without).
+    Raises :class:`TrainingDiverged` (model restored) on a non-finite loss.
     """
     config.validate()
     device = next(model.parameters()).device
+    if watch is not None:
+        from ntkviz.accounting import AccountedStep
+
+        if watch.x.shape[1:] != data.train.x.shape[1:]:
+            raise ValueError(
+                f"watched examples must be shaped like the data's {tuple(data.train.x.shape[1:])}, "
+                f"got {tuple(watch.x.shape[1:])}"
+            )
+        if max(watch.classes) >= data.num_classes:
+            raise ValueError(f"watched classes must be in [0, {data.num_classes})")
+        x_watch = watch.x.to(device)
     idx = subset_indices(len(data.train), config.train_size, config.seed)
     x_all, y_all = data.train.x[idx], data.train.y[idx]
     eval_idx = subset_indices(len(data.test), config.eval_size, config.seed)
@@ -156,7 +226,13 @@ def train(
                 group["lr"] = lr
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
             xb, yb = x_all[batch].to(device), y_all[batch].to(device)
-            logits = model(xb)
+            if watch is not None:
+                accounting = AccountedStep(
+                    model, opt, x_watch, classes=watch.classes, top_kernels=watch.top_kernels
+                )
+                logits = accounting.forward(xb)
+            else:
+                logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             value = loss.item()
             if not math.isfinite(value) or not all(bool(p.isfinite().all()) for p in params):
@@ -168,11 +244,17 @@ def train(
                 for p, good in zip(params, last_good):
                     good.copy_(p)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            account = None
+            if watch is not None:
+                account = accounting.step(loss, yb)
+            else:
+                loss.backward()
+                opt.step()
             acc = (logits.argmax(1) == yb).float().mean().item()
             test_acc = None
             if step % config.eval_every == 0 or step == total:
                 test_acc = accuracy(model, x_eval, y_eval)
                 model.train()
-            yield TrainRecord(step, total, epoch, value, acc, lr, test_acc)
+            batch_indices = idx[batch].numpy()
+            batch_indices.flags.writeable = False
+            yield TrainRecord(step, total, epoch, value, acc, lr, test_acc, batch_indices, account)

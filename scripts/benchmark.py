@@ -15,7 +15,14 @@ Times are medians of repeats after warm-up (``time.perf_counter``). The baseline
 runs only with ``--full`` (it needs ~11 GB for the MLP); otherwise it is extrapolated linearly
 from its measurements at 1 and 100 x_o and marked "~", as is the baseline at 10,000 x_o.
 
-    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--json out.json]
+The watched-training and ``account_step`` figures (8, 9) compare runs inside one process,
+alternating step by step, so that each side sees the same load; their "ratio" is unwatched /
+watched throughput (8) and ``account_step`` / plain step time (9), in wall time and in CPU time
+of the measuring thread (``time.thread_time``; with ``--threads 1`` that is insensitive to other
+processes' load on a shared machine).
+
+    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--only NAMES]
+                                [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ MEASUREMENTS = [
     "influence",
     "class_map",
     "train",
+    "train_watch",
+    "account",
 ]
 
 
@@ -193,12 +202,96 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
             if rec.step in (warm, warm + steps):
                 marks[rec.step] = time.perf_counter()
         return {"steps_per_s": steps / (marks[warm + steps] - marks[warm]), "steps": steps}
+    if name == "train_watch":
+        return _train_watch(model, data, quick)
+    if name == "account":
+        return _account(model, data, quick)
     raise ValueError(f"unknown measurement {name!r}")
 
 
-def worker(model_name: str, names: list[str], quick: bool, full: bool) -> None:
+WATCHED = (1, 16)  # watched test images in the training-throughput comparison
+
+
+def _train_watch(model, data, quick: bool) -> dict:
+    """Training throughput unwatched and with 1 and 16 watched test images: three runs of the
+    same config and seed, advanced one step each in turn (so each sees the same load)."""
+    import copy
+
+    from ntkviz.accounting import Watch
+    from ntkviz.training import TrainConfig, train
+
+    steps, warm = (30, 5) if quick else (200, 10)
+    config = TrainConfig(
+        model=model.__class__.__name__.lower(),
+        train_size=(steps + warm + 1) * 64,
+        epochs=1,
+        batch_size=64,
+        eval_every=10**9,  # no evaluation but the one after the last step (not timed)
+        eval_size=64,
+    )
+    runs = {0: None}
+    for w in WATCHED:
+        runs[w] = Watch(data.test.x[:w], tuple(int(c) for c in data.test.y[:w]))
+    gens = {w: train(copy.deepcopy(model), data, config, watch=watch) for w, watch in runs.items()}
+    elapsed = {w: [0.0, 0.0] for w in runs}  # wall, CPU time of this thread
+    for step in range(warm + steps):
+        for w, gen in gens.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            next(gen)
+            if step >= warm:
+                elapsed[w][0] += time.perf_counter() - t0
+                elapsed[w][1] += time.thread_time() - c0
+    out = {"steps": steps, "steps_per_s": {str(w): steps / t[0] for w, t in elapsed.items()}}
+    out["ratio"] = {str(w): elapsed[0][0] / elapsed[w][0] for w in WATCHED}
+    out["cpu_ratio"] = {str(w): elapsed[0][1] / elapsed[w][1] for w in WATCHED}
+    return out
+
+
+def _account(model, data, quick: bool) -> dict:
+    """``account_step`` with 16 watched test images on a batch of 64 beside the plain training
+    step (zero_grad, forward, backward, SGD step), alternating, medians of each."""
+    import torch.nn.functional as F
+
+    from ntkviz.accounting import account_step
+    from ntkviz.training import TrainConfig, make_optimizer
+
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    x, y, x_watch = data.train.x[:64], data.train.y[:64], data.test.x[:16]
+    model.train()
+
+    def plain():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    def account():
+        account_step(model, optimizer, x, y, x_watch)
+
+    repeats = 20 if quick else 100
+    times = {"plain": [], "account": [], "plain_cpu": [], "account_cpu": []}
+    for _ in range(3):
+        plain(), account()
+    for _ in range(repeats):
+        for key, fn in (("plain", plain), ("account", account)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+            times[key + "_cpu"].append(time.thread_time() - c0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "time": med["account"],
+        "plain": med["plain"],
+        "ratio": med["account"] / med["plain"],
+        "cpu_ratio": med["account_cpu"] / med["plain_cpu"],
+    }
+
+
+def worker(model_name: str, names: list[str], quick: bool, full: bool, threads: int) -> None:
     """Subprocess entry: load once, run ``names`` in order, print one JSON line per result."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from ntkviz.data import load_dataset
     from ntkviz.models import build_model
@@ -222,6 +315,7 @@ def run_group(model_name: str, names: list[str], args) -> dict[str, dict]:
     """Run measurements in a fresh subprocess; failures become ``{"error": ...}``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, ",".join(names)]
     cmd += ["--quick"] * args.quick + ["--full"] * args.full
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = {}
     for line in proc.stdout.splitlines():
@@ -281,6 +375,15 @@ def check_targets(name: str, res: dict, der: dict) -> dict[str, tuple[str, bool]
         ratio = res["k_10000"]["time"] / res["forward"]["time"]
         t["k_10000_ratio"] = ("K 10,000 LeNet ≤ 3× plain single-call forward", ratio <= 3)
         t["k_10000_peak"] = ("K 10,000 LeNet peak ≤ 2 GiB", res["k_10000"]["peak_mib"] <= 2 * GIB)
+    if name == "lenet" and "ratio" in res.get("train_watch", {}):
+        ratio = res["train_watch"]["ratio"]
+        t["watch_1"] = ("LeNet training with 1 watched ≥ 0.85× unwatched", ratio["1"] >= 0.85)
+        t["watch_16"] = ("LeNet training with 16 watched ≥ 0.6× unwatched", ratio["16"] >= 0.6)
+    if name == "lenet" and "ratio" in res.get("account", {}):
+        t["account"] = (
+            "LeNet account_step 16 watched × 64 ≤ 3× the plain step",
+            res["account"]["ratio"] <= 3,
+        )
     if has("k_1000") and "base_1000" in der:
         ratio = der["base_1000"]["time"] / res["k_1000"]["time"]
         label = MODEL_LABELS.get(name, name)
@@ -359,6 +462,40 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
         if "steps_per_s" not in r:
             return []
         return [f"{r['steps_per_s']:.0f} steps/s", fmt_mem(r.get("peak_mib"))]
+    if row == "train_watch":
+        if "ratio" not in r:
+            return []
+        rate = r["steps_per_s"]
+        return [
+            f"{rate['0']:.0f}|{rate['1']:.0f}|{rate['16']:.0f}/s",
+            fmt_mem(r.get("peak_mib")),
+            "",
+            "",
+            f"{r['ratio']['1']:.2f}{tag(targets, 'watch_1')}|{r['ratio']['16']:.2f}"
+            + tag(targets, "watch_16"),
+        ]
+    if row == "train_watch:cpu":
+        if "cpu_ratio" not in r:
+            return []
+        return [
+            "",
+            "",
+            "",
+            "",
+            f"{r['cpu_ratio']['1']:.2f}|{r['cpu_ratio']['16']:.2f}",
+        ]
+    if row == "account":
+        if "ratio" not in r:
+            return []
+        return [
+            fmt_time(r["time"]),
+            fmt_mem(r.get("peak_mib")),
+            fmt_time(r["plain"]),
+            "",
+            f"{r['ratio']:.2f}×" + tag(targets, "account"),
+        ]
+    if row == "account:cpu":
+        return [] if "cpu_ratio" not in r else ["", "", "", "", f"{r['cpu_ratio']:.2f}×"]
     return []
 
 
@@ -374,12 +511,18 @@ ROWS = [
     ("influence", "(5) influence Δlog π, 10,000 x_o"),
     ("class_map", "(6) class×class ‖K‖ map, 500 x"),
     ("train", "(7) training throughput, batch 64"),
+    ("train_watch", "(8) training 0|1|16 watched; ratios"),
+    ("train_watch:cpu", "    the same in CPU time of the thread"),
+    ("account", "(9) account_step 16×64 | plain step"),
+    ("account:cpu", "    the same in CPU time of the thread"),
 ]
 WIDTHS = [16, 12, 9, 10, 10]
 HEADS = ["ntkviz", "peak", "baseline", "base peak", "ratio"]
 
 
-def print_table(models: list[str], all_res: dict, all_der: dict, all_targets: dict) -> None:
+def print_table(
+    models: list[str], all_res: dict, all_der: dict, all_targets: dict, names: list[str]
+) -> None:
     label_w = 34
     group_w = sum(WIDTHS) + len(WIDTHS) - 1
     line = " " * label_w + " | ".join(f"{MODEL_LABELS.get(m, m):^{group_w}}" for m in models)
@@ -388,6 +531,8 @@ def print_table(models: list[str], all_res: dict, all_der: dict, all_targets: di
     print(f"{'measurement':<{label_w}}" + " | ".join(heads for _ in models))
     print("-" * (label_w + len(models) * (group_w + 3) - 3))
     for key, label in ROWS:
+        if key.split(":")[0] not in names:
+            continue
         groups = []
         for m in models:
             cells = model_cells(key, all_res[m], all_der[m], all_targets[m])
@@ -405,12 +550,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
     mode.add_argument("--full", action="store_true", help="run the baseline at 1,000 x_o")
     parser.add_argument("--models", default="lenet,mlp", help="comma-separated (lenet,mlp)")
+    parser.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads in the measurements (default: torch's choice)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker(args.worker[0], args.worker[1].split(","), args.quick, args.full)
+        worker(args.worker[0], args.worker[1].split(","), args.quick, args.full, args.threads)
         return 0
 
     import torch
@@ -423,13 +574,19 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     print(
         f"ntkviz benchmark ({mode_name}) — torch {torch.__version__}, CPU, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.machine()}, "
+        f"{args.threads or torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"{platform.machine()}, "
         f"load avg {load_before:.2f}",
         flush=True,
     )
     t_start = time.perf_counter()
     all_res, all_der, all_targets = {}, {}, {}
-    groups = [MEASUREMENTS] if args.quick else [[n] for n in MEASUREMENTS]
+    names = MEASUREMENTS
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        if unknown := [n for n in names if n not in MEASUREMENTS]:
+            parser.error(f"unknown measurement(s) {', '.join(unknown)}")
+    groups = [names] if args.quick else [[n] for n in names]
     for m in models:
         print(f"  running {MODEL_LABELS[m]} …", file=sys.stderr, flush=True)
         res = {}
@@ -440,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         all_targets[m] = check_targets(m, res, all_der[m])
 
     print()
-    print_table(models, all_res, all_der, all_targets)
+    print_table(models, all_res, all_der, all_targets, names)
     print()
     small_n = "1,000 (measured)" if args.full else f"1 and {BASELINE_SMALL_N} x_o"
     print(

@@ -1,0 +1,1044 @@
+"""An exact account of one real optimizer step, as seen from watched examples x_o.
+
+A step θ → θ + Δθ moves the logits of x_o by Δz = J(x_o)·Δθ to first order, and log π(x_o) by
+A(x_o)·Δz, A = I − 1·πᵀ. :func:`account_step` splits Δθ exactly as the optimizer builds it:
+
+* **SGD** (momentum μ, dampening τ, weight decay λ, Nesterov, maximize: g → −g):
+  Δθ = −η·(k·(g + λθ) + m·b) with b the momentum buffer before the step, k = 1 − τ and m = μ
+  (Nesterov: k = 1 + μ(1 − τ), m = μ²); on the first step (no buffer yet) k = 1 (Nesterov 1 + μ),
+  m = 0; without momentum k = 1, m = 0.
+* **Adam** (β₁, β₂, ε, L2 weight decay λ, amsgrad, maximize), step t:
+  Δθ = −(η/(1 − β₁ᵗ))·P·(β₁·m + (1 − β₁)·(g + λθ)) with the diagonal preconditioner of *this* step
+  P = 1/(√v̂ + ε), v̂ = (β₂·v + (1 − β₂)·(g + λθ)²)/(1 − β₂ᵗ) (amsgrad: the running maximum), exactly
+  as torch computes it. The L2 decay λθ enters the gradient: its share of the first moment is the
+  weight-decay term; P is computed from the decayed gradient, as torch does.
+* **AdamW** (decoupled decay): as Adam without λθ in the gradient, plus −η·λ·θ.
+
+Terms of Δz(x_o) (and of Δlog π(x_o) after A): one **gradient** term per batch example b,
+−J(x_o)·Q·∇θℓ_b/B = −(s/B)·K_P(x_o, x_b)·G_b with Q = s·P the step's diagonal map on the gradient
+(s = η·k for SGD, η(1 − β₁)/(1 − β₁ᵗ) for Adam; negative when the optimizer maximizes), the
+optimizer-aware kernel K_P = J(x_o)·P·J(x_b)ᵀ (P = I for SGD, so K_P = K) and G_b = π(x_b) − e_{y_b};
+the **momentum** (history) term; the **weight-decay** term; the **residual** = actual − their sum,
+second order in Δθ.
+
+Per-example gradients come from the trainer's own backward pass in training mode (per trainable
+layer its inputs and output gradients; nothing of size B × parameters is formed for Linear
+layers). Kernels and Δlog π are taken in eval mode. For models whose modules behave differently in
+the two modes (dropout, batch norm) the batch's Jacobians are taken in eval mode by a second pass,
+with G from the training-mode loss, so each gradient term is exactly −(s/B)·A·K_P·G_b and the
+difference between that and the real step lands in the residual. (With Adam this difference can be
+large: a bias that batch norm cancels in training mode gets no gradient, hence P ≈ 1/ε, while its
+eval-mode per-example gradients are not zero.)
+
+Structured path (``nn.Sequential`` chains of Linear/Conv2d, as in :mod:`ntkviz.kernel`): J(x_o) is
+kept factored per layer (inputs, V output cotangents); a Conv2d's weight Jacobian rows are formed
+per example (out × in·k·k each). Any other model: ``torch.func`` (``jacrev`` of x_o,
+``vmap``-ed per-example gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vjp, vmap
+
+from ntkviz.kernel import _as_batch, _chain, _sweep, _Unsupported, empirical_ntk, eval_mode
+
+#: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
+SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
+LOSSES = ("ce", "neg")
+#: Modules that compute differently in training and eval mode.
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
+
+
+def _frozen(a) -> np.ndarray:
+    out = np.array(a.detach().cpu().double().numpy() if isinstance(a, Tensor) else a, np.float64)
+    out += 0.0  # no negative zeros (−J·0)
+    out.flags.writeable = False
+    return out
+
+
+def _frozen_int(a) -> np.ndarray:
+    out = np.array(a.detach().cpu().numpy() if isinstance(a, Tensor) else a, np.int64)
+    out.flags.writeable = False
+    return out
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True, eq=False)
+class StepAccount:
+    """The account of one optimizer step for W watched examples x_o and a batch of B examples.
+
+    Every array is read-only; float64 unless noted. Log-probability level (nats):
+
+    - ``probs_before (W, V)``: π(x_o) before the step (eval mode);
+    - ``actual (W, V)``: Δlog π(x_o) after the real step (eval mode, before vs after);
+    - ``gradient (W, B, V)``: per batch example b, −(s/B)·A(x_o)·K_P(x_o, x_b)·G_b;
+    - ``momentum (W, V)``: the optimizer's history (SGD's momentum buffer, Adam's first moment
+      before this gradient); zeros for plain SGD and on the first step;
+    - ``weight_decay (W, V)``: SGD's or Adam's λθ share, AdamW's decoupled −η·λ·θ;
+    - ``predicted (W, V)`` = ``gradient.sum(1) + momentum + weight_decay`` (the first order);
+    - ``residual (W, V)`` = ``actual − predicted`` (second order, plus any train/eval difference).
+
+    The same at the logit level (Δz, no A): ``dz_actual``, ``dz_gradient (W, B, V)``,
+    ``dz_momentum``, ``dz_weight_decay``, ``dz_predicted``, ``dz_residual``.
+
+    The batch: ``G (B, V)`` = ∂ℓ_b/∂z_b of each example's own loss in training mode (π − e_y for
+    "ce"); ``batch_labels (B,)`` int64. ``classes (W,)`` int64: the class each watched example's
+    ``contributions (W, B)`` = ``gradient[w, :, classes[w]]`` refer to. With ``top_kernels``:
+    ``top_index (W,)`` int64, the batch example with the largest |contribution| per watched example,
+    and ``top_kernel (W, V, V)`` = K_P(x_o, x_top) in eval mode, so that
+    ``gradient[w, top_index[w]] = −(step_scale/B)·A·top_kernel[w]·G[top_index[w]]`` (A = I − 1·πᵀ
+    from ``probs_before``); else None.
+
+    Scalars: ``loss`` (the batch loss), ``lr`` (η of the first parameter group), ``step_scale`` (s:
+    Q = s·P is the step's map on the gradient; for Adam s = η(1 − β₁)/(1 − β₁ᵗ)), ``optimizer``
+    ("sgd", "adam" or "adamw").
+    """
+
+    probs_before: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
+    gradient: np.ndarray
+    momentum: np.ndarray
+    weight_decay: np.ndarray
+    residual: np.ndarray
+    dz_actual: np.ndarray
+    dz_predicted: np.ndarray
+    dz_gradient: np.ndarray
+    dz_momentum: np.ndarray
+    dz_weight_decay: np.ndarray
+    dz_residual: np.ndarray
+    G: np.ndarray
+    batch_labels: np.ndarray
+    classes: np.ndarray
+    contributions: np.ndarray
+    loss: float
+    lr: float
+    step_scale: float
+    optimizer: str
+    top_index: np.ndarray | None = field(default=None, compare=False)
+    top_kernel: np.ndarray | None = field(default=None, compare=False)
+
+    #: The (W, V) terms, by name, at the log-probability level (gradient summed over the batch).
+    TERMS = ("actual", "predicted", "gradient", "momentum", "weight_decay", "residual")
+
+    def terms(self, logits: bool = False) -> dict[str, np.ndarray]:
+        """The (W, V) terms by name (``TERMS``; the gradient term summed over the batch), at the
+        log-probability level or, with ``logits``, at the logit level (names without ``dz_``)."""
+        prefix = "dz_" if logits else ""
+        out = {name: getattr(self, prefix + name) for name in self.TERMS}
+        out["gradient"] = out["gradient"].sum(1)
+        return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _optimizer_kind(optimizer) -> str:
+    """ "sgd", "adam" or "adamw"; a ValueError naming the supported optimizers otherwise."""
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return "sgd"
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        decoupled = kind is torch.optim.AdamW or any(
+            g.get("decoupled_weight_decay", False) for g in optimizer.param_groups
+        )
+        return "adamw" if decoupled else "adam"
+    raise ValueError(
+        f"step accounting supports {SUPPORTED}; got {kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _check_optimizer(model: nn.Module, optimizer) -> str:
+    kind = _optimizer_kind(optimizer)
+    own = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in own:
+                raise ValueError("the optimizer holds parameters that are not the model's")
+            if p.is_complex():
+                raise ValueError("step accounting needs real parameters, not complex ones")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters")
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(own):
+        raise ValueError(
+            "step accounting does not support parameters shared between layers (tied weights, "
+            "a layer used twice)"
+        )
+    return kind
+
+
+def _check_lr(lr) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number ≥ 0 or None, got {lr!r}")
+    return float(lr)
+
+
+def _depends_on_mode(model: nn.Module) -> bool:
+    return any(isinstance(m, _MODE_DEPENDENT) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- the step's maps
+
+
+@dataclass
+class _StepMaps:
+    """How the optimizer turns this step's gradient and state into Δθ, per parameter it moves:
+    Δθ_p = −(q[p] ⊙ g_p + c·u + c'·u') with ``decay[p] = (c, u)`` and ``history[p] = (c', u')``
+    (a float and a tensor, so that SGD's terms need no scaled copies of θ and of its buffer);
+    q = s·P (a float for SGD, a tensor for Adam).
+    ``scale`` = s of the first parameter with s ≠ 0; :meth:`preconditioner` = q/scale."""
+
+    q: dict = field(default_factory=dict)
+    decay: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+    scale: float = 0.0
+
+    def add(self, p: Tensor, s: float, P, decay, history) -> None:
+        if self.scale == 0 and s != 0:
+            self.scale = s
+        self.q[p] = s * P
+        if decay is not None:
+            self.decay[p] = decay
+        if history is not None:
+            self.history[p] = history
+
+    def preconditioner(self) -> dict:
+        """P per parameter with the first parameter's scale taken out (``q/scale``)."""
+        if self.scale == 0:
+            return dict(self.q)
+        return {p: q / self.scale for p, q in self.q.items()}
+
+
+def _sgd_maps(optimizer, moved: list[list[Tensor]]) -> _StepMaps:
+    maps = _StepMaps()
+    for group, params in zip(optimizer.param_groups, moved):
+        lr, mu = float(group["lr"]), float(group["momentum"])
+        tau, wd = float(group["dampening"]), float(group["weight_decay"])
+        nesterov, sign = group["nesterov"], -1.0 if group["maximize"] else 1.0
+        for p in params:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu != 0 else None
+            history = None
+            if mu == 0:
+                k = 1.0
+            elif buf is None:  # the first step: the buffer becomes the (decayed) gradient
+                k = 1.0 + mu if nesterov else 1.0
+            else:
+                k = 1.0 + mu * (1.0 - tau) if nesterov else 1.0 - tau
+                history = (lr * (mu * mu if nesterov else mu), buf)
+            decay = (lr * k * wd, p.detach()) if wd != 0 else None
+            maps.add(p, lr * k * sign, 1.0, decay, history)
+    return maps
+
+
+def _adam_maps(optimizer, moved: list[list[Tensor]], grads: dict | None) -> _StepMaps:
+    maps = _StepMaps()
+    adamw = type(optimizer) is torch.optim.AdamW
+    for group, params in zip(optimizer.param_groups, moved):
+        lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        decoupled = adamw or group.get("decoupled_weight_decay", False)
+        sign = -1.0 if group["maximize"] else 1.0
+        for p in params:
+            state = optimizer.state.get(p, {})
+            t = (float(state["step"]) if "step" in state else 0.0) + 1.0
+            if grads is not None:  # v as this step computes it, from this gradient
+                g = grads[p] if sign > 0 else -grads[p]
+                if wd != 0 and not decoupled:
+                    g = g.add(p.detach(), alpha=wd)
+                v = state["exp_avg_sq"] if state else torch.zeros_like(p)
+                v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+            elif state:  # the next step without its own gradient's share
+                v = state["exp_avg_sq"].mul(beta2)
+            else:
+                raise ValueError(
+                    "Adam has taken no step yet: its first preconditioner depends on the first "
+                    "gradient; take a step first (or use account_step, which includes it)"
+                )
+            if group["amsgrad"] and "max_exp_avg_sq" in state:
+                v = torch.maximum(state["max_exp_avg_sq"], v)
+            bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+            denom = (v.sqrt() / bias2**0.5).add_(eps)
+            step_size = lr / bias1
+            P = denom.reciprocal_()
+            if wd == 0:
+                decay = None
+            elif decoupled:
+                decay = (lr * wd, p.detach())
+            else:
+                decay = (step_size * (1 - beta1) * wd, P * p.detach())
+            history = (step_size * beta1, P * state["exp_avg"]) if state else None
+            maps.add(p, step_size * (1 - beta1) * sign, P, decay, history)
+    return maps
+
+
+def _step_maps(optimizer, kind: str, grads: dict | None) -> _StepMaps:
+    """The maps of the step ``optimizer.step()`` would take with ``grads`` (param -> gradient, the
+    parameters it moves); ``grads`` None: of the next step, for every parameter that requires
+    grad, without the next gradient's own share of Adam's second moment."""
+    moved = [
+        [p for p in g["params"] if (p in grads if grads is not None else p.requires_grad)]
+        for g in optimizer.param_groups
+    ]
+    if kind == "sgd":
+        return _sgd_maps(optimizer, moved)
+    return _adam_maps(optimizer, moved, grads)
+
+
+# --------------------------------------------------------------------------- Jacobians
+
+
+def _patches(layer: nn.Conv2d, a: Tensor) -> Tensor:
+    """The input patches a Conv2d sees, ``(N, in·kh·kw, H'·W')`` like ``F.unfold`` (a strided
+    view copied once: several times faster than ``F.unfold`` on CPU)."""
+    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
+    ph, pw = layer.padding
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    p = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    N, C, H, W = p.shape[:4]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(N, C * kh * kw, H * W)
+
+
+class _LayerRows:
+    """J(x) at one Linear/Conv2d layer, factored: the rows of example n are fixed by its input
+    ``a[n]`` and its R output cotangents ``g[n] (R, *out)``."""
+
+    def __init__(self, layer: nn.Module, a: Tensor, g: Tensor):
+        self.layer, self.a, self.g = layer, a, g
+        self._weight_rows = None
+        self._bias_rows = None
+
+    def weight_rows(self) -> Tensor:
+        """Conv2d only: the weight-Jacobian rows ``(N·R, out·in·kh·kw)``."""
+        if self._weight_rows is None:
+            N, R, out = self.g.shape[:3]
+            u = _patches(self.layer, self.a)
+            rows = torch.bmm(self.g.reshape(N, R * out, -1), u.transpose(1, 2))
+            self._weight_rows = rows.view(N * R, -1)
+        return self._weight_rows
+
+    def bias_rows(self) -> Tensor:
+        """The bias-Jacobian rows ``(N·R, out)``."""
+        if self._bias_rows is None:
+            g = self.g.sum((-2, -1)) if isinstance(self.layer, nn.Conv2d) else self.g
+            self._bias_rows = g.reshape(-1, g.shape[-1])
+        return self._bias_rows
+
+
+def _maps_of(layer: nn.Module, maps: dict):
+    w = maps.get(layer.weight) if layer.weight.requires_grad else None
+    b = maps.get(layer.bias) if layer.bias is not None and layer.bias.requires_grad else None
+    return w, b
+
+
+def _gram(r1: Tensor, r2: Tensor, q) -> Tensor:
+    """``r1·diag(q)·r2ᵀ`` for rows ``r1 (M1, n)``, ``r2 (M2, n)`` and ``q`` a float or a tensor
+    of n entries (applied to the side with fewer rows)."""
+    if not isinstance(q, Tensor):
+        return (r1 @ r2.T).mul_(q)
+    q = q.reshape(-1)
+    return r1 @ (r2 * q).T if len(r2) <= len(r1) else (r1 * q) @ r2.T
+
+
+def _pairs_linear(x: _LayerRows, y: _LayerRows, qw, qb) -> Tensor:
+    """Σ over a Linear layer's parameters of J_x·Q·J_yᵀ, ``(N1, N2, R1, R2)``."""
+    g1, g2 = x.g, y.g
+    (N1, R1, out), (N2, R2) = g1.shape, g2.shape[:2]
+    if not isinstance(qw, Tensor) and not isinstance(qb, Tensor):
+        gg = (g1.reshape(N1 * R1, out) @ g2.reshape(N2 * R2, out).T).view(N1, R1, N2, R2)
+        factor = g1.new_zeros((N1, N2))
+        if qw is not None:
+            factor += qw * (x.a @ y.a.T)
+        if qb is not None:
+            factor += qb
+        return gg.permute(0, 2, 1, 3) * factor[:, :, None, None]
+    # M[n, m, k] = Σ_l Q_w[k, l]·a1[n, l]·a2[m, l] + Q_b[k]
+    M = g1.new_zeros((N1, N2, out))
+    if qw is not None:
+        qw = qw if isinstance(qw, Tensor) else torch.full_like(x.layer.weight, qw)
+        M += ((x.a[:, None, :] * y.a[None, :, :]).reshape(N1 * N2, -1) @ qw.T).view(N1, N2, out)
+    if qb is not None:
+        M += qb
+    return torch.matmul(g1[:, None] * M[:, :, None, :], g2.transpose(1, 2)[None])
+
+
+def _pairs_conv(x: _LayerRows, y: _LayerRows, qw, qb) -> Tensor:
+    """Σ over a Conv2d's parameters of J_x·Q·J_yᵀ, ``(N1, N2, R1, R2)``."""
+    N1, R1 = x.g.shape[:2]
+    N2, R2 = y.g.shape[:2]
+    k = None
+    if qw is not None:
+        k = _gram(x.weight_rows(), y.weight_rows(), qw)
+    if qb is not None:
+        part = _gram(x.bias_rows(), y.bias_rows(), qb)
+        k = part if k is None else k.add_(part)
+    return k.view(N1, R1, N2, R2).permute(0, 2, 1, 3)
+
+
+class _Factored:
+    """J(x) of a chain model: one :class:`_LayerRows` per trainable layer."""
+
+    def __init__(self, layers: list[_LayerRows]):
+        self.layers = layers
+
+    @staticmethod
+    def supports(layer: nn.Module) -> bool:
+        return isinstance(layer, nn.Linear | nn.Conv2d)
+
+    def pairs(self, other: _Factored, maps: dict) -> Tensor:
+        """Σ_θ J(x1)·Q·J(x2)ᵀ ``(N1, N2, R1, R2)`` with Q = ``maps`` (param -> float or tensor;
+        parameters not in ``maps`` do not count)."""
+        N1, R1 = self.layers[0].g.shape[:2]
+        N2, R2 = other.layers[0].g.shape[:2]
+        total = self.layers[0].g.new_zeros((N1, N2, R1, R2))
+        for x, y in zip(self.layers, other.layers):
+            qw, qb = _maps_of(x.layer, maps)
+            if qw is not None or qb is not None:
+                pair = _pairs_linear if isinstance(x.layer, nn.Linear) else _pairs_conv
+                total += pair(x, y, qw, qb)
+        return total
+
+    def times(self, vectors: list[dict]) -> Tensor:
+        """J(x)·u ``(N, R, K)`` for K parameter-space vectors, each a dict param -> (c, t): u_p =
+        c·t (a missing parameter counts as zeros)."""
+        g0 = self.layers[0].g
+        N, R = g0.shape[:2]
+        out = g0.new_zeros((N, R, len(vectors)))
+        for x in self.layers:
+            L = x.layer
+            for k, vector in enumerate(vectors):
+                uw, ub = _maps_of(L, vector)
+                if uw is not None:
+                    c, u = uw
+                    if isinstance(L, nn.Linear):
+                        part = torch.bmm(x.g, (x.a @ u.T).unsqueeze(-1))
+                    elif x._weight_rows is not None:
+                        part = x.weight_rows() @ u.reshape(-1)
+                    else:
+                        y = F.conv2d(x.a, u, None, L.stride, L.padding, L.dilation)
+                        part = torch.bmm(x.g.flatten(2), y.flatten(1).unsqueeze(-1))
+                    out[:, :, k] += c * part.view(N, R)
+                if ub is not None:
+                    c, u = ub
+                    out[:, :, k] += c * (x.bias_rows() @ u).view(N, R)
+        return out
+
+
+class _Materialised:
+    """J(x) (or per-example gradients) as ``param -> (N, R, n)`` for any model (torch.func)."""
+
+    def __init__(self, rows: dict):
+        self.rows = rows
+
+    @classmethod
+    def jacobian(cls, model: nn.Module, x: Tensor) -> _Materialised:
+        """J(x) ``(N, V, n)`` per trainable parameter, in the model's current mode."""
+        named, f = _functional(model)
+        jac = vmap(jacrev(f), (None, 0))(named, x)
+        params = dict(model.named_parameters())
+        return cls({params[n]: j.flatten(2) for n, j in jac.items()})
+
+    @classmethod
+    def gradients(cls, model: nn.Module, x: Tensor, cotangents: Tensor) -> _Materialised:
+        """Per-example J(x_b)ᵀ·c_b ``(B, 1, n)`` per trainable parameter."""
+        named, f = _functional(model)
+
+        def row(xb, c):
+            return vjp(lambda p: f(p, xb), named)[1](c)[0]
+
+        grads = vmap(row)(x, cotangents)
+        params = dict(model.named_parameters())
+        return cls({params[n]: g.flatten(1).unsqueeze(1) for n, g in grads.items()})
+
+    def pairs(self, other: _Materialised, maps: dict) -> Tensor:
+        r1, r2 = next(iter(self.rows.values())), next(iter(other.rows.values()))
+        (N1, R1), (N2, R2) = r1.shape[:2], r2.shape[:2]
+        total = r1.new_zeros((N1 * R1, N2 * R2))
+        for p, rows in self.rows.items():
+            q = maps.get(p)
+            if q is not None:
+                total += _gram(rows.reshape(N1 * R1, -1), other.rows[p].reshape(N2 * R2, -1), q)
+        return total.view(N1, R1, N2, R2).permute(0, 2, 1, 3)
+
+    def times(self, vectors: list[dict]) -> Tensor:
+        r = next(iter(self.rows.values()))
+        out = r.new_zeros((*r.shape[:2], len(vectors)))
+        for p, rows in self.rows.items():
+            for k, vector in enumerate(vectors):
+                if p in vector:
+                    c, u = vector[p]
+                    out[:, :, k] += c * (rows @ u.reshape(-1))
+        return out
+
+
+def _functional(model: nn.Module):
+    """Trainable parameters by name and ``f(params, x) -> logits (V,)`` of one example."""
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    named = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def f(p, x):
+        return functional_call(model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
+
+    return named, f
+
+
+def _rows(model: nn.Module, chain, x: Tensor):
+    """``(logits (N, V), J(x))`` in eval mode: factored when ``chain`` is given, else materialised."""
+    with eval_mode(model):
+        if chain is not None:
+            with torch.no_grad():
+                z, records = _sweep(chain, x)
+            return z, _Factored([_LayerRows(layer, a, g) for _, layer, a, g in records])
+        with torch.no_grad():
+            z = model(x)
+        return z, _Materialised.jacobian(model, x)
+
+
+def _structured_chain(model: nn.Module, x: Tensor):
+    """The model's chain and its eval-mode sweep of ``x`` when the factored path applies, else
+    ``(None, None)``."""
+    chain = _chain(model)
+    if chain is None:
+        return None, None
+    try:
+        with torch.no_grad(), eval_mode(model):
+            z, records = _sweep(chain, x)
+    except _Unsupported:
+        return None, None
+    if not records or not all(_Factored.supports(layer) for _, layer, _, _ in records):
+        return None, None
+    return chain, (z, _Factored([_LayerRows(layer, a, g) for _, layer, a, g in records]))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+class _LayerCapture:
+    """Forward hooks that record each listed layer's input and either its output gradient during
+    the backward pass (training step) or its output (``keep_outputs``, for ``autograd.grad``).
+    The hooks return None: the computation is unchanged. The gradient hooks write into a dict
+    that holds no graph, so no reference cycle keeps a step's graph alive."""
+
+    def __init__(self, layers: list[nn.Module], keep_outputs: bool = False):
+        self.layers = layers
+        self.keep_outputs = keep_outputs
+        self.inputs: dict[int, Tensor] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.grads: dict[int, Tensor] = {}
+        self.valid = True
+
+    def hook(self, k: int):
+        grads = self.grads
+
+        def forward_hook(module, args, output):
+            if k in self.inputs or not isinstance(output, Tensor) or not output.requires_grad:
+                self.valid = False  # a layer used twice, or not differentiable here
+                return
+            self.inputs[k] = args[0].detach()
+            if self.keep_outputs:
+                self.outputs[k] = output
+            else:
+                output.register_hook(lambda grad: grads.__setitem__(k, grad))
+
+        return forward_hook
+
+    def run(self, fn):
+        handles = [layer.register_forward_hook(self.hook(k)) for k, layer in enumerate(self.layers)]
+        try:
+            return fn()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def rows(self) -> _Factored | None:
+        n = len(self.layers)
+        if not self.valid or len(self.inputs) != n or len(self.grads) != n:
+            return None
+        return _Factored(
+            [
+                _LayerRows(L, self.inputs[k], self.grads[k].unsqueeze(1))
+                for k, L in enumerate(self.layers)
+            ]
+        )
+
+
+class AccountedStep:
+    """One optimizer step in three calls, for a trainer that checks the loss between them:
+    ``step = AccountedStep(model, optimizer, x_watch)`` (π and J of x_watch before the step),
+    ``logits = step.forward(x_batch)`` (the batch's forward, in the model's current mode),
+    ``account = step.step(loss, y_batch)`` (``loss.backward()``, ``optimizer.step()`` and the
+    account). The caller computes the loss from ``logits`` and clears stale gradients
+    (``optimizer.zero_grad``) before :meth:`step`. :func:`account_step` is the one-call form."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x_watch: Tensor,
+        *,
+        classes: Sequence[int] | None = None,
+        top_kernels: bool = False,
+    ):
+        self.kind = _check_optimizer(model, optimizer)
+        self.model, self.optimizer, self.top_kernels = model, optimizer, top_kernels
+        self.x_watch = _as_batch(model, x_watch, "x_watch")
+        try:
+            self.chain, swept = _structured_chain(model, self.x_watch)
+            if swept is not None:
+                self.z_before, self.watched = swept
+            else:
+                self.watched = None  # materialised after the backward pass, before the step
+                with torch.no_grad(), eval_mode(model):
+                    self.z_before = model(self.x_watch)
+        except RuntimeError as e:
+            raise ValueError(
+                f"the model cannot take x_watch of shape {tuple(self.x_watch.shape)} as a batch "
+                f"(W, ...) of examples: {e}"
+            ) from None
+        z = self.z_before
+        if z.ndim != 2 or len(z) != len(self.x_watch):
+            raise ValueError(
+                f"the model must map x_watch (W, ...) to logits (W, V); got {tuple(z.shape)}"
+            )
+        W, V = z.shape
+        if classes is None:
+            classes = z.argmax(1).tolist()
+        classes = list(classes)
+        if len(classes) != W or any(
+            isinstance(c, bool) or not isinstance(c, int | np.integer) or not 0 <= c < V
+            for c in classes
+        ):
+            raise ValueError(f"classes must be {W} ints in [0, {V}), got {classes!r}")
+        self.classes = torch.tensor([int(c) for c in classes])
+        self.capture = None
+        self.logit_grad = None
+        self.x_batch = None
+        # The training-mode forward updates running statistics (batch norm); the Jacobians are
+        # taken with the buffers as they were before it.
+        self.mode_dependent = _depends_on_mode(model)
+        self.buffers = [b.detach().clone() for b in model.buffers()] if self.mode_dependent else []
+
+    @property
+    def num_classes(self) -> int:
+        return self.z_before.shape[1]
+
+    def check_batch(self, x_batch) -> Tensor:
+        """``x_batch`` as the model's dtype and device; ValueError unless it holds examples shaped
+        like the watched ones."""
+        x_batch = _as_batch(self.model, x_batch, "x_batch")
+        if x_batch.shape[1:] != self.x_watch.shape[1:]:
+            raise ValueError(
+                f"x_batch (B, ...) and x_watch (W, ...) must hold examples of the same shape; got "
+                f"{tuple(x_batch.shape[1:])} and {tuple(self.x_watch.shape[1:])}"
+            )
+        return x_batch
+
+    def forward(self, x_batch: Tensor) -> Tensor:
+        """The batch's logits ``(B, V)`` from ``model(x_batch)``, recording what the account needs
+        (each trainable layer's input and output gradient on the structured path)."""
+        x_batch = self.check_batch(x_batch)
+        self.x_batch = x_batch
+        if self.watched is not None and not self.mode_dependent:
+            self.capture = _LayerCapture([rows.layer for rows in self.watched.layers])
+            logits = self.capture.run(lambda: self.model(x_batch))
+        else:
+            logits = self.model(x_batch)
+
+        box = self.logit_grad = {}
+        logits.register_hook(lambda grad: box.__setitem__("grad", grad))
+        return logits
+
+    def step(self, loss: Tensor, y_batch: Tensor) -> StepAccount:
+        """``loss.backward()``, then the account of ``optimizer.step()``, then the step itself."""
+        if self.x_batch is None:
+            raise RuntimeError("call forward(x_batch) before step()")
+        model, optimizer = self.model, self.optimizer
+        labels = torch.as_tensor(y_batch)
+        loss.backward()
+        G_scaled = self.logit_grad["grad"].detach()  # ∂loss/∂z_b: G_b / B for a mean loss
+        B = len(G_scaled)
+
+        # J(x_o) and the per-example gradients, at θ (and buffers) before the step.
+        with _buffers_restored(model, self.buffers):
+            watched, batch = self.watched, None
+            if watched is not None:
+                capture = self.capture
+                batch = capture.rows() if capture is not None else self._eval_rows(G_scaled)
+                if batch is None:  # a layer the hooks cannot follow (e.g. used twice)
+                    self.chain = None
+            if batch is None:
+                with eval_mode(model):
+                    watched = _Materialised.jacobian(model, self.x_watch)
+                    batch = _Materialised.gradients(model, self.x_batch, G_scaled)
+        grads = {
+            p: p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+        }
+        maps = _step_maps(optimizer, self.kind, grads)
+        with torch.no_grad():
+            dz_gradient = -watched.pairs(batch, maps.q)[..., 0]  # (W, B, V)
+            dz_momentum, dz_decay = (-watched.times([maps.history, maps.decay])).unbind(-1)
+
+        probs = F.softmax(self.z_before.double(), -1)
+        gradient = _log_level(dz_gradient.double(), probs[:, None])
+        W = len(probs)
+        contributions = gradient[torch.arange(W), :, self.classes.to(gradient.device)]  # (W, B)
+        top_index = top_kernel = None
+        if self.top_kernels:
+            top_index = contributions.abs().argmax(1)
+            with _buffers_restored(model, self.buffers):
+                top_kernel = self._top_kernels(watched, top_index, maps.preconditioner())
+
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        with torch.no_grad(), eval_mode(model):
+            z_after = model(self.x_watch)
+        return _account(
+            self.z_before,
+            z_after,
+            dz_gradient,
+            dz_momentum,
+            dz_decay,
+            gradient,
+            probs,
+            contributions,
+            B * G_scaled.double(),
+            labels,
+            self.classes,
+            top_index,
+            top_kernel,
+            loss=float(loss.detach()),
+            lr=lr,
+            step_scale=maps.scale,
+            optimizer=self.kind,
+        )
+
+    def _eval_rows(self, G_scaled: Tensor) -> _Factored | None:
+        """The batch's per-example gradient factors in eval mode (for dropout / batch norm)."""
+        capture = _LayerCapture([rows.layer for rows in self.watched.layers], keep_outputs=True)
+        with eval_mode(self.model), torch.enable_grad():
+            z = capture.run(lambda: self.model(self.x_batch))
+            n = len(capture.layers)
+            if not capture.valid or len(capture.outputs) != n:
+                return None
+            outs = torch.autograd.grad(z, [capture.outputs[k] for k in range(n)], G_scaled)
+        return _Factored(
+            [
+                _LayerRows(layer, capture.inputs[k], out.unsqueeze(1))
+                for k, (layer, out) in enumerate(zip(capture.layers, outs))
+            ]
+        )
+
+    def _top_kernels(self, watched, top_index: Tensor, P: dict) -> Tensor:
+        """K_P(x_o[w], x_batch[top_index[w]]) ``(W, V, V)`` in eval mode."""
+        tops, pick = torch.unique(top_index, return_inverse=True)
+        _, rows = _rows(self.model, self.chain, self.x_batch[tops.to(self.x_batch.device)])
+        with torch.no_grad():
+            K = watched.pairs(rows, P)  # (W, T, V, V)
+        return K[torch.arange(len(K)), pick.to(K.device)]
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module, saved: list[Tensor]):
+    """Within the block the model's buffers hold ``saved`` (their values before the training
+    forward); afterwards their current values again, bit-exactly."""
+    if not saved:
+        yield
+        return
+    buffers = list(model.buffers())
+    current = [b.detach().clone() for b in buffers]
+    with torch.no_grad():
+        for b, s in zip(buffers, saved):
+            b.copy_(s)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, current):
+                b.copy_(s)
+
+
+def _log_level(dz: Tensor, probs: Tensor) -> Tensor:
+    """A·Δz = Δz − (π·Δz)·1 along the last axis (float64)."""
+    return dz - (dz * probs).sum(-1, keepdim=True)
+
+
+def _account(
+    z_before,
+    z_after,
+    dz_gradient,
+    dz_momentum,
+    dz_decay,
+    gradient,
+    probs,
+    contributions,
+    G,
+    labels,
+    classes,
+    top_index,
+    top_kernel,
+    **scalars,
+) -> StepAccount:
+    """Assemble the frozen float64 account; predicted and residual are sums of the frozen terms."""
+    z0, z1 = z_before.double(), z_after.double()
+    momentum = _log_level(dz_momentum.double(), probs)
+    decay = _log_level(dz_decay.double(), probs)
+    actual = _frozen(F.log_softmax(z1, -1) - F.log_softmax(z0, -1))
+    dz_actual = _frozen(z1 - z0)
+    terms = {
+        "gradient": _frozen(gradient),
+        "momentum": _frozen(momentum),
+        "weight_decay": _frozen(decay),
+        "dz_gradient": _frozen(dz_gradient),
+        "dz_momentum": _frozen(dz_momentum),
+        "dz_weight_decay": _frozen(dz_decay),
+    }
+    predicted = _frozen(terms["gradient"].sum(1) + terms["momentum"] + terms["weight_decay"])
+    dz_predicted = _frozen(
+        terms["dz_gradient"].sum(1) + terms["dz_momentum"] + terms["dz_weight_decay"]
+    )
+    return StepAccount(
+        probs_before=_frozen(probs),
+        actual=actual,
+        predicted=predicted,
+        residual=_frozen(actual - predicted),
+        dz_actual=dz_actual,
+        dz_predicted=dz_predicted,
+        dz_residual=_frozen(dz_actual - dz_predicted),
+        G=_frozen(G),
+        batch_labels=_frozen_int(labels),
+        classes=_frozen_int(classes),
+        contributions=_frozen(contributions),
+        top_index=None if top_index is None else _frozen_int(top_index),
+        top_kernel=None if top_kernel is None else _frozen(top_kernel),
+        **terms,
+        **scalars,
+    )
+
+
+def account_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_batch: Tensor,
+    y_batch: Tensor,
+    x_watch: Tensor,
+    lr: float | None = None,
+    *,
+    classes: Sequence[int] | None = None,
+    top_kernels: bool = False,
+    loss: str = "ce",
+    commit: bool = True,
+) -> StepAccount:
+    """Take the step ``loss = F.cross_entropy(model(x_batch), y_batch); loss.backward();
+    optimizer.step()`` and return its :class:`StepAccount` for the watched examples.
+
+    ``x_batch (B, ...)``, ``y_batch (B,)`` int classes, ``x_watch (W, ...)``: batches the model
+    accepts. ``lr``: set every parameter group's learning rate to it first (as the trainer's
+    schedule does); None keeps the optimizer's. Stale ``.grad`` are cleared first
+    (``zero_grad(set_to_none=True)``, as the trainer does), and the batch's forward runs in training
+    mode (each module's flag restored afterwards): parameters, buffers, ``.grad`` and optimizer state
+    end bit-identical to those lines'. ``classes (W,)``: the class each watched example's
+    ``contributions`` and top contributor follow (default: its predicted class before the step).
+    ``top_kernels``: also K_P of each watched example with its top contributor. ``loss``: "ce"
+    (learn the labels) or "neg" (ascent: the loss is −cross-entropy). ``commit=False``: compute the
+    account (including the actual change) and then restore the model, its ``.grad``, the optimizer
+    and torch's random state bit-exactly — a preview of the optimizer's real next step.
+
+    Supports torch.optim.SGD (any momentum, dampening, weight decay, Nesterov), Adam and AdamW
+    (including amsgrad, maximize, foreach, fused, capturable); another optimizer raises
+    ``ValueError``, as do bad shapes, labels or ``lr``. Non-finite values (a diverging step)
+    propagate into the account.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if lr is not None:
+        lr = _check_lr(lr)
+    _check_optimizer(model, optimizer)
+    snapshot = None if commit else optimizer_snapshot(model, optimizer)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=not commit):
+            step = AccountedStep(
+                model, optimizer, x_watch, classes=classes, top_kernels=top_kernels
+            )
+            x_batch = step.check_batch(x_batch)
+            y = _labels(y_batch, step.num_classes, x_batch)
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            flags = [(m, m.training) for m in model.modules()]
+            model.train()
+            try:
+                logits = step.forward(x_batch)
+            finally:
+                for m, flag in flags:
+                    m.training = flag
+            ce = F.cross_entropy(logits, y)
+            return step.step(ce if loss == "ce" else -ce, y)
+    finally:
+        if snapshot is not None:
+            snapshot.restore(model, optimizer)
+
+
+def _labels(y, V: int, x_batch: Tensor) -> Tensor:
+    """``y`` as int64 classes on ``x_batch``'s device; ValueError unless B ints in [0, V)."""
+    y = torch.as_tensor(y)
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(
+            f"y_batch must be a 1-D tensor of int classes, got {y.dtype} {tuple(y.shape)}"
+        )
+    if len(y) != len(x_batch):
+        raise ValueError(f"y_batch has {len(y)} labels for {len(x_batch)} examples")
+    if not (int(y.min()) >= 0 and int(y.max()) < V):
+        raise ValueError(f"y_batch must hold classes in [0, {V}), got {y.tolist()}")
+    return y.to(device=x_batch.device, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def optimizer_kernel(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x1: Tensor, x2: Tensor
+) -> Tensor:
+    """The optimizer-aware kernel ``K_P (N1, N2, V, V)``, ``K_P[a, b] = J(x1[a])·P·J(x2[b])ᵀ``, in
+    eval mode, with P the diagonal preconditioner the optimizer would apply to its next gradient:
+    P = I for SGD (so this is :func:`~ntkviz.kernel.empirical_ntk`), for Adam/AdamW
+    1/(√v̂ + ε) from its current second moment, v̂ = β₂·v/(1 − β₂ᵗ⁺¹) (amsgrad: the running
+    maximum), i.e. without the next gradient's own (1 − β₂)·g² share (unknown before it is taken).
+    Parameters the optimizer does not hold count with P = 0; with several parameter groups P is
+    relative to the first group's step scale. Raises ``ValueError`` for an Adam that has taken no
+    step (its first preconditioner depends on the first gradient) or an unsupported optimizer.
+    Units: logit² per unit parameter step, like K."""
+    kind = _check_optimizer(model, optimizer)
+    maps = _step_maps(optimizer, kind, None)
+    P = maps.preconditioner()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if all(not isinstance(P.get(p), Tensor) and P.get(p) == 1.0 for p in trainable):
+        return empirical_ntk(model, x1, x2)
+    x1 = _as_batch(model, x1, "x1")
+    x2 = _as_batch(model, x2, "x2")
+    if len(x2) > len(x1):  # keep the small side small: K_P(x1, x2) = K_P(x2, x1)ᵀ
+        return optimizer_kernel(model, optimizer, x2, x1).permute(1, 0, 3, 2)
+    chain, swept = _structured_chain(model, x2)
+    rows2 = swept[1] if swept is not None else _rows(model, None, x2)[1]
+    parts = []
+    V = next(iter(rows2.rows.values())).shape[1] if swept is None else swept[0].shape[1]
+    for xc in x1.split(_chunk_size(model, len(x2), V, structured=swept is not None)):
+        _, rows1 = _rows(model, chain, xc)
+        with torch.no_grad():
+            parts.append(rows1.pairs(rows2, P))
+    return torch.cat(parts).detach()
+
+
+def _chunk_size(model: nn.Module, n2: int, V: int, structured: bool) -> int:
+    """Examples of x1 per chunk of :func:`optimizer_kernel`: about 2²³ intermediate numbers (the
+    Jacobian rows formed per example and the products with the n2 examples of x2)."""
+    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
+    per_example = n2 * V * V
+    for m in trainable:
+        if structured and isinstance(m, nn.Linear):
+            per_example += n2 * (m.in_features + V * m.out_features)
+        else:
+            per_example += V * sum(p.numel() for p in m.parameters(False))
+    return max(1, 2**23 // per_example)
+
+
+# --------------------------------------------------------------------------- undo
+
+
+def _clone(value):
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizerSnapshot:
+    """A bit-exact copy of a model's parameters, buffers and ``.grad`` and of its optimizer's
+    state and hyper-parameters (learning rates included). :meth:`restore` puts them back, any
+    number of times: an undo for an applied step. Take one with :func:`optimizer_snapshot`."""
+
+    parameters: tuple
+    grads: tuple
+    buffers: tuple
+    state: tuple  #: per optimizer parameter (group order): its state dict, cloned
+    groups: tuple  #: per parameter group: its hyper-parameters, cloned
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Put the copied values back into ``model`` and ``optimizer`` (in place)."""
+        params, buffers = list(model.parameters()), list(model.buffers())
+        owned = [p for g in optimizer.param_groups for p in g["params"]]
+        if (
+            len(params) != len(self.parameters)
+            or len(buffers) != len(self.buffers)
+            or len(owned) != len(self.state)
+            or len(optimizer.param_groups) != len(self.groups)
+            or any(p.shape != s.shape for p, s in zip(params, self.parameters))
+        ):
+            raise ValueError("this snapshot was taken of another model or optimizer")
+        with torch.no_grad():
+            for p, saved, grad in zip(params, self.parameters, self.grads):
+                p.copy_(saved)
+                p.grad = None if grad is None else grad.clone()
+            for b, saved in zip(buffers, self.buffers):
+                b.copy_(saved)
+        for p, saved in zip(owned, self.state):
+            if saved:
+                optimizer.state[p] = {k: _clone(v) for k, v in saved.items()}
+            else:
+                optimizer.state.pop(p, None)
+        for group, saved in zip(optimizer.param_groups, self.groups):
+            group.update({k: _clone(v) for k, v in saved.items()})
+
+
+def optimizer_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerSnapshot:
+    """Copy everything a step changes (see :class:`OptimizerSnapshot`)."""
+    return OptimizerSnapshot(
+        parameters=tuple(p.detach().clone() for p in model.parameters()),
+        grads=tuple(None if p.grad is None else p.grad.clone() for p in model.parameters()),
+        buffers=tuple(b.detach().clone() for b in model.buffers()),
+        state=tuple(
+            {k: _clone(v) for k, v in optimizer.state.get(p, {}).items()}
+            for g in optimizer.param_groups
+            for p in g["params"]
+        ),
+        groups=tuple(
+            {k: _clone(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- the trainer's watch
+
+
+@dataclass(frozen=True, eq=False)
+class Watch:
+    """Examples the trainer accounts for at every step: ``x (W, ...)`` (e.g. test images) and, per
+    example, the class its contributions follow (``classes (W,)``, e.g. the labels).
+    ``top_kernels``: also return K_P for each one's top contributor of every step."""
+
+    x: Tensor
+    classes: tuple[int, ...]
+    top_kernels: bool = False
+
+    def __post_init__(self):
+        x = torch.as_tensor(self.x)
+        if x.ndim < 2 or len(x) == 0:
+            raise ValueError(f"watched examples must be a batch (W, ...), got {tuple(x.shape)}")
+        classes = tuple(self.classes)
+        if len(classes) != len(x) or any(
+            isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0 for c in classes
+        ):
+            raise ValueError(f"classes must be {len(x)} non-negative ints, got {classes!r}")
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "classes", tuple(int(c) for c in classes))

@@ -1,0 +1,330 @@
+"""A run's accounts, accumulated: who moved each watched x_o over the whole run.
+
+:class:`RunAccount` adds up the :class:`~ntkviz.accounting.StepAccount` of every step: per watched
+example the running sum of every term ``(W, V)``; per training example (its index in the training
+split) the summed gradient-term contribution to Δlog π of the watched example's chosen class ``(W,
+N_train)``; per class of training example the summed gradient terms ``(W, C, V)``. The most helpful
+and most harmful training examples of the run are then exact sums of exact per-step terms (up to the
+recorded residual), not an estimate made after training. Memory is bounded by these arrays; with
+``keep_steps`` it also keeps the per-step (W, V) terms and (W, B) contributions (a timeline).
+
+Saved as NPZ (``np.load(path, allow_pickle=False)`` reads it; metadata as JSON in ``meta_json``) or
+the timeline as CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ntkviz.accounting import StepAccount
+from ntkviz.checkpoint import atomic_write
+
+FORMAT = "ntkviz-run-account"
+VERSION = 1
+#: The (W, V) terms accumulated, at the log-probability level (and the logit level, ``dz_``).
+TERMS = StepAccount.TERMS
+#: Number of top helpful / harmful training examples written to files.
+TOP_K = 10
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The training examples that raised (``helpful``) and lowered (``harmful``) log π of a
+    watched example's class the most over the run: indices into the training split ``(k,)`` int64,
+    best first, with their summed contributions ``(k,)`` float64 (nats). Only examples with a
+    positive (helpful) or negative (harmful) sum appear, so either may hold fewer than k."""
+
+    helpful: np.ndarray
+    helpful_values: np.ndarray
+    harmful: np.ndarray
+    harmful_values: np.ndarray
+
+
+class RunAccount:
+    """Running sums of a run's step accounts for W watched examples.
+
+    ``classes (W,)``: the class whose log π each watched example's per-example contributions follow
+    (e.g. its label); ``num_train``: the size of the training split the batch indices point into;
+    ``num_classes``: classes of the training examples (C; default: the models' V at the first
+    :meth:`add`). ``keep_steps``: also keep the per-step timeline (about ``8·(14·W·V + (W+2)·B)``
+    bytes a step). ``meta``: plain values written with the account (indices, model, seed …).
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[int],
+        num_train: int,
+        num_classes: int | None = None,
+        *,
+        keep_steps: bool = False,
+        meta: dict | None = None,
+    ):
+        classes = np.asarray(classes)
+        if classes.ndim != 1 or len(classes) == 0 or not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError(f"classes must be a non-empty list of ints, got {classes!r}")
+        if (classes < 0).any():
+            raise ValueError(f"classes must be ≥ 0, got {classes.tolist()}")
+        if num_train < 1 or (num_classes is not None and num_classes < 1):
+            raise ValueError("num_train and num_classes must be ≥ 1")
+        self.classes = _readonly(classes.astype(np.int64))
+        self.num_train = int(num_train)
+        self.num_classes = num_classes
+        self.keep_steps = keep_steps
+        self.meta = dict(meta or {})
+        self.steps = 0
+        W = len(classes)
+        self._by_example = np.zeros((W, self.num_train))
+        self._by_class: np.ndarray | None = None
+        self._totals: dict[str, np.ndarray] = {}
+        self._timeline: dict[str, list] = {}
+
+    @property
+    def watched(self) -> int:
+        return len(self.classes)
+
+    def add(self, account: StepAccount, batch_indices, step: int | None = None) -> None:
+        """Add one step's account; ``batch_indices (B,)``: the batch's indices into the training
+        split (``TrainRecord.batch_indices``); ``step``: its step number (default: a count)."""
+        W, B, V = account.gradient.shape
+        idx = np.asarray(batch_indices)
+        if self.watched != W:
+            raise ValueError(
+                f"the account has {W} watched examples, this run account {self.watched}"
+            )
+        if idx.shape != (B,) or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"batch_indices must be {B} ints, got shape {idx.shape}")
+        if B and not (idx.min() >= 0 and idx.max() < self.num_train):
+            raise ValueError(f"batch_indices must be in [0, {self.num_train})")
+        if self.classes.max() >= V:
+            raise ValueError(f"classes must be < V = {V}, got {self.classes.tolist()}")
+        labels = account.batch_labels
+        if self._by_class is None:
+            self.num_classes = self.num_classes or V
+            self._by_class = np.zeros((W, self.num_classes, V))
+            for name in TERMS:
+                self._totals[name] = np.zeros((W, V))
+                self._totals["dz_" + name] = np.zeros((W, V))
+        if B and labels.max() >= self.num_classes:
+            raise ValueError(f"batch labels must be < num_classes = {self.num_classes}")
+
+        contributions = account.gradient[np.arange(W), :, self.classes]  # (W, B)
+        np.add.at(self._by_example, (slice(None), idx), contributions)
+        np.add.at(self._by_class, (slice(None), labels), account.gradient)
+        for logits in (False, True):
+            prefix = "dz_" if logits else ""
+            for name, value in account.terms(logits).items():
+                self._totals[prefix + name] += value
+        self.steps += 1
+        if self.keep_steps:
+            row = {
+                "step": self.steps if step is None else int(step),
+                "lr": account.lr,
+                "loss": account.loss,
+                "batch_indices": idx.astype(np.int64),
+                "batch_labels": labels,
+                "contributions": contributions,
+                "probs_before": account.probs_before,
+            }
+            for logits in (False, True):
+                prefix = "dz_" if logits else ""
+                row.update({prefix + k: v for k, v in account.terms(logits).items()})
+            for key, value in row.items():
+                self._timeline.setdefault(key, []).append(value)
+
+    # ------------------------------------------------------------------ results (read-only copies)
+
+    @property
+    def by_example(self) -> np.ndarray:
+        """``(W, N_train)``: per training example, its summed gradient-term contribution to
+        Δlog π of each watched example's class over the run (nats)."""
+        return _readonly(self._by_example)
+
+    @property
+    def by_class(self) -> np.ndarray:
+        """``(W, C, V)``: summed gradient terms (Δlog π) by class of the training example (C)
+        and output class (V); zeros before the first step."""
+        if self._by_class is None:
+            return _readonly(np.zeros((self.watched, self.num_classes or 0, 0)))
+        return _readonly(self._by_class)
+
+    def totals(self, logits: bool = False) -> dict[str, np.ndarray]:
+        """Per term (``TERMS``) its sum over the run ``(W, V)``, at the log-probability level or,
+        with ``logits``, at the logit level. Empty before the first step."""
+        prefix = "dz_" if logits else ""
+        return {name: _readonly(self._totals[prefix + name]) for name in TERMS if self._totals}
+
+    def top(self, watched: int, k: int = TOP_K) -> Ranking:
+        """The k most helpful and most harmful training examples of the run for watched example
+        ``watched``; ties go to the lower index."""
+        if not 0 <= watched < self.watched:
+            raise ValueError(f"watched must be in [0, {self.watched}), got {watched}")
+        if k < 0:
+            raise ValueError(f"k must be ≥ 0, got {k}")
+        v = self._by_example[watched]
+        up = np.argsort(-v, kind="stable")[:k]
+        up = up[v[up] > 0]
+        down = np.argsort(v, kind="stable")[:k]
+        down = down[v[down] < 0]
+        return Ranking(
+            _readonly(up.astype(np.int64)),
+            _readonly(v[up]),
+            _readonly(down.astype(np.int64)),
+            _readonly(v[down]),
+        )
+
+    def timeline(self) -> dict[str, np.ndarray]:
+        """The kept per-step records, stacked (S steps): ``step``, ``lr``, ``loss`` ``(S,)``;
+        ``batch_indices``, ``batch_labels`` ``(S, B)`` int64 and ``contributions (S, W, B)``
+        (a short last batch padded with index −1, label −1, contribution 0); ``probs_before``
+        and every term (``TERMS``, with ``dz_`` at the logit level) ``(S, W, V)``."""
+        if not self.keep_steps:
+            raise ValueError("this run account keeps no timeline (create it with keep_steps=True)")
+        out = {}
+        for key, rows in self._timeline.items():
+            if key in ("batch_indices", "batch_labels", "contributions"):
+                width = max(r.shape[-1] for r in rows)
+                fill = 0.0 if key == "contributions" else -1
+                pad = [
+                    np.pad(
+                        r,
+                        [(0, 0)] * (r.ndim - 1) + [(0, width - r.shape[-1])],
+                        constant_values=fill,
+                    )
+                    for r in rows
+                ]
+                out[key] = _readonly(np.stack(pad))
+            else:
+                out[key] = _readonly(np.array(rows))
+        return out
+
+    # ------------------------------------------------------------------ files
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        W = self.watched
+        arrays = {
+            "format": np.array(FORMAT),
+            "version": np.array(VERSION),
+            "meta_json": np.array(json.dumps(self.meta)),
+            "classes": self.classes,
+            "num_train": np.array(self.num_train),
+            "num_classes": np.array(self.num_classes or 0),
+            "steps": np.array(self.steps),
+            "by_example": self._by_example,
+            "by_class": self.by_class,
+        }
+        for logits in (False, True):
+            for name, value in self.totals(logits).items():
+                arrays[f"total_{'dz_' if logits else ''}{name}"] = value
+        k = min(TOP_K, self.num_train)
+        for kind in ("helpful", "harmful"):
+            arrays[f"{kind}_index"] = np.full((W, k), -1, np.int64)
+            arrays[f"{kind}_value"] = np.full((W, k), np.nan)
+        for w in range(W):
+            r = self.top(w, k)
+            arrays["helpful_index"][w, : len(r.helpful)] = r.helpful
+            arrays["helpful_value"][w, : len(r.helpful)] = r.helpful_values
+            arrays["harmful_index"][w, : len(r.harmful)] = r.harmful
+            arrays["harmful_value"][w, : len(r.harmful)] = r.harmful_values
+        if self.keep_steps and self.steps:
+            arrays.update({f"step_{k}": v for k, v in self.timeline().items()})
+        return arrays
+
+    def save(self, path: str | Path) -> Path:
+        """Write the account atomically: ``.npz`` (everything: sums, rankings of the top
+        ``TOP_K`` (index −1 / value NaN where fewer), and the timeline as ``step_*`` arrays when
+        kept) or ``.csv`` (the timeline, one row per step and watched example, at its class; needs
+        ``keep_steps``). Raises ``ValueError`` for another suffix, ``OSError`` when unwritable."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            arrays = self._arrays()
+
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+
+            return atomic_write(path, write)
+        if suffix == ".csv":
+            text = self._csv_text()
+            return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        raise ValueError(f"unknown account format {path.suffix!r}; use .npz or .csv")
+
+    def _csv_text(self) -> str:
+        t = self.timeline()
+        out = io.StringIO()
+        out.write(
+            "# ntkviz run account: one row per step and watched example, the terms of Δlog π at "
+            "its class (read with comment='#')\n"
+        )
+        for key, value in {"format": FORMAT, "version": VERSION, **self.meta}.items():
+            out.write(f"# {key}: {json.dumps(value)}\n")
+        w = csv.writer(out)
+        w.writerow(["step", "lr", "loss", "watched", "class", "log_prob_before", *TERMS])
+        for s in range(len(t["step"])):
+            for i, c in enumerate(self.classes):
+                values = [t[name][s, i, c] for name in TERMS]
+                w.writerow(
+                    [
+                        int(t["step"][s]),
+                        repr(float(t["lr"][s])),
+                        repr(float(t["loss"][s])),
+                        i,
+                        int(c),
+                        repr(float(np.log(t["probs_before"][s, i, c]))),
+                        *(repr(float(v)) for v in values),
+                    ]
+                )
+        return out.getvalue()
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunAccount:
+        """Read an account written by :meth:`save` (NPZ); ``ValueError`` names what is wrong."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable ntkviz run account ({e})") from None
+        if str(arrays.get("format", "")) != FORMAT:
+            raise ValueError(f"{path} is not an ntkviz run account")
+        if int(arrays["version"]) > VERSION:
+            raise ValueError(
+                f"{path} has run-account format version {int(arrays['version'])}; this ntkviz "
+                f"reads up to {VERSION} — upgrade it"
+            )
+        timeline = {k[len("step_") :]: v for k, v in arrays.items() if k.startswith("step_")}
+        run = cls(
+            arrays["classes"],
+            int(arrays["num_train"]),
+            int(arrays["num_classes"]) or None,
+            keep_steps=bool(timeline),
+            meta=json.loads(str(arrays["meta_json"])),
+        )
+        run.steps = int(arrays["steps"])
+        run._by_example = np.array(arrays["by_example"], np.float64)
+        if run.steps:
+            run._by_class = np.array(arrays["by_class"], np.float64)
+            for logits in (False, True):
+                prefix = "dz_" if logits else ""
+                for name in TERMS:
+                    run._totals[prefix + name] = np.array(arrays[f"total_{prefix}{name}"])
+        for key, stacked in timeline.items():
+            rows = list(stacked)
+            if key in ("batch_indices", "batch_labels", "contributions"):
+                valid = [r >= 0 for r in timeline["batch_indices"]]
+                rows = [r[..., keep] for r, keep in zip(rows, valid)]
+            run._timeline[key] = rows
+        return run

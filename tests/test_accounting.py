@@ -1,0 +1,627 @@
+"""The account of real optimizer steps against independent float64 autograd: explicit Jacobians
+(torch.autograd.functional.jacobian), explicit per-example gradients and the optimizer formulas
+of torch's documentation, with the preconditioner read from a plain step's optimizer state."""
+
+import copy
+import gc
+import json
+import math
+import weakref
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import explicit_jacobian
+from models import inputs, make
+from torch import nn
+
+from ntkviz.accounting import (
+    AccountedStep,
+    Watch,
+    account_step,
+    optimizer_kernel,
+    optimizer_snapshot,
+)
+from ntkviz.kernel import empirical_ntk
+from ntkviz.run_account import RunAccount
+from ntkviz.training import TrainConfig, make_optimizer, train
+
+B, W = 6, 2
+X, Y = inputs(B, seed=3), torch.tensor([3, 1, 4, 1, 5, 9])
+XW = inputs(W, seed=4)
+
+# name -> (class, hyper-parameters)
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1)),
+    "sgd-momentum-decay": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
+    "sgd-nesterov": (
+        torch.optim.SGD,
+        dict(lr=0.05, momentum=0.8, weight_decay=1e-2, nesterov=True, foreach=True),
+    ),
+    "sgd-dampening-maximize": (
+        torch.optim.SGD,
+        dict(lr=0.02, momentum=0.5, dampening=0.3, weight_decay=1e-2, maximize=True),
+    ),
+    "adam": (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2, foreach=False)),
+    "adam-amsgrad-maximize": (
+        torch.optim.Adam,
+        dict(lr=1e-3, betas=(0.8, 0.9), amsgrad=True, maximize=True),
+    ),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1, foreach=True)),
+    "adam-fused": (torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2, fused=True)),
+}
+
+
+class DropoutMLP(nn.Sequential):
+    """A structured chain whose training and eval modes differ."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Flatten(), nn.Linear(784, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 10)
+        )
+
+
+def build(name: str) -> nn.Module:
+    if name == "dropout_mlp":
+        torch.manual_seed(0)
+        return DropoutMLP().double()
+    return make(name)
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def warm_up(model, optimizer, steps: int) -> None:
+    """A few plain steps on other data, so that momentum buffers and Adam moments exist."""
+    model.train()
+    for s in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs(B, seed=10 + s)), torch.arange(B)).backward()
+        optimizer.step()
+
+
+def twin(model, optimizer):
+    """An independent copy of the model and of its optimizer (state included)."""
+    model2 = copy.deepcopy(model)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        p2.grad = None if p.grad is None else p.grad.clone()
+    kind = type(optimizer)
+    hyper = dict(optimizer.defaults)
+    if kind is torch.optim.AdamW:
+        del hyper["decoupled_weight_decay"]
+    opt2 = kind(model2.parameters(), **hyper)
+    opt2.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return model2, opt2
+
+
+def plain_step(model, optimizer, x, y, lr=None, seed=0):
+    """The three lines of the issue, in training mode, after clearing stale gradients."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return logits.detach()
+
+
+def assert_same_state(m1, o1, m2, o2) -> None:
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), n
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert (p1.grad is None) == (p2.grad is None)
+        assert p1.grad is None or torch.equal(p1.grad, p2.grad)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:
+        for key, v in s1["state"][k].items():
+            assert torch.equal(v, s2["state"][k][key]), (k, key)
+
+
+def eval_logits(model, x):
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        z = model(x)
+    model.train(was)
+    return z
+
+
+def expected_account(model, optimizer, x, y, x_watch):
+    """The account built from its definitions: explicit Jacobians (eval mode), G from a plain
+    training-mode step on a twin, the optimizer's formulas with its pre-step state and the
+    second moment torch computed (post-step state of the twin)."""
+    model2, opt2 = twin(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {p: {k: v.clone() for k, v in optimizer.state.get(p, {}).items()} for p in params}
+    theta = flat(params)
+    J_o = torch.stack([explicit_jacobian(model, xo) for xo in x_watch])  # (W, V, P)
+    J_b = torch.stack([explicit_jacobian(model, xb) for xb in x])  # (B, V, P)
+    z_before = eval_logits(model, x_watch)
+    logits = plain_step(model2, opt2, x, y)
+    G = F.softmax(logits, -1) - F.one_hot(y, logits.shape[1])  # (B, V)
+    g_b = torch.einsum("bvp,bv->bp", J_b, G) / len(x)  # each example's share of the gradient
+    z_after = eval_logits(model2, x_watch)
+    group = optimizer.param_groups[0]
+    lr, wd, sign = group["lr"], group["weight_decay"], -1.0 if group["maximize"] else 1.0
+    if isinstance(optimizer, torch.optim.SGD):
+        mu, tau, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        bufs = [before[p].get("momentum_buffer") for p in params]
+        if mu == 0 or bufs[0] is None:
+            k, history = (1 + mu if nesterov else 1.0), torch.zeros_like(theta)
+        else:
+            k = 1 + mu * (1 - tau) if nesterov else 1 - tau
+            history = lr * (mu**2 if nesterov else mu) * flat(bufs)
+        P, s = torch.ones_like(theta), lr * k * sign
+        decay = lr * k * wd * theta
+    else:
+        beta1, beta2 = group["betas"]
+        state2 = [opt2.state[p2] for p2 in model2.parameters() if p2.requires_grad]
+        t = float(state2[0]["step"])
+        v = flat(s["max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"] for s in state2)
+        P = 1 / (v.sqrt() / math.sqrt(1 - beta2**t) + group["eps"])
+        step_size = lr / (1 - beta1**t)
+        s = step_size * (1 - beta1) * sign
+        m = flat(before[p]["exp_avg"] for p in params) if before[params[0]] else 0 * theta
+        history = step_size * beta1 * P * m
+        if isinstance(optimizer, torch.optim.AdamW):
+            decay = lr * wd * theta
+        else:
+            decay = step_size * (1 - beta1) * wd * P * theta
+    dz_gradient = -s * torch.einsum("wvp,bp->wbv", J_o, P * g_b)
+    return {
+        "J_o": J_o,
+        "J_b": J_b,
+        "G": G,
+        "P": P,
+        "s": s,
+        "dz_gradient": dz_gradient,
+        "dz_momentum": -J_o @ history,
+        "dz_weight_decay": -J_o @ decay,
+        "dz_step": J_o @ (flat(p for p in model2.parameters() if p.requires_grad) - theta),
+        "z_before": z_before,
+        "z_after": z_after,
+        "twin": (model2, opt2),
+    }
+
+
+def A_times(probs: np.ndarray, dz: np.ndarray) -> np.ndarray:
+    """A = I − 1·πᵀ applied along the last axis."""
+    return dz - (dz * probs).sum(-1, keepdims=True)
+
+
+def close(actual, expected, rtol=1e-9):
+    expected = np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected)
+    scale = max(float(np.abs(expected).max()), 1e-300)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
+
+
+CASES = [("tiny_cnn", o) for o in OPTIMIZERS] + [
+    ("lenet", "sgd-momentum-decay"),
+    ("lenet", "sgd-dampening-maximize"),
+    ("lenet", "adam-amsgrad-maximize"),
+    ("lenet", "adamw"),
+    ("mlp", "sgd-momentum-decay"),
+    ("mlp", "adamw"),
+    ("dropout_mlp", "sgd-nesterov"),
+    ("dropout_mlp", "adam"),
+    ("residual", "sgd-momentum-decay"),
+    ("residual", "adam"),
+]
+
+
+@pytest.mark.parametrize(("model_name", "opt_name"), CASES)
+def test_every_term_equals_its_definition(model_name, opt_name):
+    model = build(model_name)
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    warm_up(model, optimizer, 2)
+    want = expected_account(model, optimizer, X, Y, XW)
+    torch.manual_seed(0)  # the same dropout mask as the twin's plain step
+    acc = account_step(model, optimizer, X, Y, XW, classes=[2, 7], top_kernels=True)
+
+    # the model and the optimizer after the account equal those after the plain three lines
+    assert_same_state(model, optimizer, *want["twin"])
+
+    probs = F.softmax(want["z_before"], -1).numpy()
+    close(acc.probs_before, probs, 1e-12)
+    close(acc.dz_gradient, want["dz_gradient"])
+    close(acc.dz_momentum, want["dz_momentum"])
+    close(acc.dz_weight_decay, want["dz_weight_decay"])
+    close(acc.gradient, A_times(probs[:, None], want["dz_gradient"].numpy()))
+    close(acc.momentum, A_times(probs, want["dz_momentum"].numpy()))
+    close(acc.weight_decay, A_times(probs, want["dz_weight_decay"].numpy()))
+    close(acc.G, want["G"], 1e-12)
+    z0, z1 = want["z_before"], want["z_after"]
+    close(acc.dz_actual, z1 - z0, 1e-12)
+    close(acc.actual, F.log_softmax(z1, -1) - F.log_softmax(z0, -1), 1e-12)
+
+    # predicted is the sum of the terms; the residual what is left
+    assert np.array_equal(acc.predicted, acc.gradient.sum(1) + acc.momentum + acc.weight_decay)
+    assert np.array_equal(
+        acc.dz_predicted, acc.dz_gradient.sum(1) + acc.dz_momentum + acc.dz_weight_decay
+    )
+    assert np.array_equal(acc.residual, acc.actual - acc.predicted)
+    assert np.array_equal(acc.dz_residual, acc.dz_actual - acc.dz_predicted)
+    if model_name not in ("dropout_mlp", "residual"):  # same Jacobians in train and eval mode
+        close(acc.dz_predicted, want["dz_step"])  # = J(x_o)·Δθ of the real step
+
+    # contributions, the top contributor and its kernel K_P = J_o·P·J_bᵀ
+    assert np.array_equal(acc.contributions, acc.gradient[[0, 1], :, [2, 7]])
+    assert np.array_equal(acc.top_index, np.abs(acc.contributions).argmax(1))
+    assert acc.step_scale == pytest.approx(want["s"], rel=1e-12)
+    for w, b in enumerate(acc.top_index):
+        K = want["J_o"][w] @ (want["P"][:, None] * want["J_b"][b].T)
+        close(acc.top_kernel[w], K)
+        term = -(acc.step_scale / B) * A_times(probs[w], acc.top_kernel[w] @ acc.G[b])
+        close(acc.gradient[w, b], term)
+    assert acc.optimizer == {torch.optim.SGD: "sgd", torch.optim.Adam: "adam"}.get(kind, "adamw")
+    assert acc.lr == hyper["lr"] and acc.batch_labels.tolist() == Y.tolist()
+    for name in ("gradient", "actual", "contributions", "top_kernel", "classes"):
+        assert not getattr(acc, name).flags.writeable
+    assert acc.gradient.dtype == np.float64 and acc.gradient.shape == (W, B, 10)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "sgd-nesterov", "adam", "adamw"])
+def test_the_first_step_has_no_history(opt_name):
+    """With no optimizer state yet: momentum term zero, SGD's buffer is the gradient itself."""
+    model = make("tiny_cnn")
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    want = expected_account(model, optimizer, X, Y, XW)
+    acc = account_step(model, optimizer, X, Y, XW)
+    assert not acc.momentum.any() and not acc.dz_momentum.any()
+    close(acc.dz_gradient, want["dz_gradient"])
+    close(acc.dz_weight_decay, want["dz_weight_decay"])
+    close(acc.dz_predicted, want["dz_step"])
+    assert_same_state(model, optimizer, *want["twin"])
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "adam"])
+def test_the_residual_is_second_order(opt_name):
+    """η and η/10 from the same state: the residual shrinks ~100×, the terms ~10×."""
+    model = make("lenet")
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    warm_up(model, optimizer, 2)
+    lr = hyper["lr"]
+    big = account_step(model, optimizer, X, Y, XW, lr=lr, commit=False)
+    small = account_step(model, optimizer, X, Y, XW, lr=lr / 10, commit=False)
+    ratio = np.linalg.norm(big.residual) / np.linalg.norm(small.residual)
+    assert 60 < ratio < 160, ratio
+    assert np.linalg.norm(big.predicted) / np.linalg.norm(small.predicted) == pytest.approx(10)
+    assert np.linalg.norm(small.residual) < 1e-2 * np.linalg.norm(small.actual)
+
+
+def test_parameters_outside_the_optimizer_and_several_groups():
+    """A frozen-by-omission layer does not move and does not count; per-group learning rates."""
+    model = make("lenet")
+    groups = [
+        {"params": [model.conv1.weight, model.conv1.bias], "lr": 0.01},
+        {"params": [p for n, p in model.named_parameters() if n.startswith("fc")], "lr": 0.03},
+    ]  # conv2 is not in the optimizer
+    optimizer = torch.optim.SGD(groups, momentum=0.9)
+    warm_up(model, optimizer, 1)
+    conv2 = model.conv2.weight.detach().clone()
+    theta = flat(model.parameters())
+    J_o = torch.stack([explicit_jacobian(model, xo) for xo in XW])
+    acc = account_step(model, optimizer, X, Y, XW)
+    close(acc.dz_predicted, J_o @ (flat(model.parameters()) - theta))
+    assert acc.step_scale == 0.01 and acc.lr == 0.01
+    assert torch.equal(model.conv2.weight, conv2)
+
+
+def test_shared_parameters_are_refused():
+    """torch.func.functional_call would swap a shared layer's parameters for copies."""
+    shared = nn.Linear(10, 10)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Tanh(), shared, nn.Tanh(), shared)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, xw = X.float(), XW.float()
+    with pytest.raises(ValueError, match="shared between layers"):
+        account_step(model, optimizer, x, Y, xw)
+    with pytest.raises(ValueError, match="shared between layers"):
+        optimizer_kernel(model, optimizer, x, xw)
+
+
+def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
+    model = make("tiny_cnn")
+    x1, x2 = inputs(3, seed=7), inputs(2, seed=8)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert torch.equal(optimizer_kernel(model, sgd, x1, x2), empirical_ntk(model, x1, x2))
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.95), amsgrad=True)
+    with pytest.raises(ValueError, match="no step yet"):
+        optimizer_kernel(model, adam, x1, x2)
+    warm_up(model, adam, 3)
+    params = list(model.parameters())
+    t = float(adam.state[params[0]]["step"]) + 1
+    v = torch.maximum(
+        flat(adam.state[p]["max_exp_avg_sq"] for p in params),
+        0.95 * flat(adam.state[p]["exp_avg_sq"] for p in params),
+    )
+    P = 1 / (v.sqrt() / math.sqrt(1 - 0.95**t) + 1e-8)
+    J1 = torch.stack([explicit_jacobian(model, x) for x in x1])
+    J2 = torch.stack([explicit_jacobian(model, x) for x in x2])
+    want = torch.einsum("aip,p,bjp->abij", J1, P, J2)
+    close(optimizer_kernel(model, adam, x1, x2).numpy(), want)
+    close(optimizer_kernel(model, adam, x2, x1).numpy(), want.permute(1, 0, 3, 2))
+
+    generic = make("residual")
+    adam = torch.optim.Adam(generic.parameters(), lr=1e-3)
+    warm_up(generic, adam, 1)
+    params = list(generic.parameters())
+    v = 0.999 * flat(adam.state[p]["exp_avg_sq"] for p in params)
+    P = 1 / (v.sqrt() / math.sqrt(1 - 0.999**2) + 1e-8)
+    J1 = torch.stack([explicit_jacobian(generic, x) for x in x1])
+    J2 = torch.stack([explicit_jacobian(generic, x) for x in x2])
+    close(
+        optimizer_kernel(generic, adam, x1, x2).numpy(), torch.einsum("aip,p,bjp->abij", J1, P, J2)
+    )
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-nesterov", "adam-amsgrad-maximize"])
+def test_preview_and_undo_restore_everything_bit_exactly(opt_name):
+    model = make("lenet")
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    warm_up(model, optimizer, 2)
+    reference = twin(model, optimizer)
+    rng = torch.get_rng_state()
+
+    preview = account_step(model, optimizer, X[:1], Y[:1], XW, lr=0.5 * hyper["lr"], commit=False)
+    assert_same_state(model, optimizer, *reference)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    snapshot = optimizer_snapshot(model, optimizer)
+    applied = account_step(model, optimizer, X[:1], Y[:1], XW, lr=0.5 * hyper["lr"])
+    for name in ("actual", "gradient", "momentum", "weight_decay", "residual"):
+        assert np.array_equal(getattr(preview, name), getattr(applied, name)), name
+    snapshot.restore(model, optimizer)  # undo
+    assert_same_state(model, optimizer, *reference)
+    again = account_step(model, optimizer, X[:1], Y[:1], XW, lr=0.5 * hyper["lr"])
+    assert np.array_equal(again.actual, applied.actual)
+    snapshot.restore(model, optimizer)  # a snapshot restores any number of times
+    assert_same_state(model, optimizer, *reference)
+    with pytest.raises(ValueError, match="another model"):
+        snapshot.restore(make("tiny_cnn"), torch.optim.SGD(make("tiny_cnn").parameters(), lr=1))
+
+
+def test_negative_gradient_steps_ascend():
+    model = make("tiny_cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model2, opt2 = twin(model, optimizer)
+    probs = F.softmax(eval_logits(model, X), -1)
+    acc = account_step(model, optimizer, X, Y, XW, loss="neg")
+    opt2.zero_grad()
+    model2.train()
+    (-F.cross_entropy(model2(X), Y)).backward()
+    opt2.step()
+    assert_same_state(model, optimizer, model2, opt2)
+    close(acc.G, F.one_hot(Y, 10) - probs, 1e-12)  # G = ∂(−ℓ)/∂z = e_y − π
+
+
+def test_a_step_leaves_no_reference_cycle_holding_its_graph():
+    """The hooks write into plain dicts: once the caller drops the logits, the graph is freed."""
+    for model in (make("lenet"), DropoutMLP().double()):  # captured factors; eval-mode pass
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = AccountedStep(model, optimizer, XW)
+        logits = step.forward(X)
+        step.step(F.cross_entropy(logits, Y), Y)
+        alive = [weakref.ref(logits), weakref.ref(step)]
+        del logits, step
+        gc.collect()
+        assert [ref() for ref in alive] == [None, None]
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make("tiny_cnn")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"SGD, torch\.optim\.Adam and torch\.optim\.AdamW; got .*RMSprop"
+    ):
+        account_step(model, torch.optim.RMSprop(model.parameters()), X, Y, XW)
+    with pytest.raises(ValueError, match="not the model's"):
+        account_step(model, torch.optim.SGD(make("tiny_cnn").parameters(), lr=1), X, Y, XW)
+    with pytest.raises(ValueError, match="same shape"):
+        account_step(model, sgd, X[:, :, :20], Y, XW)
+    with pytest.raises(ValueError, match=r"classes in \[0, 10\)"):
+        account_step(model, sgd, X, Y + 5, XW)
+    with pytest.raises(ValueError, match="6 labels for 5"):
+        account_step(model, sgd, X[:5], Y, XW)
+    with pytest.raises(ValueError, match="int classes"):
+        account_step(model, sgd, X, Y.double(), XW)
+    with pytest.raises(ValueError, match="lr must be"):
+        account_step(model, sgd, X, Y, XW, lr=float("nan"))
+    with pytest.raises(ValueError, match="classes must be 2 ints"):
+        account_step(model, sgd, X, Y, XW, classes=[1])
+    with pytest.raises(ValueError, match="loss must be"):
+        account_step(model, sgd, X, Y, XW, loss="mse")
+    with pytest.raises(ValueError, match="x_watch"):
+        account_step(model, sgd, X, Y, XW[0])
+    with pytest.raises(ValueError, match="classes must be"):
+        Watch(XW, (1,))
+    unchanged = twin(make("tiny_cnn"), torch.optim.SGD(make("tiny_cnn").parameters(), lr=0.1))
+    assert_same_state(model, sgd, *unchanged)  # nothing moved
+
+
+# --------------------------------------------------------------------------- training
+
+
+SMALL = TrainConfig(train_size=320, batch_size=64, epochs=1, eval_every=10**6, eval_size=64)
+
+
+def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist):
+    watch_idx = [7, 16, 3]
+    x_watch = mnist.test.x[watch_idx]
+    labels = tuple(int(mnist.test.y[i]) for i in watch_idx)
+    runs = {}
+    for watched in (False, True):
+        model = make("lenet").float()
+        watch = Watch(x_watch, labels, top_kernels=True) if watched else None
+        records = list(train(model, mnist, SMALL, watch=watch))
+        runs[watched] = (records, model)
+    (plain, m0), (seen, m1) = runs[False], runs[True]
+    assert [r.loss for r in plain] == [r.loss for r in seen]
+    assert all(
+        torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values())
+    )
+    assert all(r.account is None for r in plain) and all(r.account is not None for r in seen)
+    for r in seen:
+        assert np.array_equal(mnist.train.y.numpy()[r.batch_indices], r.account.batch_labels)
+        assert r.account.lr == r.lr and r.account.loss == pytest.approx(r.loss, rel=1e-6)
+        assert r.account.classes.tolist() == list(labels)
+        assert r.account.top_kernel.shape == (3, 10, 10)
+    assert not seen[0].batch_indices.flags.writeable
+
+    # the trainer's first account equals account_step on the same batch from the same start
+    model = make("lenet").float()
+    optimizer = make_optimizer(model, SMALL)
+    for group in optimizer.param_groups:
+        group["lr"] = seen[0].lr
+    idx = torch.from_numpy(seen[0].batch_indices.copy())
+    first = account_step(
+        model, optimizer, mnist.train.x[idx], mnist.train.y[idx], x_watch, classes=labels
+    )
+    for name in ("gradient", "actual", "momentum", "weight_decay"):
+        assert np.array_equal(getattr(first, name), getattr(seen[0].account, name)), name
+
+    # accumulated over the run: exact sums of the per-step terms
+    run = RunAccount(labels, len(mnist.train), 10, keep_steps=True)
+    for r in seen:
+        run.add(r.account, r.batch_indices, r.step)
+    by_example = np.zeros((3, len(mnist.train)))
+    by_class = np.zeros((3, 10, 10))
+    totals = {k: np.zeros((3, 10)) for k in ("actual", "gradient", "momentum", "residual")}
+    for r in seen:
+        a = r.account
+        for w, c in enumerate(labels):
+            by_example[w, r.batch_indices] += a.gradient[w, :, c]
+            for b, y in enumerate(a.batch_labels):
+                by_class[w, y] += a.gradient[w, b]
+        for k in totals:
+            totals[k] += a.gradient.sum(1) if k == "gradient" else getattr(a, k)
+    np.testing.assert_allclose(run.by_example, by_example, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(run.by_class, by_class, rtol=1e-12, atol=1e-15)
+    for k, v in totals.items():
+        np.testing.assert_allclose(run.totals()[k], v, rtol=1e-12, atol=1e-15)
+    for w in range(3):
+        top = run.top(w, 5)
+        assert np.array_equal(top.helpful, np.argsort(-by_example[w], kind="stable")[:5])
+        assert (top.helpful_values > 0).all() and (top.harmful_values < 0).all()
+        assert np.array_equal(top.harmful_values, np.sort(by_example[w])[: len(top.harmful)])
+    assert run.timeline()["contributions"].shape == (len(seen), 3, 64)
+
+
+def test_run_account_files_round_trip(tmp_path, mnist):
+    model = make("tiny_cnn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = RunAccount([4, 9], num_train=100, keep_steps=True, meta={"model": "tiny_cnn"})
+    for s in range(3):
+        idx = np.arange(s * 6, s * 6 + (6 if s < 2 else 4))
+        acc = account_step(model, optimizer, inputs(len(idx), seed=s), Y[: len(idx)], XW)
+        run.add(acc, idx, step=10 + s)
+    path = run.save(tmp_path / "run.npz")
+    with np.load(path, allow_pickle=False) as f:
+        assert f["by_example"].shape == (2, 100) and f["step_contributions"].shape == (3, 2, 6)
+        assert f["step_batch_indices"][2].tolist() == [12, 13, 14, 15, -1, -1]
+        assert f["helpful_index"].shape == (2, 10)
+    back = RunAccount.load(path)
+    assert back.meta == {"model": "tiny_cnn"} and back.steps == 3
+    assert np.array_equal(back.by_example, run.by_example)
+    assert np.array_equal(back.by_class, run.by_class)
+    for k, v in run.totals(logits=True).items():
+        assert np.array_equal(back.totals(logits=True)[k], v)
+    for k, v in run.timeline().items():
+        assert np.array_equal(back.timeline()[k], v), k
+    assert back.top(1).helpful.tolist() == run.top(1).helpful.tolist()
+
+    text = run.save(tmp_path / "run.csv").read_text().splitlines()
+    assert text[0].startswith("# ntkviz run account") and '# model: "tiny_cnn"' in text
+    rows = [line for line in text if not line.startswith("#")]
+    assert rows[0].split(",")[:5] == ["step", "lr", "loss", "watched", "class"]
+    assert len(rows) == 1 + 3 * 2 and rows[1].split(",")[0] == "10"
+    with pytest.raises(ValueError, match=r"\.npz or \.csv"):
+        run.save(tmp_path / "run.json")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable"):
+        RunAccount.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="keeps no timeline"):
+        RunAccount([1], 10).save(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="watched examples"):
+        RunAccount([1], 100).add(acc, np.arange(4))
+    with pytest.raises(ValueError, match=r"batch_indices must be in \[0, 5\)"):
+        RunAccount([1, 2], 5).add(acc, np.arange(4) + 3)
+
+
+def test_adam_and_adamw_training_configs(mnist):
+    config = replace(SMALL, optimizer="adamw", lr=1e-3, betas=[0.8, 0.99], eps=1e-7)
+    assert config.betas == (0.8, 0.99)
+    opt = make_optimizer(make("lenet"), config)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.8, 0.99) and opt.defaults["eps"] == 1e-7
+    sgd = make_optimizer(make("lenet"), replace(SMALL, nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    model = make("lenet").float()
+    records = list(
+        train(
+            model, mnist, replace(config, optimizer="adam"), watch=Watch(mnist.test.x[:2], (7, 2))
+        )
+    )
+    assert records[-1].account.optimizer == "adam" and len(records) == 5
+    for bad, match in (
+        (dict(optimizer="rmsprop"), "optimizer must be one of sgd, adam, adamw"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(eps=0.0), "eps"),
+        (dict(nesterov=True, momentum=0.0), "nesterov"),
+        (dict(nesterov=True, optimizer="adam"), "nesterov"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            replace(SMALL, **bad).validate()
+
+
+def test_old_configs_load_with_defaults():
+    from ntkviz.checkpoint import config_from
+
+    old = {
+        k: v
+        for k, v in TrainConfig(lr=0.01).to_dict().items()
+        if k not in ("optimizer", "betas", "eps", "nesterov")
+    }
+    config = config_from({"config": old})
+    assert config.optimizer == "sgd" and config.betas == (0.9, 0.999) and config.lr == 0.01
+
+
+def test_cli_writes_the_accounts_of_a_watched_run(tmp_path, mnist, capsys):
+    from ntkviz.cli import main
+
+    npz, csv_path = tmp_path / "run.npz", tmp_path / "run.csv"
+    args = ["train", "--watch", "7,16", "--accounts", str(npz), "--accounts", str(csv_path)]
+    args += ["--train-size", "192", "--epochs", "1", "--data-dir", str(mnist.root), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test[7] (class 9)" in out and f"wrote {npz}" in out
+    with np.load(npz, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta_json"]))
+        assert meta["watch_indices"] == [7, 16] and meta["watch_split"] == "test"
+        assert meta["config"]["optimizer"] == "sgd"
+        assert f["step_step"].tolist() == [1, 2, 3] and f["step_contributions"].shape == (3, 2, 64)
+        assert f["by_example"].shape == (2, len(mnist.train))
+        labels = mnist.train.y.numpy()[f["step_batch_indices"]]
+        assert np.array_equal(labels, f["step_batch_labels"])
+        np.testing.assert_allclose(f["step_actual"].sum(0), f["total_actual"], rtol=1e-12)
+    lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 1 + 3 * 2
+    assert main(["train", "--watch", "7", "--out", str(tmp_path / "m.pt")]) == 2
+    assert main(["train", "--watch", "7,x", "--accounts", str(npz)]) == 2
+    data_dir = ["--data-dir", str(mnist.root)]
+    assert main(["train", "--watch", "10000", "--accounts", str(npz), *data_dir]) == 2
+    assert main(["train", "--watch", "1", "--accounts", str(tmp_path / "a.json")]) == 2
+    assert main(["train", "--out", str(tmp_path / "m.pt"), "--betas", "0.9"]) == 2
