@@ -29,6 +29,8 @@ _EXPORTS = {
     "train": "ntkviz.training",
     "make_optimizer": "ntkviz.training",
     "account_step": "ntkviz.accounting",
+    "decompose_step": "ntkviz.accounting",
+    "StepDecomposition": "ntkviz.accounting",
     "StepAccount": "ntkviz.accounting",
     "optimizer_kernel": "ntkviz.accounting",
     "optimizer_snapshot": "ntkviz.accounting",

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
+from ntkviz.decomposition import Decomposition
 from ntkviz.kernel import _as_batch, _chain, _sweep, _Unsupported, empirical_ntk, eval_mode
 
 #: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
@@ -1042,3 +1043,85 @@ class Watch:
             raise ValueError(f"classes must be {len(x)} non-negative ints, got {classes!r}")
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "classes", tuple(int(c) for c in classes))
+
+
+# --------------------------------------------------------------------------- one update, seen whole
+
+
+@dataclass(frozen=True)
+class StepDecomposition(Decomposition):
+    """:class:`~ntkviz.decomposition.Decomposition` of an optimizer's real next step on one
+    example (x_u, y_u), seen from x_o. ``K`` is the optimizer-aware kernel K_P(x_o, x_u), ``G`` is
+    x_u's ∂L/∂z, and the gradient term is ``gradient_term`` = −s·A·K_P·G with s = ``step_scale``
+    (η for plain SGD; see :class:`StepAccount`). The step's other terms stand apart:
+    ``momentum`` and ``weight_decay`` ``(V,)`` (Δlog π; ``dz_momentum``, ``dz_weight_decay`` at
+    the logit level), so that ``predicted`` = gradient term + momentum + weight decay and
+    ``residual`` = actual − predicted. ``optimizer``: "sgd", "adam" or "adamw"."""
+
+    gradient_term: np.ndarray = None
+    momentum: np.ndarray = None
+    weight_decay: np.ndarray = None
+    dz_gradient_term: np.ndarray = None
+    dz_momentum: np.ndarray = None
+    dz_weight_decay: np.ndarray = None
+    step_scale: float = 1.0
+    optimizer: str = "sgd"
+
+
+def decompose_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_o: Tensor,
+    x_u: Tensor,
+    y_u: int,
+    lr: float,
+    loss: str = "ce",
+) -> StepDecomposition:
+    """Decompose the step ``optimizer`` would take next on the single example ``(x_u, y_u)`` at
+    learning rate ``lr``, as seen from ``x_o`` (single examples, like :func:`decompose`'s): its
+    momentum or Adam state as it is now, and the real change after the step. Nothing changes:
+    model, ``.grad``, optimizer state and random state are restored bit-exactly (see
+    :func:`account_step` with ``commit=False``). With a plain SGD optimizer (no momentum, no
+    decay) this is :func:`decompose`'s step."""
+    x_o, x_u = torch.as_tensor(x_o), torch.as_tensor(x_u)
+    if x_o.shape != x_u.shape:
+        raise ValueError(
+            f"x_o and x_u must be single examples of one shape, got {tuple(x_o.shape)} and "
+            f"{tuple(x_u.shape)}"
+        )
+    both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
+    with torch.no_grad(), eval_mode(model):
+        z = model(both).double()
+    a = account_step(
+        model, optimizer, both[1:], torch.tensor([int(y_u)]), both, lr, classes=[y_u, y_u],
+        top_kernels=True, loss=loss, commit=False,
+    )  # fmt: skip
+    p = a.probs_before
+    dz_after = z + torch.from_numpy(np.array(a.dz_actual))
+    return StepDecomposition(
+        A=_frozen(np.eye(p.shape[1]) - p[0][None, :]),
+        K=_frozen(a.top_kernel[0]),
+        G=_frozen(a.G[0]),
+        predicted=a.predicted[0],
+        actual=a.actual[0],
+        residual=a.residual[0],
+        delta_logits_predicted=a.dz_predicted[0],
+        delta_logits_actual=a.dz_actual[0],
+        probs_before=p[0],
+        probs_after=_frozen(np.exp(np.log(p[0]) + a.actual[0])),
+        logits_before=_frozen(z[0]),
+        logits_after=_frozen(dz_after[0]),
+        probs_u_before=p[1],
+        probs_u_after=_frozen(np.exp(np.log(p[1]) + a.actual[1])),
+        lr=float(lr),
+        loss=loss,
+        y_u=int(y_u),
+        gradient_term=a.gradient[0, 0],
+        momentum=a.momentum[0],
+        weight_decay=a.weight_decay[0],
+        dz_gradient_term=a.dz_gradient[0, 0],
+        dz_momentum=a.dz_momentum[0],
+        dz_weight_decay=a.dz_weight_decay[0],
+        step_scale=float(a.step_scale),
+        optimizer=a.optimizer,
+    )

@@ -126,10 +126,10 @@ def test_a_selection_made_elsewhere_resets_a_class_filter_it_does_not_pass(qtbot
     influence = window.views["influence"]
     influence.set_probe_size(200)
     wait_shown(qtbot, window, "influence", influence.run)
-    button = next(b for b in influence.raised_buttons + influence.lowered_buttons
-                  if window.state.dataset.label("test", b.property("index")) != 9)  # fmt: skip
+    button = next(b for b in influence.raised.buttons + influence.lowered.buttons
+                  if window.state.dataset.label("test", b.property("payload")) != 9)  # fmt: skip
     button.click()
-    assert window.state.x_o == Example("test", button.property("index"))
+    assert window.state.x_o == Example("test", button.property("payload"))
     assert picker.example == window.state.x_o
     assert picker.class_filter == -1 and picker.class_box.currentText() == "any"
     assert picker.example.index in strip(picker)

@@ -94,8 +94,8 @@ def test_influence_heatmap_equals_core_and_thumbnail_sets_x_o(qtbot, window, mni
         assert view.norm_means[c] == pytest.approx(norms.kernel_norm[labels == c].mean(), 1e-6)
     # the most raised thumbnail is the argmax of the predicted Δlog π of y_u
     top = int(idx[np.argmax(core.predicted[:, r.y_u])])
-    button = view.raised_buttons[0]
-    assert button.property("index") == top
+    button = view.raised.buttons[0]
+    assert button.property("payload") == top
     button.click()
     assert window.state.x_o == Example("test", top)
     assert window.views["examples"].x_o_picker.example == Example("test", top)

@@ -54,7 +54,7 @@ class AppController:
         self._session_parts: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
         self._last_live = (0, 0.0)  # step and time of the last live decomposition
         self._hold = 0  # > 0: selection changes in progress, refresh once at the end
-        for name in ("x_u", "y_u", "x_o", "lr", "loss"):
+        for name in ("x_u", "y_u", "x_o", "lr", "loss", "step_kind"):
             getattr(state.events, name).connect(self._pair_changed)
         state.events.x_u.connect(self._x_u_changed)
         self.add_session_part("pair", self._pair_state, self._restore_pair)
@@ -347,3 +347,4 @@ class AppController:
                 raise ValueError(f"{example} is not an example of this dataset")
         s = self.state
         s.x_u, s.x_o, s.y_u, s.lr, s.loss = pair.x_u, pair.x_o, pair.y_u, pair.lr, pair.loss
+        s.step_kind = "optimizer" if pair.optimizer else "sgd"

@@ -18,11 +18,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from ntkviz.accounting import optimizer_snapshot
 from ntkviz.app.jobs import JobRunner, describe_error
 from ntkviz.app.messages import (
     Command,
@@ -37,11 +38,22 @@ from ntkviz.app.messages import (
 from ntkviz.checkpoint import load_checkpoint, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
 from ntkviz.errors import DeviceError, NtkvizError, StepDiverged, TrainingDiverged
+from ntkviz.kernel import eval_mode
 from ntkviz.models import MODELS, build_model, count_parameters
 from ntkviz.session import Session, SessionError, load_session, save_session
 from ntkviz.training import TrainConfig, make_optimizer, resolve_device, train
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What an applied step changed: the weights before it (a state_dict clone) and the engine's
+    optimizer then (None: none yet) with its :class:`~ntkviz.accounting.OptimizerSnapshot`."""
+
+    state: dict
+    optimizer: object
+    snapshot: object
 
 
 class Engine:
@@ -70,7 +82,7 @@ class Engine:
         self.source = "fresh weights"
         self.optimizer = None
         self.step = 0  #: optimizer steps of the current run
-        self.undo_stack: list[dict] = []  #: state_dict clones before each applied step
+        self.undo_stack: list[Undo] = []  #: what each applied step changed, to undo it
         self.applied_lrs: list[float] = []  #: η of each applied step
         self.applied_pairs: list = []  #: its PairRequest (None: unknown, from an old session)
         self.runner = JobRunner(emit)
@@ -80,6 +92,10 @@ class Engine:
         self._periodic: dict[str, list] = {}  # feature -> [generation, request, every, due]
         self._models = 0  # models held so far
         self._offset = 0  # steps of the model before the current run (a continued run)
+        #: features that ride along each training run (see :meth:`set_observer`), and those
+        #: that ride along the current one (a new observer waits for the next run)
+        self.observers: dict[str, object] = {}
+        self.run_observers: dict[str, object] = {}
 
     # ------------------------------------------------------------------ plumbing
     def handle(self, command: Command) -> None:
@@ -180,9 +196,21 @@ class Engine:
                     self.source,
                     len(self.undo_stack),
                     self._models,
+                    self._describe_optimizer(),
                 ),
             )
         )
+
+    def _describe_optimizer(self) -> str:
+        c = self.config
+        kind = getattr(c, "optimizer", "sgd")
+        if kind == "sgd":
+            text = f"SGD, momentum {c.momentum:g}" + (", Nesterov" if c.nesterov else "")
+        else:
+            text = f"{'Adam' if kind == 'adam' else 'AdamW'}, β = {tuple(c.betas)}, ε = {c.eps:g}"
+        text += f", weight decay {c.weight_decay:g}"
+        state = "with the run's state" if self.optimizer is not None else "fresh (no run yet)"
+        return f"{text} — {state}"
 
     def example(self, split: str, index: int) -> torch.Tensor:
         """The normalised example ``split[index]`` on the model's device."""
@@ -221,8 +249,23 @@ class Engine:
 
     def _begin_run(self, config: TrainConfig, offset: int = 0) -> None:
         self.optimizer = make_optimizer(self.model, config)
-        self._iter = train(self.model, self.data, config, self.optimizer)
+        extra = {}
+        self.run_observers = dict(self.observers)
+        for observer in self.run_observers.values():
+            extra.update(observer.train_kwargs(self))
+        self._iter = train(self.model, self.data, config, self.optimizer, **extra)
         self._offset = offset
+        self.emit(Event("run_started", offset))
+        self.emit_model()  # its optimizer now has a run's state
+
+    def set_observer(self, name: str, observer) -> None:
+        """Let ``observer`` ride along the training runs from the next one on (None: stop):
+        ``observer.train_kwargs(engine)`` adds arguments to ``train`` when a run begins,
+        ``observer.observe(engine, records)`` turns each slice's records into events."""
+        if observer is None:
+            self.observers.pop(name, None)
+        else:
+            self.observers[name] = observer
 
     def pause(self) -> None:
         if self._running:
@@ -300,8 +343,13 @@ class Engine:
             ended, error = "stopped", describe_error("training", e)
         if ended is not None:
             self._iter, self._running = None, False
+        events = [e for o in self.run_observers.values() for e in o.observe(self, records)]
+        if any(r.account is not None for r in records):  # the observers took the accounts
+            records = [replace(r, account=None) for r in records]
         if records:
             self.emit(Event("records", tuple(records)))
+        for event in events:
+            self.emit(event)
         if error is not None:
             self.report(*error)
         if ended is not None:
@@ -343,51 +391,72 @@ class Engine:
     def _clone_state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def _before_step(self) -> Undo:
+        opt = self.optimizer
+        snap = None if opt is None else optimizer_snapshot(self.model, opt)
+        return Undo(self._clone_state(), opt, snap)
+
+    def _restore(self, undo: Undo) -> None:
+        self.model.load_state_dict(undo.state)
+        self.optimizer = undo.optimizer
+        if undo.snapshot is not None:
+            undo.snapshot.restore(self.model, undo.optimizer)
+
+    def step_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that "this run's optimizer" steps take: the run's, with its state, or
+        a fresh one of the config's kind when there is none (a new or loaded model)."""
+        return self.optimizer or make_optimizer(self.model, self.config)
+
     def apply_step(self, pair) -> None:
-        """One plain-SGD step (no momentum, no weight decay) on ``pair``'s (x_u, y_u) in eval
-        mode; refused, and the model kept, when it makes the model non-finite."""
+        """One step on ``pair``'s (x_u, y_u): plain SGD in eval mode, or (``pair.optimizer``) the
+        real next step of :meth:`step_optimizer` (its momentum or Adam state moves on too). Refused,
+        and model and optimizer kept, when it makes the model non-finite."""
         if not math.isfinite(pair.lr):
             raise NtkvizError(f"η must be finite, got {pair.lr}")
         x_u = self.x(pair.x_u)[None]
         x_o = self.x(pair.x_o)[None]
         self.runner.cancel_all("the model changed")
         self.pause()
-        before = self._clone_state()
+        before = self._before_step()
         model = self.model
-        was = model.training
-        model.eval()
+        y = torch.tensor([pair.y_u], device=x_u.device)
         try:
-            y = torch.tensor([pair.y_u], device=x_u.device)
-            model.zero_grad(set_to_none=True)
-            ce = F.cross_entropy(model(x_u), y)
-            (ce if pair.loss == "ce" else -ce).backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.requires_grad and p.grad is not None:
-                        p -= pair.lr * p.grad
+            if pair.optimizer:
+                from ntkviz.accounting import account_step
+
+                self.optimizer = self.step_optimizer()
+                account_step(model, self.optimizer, x_u, y, x_o, pair.lr, loss=pair.loss)
+            else:
+                with eval_mode(model):
+                    model.zero_grad(set_to_none=True)
+                    ce = F.cross_entropy(model(x_u), y)
+                    (ce if pair.loss == "ce" else -ce).backward()
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            if p.requires_grad and p.grad is not None:
+                                p -= pair.lr * p.grad
             model.zero_grad(set_to_none=True)
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 raise StepDiverged(pair.lr, "the parameters")
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 if not torch.isfinite(model(torch.cat([x_u, x_o]))).all():
                     raise StepDiverged(pair.lr, "the logits of x_u or x_o")
         except Exception:
-            model.load_state_dict(before)  # the model is left as it was before the step
+            self._restore(before)  # model and optimizer as they were before the step
             raise
-        finally:
-            model.train(was)
         self.undo_stack.append(before)
         self.applied_lrs.append(float(pair.lr))
         self.applied_pairs.append(pair)
         self.emit_model()
 
     def undo(self) -> None:
-        """Restore the parameters from before the last applied step, bit for bit."""
+        """Restore the parameters (and the optimizer) from before the last applied step, bit for
+        bit."""
         if not self.undo_stack:
             self.message("nothing to undo")
             return
         self.runner.cancel_all("the model changed")
-        self.model.load_state_dict(self.undo_stack.pop())
+        self._restore(self.undo_stack.pop())
         self.applied_lrs.pop()
         self.applied_pairs.pop()
         self.emit_model()
@@ -396,7 +465,7 @@ class Engine:
         """Return to the state before the first applied step."""
         if self.undo_stack:
             self.runner.cancel_all("the model changed")
-            self.model.load_state_dict(self.undo_stack[0])
+            self._restore(self.undo_stack[0])
             self._forget_applied_steps()
 
     # ------------------------------------------------------------------ files
@@ -425,7 +494,7 @@ class Engine:
             {
                 "lr": float(lr),
                 "pair": None if pair is None else pair.to_dict(),
-                "state_before": {k: v.detach().cpu() for k, v in st.items()},
+                "state_before": {k: v.detach().cpu() for k, v in st.state.items()},
             }
             for lr, pair, st in zip(
                 self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
@@ -467,7 +536,9 @@ class Engine:
             raise SessionError(f"{path}: invalid training config: {e}") from None
         # everything checked: now replace the state
         self._set_model(model, session.config, str(path), session.step, emit=False)
-        self.undo_stack = [{k: v.to(self.device) for k, v in st.items()} for st in stack]
+        self.undo_stack = [
+            Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack
+        ]
         self.applied_lrs, self.applied_pairs = lrs, pairs
         self.emit_model()
         self.emit(Event("session_opened", SessionOpened(str(path), session_parts(session))))

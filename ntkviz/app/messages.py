@@ -31,9 +31,10 @@ class Event:
     """Something the engine reports. ``topic``: "info" (:class:`EngineInfo`), "dataset"
     (:class:`DatasetInfo`), "model" (:class:`ModelInfo`), "records" (a tuple of the core's
     ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
-    "message" (status text), "error" (:class:`ErrorReport`), "session_opened"
-    (:class:`SessionOpened`), "session_saved" and "checkpoint_saved" (the path), "state_dict"
-    (name -> numpy array)."""
+    "run_started" (the step it starts from), "message" (status text), "error"
+    (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved" and
+    "checkpoint_saved" (the path), "state_dict" (name -> numpy array), and the events of the
+    engine's run observers (e.g. "watch_steps")."""
 
     topic: str
     payload: object = None
@@ -87,6 +88,7 @@ class ModelInfo:
     source: str
     applied_steps: int = 0
     number: int = 0
+    optimizer: str = ""  #: what "this run's optimizer" steps with (its settings and state)
 
 
 @dataclass(frozen=True)

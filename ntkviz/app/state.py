@@ -13,6 +13,7 @@ from psygnal import evented
 from ntkviz.app.messages import DatasetInfo, EngineInfo, ModelInfo
 
 LOSSES = (("ce", "learn y_u (cross-entropy)"), ("neg", "negative gradient on y_u"))
+STEP_KINDS = (("sgd", "plain SGD"), ("optimizer", "this run's optimizer"))
 RUN_STATES = ("loading", "ready", "training", "paused", "stopped", "finished")
 
 
@@ -30,15 +31,16 @@ class Example:
 @evented
 @dataclass
 class AppState:
-    """``x_u`` learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr``,
-    seen from ``x_o``; the engine's run state, dataset, model and capabilities (None until
-    loaded)."""
+    """``x_u`` learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr`` by
+    a plain SGD step or (``step_kind`` "optimizer") the run's optimizer's real next step, seen
+    from ``x_o``; the engine's run state, dataset, model and capabilities (None until loaded)."""
 
     x_u: Example = Example("train", 0)
     y_u: int = 0
     x_o: Example = Example("test", 0)
     lr: float = 0.01
     loss: str = "ce"
+    step_kind: str = "sgd"
     run_state: str = "loading"
     engine: EngineInfo | None = None
     dataset: DatasetInfo | None = None

@@ -24,6 +24,16 @@ CLASS_COLORS = (
 
 SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
 PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
+MOMENTUM, DECAY = "#7f7f7f", "#8c564b"
+#: Titles of the formula's K and right-hand side for a plain step and an optimizer's step.
+TITLES_PLAIN = {
+    "K": "K(x<sub>o</sub>, x<sub>u</sub>) = J<sub>o</sub>J<sub>u</sub><sup>T</sup>",
+    "predicted": "Δlog π(x<sub>o</sub>)",
+}
+TITLES_OPTIMIZER = {
+    "K": "K<sub>P</sub>(x<sub>o</sub>, x<sub>u</sub>) = J<sub>o</sub>PJ<sub>u</sub><sup>T</sup>",
+    "predicted": "gradient term",
+}
 
 
 def let_shrink(label: pg.LabelItem) -> pg.LabelItem:
@@ -263,21 +273,41 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         lim = symmetric_limit(dec.predicted, dec.actual)
         lim_z = symmetric_limit(dec.delta_logits_predicted, dec.delta_logits_actual)
         kind = "learn y_u (cross-entropy)" if dec.loss == "ce" else "negative gradient on y_u"
+        # the run's optimizer's step: the factor is its step scale s, K its kernel K_P, and the
+        # formula gives the gradient term; momentum and weight decay stand beside it
+        term = getattr(dec, "gradient_term", None)
+        if term is None:
+            factor, step = "η", f"plain SGD step, η = {dec.lr:.3g}"
+        else:
+            factor = "s"
+            step = (
+                f"{dec.optimizer} step, η = {dec.lr:.3g}, s = {dec.step_scale:.3g}; + momentum "
+                f"(‖·‖ = {np.linalg.norm(dec.momentum):.2g}) + weight decay "
+                f"(‖·‖ = {np.linalg.norm(dec.weight_decay):.2g})"
+            )
+        scale = dec.lr if term is None else dec.step_scale
         text = (
-            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  η = {dec.lr:.3g}<br>"
+            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  {step}<br>"
             f"‖actual − predicted‖ / ‖actual‖ = {relative_residual_text(dec)}"
         )
         h = self.heatmaps
+        titles = TITLES_PLAIN if term is None else TITLES_OPTIMIZER
 
         def matrices():
-            self.eta_label.setText(f"−η ·<br><span style='font-size:10pt'>η = {dec.lr:.3g}</span>")
+            self.eta_label.setText(
+                f"−{factor} ·<br><span style='font-size:10pt'>{factor} = {scale:.3g}</span>"
+            )
             self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+            for name, title in titles.items():
+                if h[name].titleLabel.text != title:
+                    h[name].titleLabel.setText(title, size="11pt")
             h["A"].set_matrix(dec.A, c)
             h["K"].set_matrix(dec.K, c)
 
         def log_probabilities():
             h["G"].set_matrix(dec.G[:, None], c)
-            h["predicted"].set_matrix(dec.predicted[:, None], c, lim)
+            shown = dec.predicted if term is None else term
+            h["predicted"].set_matrix(shown[:, None], c, lim)
             h["actual"].set_matrix(dec.actual[:, None], c, lim)
 
         def logits():
@@ -347,6 +377,20 @@ class ProbabilityBars(pg.PlotWidget):
         self.bars.setOpts(x=np.arange(len(probs)), height=self.probs, brushes=brushes)
 
 
+TITLE_PLAIN = (
+    "Δlog π(x<sub>o</sub>) after one step<br>"
+    f"<span style='color:{PREDICTED}'>■</span> predicted −η·A·K·G  "
+    f"<span style='color:{ACTUAL}'>■</span> actual (a real step)"
+)
+TITLE_OPTIMIZER = (
+    "Δlog π(x<sub>o</sub>) after the optimizer's step<br>"
+    f"<span style='color:{PREDICTED}'>■</span> −s·A·K<sub>P</sub>·G "
+    f"<span style='color:{MOMENTUM}'>■</span> momentum "
+    f"<span style='color:{DECAY}'>■</span> decay "
+    f"<span style='color:{ACTUAL}'>■</span> actual"
+)
+
+
 class PreviewBars(pg.PlotWidget):
     """Predicted vs actual Δlog π(x_o) per class, as paired bars."""
 
@@ -354,12 +398,7 @@ class PreviewBars(pg.PlotWidget):
         super().__init__(parent)
         self.setBackground("w")
         # the legend is in the title: inside the plot it would cover the tallest bars
-        self.setTitle(
-            "Δlog π(x<sub>o</sub>) after one step of η<br>"
-            f"<span style='color:{PREDICTED}'>■</span> predicted −η·A·K·G  "
-            f"<span style='color:{ACTUAL}'>■</span> actual (a real step)",
-            size="10pt",
-        )
+        self.setTitle(TITLE_PLAIN, size="10pt")
         self.setMenuEnabled(False)
         self.predicted = pg.BarGraphItem(
             x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush=PREDICTED
@@ -367,21 +406,35 @@ class PreviewBars(pg.PlotWidget):
         self.actual = pg.BarGraphItem(
             x=np.arange(10) + 0.2, height=np.zeros(10), width=0.38, brush=ACTUAL
         )  # fmt: skip
-        self.addItem(self.predicted)
-        self.addItem(self.actual)
+        self.momentum = pg.BarGraphItem(x=[], height=[], width=0.19, brush=MOMENTUM)
+        self.decay = pg.BarGraphItem(x=[], height=[], width=0.19, brush=DECAY)
+        for item in (self.predicted, self.momentum, self.decay, self.actual):
+            self.addItem(item)
         self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
         self.setLabel("bottom", "class i")
         self.disableAutoRange()
         self.setRange(xRange=(-0.6, 9.6), yRange=(-1, 1), padding=0.05)
         self._view = None  # (classes, y low, y high) shown
 
-    def set_values(self, predicted: np.ndarray, actual: np.ndarray) -> None:
+    def set_values(self, predicted: np.ndarray, actual: np.ndarray, history=None) -> None:
+        """Predicted against actual Δlog π ``(V,)``; with ``history`` (an optimizer's step: its
+        ``(momentum, weight_decay)``) the predicted bar is its gradient term and the momentum
+        and weight-decay terms stand beside it."""
         x = np.arange(len(predicted))
-        self.predicted.setOpts(x=x - 0.2, height=predicted)
-        self.actual.setOpts(x=x + 0.2, height=actual)
+        bars = [(self.predicted, predicted), (self.actual, actual)]
+        if history is not None:
+            bars[1:1] = [(self.momentum, history[0]), (self.decay, history[1])]
+        width = 0.76 / len(bars)
+        for k, (item, values) in enumerate(bars):
+            item.setOpts(x=x + (k - (len(bars) - 1) / 2) * width, height=values, width=0.95 * width)
+        for item in (self.momentum, self.decay):
+            item.setVisible(history is not None)
+        title = TITLE_PLAIN if history is None else TITLE_OPTIMIZER
+        if self.getPlotItem().titleLabel.text != title:
+            self.setTitle(title, size="10pt")
         # the axes change only when a value leaves the round range around them: a new value
         # alone then repaints the bars and not the axes
-        both = np.concatenate([predicted, actual])
+        both = np.concatenate([values for _, values in bars])
         low, high = float(np.min(both, initial=0.0)), float(np.max(both, initial=0.0))
         bottom = -nice_ceiling(-low) if low < 0 else 0.0
         top = nice_ceiling(high) if high > 0 else 0.0

@@ -6,13 +6,14 @@ from collections import deque
 
 import numpy as np
 from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QImage, QKeySequence, QPixmap
+from PySide6.QtGui import QIcon, QImage, QKeySequence, QPixmap
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
     QApplication,
     QDoubleSpinBox,
     QGraphicsView,
     QHBoxLayout,
+    QLabel,
     QLayout,
     QLineEdit,
     QPlainTextEdit,
@@ -21,6 +22,8 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSpinBox,
     QTextEdit,
+    QToolButton,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -53,6 +56,44 @@ def digit_pixmap(image: np.ndarray, size: int) -> QPixmap:
     h, w = a.shape
     q = QImage(a.data, w, h, w, QImage.Format.Format_Grayscale8).copy()
     return QPixmap.fromImage(q).scaled(size, size, Qt.KeepAspectRatio, Qt.FastTransformation)
+
+
+class ThumbnailRow(QWidget):
+    """A titled row of clickable example thumbnails, wrapping when narrow: ``set_items`` takes
+    ``(image, text, tooltip, payload)`` tuples; a click emits ``clicked(payload)``."""
+
+    clicked = Signal(object)
+
+    def __init__(self, title: str, count: int, size: int = 40, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.size = size
+        self.buttons: list[QToolButton] = []
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.title = QLabel(title)
+        lay.addWidget(self.title)
+        row = FlowLayout()
+        for _ in range(count):
+            b = QToolButton()
+            b.setIconSize(QSize(size, size))
+            b.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
+            b.setEnabled(False)
+            b.clicked.connect(lambda checked=False, b=b: self.clicked.emit(b.property("payload")))
+            self.buttons.append(b)
+            row.addWidget(b)
+        lay.addLayout(row)
+
+    def set_items(self, items) -> None:
+        """Show ``items`` (as many as there are buttons); hide the other buttons."""
+        for k, b in enumerate(self.buttons):
+            b.setVisible(k < len(items))
+            if k < len(items):
+                image, text, tooltip, payload = items[k]
+                b.setIcon(QIcon(digit_pixmap(image, self.size)))
+                b.setText(text)
+                b.setToolTip(tooltip)
+                b.setProperty("payload", payload)
+                b.setEnabled(True)
 
 
 class JobControls(QWidget):

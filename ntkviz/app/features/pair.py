@@ -22,35 +22,38 @@ INTERACTIVE = 0
 @dataclass(frozen=True)
 class PairRequest:
     """x_u learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr``,
-    observed on x_o."""
+    observed on x_o; by a plain SGD step, or (``optimizer``) the run's optimizer's next step."""
 
     x_u: Example
     y_u: int
     x_o: Example
     lr: float
     loss: str = "ce"
+    optimizer: bool = False
 
     @classmethod
     def of(cls, state: AppState) -> PairRequest:
-        return cls(state.x_u, state.y_u, state.x_o, float(state.lr), state.loss)
+        optimizer = state.step_kind == "optimizer"
+        return cls(state.x_u, state.y_u, state.x_o, float(state.lr), state.loss, optimizer)
 
     def same_update(self, other: PairRequest | None) -> bool:
         """Whether ``other`` learns the same x_u as the same class the same way (η aside)."""
-        return other is not None and (other.x_u, other.y_u, other.loss) == (
-            self.x_u, self.y_u, self.loss,
+        return other is not None and (other.x_u, other.y_u, other.loss, other.optimizer) == (
+            self.x_u, self.y_u, self.loss, self.optimizer,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
         return {
             "x_u": [self.x_u.split, self.x_u.index], "y_u": self.y_u,
             "x_o": [self.x_o.split, self.x_o.index], "lr": self.lr, "loss": self.loss,
+            "optimizer": self.optimizer,
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> PairRequest:
         return cls(
             Example(*d["x_u"]), int(d["y_u"]), Example(*d["x_o"]), float(d["lr"]),
-            str(d.get("loss", "ce")),
+            str(d.get("loss", "ce")), bool(d.get("optimizer", False)),
         )  # fmt: skip
 
 
@@ -105,8 +108,15 @@ class Decompose:
 
         r = self.pair
         yield from ()
+        x_o, x_u = engine.x(r.x_o), engine.x(r.x_u)
         try:
-            dec = decompose(engine.model, engine.x(r.x_o), engine.x(r.x_u), r.y_u, r.lr, r.loss)
+            if r.optimizer:
+                from ntkviz.accounting import decompose_step
+
+                opt = engine.step_optimizer()
+                dec = decompose_step(engine.model, opt, x_o, x_u, r.y_u, r.lr, r.loss)
+            else:
+                dec = decompose(engine.model, x_o, x_u, r.y_u, r.lr, r.loss)
         except StepDiverged as e:
             if not self.after_step:
                 raise
@@ -157,8 +167,8 @@ class History:
         x = torch.stack([engine.x(r.x_o), engine.x(r.x_u)])
         probs = []
         with torch.no_grad(), eval_mode(model):
-            for state in [*engine.undo_stack, None]:
-                z = model(x) if state is None else functional_call(model, state, (x,))
+            for undo in [*engine.undo_stack, None]:
+                z = model(x) if undo is None else functional_call(model, undo.state, (x,))
                 probs.append(F.softmax(z.double(), -1).cpu().numpy())
         probs = np.stack(probs)  # (S + 1, 2, V)
         return StepHistory(

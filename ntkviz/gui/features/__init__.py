@@ -8,12 +8,14 @@ from ntkviz.gui.features.layers import LayersView
 from ntkviz.gui.features.pair import PairView
 from ntkviz.gui.features.squeeze import SqueezeView
 from ntkviz.gui.features.training import TrainingView
+from ntkviz.gui.features.watch import WatchView
 
 FEATURES = (
     TrainingView,
     ExamplesView,
     PairView,
     InfluenceView,
+    WatchView,
     KernelMapView,
     SqueezeView,
     LayersView,

@@ -5,16 +5,14 @@ class."""
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import QSize, Qt
-from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QToolButton
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel
 
 from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import HeatmapView, let_shrink
-from ntkviz.gui.widgets import FlowLayout, digit_pixmap, spin
+from ntkviz.gui.widgets import ThumbnailRow, spin
 
 QUANTITIES = (
     ("delta_probs", "mean Δπ (predicted)"),
@@ -76,21 +74,11 @@ class InfluenceView(ProbeView):
         g.ci.layout.setColumnStretchFactor(1, 2)
         self.norm_means = np.zeros(0)
         self.norm_stds = np.zeros(0)
-        self.raised_buttons, self.lowered_buttons = [], []
-        for text, buttons in (
-            ("most raised", self.raised_buttons), ("most lowered", self.lowered_buttons)
-        ):  # fmt: skip
-            self.layout_.addWidget(QLabel(text))
-            row = FlowLayout()  # a narrow tab wraps the thumbnails onto a second line
-            for _ in range(THUMBS):
-                b = QToolButton()
-                b.setIconSize(QSize(40, 40))
-                b.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
-                b.setEnabled(False)
-                b.clicked.connect(lambda checked=False, b=b: self._thumb(b))
-                buttons.append(b)
-                row.addWidget(b)
-            self.layout_.addLayout(row)
+        self.raised = ThumbnailRow("most raised", THUMBS)
+        self.lowered = ThumbnailRow("most lowered", THUMBS)
+        for row in (self.raised, self.lowered):
+            self.layout_.addWidget(row)
+            row.clicked.connect(lambda index: setattr(self.state, "x_o", Example("test", index)))
         self.quantity_box.currentIndexChanged.connect(self.redraw)
         self.rank_box.currentIndexChanged.connect(self.redraw)
 
@@ -121,11 +109,6 @@ class InfluenceView(ProbeView):
         self.classes = self.state.dataset.classes
         self.redraw()
 
-    def _thumb(self, button) -> None:
-        index = button.property("index")
-        if index is not None and index >= 0:
-            self.state.x_o = Example("test", int(index))
-
     def quantity(self) -> str:
         key = self.quantity_box.currentData()
         if self.result is not None and key not in self.result.classes:
@@ -155,17 +138,14 @@ class InfluenceView(ProbeView):
         col = self.rank_class()
         score = r.influence.predicted[:, col]
         order = np.argsort(score, kind="stable")
-        for buttons, picks in ((self.raised_buttons, order[::-1]), (self.lowered_buttons, order)):
-            for b, k in zip(buttons, picks[: len(buttons)], strict=False):
-                idx = int(r.indices[k])
-                b.setIcon(QIcon(digit_pixmap(images[idx], 40)))
-                b.setText(f"{c[int(r.labels[k])]}: {score[k]:+.2g}")
-                b.setToolTip(
-                    f"test[{idx}], label {c[int(r.labels[k])]}: predicted Δlog π_{c[col]} = "
-                    f"{score[k]:+.4g}; click to make it x_o"
-                )
-                b.setProperty("index", idx)
-                b.setEnabled(True)
+        for row, picks in ((self.raised, order[::-1]), (self.lowered, order)):
+            items = []
+            for k in picks[: len(row.buttons)]:
+                idx, label = int(r.indices[k]), c[int(r.labels[k])]
+                tip = (f"test[{idx}], label {label}: predicted Δlog π_{c[col]} = {score[k]:+.4g}; "
+                       "click to make it x_o")  # fmt: skip
+                items.append((images[idx], f"{label}: {score[k]:+.2g}", tip, idx))
+            row.set_items(items)
         self._draw_norms()
 
     def _draw_norms(self) -> None:

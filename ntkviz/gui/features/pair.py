@@ -12,6 +12,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from ntkviz.app.features.pair import describe_steps
+from ntkviz.app.state import STEP_KINDS
 from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
 from ntkviz.gui.features.base import Action, FeatureView
 from ntkviz.gui.plots import (
@@ -62,6 +64,13 @@ class StepPanel(QWidget):
         self.reset_button = QPushButton("Reset")
         self.reset_button.setToolTip("return to the model before the first applied step")
         fit_text(self.apply_button, self.undo_button, self.reset_button)
+        self.step_box = QComboBox()
+        for key, text in STEP_KINDS:
+            self.step_box.addItem(text, key)
+        self.step_box.setToolTip(
+            "plain SGD: −η·A·K·G; this run's optimizer: its real next step (momentum or Adam "
+            "state), with K_P and the momentum and weight-decay terms"
+        )
         self.log_box = QCheckBox("log π")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)  # a long line must not widen the window
@@ -70,6 +79,7 @@ class StepPanel(QWidget):
             "residual = actual − predicted is the O(η²) remainder: halving η roughly quarters it"
         )
         row = QHBoxLayout()
+        row.addWidget(self.step_box)
         row.addWidget(QLabel("η"))
         row.addWidget(self.lr)
         row.addWidget(self.slider, 1)
@@ -108,7 +118,11 @@ class StepPanel(QWidget):
         self.lr.setValue(float(f"{10 ** (ticks / self.SLIDER_SCALE):.3g}"))  # → _spin_changed
 
     def set_decomposition(self, dec) -> None:
-        self.preview.set_values(dec.predicted, dec.actual)
+        term = getattr(dec, "gradient_term", None)
+        if term is None:
+            self.preview.set_values(dec.predicted, dec.actual)
+        else:
+            self.preview.set_values(term, dec.actual, (dec.momentum, dec.weight_decay))
         self.summary.setText(
             f"‖predicted‖ = {np.linalg.norm(dec.predicted):.4g}   ‖actual‖ = "
             f"{np.linalg.norm(dec.actual):.4g}   ‖residual‖ = {np.linalg.norm(dec.residual):.3g}"
@@ -147,10 +161,23 @@ class PairView(FeatureView):
         sp.undo_button.clicked.connect(c.undo_step)
         sp.reset_button.clicked.connect(c.reset_steps)
         self.state.events.lr.connect(sp.show_lr)
+        sp.step_box.currentIndexChanged.connect(
+            lambda i: setattr(self.state, "step_kind", sp.step_box.itemData(i))
+        )
+        self.state.events.step_kind.connect(self._show_step_kind)
+        self.state.events.model.connect(self._show_step_kind)
         self.state.events.model.connect(lambda info: sp.setEnabled(info is not None))
         sp.setEnabled(False)
         c.on("pair", self._on_pair)
         c.on("history", self._on_history)
+
+    def _show_step_kind(self, *args) -> None:
+        box, info = self.step_panel.step_box, self.state.model
+        box.blockSignals(True)
+        box.setCurrentIndex(max(0, box.findData(self.state.step_kind)))
+        box.blockSignals(False)
+        if info is not None:
+            box.setItemData(1, f"the run's optimizer: {info.optimizer}", Qt.ToolTipRole)
 
     def plots(self):
         return {

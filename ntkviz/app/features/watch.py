@@ -1,0 +1,228 @@
+"""Watching a run (feature "watch"): the exact account of every real optimizer step for the
+watched examples x_o — who moved each one, and how.
+
+A :class:`WatchObserver` rides along the engine's training run (``train(..., watch=...)``). Per
+step it turns the core's ``StepAccount`` into a compact row for the timeline
+(:class:`WatchSteps`: each watched example's Δlog π of its class, split into the gradient terms by
+class of the batch example, the momentum and weight-decay terms and the residual), keeps the last
+``history`` steps' details (the batch and its per-example contributions, A, K_P and G of the
+largest contributor) for :class:`WatchDetailRequest`, and adds everything into a ``RunAccount``
+(per training example, over the whole run) for :class:`WatchRankingRequest`. Qt-free.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ntkviz.app.messages import Event, readonly
+from ntkviz.app.state import Example
+
+#: Steps whose details (batch, contributions, top contributor's K) are kept for clicking.
+HISTORY = 2000
+MAX_WATCHED = 16
+
+
+@dataclass(frozen=True, eq=False)
+class WatchSteps:
+    """Timeline rows of T steps for W watched examples, each on its class (nats):
+    ``by_class (T, W, C)`` the gradient terms summed per class of batch example,
+    ``momentum``, ``weight_decay``, ``residual``, ``actual`` (Δlog π of the class) and
+    ``log_prob`` (log π of the class before the step), each ``(T, W)``; ``steps (T,)``."""
+
+    steps: np.ndarray
+    by_class: np.ndarray
+    momentum: np.ndarray
+    weight_decay: np.ndarray
+    residual: np.ndarray
+    actual: np.ndarray
+    log_prob: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class WatchDetail:
+    """One step of the run: its batch (``batch_indices (B,)`` into the training split,
+    ``batch_labels (B,)``), each batch example's contribution to each watched example's class
+    ``contributions (W, B)``, and per watched example the largest contributor ``top_index (W,)``
+    (a position in the batch) with ``top_kernel (W, V, V)`` = K_P(x_o, x_top), ``top_G (W, V)``
+    and ``probs_before (W, V)`` (A = I − 1·πᵀ): its term is
+    −(step_scale/B)·A·K_P·G."""
+
+    step: int
+    lr: float
+    step_scale: float
+    optimizer: str
+    batch_indices: np.ndarray
+    batch_labels: np.ndarray
+    contributions: np.ndarray
+    top_index: np.ndarray
+    top_kernel: np.ndarray
+    top_G: np.ndarray
+    probs_before: np.ndarray
+
+    def top_term(self, w: int) -> np.ndarray:
+        """The top contributor's Δlog π term on watched example ``w``, ``(V,)``."""
+        p = self.probs_before[w]
+        A = np.eye(len(p)) - p[None, :]
+        B = len(self.batch_indices)
+        return -(self.step_scale / B) * A @ self.top_kernel[w] @ self.top_G[w]
+
+
+@dataclass(frozen=True, eq=False)
+class WatchRanking:
+    """Over the run so far, per watched example: the training examples that raised
+    (``helpful``) and lowered (``harmful``) log π of its class most, ``(k,)`` indices into the
+    training split with their summed contributions; ``by_class (W, C, V)`` the summed gradient
+    terms by class of training example and output class; ``steps`` accounted."""
+
+    examples: tuple
+    classes: tuple
+    helpful: tuple
+    helpful_values: tuple
+    harmful: tuple
+    harmful_values: tuple
+    by_class: np.ndarray
+    steps: int
+
+
+@dataclass
+class WatchObserver:
+    """Watches ``examples`` (at most :data:`MAX_WATCHED`), each on its class (default: its
+    label), during the engine's training runs. Built on the GUI thread, used on the engine's."""
+
+    examples: tuple
+    classes: tuple = ()
+    history: int = HISTORY
+    run: object = field(default=None, repr=False)  # the RunAccount of the current run
+    details: deque = field(default_factory=deque, repr=False)
+    accounted: int = 0
+
+    def __post_init__(self):
+        if not 0 < len(self.examples) <= MAX_WATCHED:
+            raise ValueError(f"watch 1 to {MAX_WATCHED} examples, got {len(self.examples)}")
+
+    def train_kwargs(self, engine) -> dict:
+        """Start watching a new run: the ``watch`` argument of ``train``."""
+        import torch
+
+        from ntkviz.accounting import Watch
+        from ntkviz.run_account import RunAccount
+
+        classes = self.classes or tuple(engine.data.split(e.split).y[e.index].item()
+                                        for e in self.examples)  # fmt: skip
+        self.classes = tuple(int(c) for c in classes)
+        x = torch.stack([engine.x(e) for e in self.examples])
+        meta = {
+            "watched": [[e.split, e.index] for e in self.examples], "model": engine.model_name,
+            "dataset": engine.data.name, "seed": engine.config.seed,
+            "optimizer": engine.config.optimizer,
+        }  # fmt: skip
+        self.run = RunAccount(
+            self.classes, len(engine.data.train), len(engine.data.classes), keep_steps=True,
+            meta=meta,
+        )  # fmt: skip
+        self.details = deque(maxlen=self.history)
+        self.accounted = 0
+        return {"watch": Watch(x, self.classes, top_kernels=True)}
+
+    def observe(self, engine, records) -> list:
+        """Account for the records of one engine tick; their timeline rows as one event."""
+        accounted = [r for r in records if r.account is not None]
+        if not accounted:
+            return []
+        C, W = len(engine.data.classes), len(self.examples)
+        rows = {k: [] for k in ("by_class", "momentum", "weight_decay", "residual", "actual")}
+        rows["log_prob"] = []
+        w = np.arange(W)
+        cls = np.asarray(self.classes)
+        for r in accounted:
+            a = r.account
+            self.run.add(a, r.batch_indices, r.step)
+            self.accounted += 1
+            by_class = np.zeros((W, C))
+            for b, label in enumerate(a.batch_labels):
+                by_class[:, label] += a.contributions[:, b]
+            rows["by_class"].append(by_class)
+            for name in ("momentum", "weight_decay", "residual", "actual"):
+                rows[name].append(getattr(a, name)[w, cls])
+            rows["log_prob"].append(np.log(np.maximum(a.probs_before[w, cls], 1e-300)))
+            self.details.append(
+                WatchDetail(
+                    r.step, float(a.lr), float(a.step_scale), a.optimizer,
+                    readonly(r.batch_indices), a.batch_labels, a.contributions, a.top_index,
+                    a.top_kernel, readonly(a.G[a.top_index]), a.probs_before,
+                )
+            )  # fmt: skip
+        steps = WatchSteps(
+            readonly(np.array([r.step for r in accounted], dtype=np.int64)),
+            **{k: readonly(np.stack(v)) for k, v in rows.items()},
+        )
+        return [Event("watch_steps", steps)]
+
+
+def _observer(engine) -> WatchObserver:
+    observer = engine.run_observers.get("watch")
+    if observer is None or observer.run is None:
+        raise ValueError("nothing watched yet: choose examples to watch, then start a run")
+    return observer
+
+
+@dataclass(frozen=True)
+class WatchDetailRequest:
+    """Job: the details of training step ``step`` (one of the last :data:`HISTORY`)."""
+
+    step: int
+
+    def run(self, engine):
+        yield from ()
+        observer = _observer(engine)
+        for detail in reversed(observer.details):
+            if detail.step == self.step:
+                return detail
+        raise ValueError(
+            f"step {self.step} is not among the last {observer.history} steps kept in detail"
+        )
+
+
+@dataclass(frozen=True)
+class WatchRankingRequest:
+    """Job: the ``k`` most helpful and harmful training examples of the run so far."""
+
+    k: int = 12
+
+    def run(self, engine):
+        yield from ()
+        o = _observer(engine)
+        rankings = [o.run.top(w, self.k) for w in range(len(o.examples))]
+        return WatchRanking(
+            tuple(o.examples), tuple(o.classes),
+            tuple(r.helpful for r in rankings), tuple(r.helpful_values for r in rankings),
+            tuple(r.harmful for r in rankings), tuple(r.harmful_values for r in rankings),
+            readonly(o.run.by_class), o.accounted,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SaveAccounts:
+    """Job: write the run's accounts (timeline, sums, rankings) to ``path`` (.npz or .csv)."""
+
+    path: str
+
+    def run(self, engine):
+        yield from ()
+        return str(_observer(engine).run.save(self.path))
+
+
+def default_watch(dataset, x_o: Example) -> tuple[Example, ...]:
+    """x_o and the first test example of every other class (at most :data:`MAX_WATCHED`)."""
+    labels = dataset.labels["test"]
+    chosen = [x_o]
+    for c in range(len(dataset.classes)):
+        if len(chosen) >= MAX_WATCHED:
+            break
+        hits = np.flatnonzero(labels == c)
+        if len(hits) and c != dataset.label(x_o.split, x_o.index):
+            chosen.append(Example("test", int(hits[0])))
+    return tuple(chosen)

@@ -1,0 +1,306 @@
+"""The watch tab (feature "watch"): what training actually did to the watched examples.
+
+For the watched x_o chosen in the tab, the timeline shows how log π of its class moved since the
+run began, split exactly into the gradient terms by class of the batch example, the momentum and
+weight-decay terms, and the residual (their sum is the actual change). Clicking the timeline shows
+that step's batch with each example's contribution and A, K_P, G of the largest contributor;
+"who moved x_o" ranks the training examples over the whole run (click one: it becomes x_u).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QComboBox, QLabel, QPushButton
+
+from ntkviz.app.features.watch import (
+    MAX_WATCHED,
+    SaveAccounts,
+    WatchDetailRequest,
+    WatchObserver,
+    WatchRankingRequest,
+    default_watch,
+)
+from ntkviz.app.state import Example
+from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
+from ntkviz.gui.graphics import pg
+from ntkviz.gui.plots import CLASS_COLORS, HeatmapView, let_shrink
+from ntkviz.gui.widgets import ThumbnailRow, fit_text
+
+SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
+OTHER_TERMS = (
+    ("momentum", "momentum", "#7f7f7f", Qt.DashLine),
+    ("weight_decay", "weight decay", "#8c564b", Qt.DashLine),
+    ("residual", "residual (2nd order)", "#000000", Qt.DotLine),
+)
+
+
+class WatchView(ProbeView):
+    """Watched examples, the timeline of one, a step's details, and who moved it."""
+
+    name = "watch_ranking"
+    title = "Watch"
+    tooltip = "What training did to watched examples: an exact account of every step"
+    run_text = "Rank the run's examples"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.examples: tuple = ()  #: watched (applies from the next run)
+        self.run_examples: tuple = ()  #: watched in the current run's timeline
+        self.rows: list = []  # WatchSteps of the current run
+        self.detail = None
+        self.ranking = None
+        self.which = QComboBox()
+        self.which.setToolTip("the watched x_o shown")
+        self.which.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.which.setMinimumContentsLength(14)
+        self.add_button = QPushButton("Watch x_o")
+        self.add_button.setToolTip(
+            f"add the current x_o (at most {MAX_WATCHED}; from the next run)"
+        )
+        self.reset_button = QPushButton("x_o + one per class")
+        self.reset_button.setToolTip("watch x_o and one test image of every other class")
+        fit_text(self.add_button, self.reset_button)
+        self.note = QLabel("")
+        self.add_controls(QLabel("show"), self.which, self.add_button, self.reset_button, self.note)
+        self.finish_controls()
+        g = self.graphics
+        self.caption = let_shrink(g.addLabel("Start a run to watch it", 0, 0, 1, 4))
+        self.timeline = g.addPlot(1, 0, 1, 3)
+        self.timeline.setLabel("bottom", "training step")
+        self.timeline.setLabel("left", "Δlog π(class) since the run began (nats)")
+        self.legend = pg.LegendItem(labelTextSize="8pt")  # beside the plot: it covers nothing
+        g.addItem(self.legend, 1, 3)
+        self.timeline.setMenuEnabled(False)
+        self.timeline.getAxis("bottom").enableAutoSIPrefix(False)
+        self.marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", width=1))
+        self.timeline.addItem(self.marker)
+        self.timeline.scene().sigMouseClicked.connect(self._clicked)
+        self.curves: dict = {}
+        d = self._describe
+        self.factors = {}
+        for col, (key, title) in enumerate((
+            ("A", "A(x<sub>o</sub>)"), ("K", "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)"),
+            ("G", "G(x<sub>top</sub>)"), ("term", "its Δlog π(x<sub>o</sub>)"),
+        )):  # fmt: skip
+            view = HeatmapView(title, lambda i, j, k=key: d(k, i, j), "i", "")
+            self.factors[key] = view
+            g.addItem(view, 2, col)
+        for col, stretch in enumerate((3, 3, 1, 1)):
+            g.ci.layout.setColumnStretchFactor(col, stretch)
+        g.ci.layout.setRowStretchFactor(1, 3)
+        g.ci.layout.setRowStretchFactor(2, 2)
+        self.batch = ThumbnailRow("the step's batch, largest contributions first", 12)
+        self.helpful = ThumbnailRow("who raised log π(class) most over the run", 10)
+        self.harmful = ThumbnailRow("who lowered it most", 10)
+        for row in (self.batch, self.helpful, self.harmful):
+            self.layout_.addWidget(row)
+            row.clicked.connect(lambda index: setattr(self.state, "x_u", Example("train", index)))
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.setInterval(250)
+        self._redraw_timer.timeout.connect(self.redraw)
+        c, s = self.controller, self.state
+        self.which.currentIndexChanged.connect(self._which_changed)
+        self.add_button.clicked.connect(self._watch_x_o)
+        self.reset_button.clicked.connect(self._one_per_class)
+        c.on("dataset", lambda event: self._one_per_class())  # once x_o is chosen
+        s.events.run_state.connect(self._run_state)
+        c.on("run_started", self._run_started)
+        c.on("watch_steps", self._steps)
+        c.on("watch_detail", self._on_detail)
+        c.on("watch_save", self.job.follow)
+
+    # ------------------------------------------------------------------ the watch list
+    def _one_per_class(self) -> None:
+        if self.state.dataset is not None:
+            self.set_watched(default_watch(self.state.dataset, self.state.x_o))
+
+    def _watch_x_o(self) -> None:
+        x_o = self.state.x_o
+        if x_o not in self.examples:
+            self.set_watched((*self.examples, x_o)[-MAX_WATCHED:])
+
+    def set_watched(self, examples) -> None:
+        """Watch ``examples`` from the next run (a new run or Continue) on."""
+        self.examples = tuple(examples)
+        self.controller.send("set_observer", "watch", WatchObserver(self.examples))
+        self._note()
+
+    def _note(self) -> None:
+        pending = self.run_examples and self.examples != self.run_examples
+        self.note.setText(
+            f"{len(self.examples)} watched" + (", from the next run" if pending else "")
+        )
+
+    def session_state(self) -> dict:
+        return {"watched": [[e.split, e.index] for e in self.examples]}
+
+    def restore_session(self, part: dict) -> None:
+        self.set_watched([Example(*e) for e in part["watched"]])
+
+    # ------------------------------------------------------------------ the run
+    def _run_started(self, event) -> None:
+        self.run_examples, self.rows, self.detail, self.ranking = self.examples, [], None, None
+        c = self.state.dataset.classes
+        self.which.blockSignals(True)
+        self.which.clear()
+        for e in self.run_examples:
+            self.which.addItem(f"{e} ({c[self.state.label(e)]})")
+        self.which.blockSignals(False)
+        self._note()
+        self.redraw()
+
+    def _steps(self, event) -> None:
+        self.rows.append(event.payload)
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def _run_state(self, state: str) -> None:
+        if state in ("paused", "stopped", "finished") and self.rows:
+            self.redraw()
+            self.run()  # the ranking of the run so far
+
+    def _which_changed(self) -> None:
+        self.redraw()
+        if self.detail is not None:
+            self._show_detail()
+        if self.result is not None:
+            self.show_result(self.result)
+
+    @property
+    def w(self) -> int:
+        return max(self.which.currentIndex(), 0)
+
+    def timeline_arrays(self) -> dict[str, np.ndarray]:
+        """The current run's rows, concatenated: ``steps (T,)``, ``by_class (T, W, C)``, the
+        other terms ``(T, W)``."""
+        names = ("steps", "by_class", "momentum", "weight_decay", "residual", "actual", "log_prob")
+        return {n: np.concatenate([getattr(r, n) for r in self.rows]) for n in names}
+
+    def redraw(self) -> None:
+        self._redraw_timer.stop()
+        for curve in self.curves.values():
+            self.timeline.removeItem(curve)
+        self.curves.clear()
+        self.legend.clear()
+        if not self.rows:
+            return
+        t, w, c = self.timeline_arrays(), self.w, self.state.dataset.classes
+        steps = t["steps"].astype(float)
+        by_class = np.cumsum(t["by_class"][:, w, :], axis=0)  # (T, C)
+        shown = np.argsort(-np.abs(by_class[-1]))[:SHOWN_CLASSES]
+        for k in sorted(shown):
+            pen = pg.mkPen(CLASS_COLORS[k % len(CLASS_COLORS)], width=1.5)
+            self._curve(f"training examples of class {c[k]}", steps, by_class[:, k], pen)
+        rest = np.setdiff1d(np.arange(len(c)), shown)
+        if len(rest):
+            pen = pg.mkPen("#bcbd22", width=1.5, style=Qt.DashDotLine)
+            self._curve("training examples of the other classes", steps,
+                        by_class[:, rest].sum(1), pen)  # fmt: skip
+        for key, label, color, style in OTHER_TERMS:
+            self._curve(
+                label, steps, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)
+            )
+        actual = np.cumsum(t["actual"][:, w])
+        self._curve("actual change", steps, actual, pg.mkPen("#d62728", width=3))
+        e = self.run_examples[w]
+        self.caption.setText(
+            f"x<sub>o</sub> = {e} (label {c[self.state.label(e)]}): log π of its class went "
+            f"{t['log_prob'][0, w]:.3g} → {t['log_prob'][-1, w] + t['actual'][-1, w]:.3g} in "
+            f"{len(steps)} steps<br>the terms of every step, added up, sum to the actual change; "
+            "click a step for its batch",
+            size="10pt",
+        )
+
+    def _curve(self, name, x, y, pen) -> None:
+        self.curves[name] = curve = self.timeline.plot(x, y, pen=pen)
+        self.legend.addItem(curve, name)
+
+    def _clicked(self, event) -> None:
+        if not self.rows or not self.timeline.sceneBoundingRect().contains(event.scenePos()):
+            return
+        x = self.timeline.getViewBox().mapSceneToView(event.scenePos()).x()
+        steps = self.timeline_arrays()["steps"]
+        step = int(steps[np.argmin(np.abs(steps - x))])
+        self.show_step(step)
+
+    def show_step(self, step: int) -> None:
+        """Ask for the details of training step ``step``."""
+        self.marker.setPos(step)
+        self.controller.submit("watch_detail", WatchDetailRequest(step))
+
+    # ------------------------------------------------------------------ a step
+    def _on_detail(self, event) -> None:
+        if event.kind == "result":
+            self.detail = event.payload
+            self._show_detail()
+            self.ctx.shown("watch_detail", event.payload)
+
+    def _show_detail(self) -> None:
+        d, w, data = self.detail, self.w, self.state.dataset
+        c, images = data.classes, data.images["train"]
+        order = np.argsort(-np.abs(d.contributions[w]), kind="stable")
+        items = []
+        for b in order[: len(self.batch.buttons)]:
+            idx, value = int(d.batch_indices[b]), d.contributions[w, b]
+            tip = (f"train[{idx}], label {c[int(d.batch_labels[b])]}: its gradient term moved "
+                   f"log π of x_o's class by {value:+.4g} at step {d.step}; click: x_u")  # fmt: skip
+            items.append((images[idx], f"{c[int(d.batch_labels[b])]}: {value:+.2g}", tip, idx))
+        self.batch.set_items(items)
+        top = int(d.top_index[w])
+        self.batch.title.setText(
+            f"step {d.step} ({d.optimizer}, η = {d.lr:.3g}): its batch of {len(d.batch_indices)}, "
+            f"largest contributions first; the largest, train[{int(d.batch_indices[top])}], below"
+        )
+        p = d.probs_before[w]
+        A = np.eye(len(p)) - p[None, :]
+        self.factors["A"].set_matrix(A, c)
+        self.factors["K"].set_matrix(d.top_kernel[w], c)
+        self.factors["G"].set_matrix(d.top_G[w][:, None], c)
+        self.factors["term"].set_matrix(d.top_term(w)[:, None], c)
+
+    def _describe(self, key: str, i: int, j: int) -> str:
+        d = self.detail
+        if d is None:
+            return ""
+        c, w = self.state.dataset.classes, self.w
+        if key == "K":
+            return f"K_P[{c[i]},{c[j]}] = {d.top_kernel[w][i, j]:.4g} (the optimizer's kernel)"
+        if key == "G":
+            return f"G[{c[i]}] = {d.top_G[w][i]:.4g}: ∂ℓ/∂z of the top contributor"
+        if key == "term":
+            return f"Δlog π_{c[i]}(x_o) from the top contributor: {d.top_term(w)[i]:.4g}"
+        return f"A[{c[i]},{c[j]}] = {float(i == j) - d.probs_before[w][j]:.4g}"
+
+    # ------------------------------------------------------------------ the run's ranking
+    def request(self) -> WatchRankingRequest:
+        return WatchRankingRequest(len(self.helpful.buttons))
+
+    def show_result(self, ranking) -> None:
+        w, data = self.w, self.state.dataset
+        c, images = data.classes, data.images["train"]
+        for row, idx, values in (
+            (self.helpful, ranking.helpful[w], ranking.helpful_values[w]),
+            (self.harmful, ranking.harmful[w], ranking.harmful_values[w]),
+        ):
+            row.set_items([
+                (images[i], f"{c[data.label('train', i)]}: {v:+.2g}",
+                 f"train[{i}]: summed contribution {v:+.4g} over {ranking.steps} steps; click: x_u",
+                 int(i))
+                for i, v in zip(idx, values, strict=True)
+            ])  # fmt: skip
+
+    # ------------------------------------------------------------------ export
+    def data(self) -> dict[str, np.ndarray]:
+        return self.timeline_arrays() if self.rows else {}
+
+    def export(self, path, width: int = 1600):
+        """The timeline as PNG/SVG; the run's accounts (written by the engine) as NPZ/CSV."""
+        from pathlib import Path
+
+        if Path(path).suffix.lower() in VIEW_DATA_FORMATS:
+            self.job.set_running(True)
+            self.controller.submit("watch_save", SaveAccounts(str(path)))
+            return Path(path)
+        return super().export(path, width)

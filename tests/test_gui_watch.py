@@ -1,0 +1,132 @@
+"""The watch tab and the optimizer switch (issue 10): the window shows the core's numbers."""
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PySide6")
+
+from gui_helpers import (
+    SMALL,
+    TIMEOUT,
+    model_state,
+    open_window,
+    settings_in,
+    train_batches,
+    wait_current,
+    wait_event,
+    wait_shown,
+)
+
+from ntkviz.accounting import Watch, account_step, decompose_step
+from ntkviz.app.state import Example
+from ntkviz.models import build_model
+from ntkviz.run_account import RunAccount
+from ntkviz.training import make_optimizer, train
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, mnist):
+    return open_window(qtbot, settings_in(tmp_path), mnist)
+
+
+def core_run(mnist, watched, steps=None):
+    """The engine's run, replayed here: model, optimizer and the accounts of each step."""
+    model = build_model(SMALL.model, 10, seed=SMALL.seed)
+    opt = make_optimizer(model, SMALL)
+    x = torch.stack([mnist.split(e.split).x[e.index] for e in watched])
+    classes = [int(mnist.split(e.split).y[e.index]) for e in watched]
+    records = []
+    for r in train(model, mnist, SMALL, opt, watch=Watch(x, classes, top_kernels=True)):
+        records.append(r)
+        if steps is not None and r.step == steps:
+            break
+    return model, opt, classes, records
+
+
+def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
+    view = window.views["watch_ranking"]
+    watched = view.examples
+    assert watched[0] == window.state.x_o and len(watched) == 10  # x_o and one per class
+    window.show_view(view)
+    window.views["training"].start_button.click()
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    ranking = wait_event(qtbot, window, "watch_ranking", lambda: None, "result").payload
+    _, _, classes, records = core_run(mnist, watched)
+    t = view.timeline_arrays()
+    assert t["steps"].tolist() == [r.step for r in records]
+    for w in range(len(watched)):
+        core_by_class = np.zeros((len(records), 10))
+        for k, r in enumerate(records):
+            np.add.at(core_by_class[k], r.account.batch_labels, r.account.contributions[w])
+        np.testing.assert_allclose(t["by_class"][:, w], core_by_class, rtol=1e-5, atol=1e-9)
+        for name in ("momentum", "weight_decay", "residual", "actual"):
+            core = [getattr(r.account, name)[w, classes[w]] for r in records]
+            np.testing.assert_allclose(t[name][:, w], core, rtol=1e-5, atol=1e-9, err_msg=name)
+    # the curves drawn are the cumulative terms; they add up to the actual change
+    w = view.w
+    drawn = sum(view.curves[name].getData()[1] for name in view.curves if name != "actual change")
+    np.testing.assert_allclose(drawn, view.curves["actual change"].getData()[1], atol=1e-9)
+    # who moved x_o: the run's exact sums
+    run = RunAccount(classes, len(mnist.train), 10)
+    for r in records:
+        run.add(r.account, r.batch_indices, r.step)
+    top = run.top(w, len(view.helpful.buttons))
+    assert np.array_equal(ranking.helpful[w], top.helpful)
+    np.testing.assert_allclose(ranking.harmful_values[w], top.harmful_values, rtol=1e-5)
+    shown = [b.property("payload") for b in view.helpful.buttons if b.isVisible()]
+    assert shown == top.helpful.tolist()
+    view.helpful.buttons[0].click()  # becomes x_u
+    assert window.state.x_u == Example("train", int(top.helpful[0]))
+    # a step's details: its batch and the largest contributor's A, K_P, G
+    detail = wait_shown(qtbot, window, "watch_detail", lambda: view.show_step(7))
+    account = records[6].account
+    assert detail.step == 7 and np.array_equal(detail.batch_indices, records[6].batch_indices)
+    np.testing.assert_allclose(detail.contributions, account.contributions, rtol=1e-5, atol=1e-9)
+    top = int(account.top_index[w])
+    np.testing.assert_allclose(detail.top_term(w), account.gradient[w, top], rtol=1e-4,
+                               atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(view.factors["K"].image, account.top_kernel[w], rtol=1e-5)
+    first = view.batch.buttons[0].property("payload")
+    assert first == int(records[6].batch_indices[np.argmax(np.abs(account.contributions[w]))])
+
+
+def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):
+    train_batches(qtbot, window, 2)  # momentum has a state now
+    pair = window.views["pair"]
+    window.state.lr = 0.1
+    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer
+    assert window.state.step_kind == "optimizer"
+    wait_current(qtbot, window)
+    dec = pair.last_result.decomposition
+    model, opt, _, _ = core_run(mnist, [window.state.x_o], steps=2)
+    r = window.controller.pair()
+    x_o, x_u = mnist.split(r.x_o.split).x[r.x_o.index], mnist.split(r.x_u.split).x[r.x_u.index]
+    core = decompose_step(model, opt, x_o, x_u, r.y_u, 0.1, r.loss)
+    for name in ("K", "G", "gradient_term", "momentum", "weight_decay", "predicted", "actual"):
+        np.testing.assert_allclose(getattr(dec, name), getattr(core, name), rtol=1e-4, atol=1e-8,
+                                   err_msg=name)  # fmt: skip
+    assert np.abs(dec.momentum).max() > 0  # the run's momentum moves x_o too
+    heatmaps = pair.decomposition_view.heatmaps
+    np.testing.assert_allclose(heatmaps["predicted"].image[:, 0], dec.gradient_term, rtol=1e-6)
+    assert "gradient term" in heatmaps["predicted"].titleLabel.text
+    bars = pair.step_panel.preview
+    assert bars.momentum.isVisible()
+    np.testing.assert_allclose(bars.momentum.opts["height"], dec.momentum, rtol=1e-6)
+    before = model_state(qtbot, window)
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    applied = model_state(qtbot, window)
+    account_step(model, opt, x_u[None], torch.tensor([r.y_u]), x_o[None], 0.1, loss=r.loss)
+    for k, v in model.state_dict().items():
+        np.testing.assert_allclose(applied[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    wait_shown(qtbot, window, "history", window.controller.undo_step)
+    undone = model_state(qtbot, window)
+    assert all(torch.equal(before[k], undone[k]) for k in before)
+    # undo restored the momentum too: the same step again lands on the same weights
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    again = model_state(qtbot, window)
+    assert all(torch.equal(applied[k], again[k]) for k in applied)
