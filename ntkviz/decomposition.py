@@ -175,7 +175,9 @@ def decompose(
     with eval_mode(model):
         fast = _fast_pair(model, both, y_u, loss)
         if fast is not None:
-            z, K, grads = fast
+            _, K, grads = fast
+            with torch.no_grad():  # the logits as computed after the step (the sweep may run
+                z = model(both)  # in another memory layout, rounding differently)
         else:
             with torch.enable_grad():
                 z = _forward(model, both, y_u)

@@ -1,4 +1,5 @@
-"""Benchmark ntkviz's kernel, decomposition, influence and training on CPU, LeNet beside the MLP.
+"""Benchmark ntkviz's kernel, decomposition, influence and training on CPU, LeNet beside the MLP
+and (``--models lenet,mlp,resnet20``) the CIFAR ResNet-20 on random 3×32×32 data.
 
 Every kernel figure stands beside a baseline: the "jacobian contraction" recipe of the PyTorch
 NTK tutorial (``vmap(jacrev)`` of a per-example function over ``functional_call`` parameters on
@@ -15,7 +16,12 @@ Times are medians of repeats after warm-up (``time.perf_counter``). The baseline
 runs only with ``--full`` (it needs ~11 GB for the MLP); otherwise it is extrapolated linearly
 from its measurements at 1 and 100 x_o and marked "~", as is the baseline at 10,000 x_o.
 
-    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--json out.json]
+The ResNets and the ViT ("heavy" models: ~25× LeNet's arithmetic per example) run on random
+CIFAR-10-shaped data (10,000 test and 20,000 training images, 3×32×32, 10 classes) with the
+quick repeat counts and without the class×class map; with LeNet in the same run the ResNet's one
+pair and ``decompose`` are compared with LeNet's per parameter.
+
+    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp,resnet20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ import time
 LR = 0.1
 BUSY = 1.3  # calibration slowdown above which a measurement is reported as disturbed
 BASELINE_SMALL_N = 100  # x_o count the baseline is measured at when it is extrapolated
-MODEL_LABELS = {"lenet": "LeNet", "mlp": "MLP"}
+MODEL_LABELS = {
+    "lenet": "LeNet",
+    "mlp": "MLP",
+    "resnet8": "ResNet-8",
+    "resnet20": "ResNet-20",
+    "vit": "ViT",
+}
+#: Models measured on random CIFAR-10-shaped data, with the quick repeat counts.
+HEAVY = ("resnet8", "resnet20", "vit")
 
 # measurements, in the order they run; each is one function call in ``measure``
 MEASUREMENTS = [
@@ -126,10 +140,13 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
 
     from ntkviz.decomposition import decompose, influence
     from ntkviz.kernel import empirical_ntk
+    from ntkviz.models import count_parameters
     from ntkviz.training import TrainConfig, train
 
     x_test = data.test.x
     x_u, y_u = data.train.x[:1], int(data.train.y[0])
+    heavy = data.name == "random-cifar"
+    quick = quick or heavy
     r = (lambda q, n: q) if quick else (lambda q, n: n)  # repeats: quick or normal
 
     if name == "verify":
@@ -142,7 +159,8 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
             "max_abs_k": float(k_base.abs().max()),
         }
     if name == "k_pair":
-        return {"time": _median_time(lambda: empirical_ntk(model, x_test[:1], x_u), r(20, 50), 5)}
+        fn = lambda: empirical_ntk(model, x_test[:1], x_u)  # noqa: E731
+        return {"time": _median_time(fn, r(20, 50), 5), "params": count_parameters(model)}
     if name == "k_pair_base":
         fn = lambda: jacobian_contraction_ntk(model, x_test[:1], x_u)  # noqa: E731
         return {"time": _median_time(fn, r(3, 10), 2)}
@@ -156,7 +174,7 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
         return {"time": _median_time(fn, 1 if quick or full else 3, 1, warm), "n": n}
     if name == "k_10000":
         fn = lambda: empirical_ntk(model, x_test, x_u)  # noqa: E731
-        warm = lambda: empirical_ntk(model, x_test[:1000], x_u)  # noqa: E731
+        warm = lambda: empirical_ntk(model, x_test[: 100 if heavy else 1000], x_u)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm), "n": len(x_test)}
     if name == "forward":
         with torch.no_grad():
@@ -165,12 +183,17 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
         return {"time": single, "chunked": chunked}
     if name == "decompose":
         fn = lambda: decompose(model, x_test[0], x_u[0], y_u, LR)  # noqa: E731
-        return {"time": _median_time(fn, 30 if quick else 100, 5)}
+        return {
+            "time": _median_time(fn, 30 if quick else 100, 5),
+            "params": count_parameters(model),
+        }
     if name == "influence":
         fn = lambda: influence(model, x_test, x_u[0], y_u, LR)  # noqa: E731
-        warm = lambda: influence(model, x_test[:1000], x_u[0], y_u, LR)  # noqa: E731
+        warm = lambda: influence(model, x_test[: 100 if heavy else 1000], x_u[0], y_u, LR)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm)}
     if name == "class_map":
+        if heavy:
+            return {"skipped": "not run for heavy models"}
         from ntkviz.analysis import balanced_indices, class_kernel_map
 
         idx = balanced_indices(data.test.y, 50)  # 500 test images, 50 per class
@@ -196,6 +219,25 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
     raise ValueError(f"unknown measurement {name!r}")
 
 
+def random_cifar():
+    """CIFAR-10 shapes with random data: 20,000 training and 10,000 test images ``(3, 32, 32)``
+    drawn from N(0, 1) (as normalised images), random labels 0–9; seeded."""
+    from pathlib import Path
+
+    import torch
+
+    from ntkviz.data import ImageDataset, Split
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        return Split(images=torch.empty(0), x=x, y=torch.randint(0, 10, (n,), generator=g))
+
+    classes = tuple(str(c) for c in range(10))
+    return ImageDataset("random-cifar", split(20_000), split(10_000), 0.0, 1.0, classes, Path("."))
+
+
 def worker(model_name: str, names: list[str], quick: bool, full: bool) -> None:
     """Subprocess entry: load once, run ``names`` in order, print one JSON line per result."""
     import torch
@@ -203,9 +245,11 @@ def worker(model_name: str, names: list[str], quick: bool, full: bool) -> None:
     from ntkviz.data import load_dataset
     from ntkviz.models import build_model
 
-    data = load_dataset("mnist")
+    heavy = model_name in HEAVY
+    data = random_cifar() if heavy else load_dataset("mnist")
+    shape = {"in_channels": 3, "image_size": 32} if heavy else {}
     for name in names:
-        model = build_model(model_name, seed=0).eval()
+        model = build_model(model_name, seed=0, **shape).eval()
         torch.manual_seed(0)
         calibration = _calibration()
         base = _reset_peak()
@@ -281,11 +325,38 @@ def check_targets(name: str, res: dict, der: dict) -> dict[str, tuple[str, bool]
         ratio = res["k_10000"]["time"] / res["forward"]["time"]
         t["k_10000_ratio"] = ("K 10,000 LeNet ≤ 3× plain single-call forward", ratio <= 3)
         t["k_10000_peak"] = ("K 10,000 LeNet peak ≤ 2 GiB", res["k_10000"]["peak_mib"] <= 2 * GIB)
+    label = MODEL_LABELS.get(name, name)
+    if name in HEAVY and has("k_10000"):
+        peak = res["k_10000"]["peak_mib"]
+        t["k_10000_peak"] = (f"K 10,000 {label} peak ≤ 2 GiB", peak <= 2 * GIB)
     if has("k_1000") and "base_1000" in der:
         ratio = der["base_1000"]["time"] / res["k_1000"]["time"]
-        label = MODEL_LABELS.get(name, name)
-        t["ratio_1000"] = (f"{label} ≥ 20× faster than jacobian contraction at 1,000", ratio >= 20)
+        want = 10 if name in HEAVY else 20
+        t["ratio_1000"] = (
+            f"{label} ≥ {want}× faster than jacobian contraction at 1,000 ({fmt_ratio(ratio)})",
+            ratio >= want,
+        )
     return t
+
+
+def per_parameter_targets(all_res: dict) -> dict[str, dict[str, tuple[str, bool]]]:
+    """A heavy model's one-pair K and decompose within 3× of LeNet's time per parameter (both
+    measured in this run): model -> targets."""
+    out: dict[str, dict[str, tuple[str, bool]]] = {}
+    lenet = all_res.get("lenet", {})
+    for name, res in all_res.items():
+        if name not in HEAVY:
+            continue
+        for key, what in (("k_pair", "K one pair"), ("decompose", "decompose")):
+            ours, base = res.get(key, {}), lenet.get(key, {})
+            if not all("time" in r and "params" in r for r in (ours, base)):
+                continue
+            ratio = (ours["time"] / ours["params"]) / (base["time"] / base["params"])
+            out.setdefault(name, {})[f"{key}_per_param"] = (
+                f"{what} {MODEL_LABELS[name]} ≤ 3× LeNet per parameter ({ratio:.2f}×)",
+                ratio <= 3,
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- formatting
@@ -404,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
     mode.add_argument("--full", action="store_true", help="run the baseline at 1,000 x_o")
-    parser.add_argument("--models", default="lenet,mlp", help="comma-separated (lenet,mlp)")
+    parser.add_argument(
+        "--models", default="lenet,mlp", help=f"comma-separated, of {','.join(MODEL_LABELS)}"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -418,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODEL_LABELS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from lenet, mlp")
+        parser.error(
+            f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_LABELS)}"
+        )
     mode_name = "quick" if args.quick else "full" if args.full else "normal"
     load_before = os.getloadavg()[0]
     print(
@@ -438,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         all_res[m] = res
         all_der[m] = derive(res, args.full)
         all_targets[m] = check_targets(m, res, all_der[m])
+    for m, targets in per_parameter_targets(all_res).items():
+        all_targets[m].update(targets)
 
     print()
     print_table(models, all_res, all_der, all_targets)
