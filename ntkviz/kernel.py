@@ -495,7 +495,8 @@ def _sweep(chain: list, x: Tensor):
 
     Returns ``(logits (N, V), [(name, layer, a_in, g_out (N, V, *out))] for trainable layers)``
     in forward order (branches of a block in any order); ``layer`` is a ``Linear``, ``Conv2d``
-    or ``BatchNorm`` (see :func:`parameter_jacobians` for its parameters' Jacobians).
+    or ``BatchNorm`` (see :func:`parameter_jacobians` for its parameters' Jacobians). Image
+    tensors may be channels-last (see :func:`_input_layout`): reshape them, do not ``view``.
     """
     z, trace = _run(chain, _input_layout(chain, x))
     if z.ndim != 2:
@@ -765,30 +766,51 @@ def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) ->
 
 
 def _generic_blocks(model, params, x1, x2, groups, chunk_size):
-    """Per-group kernels via NTK-vector products; ``groups``: name -> list of parameter names."""
+    """Per-group kernels; ``groups``: name -> list of parameter names. NTK-vector products
+    (forward mode) along the rows of J(x2); when an operation has no forward-mode derivative
+    (e.g. weight norm), the rows of J(x1) by reverse mode instead, in chunks, contracted with
+    J(x2)."""
 
     def f1(p, x):
         return functional_forward(model, p, x.unsqueeze(0)).squeeze(0)
 
     j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
     N2, V = next(iter(j2.values())).shape[:2]
-    out = {}
-    for group, names in groups.items():
-        sub = {n: params[n] for n in names}
-        tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
+    try:
+        out = {}
+        for group, names in groups.items():
+            sub = {n: params[n] for n in names}
+            tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
 
-        def ntk_vp(tangent, xc, sub=sub):
-            def f(s):
-                return functional_forward(model, {**params, **s}, xc)
+            def ntk_vp(tangent, xc, sub=sub):
+                def f(s):
+                    return functional_forward(model, {**params, **s}, xc)
 
-            return jvp(f, (sub,), (tangent,))[1]
+                return jvp(f, (sub,), (tangent,))[1]
 
-        blocks = []
-        for xc in x1.split(chunk_size):
-            prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
-            blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
-        out[group] = torch.cat(blocks)
-    return out
+            blocks = []
+            for xc in x1.split(chunk_size):
+                prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
+                blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
+            out[group] = torch.cat(blocks)
+        return out
+    except NotImplementedError:  # no forward-mode derivative: reverse mode on x1
+        size = _reverse_chunk_size(params, V, x1)
+        parts: dict[str, list[Tensor]] = {group: [] for group in groups}
+        for xc in x1.split(size):
+            j1 = vmap(jacrev(f1), (None, 0))(params, xc)
+            for group, names in groups.items():
+                blocks = [
+                    torch.einsum("aip,bjp->abij", j1[n].flatten(2), j2[n].flatten(2)) for n in names
+                ]
+                parts[group].append(sum(blocks))
+        return {group: torch.cat(p) for group, p in parts.items()}
+
+
+def _reverse_chunk_size(params: dict[str, Tensor], v: int, x: Tensor) -> int:
+    """Examples per chunk whose full Jacobians ``(n, V, P)`` fit :data:`MEMORY_BUDGET`."""
+    per_example = v * sum(p.numel() for p in params.values()) * x.element_size()
+    return max(1, MEMORY_BUDGET // per_example)
 
 
 # --------------------------------------------------------------------------- public API
@@ -936,10 +958,18 @@ def ntk_vector_product(
                 f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"
             )
         (tangent,) = pull(vectors)
-        size = chunk_size or 1000
-        return torch.cat(
-            [jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)]
-        ).detach()
+        try:
+            size = chunk_size or 1000
+            products = [
+                jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)
+            ]
+        except NotImplementedError:  # no forward-mode derivative: J(x1) by reverse mode
+            flat = torch.cat([tangent[n].flatten() for n in params])
+            products = []
+            for xc in x1.split(chunk_size or _reverse_chunk_size(params, z2.shape[1], x1)):
+                jac = vmap(jacrev(lambda p, x: f(p, x[None])[0]), (None, 0))(params, xc)
+                products.append(torch.cat([jac[n].flatten(2) for n in params], 2) @ flat)
+        return torch.cat(products).detach()
 
 
 def pair_kernel_and_gradient(

@@ -328,3 +328,27 @@ def test_models_are_bit_identical_after_every_api_call(name):
     check_model(model, x[:2], 10)
     assert_unchanged(model, snap)
     assert model.training
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_an_operation_without_forward_mode_derivatives_takes_reverse_mode_exactly():
+    """Weight norm has no forward-mode derivative in torch: the generic path's NTK-vector products
+    cannot run, so J(x1) comes from reverse mode."""
+    torch.manual_seed(0)
+    lin = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
+    model = nn.Sequential(nn.Flatten(), lin, nn.Tanh(), nn.Linear(16, 10)).double()
+    x = inputs(4, seed=12, shape=(1, 4, 4))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)), (params,), (params,))
+    J = torch.stack([backward_jacobian(model, xi) for xi in x])
+    snap = snapshot(model)
+    torch.testing.assert_close(empirical_ntk(model, x[:3], x[3:]), reference(J, [0, 1, 2], [3]))
+    layers = empirical_ntk_by_layer(model, x[:3], x[3:])
+    torch.testing.assert_close(sum(layers.values()), reference(J, [0, 1, 2], [3]))
+    v = torch.randn(1, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = torch.einsum("abij,bj->ai", reference(J, [0, 1, 2], [3]), v)
+    torch.testing.assert_close(ntk_vector_product(model, x[:3], x[3:], v), expected)
+    d = decompose(model, x[0], x[1], 1, 0.1)
+    np.testing.assert_allclose(d.K, (J[0] @ J[1].T).numpy(), atol=1e-10)
+    assert_unchanged(model, snap)
