@@ -24,7 +24,9 @@ class _UsageError(Exception):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a checkpoint")
     p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
-    p.add_argument("--model", default="lenet", help="lenet or mlp (default lenet)")
+    p.add_argument(
+        "--model", default="lenet", help="lenet, mlp, resnet8, resnet20 or vit (default lenet)"
+    )
     p.add_argument("--dataset", default="mnist", help="mnist (shipped), fashion-mnist or kmnist")
     p.add_argument("--data-dir", help="dataset directory (default: the ntkviz cache)")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")

@@ -17,7 +17,8 @@ Two exact algorithms (:func:`kernel_path` says which one a model takes, and why)
   large side's activations as a convolution; batch norm: per-channel sums. This also gives the
   per-layer split at no extra cost.
 * **generic** (``torch.func``): NTK-vector products, ``vmap`` of ``jvp`` along the rows of the small
-  side's Jacobian. Works for any ``nn.Module`` that maps a batch to logits ``(N, V)``.
+  side's Jacobian (reverse-mode Jacobians of the large side where an operation has no forward-mode
+  derivative). Works for any ``nn.Module`` that maps a batch to logits ``(N, V)``.
 
 Every function evaluates the model in eval mode and leaves it exactly as it was (parameters,
 buffers, train/eval flags). Only parameters with ``requires_grad`` count.
@@ -68,21 +69,18 @@ def functional_forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor) 
     handling swaps twice — and leaves the given tensors in the model — when one module is
     reachable under two names (``nn.Sequential(shared, act, shared)``). Each slot (module,
     attribute) is swapped once here; every slot holding a replaced tensor gets its replacement."""
-    slots: dict[tuple[int, str], str] = {}
-    names_of: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    names_of: dict[int, list[str]] = {}  # id(tensor) -> every slot's name that holds it
     for prefix, module in model.named_modules(remove_duplicate=False):
         for attr, t in (*module._parameters.items(), *module._buffers.items()):
-            if t is None or (id(module), attr) in slots:
-                continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            slots[id(module), attr] = name
-            names_of.setdefault(id(t), []).append(name)
-    current = dict(model.named_parameters())
-    current.update(model.named_buffers())
+            if t is not None and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                names_of.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    current = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     untied = {}
     for name, t in tensors.items():
-        for alias in names_of.get(id(current[name]), [name]) if name in current else [name]:
-            untied[alias] = t
+        aliases = names_of[id(current[name])] if name in current else [name]
+        untied.update(dict.fromkeys(aliases, t))
     return functional_call(model, untied, (x,), tie_weights=False)
 
 
@@ -156,6 +154,8 @@ def _kind(layer: nn.Module) -> str:
 
 
 def _trainable(module: nn.Module) -> bool:
+    if not module._modules:  # a layer: its own parameters (fast; this runs per layer per call)
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
     return any(p.requires_grad for p in module.parameters())
 
 
