@@ -176,8 +176,10 @@ def decompose(
         fast = _fast_pair(model, both, y_u, loss)
         if fast is not None:
             _, K, grads = fast
-            with torch.no_grad():  # the logits as computed after the step (the sweep may run
-                z = model(both)  # in another memory layout, rounding differently)
+            with torch.no_grad():
+                # The logits as the model computes them, like z_new below (the sweep may run in
+                # another memory layout and round differently).
+                z = model(both)
         else:
             with torch.enable_grad():
                 z = _forward(model, both, y_u)

@@ -10,6 +10,7 @@ returns logits, takes the generic path.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from functools import partial
 
@@ -238,13 +239,12 @@ def build_model(
     key = name.lower()
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    factory = MODELS[key][0]
     shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    for what, value in shape.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+        shape[what] = int(value)
+    factory = MODELS[key][0]
     if seed is None:
         return factory(**shape)
     with torch.random.fork_rng(devices=[]):
