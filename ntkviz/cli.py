@@ -31,7 +31,9 @@ def _add_train(sub) -> None:
         "and the run's most helpful and harmful training examples.",
     )
     p.add_argument("--out", help="checkpoint file to write (.pt)")
-    p.add_argument("--model", default="lenet", help="lenet or mlp (default lenet)")
+    p.add_argument(
+        "--model", default="lenet", help="lenet, mlp, resnet8, resnet20 or vit (default lenet)"
+    )
     p.add_argument("--dataset", default="mnist", help="mnist (shipped), fashion-mnist or kmnist")
     p.add_argument("--data-dir", help="dataset directory (default: the ntkviz cache)")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
@@ -66,7 +68,19 @@ def _add_train(sub) -> None:
 
 
 def _add_pair_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by 'ntkviz train'")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint written by 'ntkviz train'")
+    source.add_argument(
+        "--model",
+        metavar="PATH_OR_MODULE:FACTORY",
+        help="your own model instead of a checkpoint: a callable returning an nn.Module, in a .py "
+        "file or an importable module (e.g. my_models.py:build); this runs that code",
+    )
+    p.add_argument(
+        "--weights",
+        help="with --model: a state dict file (torch.save) or an ntkviz checkpoint to load; "
+        "read without running code",
+    )
     p.add_argument("--xu", type=int, required=True, help="index of x_u")
     p.add_argument("--xu-split", default="train", choices=("train", "test"))
     p.add_argument("--xo", type=int, required=True, help="index of x_o")
@@ -287,14 +301,32 @@ def _pick(data, split: str, index: int, what: str):
 
 
 def _pair_from_args(args):
-    """The checkpoint's model, x_o, x_u, y_u and the export metadata the arguments name."""
+    """The model (a checkpoint's, or --model/--weights), x_o, x_u, y_u and the export metadata
+    the arguments name."""
     from ntkviz.checkpoint import load_checkpoint
     from ntkviz.data import load_dataset
 
     if args.lr != args.lr or args.lr in (float("inf"), float("-inf")):
         raise _UsageError(f"--lr must be finite, got {args.lr}")
-    ckpt = load_checkpoint(args.checkpoint)
+    if args.weights and not args.model:
+        raise _UsageError("--weights goes with --model (a checkpoint holds its own weights)")
+    if args.model:
+        from ntkviz.modelspec import check_model, load_model_spec
+
+        model = load_model_spec(args.model, args.weights)
+        source = {"model": args.model, "weights": args.weights}
+    else:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = ckpt.model
+        source = {
+            "model": ckpt.model_name,
+            "training_step": ckpt.metadata.get("step"),
+            "seed": ckpt.config.seed,
+            "checkpoint": str(args.checkpoint),
+        }
     data = load_dataset(args.dataset, args.data_dir)
+    if args.model:
+        check_model(model, data.test.x[:2], data.num_classes, name=args.model)
     x_u, label_u = _pick(data, args.xu_split, args.xu, "--xu")
     x_o, label_o = _pick(data, args.xo_split, args.xo, "--xo")
     y_u = label_u if args.yu is None else args.yu
@@ -306,12 +338,9 @@ def _pair_from_args(args):
         "y_u": y_u,
         "lr": args.lr,
         "loss": args.loss,
-        "model": ckpt.model_name,
-        "training_step": ckpt.metadata.get("step"),
-        "seed": ckpt.config.seed,
-        "checkpoint": str(args.checkpoint),
+        **source,
     }
-    return ckpt.model, x_o, x_u, y_u, meta
+    return model, x_o, x_u, y_u, meta
 
 
 def format_decomposition(dec, classes=None) -> str:

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ntkviz.errors import NtkvizError, StepDiverged
 from ntkviz.kernel import (
     _as_batch,
     empirical_ntk,
     eval_mode,
+    functional_forward,
     ntk_vector_product,
     pair_kernel_and_gradient,
     trainable_parameters,
@@ -95,7 +95,7 @@ def _loss_grad(model, params, x_u: Tensor, y_u: int, loss: str) -> dict[str, Ten
     buffers_and_frozen = {n: p for n, p in model.named_parameters() if n not in params}
 
     def objective(p):
-        z = functional_call(model, {**buffers_and_frozen, **p}, (x_u,))
+        z = functional_forward(model, {**buffers_and_frozen, **p}, x_u)
         ce = F.cross_entropy(z, torch.tensor([y_u], device=z.device))
         return ce if loss == "ce" else -ce
 
@@ -175,22 +175,29 @@ def decompose(
     with eval_mode(model):
         fast = _fast_pair(model, both, y_u, loss)
         if fast is not None:
-            z, K, grads = fast
+            _, K, grads = fast
+            with torch.no_grad():
+                # The logits as the model computes them, like z_new below (the sweep may run in
+                # another memory layout and round differently).
+                z = model(both)
         else:
             with torch.enable_grad():
                 z = _forward(model, both, y_u)
                 ce = F.cross_entropy(z[1:], torch.tensor([y_u], device=z.device))
                 grads = torch.autograd.grad(
-                    ce if loss == "ce" else -ce, [named[n] for n in trainable]
+                    ce if loss == "ce" else -ce, [named[n] for n in trainable], allow_unused=True
                 )
-            grads = dict(zip(trainable, grads))
+            # A parameter the forward pass does not use has a zero gradient.
+            grads = {
+                n: torch.zeros_like(named[n]) if g is None else g for n, g in zip(trainable, grads)
+            }
             z = z.detach()
             K = empirical_ntk(model, both[:1], both[1:])[0, 0]
         new = {n: p.detach() for n, p in named.items()}
         for n in trainable:
             new[n] = new[n] - lr * grads[n]
         with torch.no_grad():
-            z_new = functional_call(model, new, (both,))
+            z_new = functional_forward(model, new, both)
     if not torch.isfinite(z).all():
         raise NtkvizError("the model's logits are not finite: it has diverged; reset or retrain it")
     if not torch.isfinite(z_new).all():
@@ -255,7 +262,7 @@ def step_trajectory(
             grad = _loss_grad(model, params, both[1:], y_u, loss)
             params = {n: params[n] - lr * grad[n] for n in params}
             with torch.no_grad():
-                z = functional_call(model, {**others, **params}, (both,))
+                z = functional_forward(model, {**others, **params}, both)
             if not torch.isfinite(z).all():
                 raise StepDiverged(lr)
             probs.append(F.softmax(z, -1))
@@ -324,7 +331,7 @@ def iter_influence(
                 parts["probs"].append(probs)
                 parts["pred"].append(dz - (probs * dz).sum(-1, keepdim=True))
                 if actual:
-                    z_new = functional_call(model, new, (xc,))
+                    z_new = functional_forward(model, new, xc)
                     parts["actual"].append(F.log_softmax(z_new, -1) - F.log_softmax(z, -1))
             if kernel_norm:
                 parts["norm"].append(empirical_ntk(model, xc, xu)[:, 0].flatten(1).norm(dim=1))

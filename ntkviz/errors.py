@@ -50,3 +50,10 @@ class StepDiverged(NtkvizError):
             f"{prefix}a step with η = {lr:.3g} makes {what} non-finite (the learning rate "
             "diverges); choose a smaller η"
         )
+
+
+class ModelError(NtkvizError):
+    """A model cannot be loaded or does not work on the data; the message names the model, the
+    data shape and what went wrong."""
+
+    title = "Model not usable"

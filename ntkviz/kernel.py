@@ -3,16 +3,22 @@
 ``K[a, b, i, j]`` is the change of logit ``z_i(x1[a])`` per unit change of ``z_j(x2[b])`` when θ moves
 along ``∂z_j(x2[b])/∂θ``: a step that raises ``z_j(x2[b])`` also raises ``z_i(x1[a])`` when it is > 0.
 
-Two exact algorithms:
+Two exact algorithms (:func:`kernel_path` says which one a model takes, and why):
 
 * **structured** (Novak et al., "Fast Finite Width Neural Tangent Kernel", ICML 2022) for models that
-  are ``nn.Sequential`` chains whose trainable layers are ``Linear`` and ``Conv2d``: one forward pass
-  and one reverse sweep of V output cotangents per example; a layer's kernel then factors into its
-  input activations and output gradients. Linear layers: ``(g1·g2)(a1·a2 + 1)``; convolutions: the
-  small side's weight Jacobian is applied to the large side's activations as a convolution. This also
-  gives the per-layer split at no extra cost.
+  are ``nn.Sequential`` chains — with :class:`~ntkviz.models.BranchSum` residual blocks whose
+  branches are chains — whose trainable layers are ``Linear``, ``Conv2d`` and ``BatchNorm`` (eval
+  mode: a per-channel affine map whose weight and bias count as parameters). Parameter-free layers
+  in between: elementwise activations (ReLU, GELU, tanh, …), max and average pooling, Flatten,
+  Dropout (the identity in eval mode); any other parameter-free layer is followed one layer at a
+  time with ``torch.func``. One forward pass and one reverse sweep of V output cotangents per
+  example; a layer's kernel then factors into its input activations and output gradients. Linear
+  layers: ``(g1·g2)(a1·a2 + 1)``; convolutions: the small side's weight Jacobian is applied to the
+  large side's activations as a convolution; batch norm: per-channel sums. This also gives the
+  per-layer split at no extra cost.
 * **generic** (``torch.func``): NTK-vector products, ``vmap`` of ``jvp`` along the rows of the small
-  side's Jacobian. Works for any ``nn.Module`` that maps a batch to logits ``(N, V)``.
+  side's Jacobian (reverse-mode Jacobians of the large side where an operation has no forward-mode
+  derivative). Works for any ``nn.Module`` that maps a batch to logits ``(N, V)``.
 
 Every function evaluates the model in eval mode and leaves it exactly as it was (parameters,
 buffers, train/eval flags). Only parameters with ``requires_grad`` count.
@@ -21,12 +27,17 @@ buffers, train/eval flags). Only parameters with ``requires_grad`` count.
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from ntkviz.models import BranchSum
 
 #: Bytes of intermediate data one chunk of the large side may use.
 MEMORY_BUDGET = 64 * 2**20
@@ -50,6 +61,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
     """Detached views of the parameters that require grad, by qualified name."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def functional_forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``model(x)`` with the given tensors in place of the parameters (or buffers) of those names
+    (as ``named_parameters`` gives them), like ``torch.func.functional_call``, whose tied-weight
+    handling swaps twice — and leaves the given tensors in the model — when one module is
+    reachable under two names (``nn.Sequential(shared, act, shared)``). Each slot (module,
+    attribute) is swapped once here; every slot holding a replaced tensor gets its replacement."""
+    seen: set[tuple[int, str]] = set()
+    names_of: dict[int, list[str]] = {}  # id(tensor) -> every slot's name that holds it
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for attr, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is not None and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                names_of.setdefault(id(t), []).append(f"{prefix}.{attr}" if prefix else attr)
+    current = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    untied = {}
+    for name, t in tensors.items():
+        aliases = names_of[id(current[name])] if name in current else [name]
+        untied.update(dict.fromkeys(aliases, t))
+    return functional_call(model, untied, (x,), tie_weights=False)
 
 
 def layer_of(param_name: str) -> str:
@@ -77,67 +109,257 @@ def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
 
 
 class _Unsupported(Exception):
-    """The structured path cannot handle this model or input; use the generic path."""
+    """The structured path cannot handle this model or input (the message says why); use the
+    generic path."""
 
 
-def _chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The model's leaf layers in order if it is a (nested) ``nn.Sequential`` whose trainable
-    layers are all ``Linear`` or ``Conv2d`` with integer padding; else None."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    leaves: list[tuple[str, nn.Module]] = []
+#: Kinds of layer the structured path knows by their exact ``forward`` (a subclass that overrides
+#: ``forward`` is another kind). Parameter-free layers of no kind here are followed one layer at a
+#: time with ``torch.func`` (exact for any per-example function).
+_ELEMENTWISE = (
+    nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Threshold,
+)  # fmt: skip
+_IDENTITY_IN_EVAL = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)  # fmt: skip
+_LINEAR_POOLS = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)  # fmt: skip
+_KINDS = {
+    nn.Linear.forward: "linear",
+    nn.Conv2d.forward: "conv2d",
+    nn.modules.batchnorm._BatchNorm.forward: "batchnorm",
+    nn.Tanh.forward: "tanh",
+    nn.ReLU.forward: "relu",
+    nn.MaxPool2d.forward: "maxpool2d",
+    nn.Flatten.forward: "reshape",
+    nn.Unflatten.forward: "reshape",
+    **{c.forward: "elementwise" for c in _ELEMENTWISE},
+    **{c.forward: "identity" for c in _IDENTITY_IN_EVAL},
+    **{c.forward: "linear_pool" for c in _LINEAR_POOLS},
+}
+#: Layer kinds whose trainable parameters the structured path handles.
+_TRAINABLE_KINDS = ("linear", "conv2d", "batchnorm")
 
-    def walk(prefix: str, module: nn.Module) -> bool:
-        if isinstance(module, nn.Sequential):
-            return all(walk(f"{prefix}{n}.", c) for n, c in module.named_children())
-        trainable = any(p.requires_grad for p in module.parameters())
-        if trainable:
-            if isinstance(module, nn.Conv2d):
-                if (
-                    module.groups != 1
-                    or module.padding_mode != "zeros"
-                    or isinstance(module.padding, str)
-                ):
-                    return False
-            elif not isinstance(module, nn.Linear):
-                return False
-            if any(True for _ in module.children()):
-                return False
-        leaves.append((prefix[:-1], module))
-        return True
 
-    return leaves if walk("", model) else None
+def _kind(layer: nn.Module) -> str:
+    kind = _KINDS.get(type(layer).forward, "other")
+    if kind == "conv2d" and type(layer)._conv_forward is not nn.Conv2d._conv_forward:
+        return "other"
+    return kind
+
+
+def _trainable(module: nn.Module) -> bool:
+    if not module._modules:  # a layer: its own parameters (fast; this runs per layer per call)
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
+    return any(p.requires_grad for p in module.parameters())
+
+
+class _Block:
+    """A :class:`~ntkviz.models.BranchSum` in a chain: the module and one chain per branch."""
+
+    def __init__(self, module: BranchSum, branches: list[list]):
+        self.module, self.branches = module, branches
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, n, None) for n in names)
+
+
+def _padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """A convolution's padding as two ints ("valid" and symmetric "same" converted)."""
+    p = layer.padding
+    if not isinstance(p, str):
+        return p
+    if p == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    if any(t % 2 for t in total):
+        raise _Unsupported(f"{type(layer).__name__} with asymmetric 'same' padding")
+    return (total[0] // 2, total[1] // 2)
+
+
+def _check_leaf(name: str, layer: nn.Module) -> None:
+    """Raise :class:`_Unsupported` unless the structured path computes this layer exactly."""
+    kind, what = _kind(layer), f"layer {name!r} ({type(layer).__name__})"
+    if kind != "other" and _has_hooks(layer):
+        raise _Unsupported(f"{what} has hooks")
+    if kind == "batchnorm" and layer.running_mean is None:
+        raise _Unsupported(f"{what} has no running statistics (it normalises by the batch)")
+    if not _trainable(layer):
+        return
+    if kind not in _TRAINABLE_KINDS:
+        raise _Unsupported(
+            f"{what} has trainable parameters and is not a Linear, Conv2d or BatchNorm layer"
+        )
+    if any(True for _ in layer.children()):
+        raise _Unsupported(f"{what} has submodules (e.g. a parametrization)")
+    if kind == "conv2d":
+        if layer.groups != 1 or layer.padding_mode != "zeros":
+            raise _Unsupported(f"{what} is grouped or pads with {layer.padding_mode!r}")
+        _padding(layer)
+
+
+def _walk(prefix: str, module: nn.Module, trainable_seen: set[int]) -> list:
+    """The chain of nodes ``(name, layer)`` or ``(name, _Block)`` that ``module`` computes."""
+    name = prefix[:-1]
+    is_chain = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    is_sum = isinstance(module, BranchSum) and type(module).forward is BranchSum.forward
+    if is_chain or is_sum:
+        if _has_hooks(module):
+            raise _Unsupported(f"module {name!r} has hooks")
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            raise _Unsupported(f"module {name!r} holds trainable parameters outside its layers")
+        owner = module.branches if is_sum else module
+        if is_sum and (_has_hooks(owner) or any(True for _ in owner.parameters(recurse=False))):
+            raise _Unsupported(f"module {name!r} has hooks or parameters on its branch list")
+        sub = "branches." if is_sum else ""
+        chains = []
+        for key, child in owner._modules.items():
+            if child is None:
+                raise _Unsupported(f"module {name!r} has an empty slot {key!r}")
+            chains.append(_walk(f"{prefix}{sub}{key}.", child, trainable_seen))
+        if is_sum:
+            return [(name, _Block(module, chains))]
+        return [node for chain in chains for node in chain]
+    if not name:
+        raise _Unsupported(f"the model ({type(module).__name__}) overrides the chain's forward")
+    _check_leaf(name, module)
+    if _trainable(module):
+        ids = {id(p) for p in module.parameters()}
+        if ids & trainable_seen:
+            raise _Unsupported(
+                f"layer {name!r} ({type(module).__name__}) shares trainable parameters with "
+                "another layer"
+            )
+        trainable_seen |= ids
+    return [(name, module)]
+
+
+def _chain_with_reason(model: nn.Module) -> tuple[list | None, str]:
+    """The model's nodes in order, or ``(None, why not)``."""
+    from torch.nn.modules import module as torch_module
+
+    kinds = ("forward", "forward_pre", "backward", "backward_pre")
+    if any(getattr(torch_module, f"_global_{k}_hooks", None) for k in kinds):
+        return None, "global module hooks are registered"
+    if not isinstance(model, nn.Sequential | BranchSum):
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential chain"
+    try:
+        return _walk("", model, set()), ""
+    except _Unsupported as e:
+        return None, str(e)
+
+
+def _chain(model: nn.Module) -> list | None:
+    """The model's layers in order if the structured path applies, else None.
+
+    The model must be a (nested) ``nn.Sequential`` — or :class:`~ntkviz.models.BranchSum` blocks
+    whose branches are such chains — whose trainable layers are ``Linear``, ``Conv2d`` (integer,
+    "valid" or symmetric "same" zero padding, no groups) or ``BatchNorm`` with running statistics.
+    Each node is ``(name, layer)`` for a layer or ``(name, _Block)`` for a ``BranchSum``; names
+    are module paths (the prefix of the layer's parameter names)."""
+    return _chain_with_reason(model)[0]
 
 
 def _trainable_flags(module: nn.Module) -> tuple[bool, bool]:
-    w = module.weight.requires_grad
+    w = module.weight is not None and module.weight.requires_grad
     b = module.bias is not None and module.bias.requires_grad
     return w, b
 
 
+def _call(layer: nn.Module, a: Tensor) -> Tensor:
+    """``layer(a)``, never overwriting ``a`` (in-place activations get a copy)."""
+    return layer(a.clone() if getattr(layer, "inplace", False) else a)
+
+
+def _derivative(layer: nn.Module, a_in: Tensor, a_out: Tensor) -> Tensor:
+    """The elementwise derivative f'(a_in) of an activation layer ``(N, *in)``."""
+    kind = _kind(layer)
+    if kind == "tanh":
+        return 1 - a_out * a_out
+    if kind == "relu":
+        return a_in > 0
+    return jvp(lambda a: _call(layer, a), (a_in,), (torch.ones_like(a_in),))[1]
+
+
+def _channels(v: Tensor, ndim: int, lead: int) -> Tensor:
+    """A per-channel vector ``(C,)`` shaped to broadcast over ``(*lead dims, C, *spatial)``."""
+    return v.view(-1, *[1] * (ndim - lead - 1))
+
+
+def _bn_scale(layer: nn.Module) -> Tensor:
+    """Eval-mode batch norm is y = x·scale + shift per channel: scale = weight / √(var + ε)."""
+    inv = torch.rsqrt(layer.running_var + layer.eps)
+    return inv if layer.weight is None else layer.weight * inv
+
+
+def _bn_normalised(layer: nn.Module, a: Tensor) -> Tensor:
+    """(a − running mean) / √(running var + ε) ``(N, C, *spatial)``: ∂y/∂weight per channel."""
+    inv = torch.rsqrt(layer.running_var + layer.eps)
+    return (a - _channels(layer.running_mean, a.ndim, 1)) * _channels(inv, a.ndim, 1)
+
+
+def _bn_weight_jacobian(layer: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+    """Per-example, per-logit Jacobian of a batch norm's weight ``(N, V, C)`` from its inputs
+    ``a (N, C, *spatial)`` and output gradients ``g (N, V, C, *spatial)``."""
+    N, V, C = g.shape[:3]
+    xhat = _bn_normalised(layer, a).reshape(N, 1, C, -1)
+    return (g.reshape(N, V, C, -1) * xhat).sum(-1)
+
+
+def _bias_jacobian(g: Tensor) -> Tensor:
+    """Jacobian of a per-channel bias ``(N, V, C)``: output gradients ``g (N, V, C, *spatial)``
+    summed over positions."""
+    return g.reshape(*g.shape[:3], -1).sum(-1)
+
+
 def _input_cotangent(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -> Tensor:
-    """Pull V output cotangents ``g (V, N, *out)`` back to the layer's input ``(V, N, *in)``."""
-    V, N = g.shape[:2]
-    if isinstance(layer, nn.Linear):
+    """Pull V output cotangents ``g (N, V, *out)`` back to the layer's input ``(N, V, *in)``."""
+    N, V = g.shape[:2]
+    kind = _kind(layer)
+    if kind == "linear":
         return g @ layer.weight
-    if isinstance(layer, nn.Conv2d):
-        gi = torch.nn.grad.conv2d_input(
-            (V * N, *a_in.shape[1:]),
+    if kind == "conv2d":
+        # The adjoint of a convolution is its transpose (in the layout of the activations).
+        padding = _padding(layer)
+        extra = [
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(
+                a_in.shape[2:], g.shape[3:], layer.stride, padding, layer.dilation,
+                layer.kernel_size,
+            )
+        ]  # fmt: skip
+        gi = g.reshape(N * V, *g.shape[2:])
+        gi = F.conv_transpose2d(
+            _channels_last(gi) if _is_channels_last(a_in) else gi,
             layer.weight,
-            g.reshape(V * N, *g.shape[2:]),
+            None,
             layer.stride,
-            layer.padding,
-            layer.dilation,
+            padding,
+            extra,
             layer.groups,
+            layer.dilation,
         )
-        return gi.view(V, *a_in.shape)
-    if isinstance(layer, nn.Tanh):
-        return g * (1 - a_out * a_out)
-    if isinstance(layer, nn.ReLU):
-        return g * (a_in > 0)
-    if isinstance(layer, nn.Flatten | nn.Unflatten | nn.Identity | nn.Dropout):
-        return g.reshape(V, *a_in.shape)
-    if isinstance(layer, nn.AvgPool2d) and _plain_pool(layer):
+        return gi.view(N, V, *a_in.shape[1:])
+    if kind == "batchnorm":
+        return g * _channels(_bn_scale(layer), g.ndim, 2)
+    if kind in ("tanh", "relu", "elementwise"):
+        return g * _derivative(layer, a_in, a_out).unsqueeze(1)
+    if kind in ("reshape", "identity"):
+        return g.reshape(N, V, *a_in.shape[1:])
+    if kind == "maxpool2d" and a_in.ndim == 4:
+        # The adjoint of picking each window's maximum: add each cotangent onto that element.
+        idx = _maxpool_indices(layer, a_in).flatten(-2).unsqueeze(1)  # (N, 1, C, h·w)
+        gi = g.new_zeros((N, V, *a_in.shape[1:])).flatten(-2)
+        gi.scatter_add_(-1, idx.expand(N, V, -1, -1), g.flatten(-2))
+        return gi.view(N, V, *a_in.shape[1:])
+    if kind == "linear_pool" and isinstance(layer, nn.AvgPool2d) and _plain_pool(layer):
         # Non-overlapping average: the adjoint spreads each cotangent evenly over its window.
         k = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
         h, w = g.shape[-2:]
@@ -145,8 +367,61 @@ def _input_cotangent(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -
         gi = gi.reshape(*g.shape[:-2], h * k[0], w * k[1]) * (1.0 / (k[0] * k[1]))
         H, W = a_in.shape[-2:]
         return F.pad(gi, (0, W - w * k[1], 0, H - h * k[0])) if gi.shape[-2:] != (H, W) else gi
-    _, pull = vjp(layer, a_in)
-    return vmap(pull)(g)[0]
+    if kind == "linear_pool" and _global_average(layer):
+        H, W = a_in.shape[-2:]
+        return (g * (1.0 / (H * W))).expand(N, V, *a_in.shape[1:])
+    if kind == "linear_pool":  # linear and per-example: one pull-back for all N·V cotangents
+        _, pull = vjp(layer, a_in.new_zeros((N * V, *a_in.shape[1:])))
+        return pull(g.reshape(N * V, *g.shape[2:]))[0].view(N, V, *a_in.shape[1:])
+    _, pull = vjp(lambda a: _call(layer, a), a_in)
+    return vmap(pull, in_dims=1, out_dims=1)(g)[0]
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """A 4-D tensor in channels-last memory order; any other tensor as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def _is_channels_last(a: Tensor) -> bool:
+    return (
+        a.ndim == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _input_layout(chain: list, x: Tensor) -> Tensor:
+    """The input in the memory order the sweeps use throughout: channels-last — oneDNN's fast
+    layout, 3× faster than NCHW for 16 channels at 32×32 here — when a convolution has ≥ 16
+    input channels; as given otherwise (channels-last is slower for LeNet's 1–6 channels). Every
+    layer's activations, tangents and cotangents then follow this layout."""
+
+    def wide(nodes):
+        for _, node in nodes:
+            if isinstance(node, _Block):
+                if any(wide(branch) for branch in node.branches):
+                    return True
+            elif _kind(node) == "conv2d" and node.in_channels >= 16:
+                return True
+        return False
+
+    return _channels_last(x) if wide(chain) else x
+
+
+def _maxpool_indices(layer: nn.MaxPool2d, a: Tensor) -> Tensor:
+    """Flat indices ``(N, C, h, w)`` into each ``(H·W)`` input plane of every window's maximum:
+    the elements autograd's max-pooling gradient uses."""
+    return F.max_pool2d(
+        a,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        ceil_mode=layer.ceil_mode,
+        return_indices=True,
+    )[1]
+
+
+def _global_average(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.AdaptiveAvgPool2d) and layer.output_size in (1, (1, 1))
 
 
 def _plain_pool(layer: nn.AvgPool2d) -> bool:
@@ -161,33 +436,75 @@ def _plain_pool(layer: nn.AvgPool2d) -> bool:
     )
 
 
-def _sweep(chain: list[tuple[str, nn.Module]], x: Tensor):
+def _run(chain: list, x: Tensor) -> tuple[Tensor, list]:
+    """Forward through the chain: the output and, per node, ``(a_in, a_out, branch traces)``."""
+    trace = []
+    a = x
+    for _, node in chain:
+        if isinstance(node, _Block):
+            outs = [_run(branch, a) for branch in node.branches]
+            y = outs[0][0]
+            for out, _ in outs[1:]:  # in BranchSum.forward's order
+                y = y + out
+            trace.append((a, y, [t for _, t in outs]))
+        else:
+            y = _call(node, a)
+            trace.append((a, y, None))
+        a = y
+    return a, trace
+
+
+def _node_trainable(node) -> bool:
+    return _trainable(node.module if isinstance(node, _Block) else node)
+
+
+def _pull(chain: list, trace: list, g: Tensor, need_input: bool, records: list) -> Tensor | None:
+    """Pull the cotangents ``g (N, V, *out)`` back through the chain, appending a record for each
+    trainable layer (last layer first); returns the input cotangent when ``need_input``."""
+    before = [False]
+    for _, node in chain[:-1]:
+        before.append(before[-1] or _node_trainable(node))
+    for k in range(len(chain) - 1, -1, -1):
+        name, node = chain[k]
+        a_in, a_out, branch_traces = trace[k]
+        need = need_input or before[k]
+        if isinstance(node, _Block):
+            total = None
+            for branch, branch_trace in zip(node.branches, branch_traces):
+                gb = _pull(branch, branch_trace, g, need, records)
+                if need:
+                    total = gb if total is None else total + gb
+            g = total
+        else:
+            if _trainable(node):
+                if _kind(node) == "linear" and a_in.ndim != 2:
+                    raise _Unsupported(
+                        f"layer {name!r} (Linear) gets inputs of shape {tuple(a_in.shape)}, "
+                        "not (N, features)"
+                    )
+                records.append((name, node, a_in, g))
+            if need:
+                g = _input_cotangent(node, a_in, a_out, g)
+        if not need:
+            return None
+    return g
+
+
+def _sweep(chain: list, x: Tensor):
     """Forward through the chain, then pull back the V logit cotangents.
 
-    Returns ``(logits (N, V), [(name, layer, a_in, g_out (N, V, *out))] for trainable layers)``.
+    Returns ``(logits (N, V), [(name, layer, a_in, g_out (N, V, *out))] for trainable layers)``
+    in forward order (branches of a block in any order); ``layer`` is a ``Linear``, ``Conv2d``
+    or ``BatchNorm`` (see :func:`parameter_jacobians` for its parameters' Jacobians). Image
+    tensors may be channels-last (see :func:`_input_layout`): reshape them, do not ``view``.
     """
-    acts = [x]
-    for _, layer in chain:
-        acts.append(layer(acts[-1]))
-    z = acts[-1]
+    z, trace = _run(chain, _input_layout(chain, x))
     if z.ndim != 2:
-        raise _Unsupported
+        raise _Unsupported(f"the model's output has shape {tuple(z.shape)}, not logits (N, V)")
     N, V = z.shape
-    g = torch.eye(V, dtype=z.dtype, device=z.device).unsqueeze(1).expand(V, N, V)
-    first_trainable = next(
-        (k for k, (_, m) in enumerate(chain) if any(p.requires_grad for p in m.parameters())),
-        len(chain),
-    )
-    records = []
-    for k in range(len(chain) - 1, first_trainable - 1, -1):
-        name, layer = chain[k]
-        a_in, a_out = acts[k], acts[k + 1]
-        if any(p.requires_grad for p in layer.parameters()):
-            if isinstance(layer, nn.Linear) and a_in.ndim != 2:
-                raise _Unsupported
-            records.append((name, layer, a_in, g.transpose(0, 1)))
-        if k > first_trainable:
-            g = _input_cotangent(layer, a_in, a_out, g)
+    g = torch.eye(V, dtype=z.dtype, device=z.device).expand(N, V, V)
+    records: list = []
+    _pull(chain, trace, g, False, records)
     records.reverse()
     return z, records
 
@@ -195,9 +512,40 @@ def _sweep(chain: list[tuple[str, nn.Module]], x: Tensor):
 def _conv_weight_jacobian(layer: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
     """Per-example, per-logit weight Jacobian ``(N, V, out, in·kh·kw)`` from inputs
     ``a (N, in, H, W)`` and output gradients ``g (N, V, out, H', W')``."""
-    u = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    u = F.unfold(a, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
     N, V, out = g.shape[:3]
     return torch.einsum("nvop,nkp->nvok", g.reshape(N, V, out, -1), u)
+
+
+def _weight_jacobian(layer: nn.Module, a: Tensor, g: Tensor) -> Tensor | None:
+    """The materialised weight Jacobian of a record's layer (None for Linear layers, whose
+    kernel factors, and for frozen weights)."""
+    if not _trainable_flags(layer)[0]:
+        return None
+    kind = _kind(layer)
+    if kind == "conv2d":
+        return _conv_weight_jacobian(layer, a, g)
+    if kind == "batchnorm":
+        return _bn_weight_jacobian(layer, a, g)
+    return None
+
+
+def parameter_jacobians(layer: nn.Module, a_in: Tensor, g_out: Tensor) -> dict[str, Tensor]:
+    """∂z/∂θ per example and logit for the trainable parameters of one record of the structured
+    sweep ``(name, layer, a_in, g_out (N, V, *out))``: parameter name (``"weight"``,
+    ``"bias"``) -> ``(N, V, *parameter shape)``. Per-example gradients of a loss are their
+    contraction with ∂L/∂z ``(N, V)`` over V."""
+    w_on, b_on = _trainable_flags(layer)
+    N, V = g_out.shape[:2]
+    out = {}
+    if w_on:
+        if _kind(layer) == "linear":
+            out["weight"] = g_out.unsqueeze(-1) * a_in[:, None, None, :]
+        else:
+            out["weight"] = _weight_jacobian(layer, a_in, g_out).reshape(N, V, *layer.weight.shape)
+    if b_on:
+        out["bias"] = _bias_jacobian(g_out)
+    return out
 
 
 def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
@@ -208,7 +556,8 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
         w_on, b_on = _trainable_flags(layer)
         N1, V = g1.shape[:2]
         N2 = g2.shape[0]
-        if isinstance(layer, nn.Linear):
+        kind = _kind(layer)
+        if kind == "linear":
             gg = torch.einsum("nio,mjo->nmij", g1, g2)
             factor = torch.zeros((N1, N2), dtype=gg.dtype, device=gg.device)
             if w_on:
@@ -217,22 +566,24 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
                 factor = factor + 1
             out[name] = gg * factor[:, :, None, None]
             continue
-        # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when the small
-        # side is small; else materialise x1's weight Jacobian too and contract (Gram matrices).
-        o = g1.shape[2]
         k = torch.zeros((N1, N2, V, V), dtype=g1.dtype, device=g1.device)
-        if w_on:
+        if w_on and kind == "batchnorm":
+            k = k + torch.einsum("nic,mjc->nmij", _bn_weight_jacobian(layer, a1, g1), jw2)
+        elif w_on:
+            # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when the
+            # small side is small; else materialise x1's weight Jacobian too and contract.
+            o = g1.shape[2]
             positions = g1[0, 0, 0].numel()
             if positions >= N2 * V:
                 weights = jw2.reshape(N2 * V * o, *layer.weight.shape[1:])
-                t = F.conv2d(a1, weights, None, layer.stride, layer.padding, layer.dilation)
+                t = F.conv2d(a1, weights, None, layer.stride, _padding(layer), layer.dilation)
                 t = torch.bmm(g1.reshape(N1, V, -1), t.reshape(N1, N2 * V, -1).transpose(1, 2))
             else:
                 jw1 = _conv_weight_jacobian(layer, a1, g1).reshape(N1 * V, -1)
                 t = (jw1 @ jw2.reshape(N2 * V, -1).T).view(N1, V, N2 * V)
             k = k + t.view(N1, V, N2, V).permute(0, 2, 1, 3)
         if b_on:
-            k = k + torch.einsum("nio,mjo->nmij", g1.sum((3, 4)), g2.sum((3, 4)))
+            k = k + torch.einsum("nio,mjo->nmij", _bias_jacobian(g1), _bias_jacobian(g2))
         out[name] = k
     return out
 
@@ -240,68 +591,126 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
 def _tangent_through(layer: nn.Module, a_in: Tensor, a_out: Tensor, t: Tensor) -> Tensor:
     """Push M tangents ``t (N, M, *in)`` through a layer (its parameters held fixed)."""
     N, M = t.shape[:2]
-    if isinstance(layer, nn.Linear):
+    kind = _kind(layer)
+    if kind == "linear":
         return t @ layer.weight.T
-    if isinstance(layer, nn.Conv2d):
+    if kind == "conv2d":
+        y = t.reshape(N * M, *t.shape[2:])
         y = F.conv2d(
-            t.reshape(N * M, *t.shape[2:]),
+            _channels_last(y) if _is_channels_last(a_in) else y,
             layer.weight,
             None,
             layer.stride,
-            layer.padding,
+            _padding(layer),
             layer.dilation,
             layer.groups,
         )
         return y.view(N, M, *y.shape[1:])
     # ``t`` is always a fresh tensor of ours: scale it in place to save memory traffic.
-    if isinstance(layer, nn.Tanh):
-        return t.mul_((1 - a_out * a_out).unsqueeze(1))
-    if isinstance(layer, nn.ReLU):
-        return t.mul_((a_in > 0).unsqueeze(1))
-    if isinstance(layer, nn.AvgPool2d) and _plain_pool(layer) and layer.kernel_size in (2, (2, 2)):
+    if kind == "batchnorm":
+        return t.mul_(_channels(_bn_scale(layer), t.ndim, 2))
+    if kind in ("tanh", "relu", "elementwise"):
+        return t.mul_(_derivative(layer, a_in, a_out).unsqueeze(1))
+    if kind == "maxpool2d" and a_in.ndim == 4:
+        idx = _maxpool_indices(layer, a_in)  # (N, C, h, w)
+        picked = t.flatten(-2).gather(-1, idx.flatten(-2).unsqueeze(1).expand(N, M, -1, -1))
+        return picked.view(N, M, *idx.shape[1:])
+    if (
+        kind == "linear_pool"
+        and isinstance(layer, nn.AvgPool2d)
+        and _plain_pool(layer)
+        and layer.kernel_size in (2, (2, 2))
+    ):
         # 2×2 average as two strided adds: several times faster than avg_pool2d here.
         h, w = a_out.shape[-2:]
         t = t[..., : 2 * h, : 2 * w]
         t = t[..., 0::2, :] + t[..., 1::2, :]
         return (t[..., 0::2] + t[..., 1::2]) * 0.25
-    if isinstance(layer, nn.Flatten | nn.Unflatten | nn.Identity | nn.Dropout | nn.AvgPool2d):
+    if kind in ("reshape", "identity", "linear_pool"):
         y = layer(t.reshape(N * M, *t.shape[2:]))  # linear and per-example
         return y.view(N, M, *y.shape[1:])
-    return vmap(lambda tm: jvp(layer, (a_in,), (tm,))[1], in_dims=1, out_dims=1)(t)
+    return vmap(lambda tm: jvp(lambda a: _call(layer, a), (a_in,), (tm,))[1], 1, 1)(t)
+
+
+def _own_tangent(layer: nn.Module, a: Tensor, y: Tensor, a2: Tensor, g2: Tensor, jw2) -> Tensor:
+    """The tangent ``(N, M, *out)`` that a layer's own parameters add at its output when they
+    move along each of the small side's M = N2·R Jacobian rows (R = V, or 1 once contracted)."""
+    w_on, b_on = _trainable_flags(layer)
+    N, (N2, R) = len(a), g2.shape[:2]
+    kind = _kind(layer)
+    if kind == "linear":
+        factor = torch.zeros((N, N2), dtype=a.dtype, device=a.device)
+        if w_on:
+            factor = factor + a @ a2.T
+        if b_on:
+            factor = factor + 1
+        return (factor[:, :, None, None] * g2).reshape(N, N2 * R, -1)
+    bias = _bias_jacobian(g2).reshape(N2 * R, -1) if b_on else None  # (M, C)
+    if kind == "conv2d" and w_on:
+        weights = jw2.reshape(-1, *layer.weight.shape[1:])
+        bias = None if bias is None else bias.reshape(-1)
+        c = F.conv2d(a, weights, bias, layer.stride, _padding(layer), layer.dilation)
+        return c.view(N, N2 * R, *y.shape[1:])
+    if kind == "batchnorm" and w_on:
+        xhat = _bn_normalised(layer, a).unsqueeze(1)  # (N, 1, C, *spatial)
+        own = _new_tangents((N, N2 * R, *y.shape[1:]), y)
+        torch.mul(xhat, jw2.reshape(N2 * R, -1, *[1] * (y.ndim - 2)), out=own)
+        return own if bias is None else own.add_(bias.view(N2 * R, -1, *[1] * (y.ndim - 2)))
+    shape = (N, N2 * R, *y.shape[1:])
+    return bias.view(1, N2 * R, -1, *[1] * (y.ndim - 2)).expand(shape).clone()
+
+
+def _push(chain: list, a: Tensor, t: Tensor | None, small_by_name: dict):
+    """Forward through the chain carrying tangents ``t (N, M, *)`` (None: zero so far)."""
+    for name, node in chain:
+        if isinstance(node, _Block):
+            y, total = None, None
+            last = len(node.branches) - 1
+            for b, branch in enumerate(node.branches):
+                tb = t if t is None or b == last else t.clone()  # branches scale in place
+                yb, tb = _push(branch, a, tb, small_by_name)
+                y = yb if y is None else y + yb
+                if tb is not None:
+                    total = tb if total is None else total.add_(tb)
+            t = total
+        else:
+            y = _call(node, a)
+            if t is not None:
+                t = _tangent_through(node, a, y, t)
+            if name in small_by_name:
+                own = _own_tangent(node, a, y, *small_by_name[name])
+                t = _tangent_layout(own, y) if t is None else t.add_(own)
+        a = y
+    return a, t
+
+
+def _new_tangents(shape: tuple, a: Tensor) -> Tensor:
+    """Uninitialised tangents ``(N, M, C, H, W)``: a view of channels-last ``(N·M, C, H, W)``
+    when the activations ``a`` are channels-last (elementwise products then run contiguously)."""
+    if len(shape) != 5 or not _is_channels_last(a):
+        return a.new_empty(shape)
+    flat = torch.empty(
+        (shape[0] * shape[1], *shape[2:]),
+        dtype=a.dtype,
+        device=a.device,
+        memory_format=torch.channels_last,
+    )
+    return flat.view(shape)
+
+
+def _tangent_layout(t: Tensor, a: Tensor) -> Tensor:
+    """``t`` in the layout of :func:`_new_tangents` (a copy only when that differs)."""
+    if t.ndim != 5 or not _is_channels_last(a):
+        return t
+    return _new_tangents(tuple(t.shape), a).copy_(t)
 
 
 def _forward_products(chain, x1: Tensor, small) -> Tensor:
     """Forward-mode NTK-vector products ``(N1, M, V)``: J(x1) times each of the small side's
     M = N2·R rows (R = V Jacobian rows, or 1 after :func:`_contract_small`), using each layer's
     structure for its own tangent."""
-    params_of = {name: rec for name, *rec in small}
-    a, t = x1, None
-    for name, layer in chain:
-        y = layer(a)
-        if t is not None:
-            t = _tangent_through(layer, a, y, t)
-        if name in params_of:
-            _, a2, g2, jw2 = params_of[name]
-            w_on, b_on = _trainable_flags(layer)
-            N, (N2, V) = len(a), g2.shape[:2]
-            if isinstance(layer, nn.Linear):
-                factor = torch.zeros((N, N2), dtype=a.dtype, device=a.device)
-                if w_on:
-                    factor = factor + a @ a2.T
-                if b_on:
-                    factor = factor + 1
-                own = (factor[:, :, None, None] * g2).reshape(N, N2 * V, -1)
-            else:
-                bias = g2.sum((3, 4)).reshape(-1) if b_on else None
-                if w_on:
-                    weights = jw2.reshape(-1, *layer.weight.shape[1:])
-                    c = F.conv2d(a, weights, bias, layer.stride, layer.padding, layer.dilation)
-                    own = c.view(N, N2 * V, *y.shape[1:])
-                else:
-                    own = bias.view(1, N2 * V, -1, 1, 1).expand(N, -1, -1, *y.shape[2:]).clone()
-            t = own if t is None else t.add_(own)
-        a = y
-    return t
+    small_by_name = {name: (a2, g2, jw2) for name, _, a2, g2, jw2 in small}
+    return _push(chain, _input_layout(chain, x1), None, small_by_name)[1]
 
 
 def _contract_small(small, v: Tensor):
@@ -310,34 +719,46 @@ def _contract_small(small, v: Tensor):
     out = []
     for name, layer, a, g, jw in small:
         g = torch.einsum("nj...,nj->n...", g, v).unsqueeze(1)
-        jw = None if jw is None else torch.einsum("nj...,nj->n...", jw, v).unsqueeze(1)
+        jw = None if jw is None else torch.einsum("nj...,nj->n...", jw, v).unsqueeze(1).contiguous()
         out.append((name, layer, a, g, jw))
     return out
 
 
 def _prepare_small(chain, x2: Tensor):
+    """The small side's sweep: ``(name, layer, a_in, g_out, weight Jacobian or None)`` per
+    trainable layer."""
     _, recs = _sweep(chain, x2)
-    small = []
-    for name, layer, a, g in recs:
-        jw = None
-        if isinstance(layer, nn.Conv2d) and layer.weight.requires_grad:
-            jw = _conv_weight_jacobian(layer, a, g)
-        small.append((name, layer, a, g, jw))
-    return small
+    return [
+        (name, layer, a, g, _contiguous(_weight_jacobian(layer, a, g)))
+        for name, layer, a, g in recs
+    ]
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _leaves(chain: list, trace: list):
+    """``(layer, a_out)`` of every layer of a traced chain, branches included."""
+    for (_, node), (_, a_out, branch_traces) in zip(chain, trace):
+        if isinstance(node, _Block):
+            for branch, branch_trace in zip(node.branches, branch_traces):
+                yield from _leaves(branch, branch_trace)
+        else:
+            yield node, a_out
 
 
 def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) -> int:
     """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`."""
     with torch.no_grad():
-        probe = x1[:1]
-        per_example = 0
-        for _, layer in chain:
-            probe = layer(probe)
-            if forward:  # activations and n2·v tangents
-                per_example += probe.numel() * (2 + n2 * v)
-            else:  # activations, v cotangents, weight Jacobians and the (n2, v, v) blocks
-                weights = sum(p.numel() for p in layer.parameters())
-                per_example += probe.numel() * (2 + v) + v * weights + n2 * v * v
+        _, trace = _run(chain, x1[:1])
+    per_example = 0
+    for layer, out in _leaves(chain, trace):
+        if forward:  # activations and n2·v tangents
+            per_example += out.numel() * (2 + n2 * v)
+        else:  # activations, v cotangents, weight Jacobians and the (n2, v, v) blocks
+            weights = sum(p.numel() for p in layer.parameters())
+            per_example += out.numel() * (2 + v) + v * weights + n2 * v * v
     return max(1, MEMORY_BUDGET // max(1, per_example * x1.element_size()))
 
 
@@ -345,30 +766,51 @@ def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) ->
 
 
 def _generic_blocks(model, params, x1, x2, groups, chunk_size):
-    """Per-group kernels via NTK-vector products; ``groups``: name -> list of parameter names."""
+    """Per-group kernels; ``groups``: name -> list of parameter names. NTK-vector products
+    (forward mode) along the rows of J(x2); when an operation has no forward-mode derivative
+    (e.g. weight norm), the rows of J(x1) by reverse mode instead, in chunks, contracted with
+    J(x2)."""
 
     def f1(p, x):
-        return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
+        return functional_forward(model, p, x.unsqueeze(0)).squeeze(0)
 
     j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
     N2, V = next(iter(j2.values())).shape[:2]
-    out = {}
-    for group, names in groups.items():
-        sub = {n: params[n] for n in names}
-        tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
+    try:
+        out = {}
+        for group, names in groups.items():
+            sub = {n: params[n] for n in names}
+            tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
 
-        def ntk_vp(tangent, xc, sub=sub):
-            def f(s):
-                return functional_call(model, {**params, **s}, (xc,))
+            def ntk_vp(tangent, xc, sub=sub):
+                def f(s):
+                    return functional_forward(model, {**params, **s}, xc)
 
-            return jvp(f, (sub,), (tangent,))[1]
+                return jvp(f, (sub,), (tangent,))[1]
 
-        blocks = []
-        for xc in x1.split(chunk_size):
-            prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
-            blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
-        out[group] = torch.cat(blocks)
-    return out
+            blocks = []
+            for xc in x1.split(chunk_size):
+                prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
+                blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
+            out[group] = torch.cat(blocks)
+        return out
+    except NotImplementedError:  # no forward-mode derivative: reverse mode on x1
+        size = _reverse_chunk_size(params, V, x1)
+        parts: dict[str, list[Tensor]] = {group: [] for group in groups}
+        for xc in x1.split(size):
+            j1 = vmap(jacrev(f1), (None, 0))(params, xc)
+            for group, names in groups.items():
+                blocks = [
+                    torch.einsum("aip,bjp->abij", j1[n].flatten(2), j2[n].flatten(2)) for n in names
+                ]
+                parts[group].append(sum(blocks))
+        return {group: torch.cat(p) for group, p in parts.items()}
+
+
+def _reverse_chunk_size(params: dict[str, Tensor], v: int, x: Tensor) -> int:
+    """Examples per chunk whose full Jacobians ``(n, V, P)`` fit :data:`MEMORY_BUDGET`."""
+    per_example = v * sum(p.numel() for p in params.values()) * x.element_size()
+    return max(1, MEMORY_BUDGET // per_example)
 
 
 # --------------------------------------------------------------------------- public API
@@ -389,9 +831,9 @@ def _kernels(
     if not params:
         raise ValueError("the model has no trainable parameters")
     with eval_mode(model):
-        chain = _chain(model) if method != "generic" else None
+        chain, why = _chain_with_reason(model) if method != "generic" else (None, "")
         if chain is None and method == "structured":
-            raise ValueError("the structured path needs an nn.Sequential of Linear/Conv2d layers")
+            raise ValueError(f"the structured path does not apply to this model: {why}")
         if chain is not None and not split and len(x1) == len(x2) == 1:
             pair = pair_kernel_and_gradient(model, x1, x2, None)
             if pair is not None:
@@ -417,9 +859,11 @@ def _kernels(
                     parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
                     layers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                     return layers if split else {"total": sum(layers.values())}
-            except _Unsupported:
+            except _Unsupported as e:
                 if method == "structured":
-                    raise ValueError("the structured path does not support this model") from None
+                    raise ValueError(
+                        f"the structured path does not apply to this model: {e}"
+                    ) from None
         groups: dict[str, list[str]] = {}
         for n in params:
             groups.setdefault(layer_of(n) if split else "total", []).append(n)
@@ -482,7 +926,7 @@ def ntk_vector_product(
     vectors = torch.as_tensor(vectors).to(x2.device, x2.dtype)
     params = trainable_parameters(model)
     with eval_mode(model):
-        chain = _chain(model) if method != "generic" else None
+        chain, why = _chain_with_reason(model) if method != "generic" else (None, "")
         if chain is not None:
             try:
                 with torch.no_grad():
@@ -496,15 +940,17 @@ def ntk_vector_product(
                     size = chunk_size or _structured_chunk_size(chain, x1, len(x2), 1, True)
                     parts = [_forward_products(chain, xc, small) for xc in x1.split(size)]
                     return torch.cat(parts).sum(1)
-            except _Unsupported:
+            except _Unsupported as e:
                 if method == "structured":
-                    raise ValueError("the structured path does not support this model") from None
+                    raise ValueError(
+                        f"the structured path does not apply to this model: {e}"
+                    ) from None
         elif method == "structured":
-            raise ValueError("the structured path needs an nn.Sequential of Linear/Conv2d layers")
+            raise ValueError(f"the structured path does not apply to this model: {why}")
         fixed = {n: p.detach() for n, p in model.named_parameters()}
 
         def f(p, x):
-            return functional_call(model, {**fixed, **p}, (x,))
+            return functional_forward(model, {**fixed, **p}, x)
 
         z2, pull = vjp(lambda p: f(p, x2), params)
         if vectors.shape != z2.shape:
@@ -512,10 +958,18 @@ def ntk_vector_product(
                 f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"
             )
         (tangent,) = pull(vectors)
-        size = chunk_size or 1000
-        return torch.cat(
-            [jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)]
-        ).detach()
+        try:
+            size = chunk_size or 1000
+            products = [
+                jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)
+            ]
+        except NotImplementedError:  # no forward-mode derivative: J(x1) by reverse mode
+            flat = torch.cat([tangent[n].flatten() for n in params])
+            products = []
+            for xc in x1.split(chunk_size or _reverse_chunk_size(params, z2.shape[1], x1)):
+                jac = vmap(jacrev(lambda p, x: f(p, x[None])[0]), (None, 0))(params, xc)
+                products.append(torch.cat([jac[n].flatten(2) for n in params], 2) @ flat)
+        return torch.cat(products).detach()
 
 
 def pair_kernel_and_gradient(
@@ -541,7 +995,7 @@ def pair_kernel_and_gradient(
         for name, layer, a, g in records:
             w_on, b_on = _trainable_flags(layer)
             prefix = f"{name}." if name else ""
-            if isinstance(layer, nn.Linear):
+            if _kind(layer) == "linear":
                 gg = g[0] @ g[1].T
                 K += gg * ((a[0] @ a[1] if w_on else 0) + (1 if b_on else 0))
                 if G is None:
@@ -552,16 +1006,116 @@ def pair_kernel_and_gradient(
                 if b_on:
                     grads[prefix + "bias"] = gu
                 continue
-            if w_on:
-                jw = _conv_weight_jacobian(layer, a, g)  # (2, V, out, in·kh·kw)
-                K += jw[0].flatten(1) @ jw[1].flatten(1).T
+            if w_on and _kind(layer) == "conv2d":
+                k, grad = _conv_pair(layer, a, g, G)
+                K += k
                 if G is not None:
-                    grads[prefix + "weight"] = torch.einsum("j,jok->ok", G, jw[1]).view_as(
-                        layer.weight
-                    )
+                    grads[prefix + "weight"] = grad
+            elif w_on:
+                jw = _weight_jacobian(layer, a, g).flatten(2)  # (2, V, weights)
+                K += jw[0] @ jw[1].T
+                if G is not None:
+                    grads[prefix + "weight"] = (G @ jw[1]).view_as(layer.weight)
             if b_on:
-                jb = g.sum((3, 4))  # (2, V, out)
+                jb = _bias_jacobian(g)  # (2, V, out)
                 K += jb[0] @ jb[1].T
                 if G is not None:
                     grads[prefix + "bias"] = G @ jb[1]
     return z, K, grads
+
+
+def _conv_pair(layer: nn.Conv2d, a: Tensor, g: Tensor, G: Tensor | None):
+    """A convolution's weight kernel ``(V, V)`` between the two examples of ``a (2, in, H, W)``
+    with output gradients ``g (2, V, out, H', W')``, and the weight gradient for ∂L/∂z = ``G``
+    at the second (None without ``G``). Of the two exact ways the cheaper one: the two weight
+    Jacobians ``(V, out·in·kh·kw)`` and their product, or — when there are few positions P — the
+    Gram matrix of the two examples' patches ``(P, P)`` between the output gradients."""
+    u = F.unfold(a, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)
+    _, V, O = g.shape[:3]
+    patch, P = u.shape[1:]
+    g = g.reshape(2, V, O, P)
+    if P * (patch + V * O) < 2 * V * O * patch:
+        h = g[0].reshape(V * O, P) @ (u[0].T @ u[1])  # (V·O, P)
+        k = h.reshape(V, O * P) @ g[1].reshape(V, O * P).T
+        grad = None if G is None else (G @ g[1].reshape(V, O * P)).view(O, P) @ u[1].T
+    else:
+        jw = torch.bmm(g.reshape(2, V * O, P), u.transpose(1, 2)).view(2, V, O * patch)
+        k = jw[0] @ jw[1].T
+        grad = None if G is None else G @ jw[1]
+    return k, None if grad is None else grad.view_as(layer.weight)
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """Which exact algorithm the kernel functions take for a model: ``path`` is "structured" or
+    "generic"; ``reason`` says why, in one sentence."""
+
+    path: str
+    reason: str
+
+
+def kernel_path(model: nn.Module, example: Tensor | None = None) -> KernelPath:
+    """The algorithm :func:`empirical_ntk` (``method="auto"``), :func:`ntk_vector_product` and
+    ``decompose`` take for ``model``. The model's structure decides; with ``example`` (a batch,
+    e.g. ``x[:1]``) one structured sweep also checks what only data shows (a Linear layer on
+    inputs that are not ``(N, features)``, outputs that are not ``(N, V)``). The model is left
+    unchanged. Raises ``ValueError`` when the model cannot take ``example``."""
+    chain, why = _chain_with_reason(model)
+    if chain is None:
+        return KernelPath("generic", why)
+    if example is not None:
+        x = _as_batch(model, example, "example")[:1]
+        with eval_mode(model), torch.no_grad():
+            try:
+                _sweep(chain, x)
+            except _Unsupported as e:
+                return KernelPath("generic", str(e))
+            except RuntimeError as e:
+                raise ValueError(
+                    f"the model cannot take an example of shape {tuple(x.shape[1:])}: {e}"
+                ) from None
+    return KernelPath("structured", _describe(chain))
+
+
+def _describe(chain: list) -> str:
+    counts: dict[str, int] = {}
+    others: set[str] = set()
+    blocks = 0
+
+    def visit(nodes):
+        nonlocal blocks
+        for _, node in nodes:
+            if isinstance(node, _Block):
+                blocks += 1
+                for branch in node.branches:
+                    visit(branch)
+            elif _trainable(node):
+                counts[type(node).__name__] = counts.get(type(node).__name__, 0) + 1
+            elif _kind(node) == "other":
+                others.add(type(node).__name__)
+
+    visit(chain)
+    layers = ", ".join(f"{n} {name}" for name, n in counts.items())
+    text = f"a chain of known layers; trainable: {layers}"
+    if blocks:
+        text += f"; {blocks} residual block{'s' * (blocks > 1)} (BranchSum)"
+    if others:
+        text += f"; followed one layer at a time by torch.func: {', '.join(sorted(others))}"
+    return text
+
+
+def pair_cost_seconds(model: nn.Module, x: Tensor, repeats: int = 3) -> float:
+    """Measured wall time in seconds of one pair's kernel ``K(x[0], x[-1])`` on this machine
+    (the median of ``repeats`` calls after one warm-up call), on the model's device and path.
+    ``x (N, ...)``: one or two examples the model takes. The model is left unchanged."""
+    x = _as_batch(model, x, "x")
+    pair = (x[:1], x[-1:])
+    empirical_ntk(model, *pair)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        empirical_ntk(model, *pair)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

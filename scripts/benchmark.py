@@ -1,4 +1,5 @@
-"""Benchmark ntkviz's kernel, decomposition, influence and training on CPU, LeNet beside the MLP.
+"""Benchmark ntkviz's kernel, decomposition, influence and training on CPU, LeNet beside the MLP
+and (``--models lenet,mlp,resnet20``) the CIFAR ResNet-20 on random 3×32×32 data.
 
 Every kernel figure stands beside a baseline: the "jacobian contraction" recipe of the PyTorch
 NTK tutorial (``vmap(jacrev)`` of a per-example function over ``functional_call`` parameters on
@@ -21,7 +22,13 @@ watched throughput (8) and ``account_step`` / plain step time (9), in wall time 
 of the measuring thread (``time.thread_time``; with ``--threads 1`` that is insensitive to other
 processes' load on a shared machine).
 
-    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--only NAMES]
+
+The ResNets and the ViT ("heavy" models: ~25× LeNet's arithmetic per example) run on random
+CIFAR-10-shaped data (10,000 test and 20,000 training images, 3×32×32, 10 classes) with the
+quick repeat counts and without the class×class map; with LeNet in the same run the ResNet's one
+pair and ``decompose`` are compared with LeNet's per parameter.
+
+    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp,resnet20] [--only NAMES]
                                 [--threads N] [--json out.json]
 """
 
@@ -41,7 +48,15 @@ import time
 LR = 0.1
 BUSY = 1.3  # calibration slowdown above which a measurement is reported as disturbed
 BASELINE_SMALL_N = 100  # x_o count the baseline is measured at when it is extrapolated
-MODEL_LABELS = {"lenet": "LeNet", "mlp": "MLP"}
+MODEL_LABELS = {
+    "lenet": "LeNet",
+    "mlp": "MLP",
+    "resnet8": "ResNet-8",
+    "resnet20": "ResNet-20",
+    "vit": "ViT",
+}
+#: Models measured on random CIFAR-10-shaped data, with the quick repeat counts.
+HEAVY = ("resnet8", "resnet20", "vit")
 
 # measurements, in the order they run; each is one function call in ``measure``
 MEASUREMENTS = [
@@ -53,6 +68,7 @@ MEASUREMENTS = [
     "k_10000",
     "forward",
     "decompose",
+    "vs_lenet",
     "influence",
     "class_map",
     "train",
@@ -89,16 +105,16 @@ def _peak_mib(baseline_kib: int) -> float:
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kib) / 1024
 
 
-def _median_time(fn, repeats: int, warmup: int = 1, warm_fn=None) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls of ``warm_fn``
-    (default ``fn``)."""
+def _median_time(fn, repeats: int, warmup: int = 1, warm_fn=None, clock=time.perf_counter) -> float:
+    """Median time of ``fn()`` (wall time, or ``clock``) over ``repeats`` calls after ``warmup``
+    calls of ``warm_fn`` (default ``fn``)."""
     for _ in range(warmup):
         (warm_fn or fn)()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -129,6 +145,40 @@ def jacobian_contraction_ntk(model, x1, x2):
     return result.sum(0)
 
 
+def per_parameter_against_lenet(model, x_o, x_u, y_u, rounds: int = 5, repeats: int = 10) -> dict:
+    """One pair's K and ``decompose`` of ``model`` and of LeNet (random MNIST-shaped inputs) timed
+    alternately in this process — ``rounds`` rounds, each the median of ``repeats`` calls, the
+    best round kept — so that both see the same machine: CPU times of the process (all threads;
+    time spent waiting for other processes on a shared machine is not counted, which would
+    penalise the longer calls), and the ratios of those times per parameter (``model`` /
+    LeNet)."""
+    import torch
+
+    from ntkviz.decomposition import decompose
+    from ntkviz.kernel import empirical_ntk
+    from ntkviz.models import build_model, count_parameters
+
+    lenet = build_model("lenet", seed=0).eval()
+    xl = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    calls = {
+        "k_pair": lambda: empirical_ntk(model, x_o[None], x_u[None]),
+        "lenet_k_pair": lambda: empirical_ntk(lenet, xl[:1], xl[1:]),
+        "decompose": lambda: decompose(model, x_o, x_u, y_u, LR),
+        "lenet_decompose": lambda: decompose(lenet, xl[0], xl[1], y_u, LR),
+    }
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            best[key] = min(best[key], _median_time(fn, repeats, 2, clock=time.process_time))
+    scale = count_parameters(lenet) / count_parameters(model)
+    return {
+        **best,
+        "params": count_parameters(model),
+        "k_pair_per_param": best["k_pair"] / best["lenet_k_pair"] * scale,
+        "decompose_per_param": best["decompose"] / best["lenet_decompose"] * scale,
+    }
+
+
 def measure(name: str, model, data, quick: bool, full: bool) -> dict:
     """Run one measurement; returns its numbers (times in seconds)."""
     import torch
@@ -139,6 +189,8 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
 
     x_test = data.test.x
     x_u, y_u = data.train.x[:1], int(data.train.y[0])
+    heavy = data.name == "random-cifar"
+    quick = quick or heavy
     r = (lambda q, n: q) if quick else (lambda q, n: n)  # repeats: quick or normal
 
     if name == "verify":
@@ -165,7 +217,7 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
         return {"time": _median_time(fn, 1 if quick or full else 3, 1, warm), "n": n}
     if name == "k_10000":
         fn = lambda: empirical_ntk(model, x_test, x_u)  # noqa: E731
-        warm = lambda: empirical_ntk(model, x_test[:1000], x_u)  # noqa: E731
+        warm = lambda: empirical_ntk(model, x_test[: 100 if heavy else 1000], x_u)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm), "n": len(x_test)}
     if name == "forward":
         with torch.no_grad():
@@ -175,11 +227,17 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
     if name == "decompose":
         fn = lambda: decompose(model, x_test[0], x_u[0], y_u, LR)  # noqa: E731
         return {"time": _median_time(fn, 30 if quick else 100, 5)}
+    if name == "vs_lenet":
+        if not heavy:
+            return {"skipped": "for heavy models"}
+        return per_parameter_against_lenet(model, x_test[0], x_u[0], y_u)
     if name == "influence":
         fn = lambda: influence(model, x_test, x_u[0], y_u, LR)  # noqa: E731
-        warm = lambda: influence(model, x_test[:1000], x_u[0], y_u, LR)  # noqa: E731
+        warm = lambda: influence(model, x_test[: 100 if heavy else 1000], x_u[0], y_u, LR)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm)}
     if name == "class_map":
+        if heavy:
+            return {"skipped": "not run for heavy models"}
         from ntkviz.analysis import balanced_indices, class_kernel_map
 
         idx = balanced_indices(data.test.y, 50)  # 500 test images, 50 per class
@@ -286,6 +344,25 @@ def _account(model, data, quick: bool) -> dict:
     }
 
 
+def random_cifar():
+    """CIFAR-10 shapes with random data: 20,000 training and 10,000 test images ``(3, 32, 32)``
+    drawn from N(0, 1) (as normalised images), random labels 0–9; seeded."""
+    from pathlib import Path
+
+    import torch
+
+    from ntkviz.data import ImageDataset, Split
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        x = torch.randn(n, 3, 32, 32, generator=g)
+        return Split(images=torch.empty(0), x=x, y=torch.randint(0, 10, (n,), generator=g))
+
+    classes = tuple(str(c) for c in range(10))
+    return ImageDataset("random-cifar", split(20_000), split(10_000), 0.0, 1.0, classes, Path("."))
+
+
 def worker(model_name: str, names: list[str], quick: bool, full: bool, threads: int) -> None:
     """Subprocess entry: load once, run ``names`` in order, print one JSON line per result."""
     import torch
@@ -296,9 +373,11 @@ def worker(model_name: str, names: list[str], quick: bool, full: bool, threads: 
     from ntkviz.data import load_dataset
     from ntkviz.models import build_model
 
-    data = load_dataset("mnist")
+    heavy = model_name in HEAVY
+    data = random_cifar() if heavy else load_dataset("mnist")
+    shape = {"in_channels": 3, "image_size": 32} if heavy else {}
     for name in names:
-        model = build_model(model_name, seed=0).eval()
+        model = build_model(model_name, seed=0, **shape).eval()
         torch.manual_seed(0)
         calibration = _calibration()
         base = _reset_peak()
@@ -384,10 +463,24 @@ def check_targets(name: str, res: dict, der: dict) -> dict[str, tuple[str, bool]
             "LeNet account_step 16 watched × 64 ≤ 3× the plain step",
             res["account"]["ratio"] <= 3,
         )
+    label = MODEL_LABELS.get(name, name)
+    for key, what in (("k_pair", "K one pair"), ("decompose", "decompose")):
+        if f"{key}_per_param" in res.get("vs_lenet", {}):
+            ratio = res["vs_lenet"][f"{key}_per_param"]
+            t[f"{key}_per_param"] = (
+                f"{what} {label} ≤ 3× LeNet per parameter ({ratio:.2f}×, interleaved, CPU time)",
+                ratio <= 3,
+            )
+    if name in HEAVY and has("k_10000"):
+        peak = res["k_10000"]["peak_mib"]
+        t["k_10000_peak"] = (f"K 10,000 {label} peak ≤ 2 GiB", peak <= 2 * GIB)
     if has("k_1000") and "base_1000" in der:
         ratio = der["base_1000"]["time"] / res["k_1000"]["time"]
-        label = MODEL_LABELS.get(name, name)
-        t["ratio_1000"] = (f"{label} ≥ 20× faster than jacobian contraction at 1,000", ratio >= 20)
+        want = 10 if name in HEAVY else 20
+        t["ratio_1000"] = (
+            f"{label} ≥ {want}× faster than jacobian contraction at 1,000 ({fmt_ratio(ratio)})",
+            ratio >= want,
+        )
     return t
 
 
@@ -456,6 +549,11 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
         return [f"{fmt_ratio(single)} | {fmt_ratio(chunked)}" + tag(targets, "k_10000_ratio")]
     if row == "decompose":
         return [fmt_time(r.get("time")) + tag(targets, "decompose"), fmt_mem(r.get("peak_mib"))]
+    if row == "vs_lenet":
+        if "k_pair_per_param" not in r:
+            return []
+        k, d = r["k_pair_per_param"], r["decompose_per_param"]
+        return [f"{k:.2f}× | {d:.2f}×", "(CPU time)"]
     if row in ("influence", "class_map"):
         return [fmt_time(r.get("time")), fmt_mem(r.get("peak_mib"))]
     if row == "train":
@@ -508,6 +606,7 @@ ROWS = [
     ("forward:chunked", "    no_grad forward 10k, 1,000s"),
     ("forward:ratio", "    K(3) / forward (one | 1,000s)"),
     ("decompose", "(4) decompose, one pair (median)"),
+    ("vs_lenet", "    per parameter / LeNet: K | dec."),
     ("influence", "(5) influence Δlog π, 10,000 x_o"),
     ("class_map", "(6) class×class ‖K‖ map, 500 x"),
     ("train", "(7) training throughput, batch 64"),
@@ -549,7 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer repeats: a smoke run")
     mode.add_argument("--full", action="store_true", help="run the baseline at 1,000 x_o")
-    parser.add_argument("--models", default="lenet,mlp", help="comma-separated (lenet,mlp)")
+    parser.add_argument(
+        "--models", default="lenet,mlp", help=f"comma-separated, of {','.join(MODEL_LABELS)}"
+    )
     parser.add_argument(
         "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
     )
@@ -569,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODEL_LABELS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from lenet, mlp")
+        parser.error(
+            f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_LABELS)}"
+        )
     mode_name = "quick" if args.quick else "full" if args.full else "normal"
     load_before = os.getloadavg()[0]
     print(

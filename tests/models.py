@@ -1,9 +1,11 @@
 """Small models for the tests: each path of the kernel code, in float64."""
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
-from ntkviz.models import build_model
+from ntkviz.models import BranchSum, build_model
 
 
 class TinyCNN(nn.Sequential):
@@ -35,6 +37,59 @@ class Residual(nn.Module):
         return self.fc((h + x).flatten(1))
 
 
+class KitchenSink(nn.Sequential):
+    """Every layer kind of the structured path on 3×16×16 inputs: "same" padding, BatchNorm 2d
+    and 1d, GELU/SiLU/ELU, overlapping max pooling after an in-place ReLU (ties at 0), nested
+    residual blocks with a parameter-free branch, Dropout, adaptive average pooling and a
+    parameter-free layer without a closed form (LocalResponseNorm: torch.func per layer)."""
+
+    def __init__(self):
+        super().__init__(
+            OrderedDict(
+                conv=nn.Conv2d(3, 4, 3, padding="same"),
+                bn=nn.BatchNorm2d(4),
+                relu=nn.ReLU(inplace=True),
+                pool=nn.MaxPool2d(3, stride=2, padding=1),
+                block=BranchSum(
+                    nn.Sequential(
+                        nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                        nn.BatchNorm2d(4),
+                        nn.GELU(),
+                        nn.Dropout2d(0.5),
+                    ),
+                    nn.Identity(),
+                    BranchSum(nn.AvgPool2d(3, stride=1, padding=1), nn.Conv2d(4, 4, 1)),
+                ),
+                silu=nn.SiLU(),
+                norm=nn.LocalResponseNorm(2),
+                gap=nn.AdaptiveAvgPool2d(2),
+                flatten=nn.Flatten(),
+                fc1=nn.Linear(16, 12),
+                bn1=nn.BatchNorm1d(12),
+                elu=nn.ELU(),
+                drop=nn.Dropout(0.3),
+                fc2=nn.Linear(12, 10),
+            )
+        )
+
+
+def randomise_batch_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so that any of them left out of a
+    kernel shows (the global generator; seed it first)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model
+
+
+#: name -> input shape of one example, for the models that do not take 1×28×28.
+SHAPES = {"kitchen_sink": (3, 16, 16), "resnet8_cifar": (3, 32, 32), "vit_cifar": (3, 32, 32)}
+
+
 def make(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "tiny_cnn":
@@ -43,11 +98,16 @@ def make(name: str, seed: int = 0) -> nn.Module:
         m = Residual()
         m.bn.running_mean.uniform_(-0.5, 0.5)
         m.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "kitchen_sink":
+        m = randomise_batch_norms(KitchenSink())
+    elif name in ("resnet8_cifar", "vit_cifar"):
+        kind = name.removesuffix("_cifar")
+        m = randomise_batch_norms(build_model(kind, seed=seed, in_channels=3, image_size=32))
     else:
         m = build_model(name, seed=seed)
     return m.double()
 
 
-def inputs(n: int, seed: int = 1) -> torch.Tensor:
+def inputs(n: int, seed: int = 1, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64)

@@ -26,7 +26,7 @@ CORE = (
 import torch
 import ntkviz
 from ntkviz import analysis, checkpoint, cli, data, decomposition, kernel, models, results
-from ntkviz import session, training
+from ntkviz import modelspec, session, training
 model = ntkviz.build_model("mlp")
 x = torch.randn(2, 1, 28, 28)
 d = ntkviz.decompose(model, x[0], x[1], 3, 0.1)

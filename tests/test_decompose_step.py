@@ -61,7 +61,7 @@ def test_optimizer_terms_against_an_explicit_step(kind):
     np.testing.assert_allclose(d.actual, actual.numpy(), rtol=1e-8, atol=1e-12)
     # first order: A·J(x_o)·Δθ, split into the terms; predicted is their sum
     J = explicit_jacobian(model, x[0])
-    first = torch.from_numpy(d.A) @ (J @ delta)
+    first = torch.from_numpy(np.array(d.A)) @ (J @ delta)
     np.testing.assert_allclose(d.predicted, first.numpy(), rtol=1e-6, atol=1e-10)
     total = d.gradient_term + d.momentum + d.weight_decay
     np.testing.assert_allclose(d.predicted, total, rtol=1e-12, atol=1e-15)

@@ -158,9 +158,8 @@ class History:
     def run(self, engine):
         import torch
         import torch.nn.functional as F
-        from torch.func import functional_call
 
-        from ntkviz.kernel import eval_mode
+        from ntkviz.kernel import eval_mode, functional_forward
 
         yield from ()
         r, model = self.pair, engine.model
@@ -168,7 +167,7 @@ class History:
         probs = []
         with torch.no_grad(), eval_mode(model):
             for undo in [*engine.undo_stack, None]:
-                z = model(x) if undo is None else functional_call(model, undo.state, (x,))
+                z = model(x) if undo is None else functional_forward(model, undo.state, x)
                 probs.append(F.softmax(z.double(), -1).cpu().numpy())
         probs = np.stack(probs)  # (S + 1, 2, V)
         return StepHistory(

@@ -1,0 +1,50 @@
+"""Model factories for the tests of ``--model PATH:FACTORY`` (ntkviz.modelspec): loaded by path."""
+
+import torch
+from torch import nn
+
+
+def small_cnn() -> nn.Module:
+    """A BatchNorm CNN with a residual block for 1×28×28 MNIST, outside the registry."""
+    from ntkviz.models import BranchSum
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        BranchSum(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.Identity()),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 7, 10),
+    )
+
+
+class Wrapped(nn.Module):
+    """Not a chain: the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn()
+
+    def forward(self, x):
+        return self.body(x) * 0.5
+
+    @classmethod
+    def build(cls) -> "Wrapped":
+        return cls()
+
+
+def five_classes() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
+
+
+def raises() -> nn.Module:
+    raise RuntimeError("no GPU here (raised by the factory)")
+
+
+def not_a_module():
+    return {"weights": torch.zeros(3)}
+
+
+NOT_CALLABLE = 42
