@@ -23,6 +23,35 @@ CLASS_COLORS = (
 )  # fmt: skip
 
 SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
+
+
+def class_color(k: int) -> str:
+    """Class ``k``'s colour: Tableau 10 for the first ten, then evenly spread hues."""
+    if k < len(CLASS_COLORS):
+        return CLASS_COLORS[k]
+    return pg.intColor(k, hues=23, values=2, minValue=150).name()
+
+
+def elide(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters, with "…" when it was longer."""
+    return name if len(name) <= width else name[: max(1, width - 1)] + "…"
+
+
+#: Up to this many classes, axes name them; beyond, they number them (names on hover).
+NAMED_CLASSES = 20
+
+
+def class_ticks(classes: Sequence[str], n_max: int = 12, width: int = 8) -> list:
+    """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters, or, for
+    more than :data:`NAMED_CLASSES`, every k-th class's index, at most ``n_max`` of them (the
+    full names are in the tooltips)."""
+    if len(classes) > NAMED_CLASSES:
+        step = max(1, -(-len(classes) // n_max))
+        step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, step) if s >= step)
+        return [(i, str(i)) for i in range(0, len(classes), step)]
+    return [(i, elide(str(name), width)) for i, name in enumerate(classes)]
+
+
 PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
 MOMENTUM, DECAY = "#7f7f7f", "#8c564b"
 #: Titles of the formula's K and right-hand side for a plain step and an optimizer's step.
@@ -183,8 +212,8 @@ class HeatmapView(pg.PlotItem):
             self._layout = layout
             self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
             self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
-            self.getAxis("left").setTicks([[(i, str(classes[i])) for i in range(rows)]])
-            bottom = [(j, str(classes[j])) for j in range(cols)] if cols > 1 else [(0, "")]
+            self.getAxis("left").setTicks([class_ticks(classes[:rows], n_max=20)])
+            bottom = class_ticks(classes[:cols], n_max=10, width=4) if cols > 1 else [(0, "")]
             self.getAxis("bottom").setTicks([bottom])
 
 
@@ -361,11 +390,15 @@ class ProbabilityBars(pg.PlotWidget):
         self.hideButtons()
         self.bars = pg.BarGraphItem(x=np.arange(10), height=np.zeros(10), width=0.75)
         self.addItem(self.bars)
-        self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
-        self.setXRange(-0.6, 9.6, padding=0)
         self.setMinimumHeight(110)
         self.setMaximumHeight(170)
         self.probs = np.zeros(10)
+        self.set_classes(tuple(str(i) for i in range(10)))
+
+    def set_classes(self, classes) -> None:
+        """Name the bars (the x axis) after ``classes``."""
+        self.getPlotItem().getAxis("bottom").setTicks([class_ticks(classes, n_max=10, width=5)])
+        self.setXRange(-0.6, len(classes) - 0.4, padding=0)
 
     def set_probs(self, probs: np.ndarray, label: int | None = None, target: int | None = None):
         """``probs (V,)``; ``label`` the true class, ``target`` y_u."""
@@ -414,6 +447,7 @@ class PreviewBars(pg.PlotWidget):
         self.setLabel("bottom", "class i")
         self.disableAutoRange()
         self.setRange(xRange=(-0.6, 9.6), yRange=(-1, 1), padding=0.05)
+        self.classes = tuple(str(i) for i in range(10))
         self._view = None  # (classes, y low, y high) shown
 
     def set_values(self, predicted: np.ndarray, actual: np.ndarray, history=None) -> None:
@@ -438,10 +472,11 @@ class PreviewBars(pg.PlotWidget):
         low, high = float(np.min(both, initial=0.0)), float(np.max(both, initial=0.0))
         bottom = -nice_ceiling(-low) if low < 0 else 0.0
         top = nice_ceiling(high) if high > 0 else 0.0
-        view = (len(x), bottom, top) if bottom < top else (len(x), -1.0, 1.0)
+        view = (self.classes, bottom, top) if bottom < top else (self.classes, -1.0, 1.0)
         if view != self._view:
             self._view = view
-            self.getPlotItem().getAxis("bottom").setTicks([[(i, str(i)) for i in x]])
+            ticks = class_ticks(self.classes[: len(x)], n_max=10, width=5)
+            self.getPlotItem().getAxis("bottom").setTicks([ticks])
             self.setRange(xRange=(-0.6, len(x) - 0.4), yRange=view[1:], padding=0.05)
 
 
@@ -458,16 +493,12 @@ class TrajectoryPlot(pg.PlotWidget):
         self.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
         self.disableAutoRange()
         self.log_scale = False
-        self.curves = [self.plot([], [], pen=pg.mkPen(CLASS_COLORS[i], width=2)) for i in range(10)]
+        self.classes = tuple(str(i) for i in range(10))
+        self.curves: list = []  # class i's line (made as many as there are classes)
+        self.end_labels: list = []
         # one scatter item for all markers: ten items with symbols cost ten symbol renderings
         self.markers = pg.ScatterPlotItem(size=5, pen=None)
         self.addItem(self.markers)
-        self._brushes = [pg.mkBrush(c) for c in CLASS_COLORS]
-        self.end_labels = [
-            pg.TextItem(str(i), color=CLASS_COLORS[i], anchor=(0, 0.5)) for i in range(10)
-        ]
-        for label in self.end_labels:
-            self.addItem(label)
         self.own = self.plot([], [], pen=pg.mkPen("k", width=2, style=Qt.PenStyle.DashLine))
         self._history = None
         self._note = ""  # what the applied steps learnt when it was not the shown update
@@ -505,19 +536,24 @@ class TrajectoryPlot(pg.PlotWidget):
         values = f(probs_o)  # (steps, V)
         own = f(probs_u[:, y_u])
         classes = values.shape[1]
-        for i, curve in enumerate(self.curves):
-            if i < classes:
-                curve.setData(steps, values[:, i])
-            else:
-                curve.setData([], [])
-        for i, label in enumerate(self.end_labels):
-            label.setVisible(i < classes)
-            if i < classes:
+        while len(self.curves) < classes:
+            k = len(self.curves)
+            self.curves.append(self.plot([], [], pen=pg.mkPen(class_color(k), width=2)))
+            self.end_labels.append(pg.TextItem("", color=class_color(k), anchor=(0, 0.5)))
+            self.addItem(self.end_labels[-1])
+        # the end of each line names its class: all of them for ten classes, else the top ten
+        named = set(np.argsort(-values[-1])[:10].tolist())
+        for i, (curve, label) in enumerate(zip(self.curves, self.end_labels, strict=True)):
+            curve.setData(steps, values[:, i]) if i < classes else curve.setData([], [])
+            label.setVisible(i in named)
+            if i in named:
+                label.setText(elide(str(self.classes[i]) if i < len(self.classes) else str(i), 8))
                 label.setPos(steps[-1] + 0.05, values[-1, i])
+        brushes = [pg.mkBrush(class_color(i)) for i in range(classes)]
         self.markers.setData(
             x=np.tile(steps, classes),
             y=values.T.ravel(),
-            brush=[self._brushes[i % len(self._brushes)] for i in range(classes) for _ in steps],
+            brush=[brushes[i] for i in range(classes) for _ in steps],
         )
         self.own.setData(steps, own)
         # fixed axes: π in [0, 1]; log π from a round number below its minimum to 0

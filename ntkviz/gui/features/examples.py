@@ -132,6 +132,7 @@ class SamplePicker(QGroupBox):
             self.class_box.addItem(name, k)
         self.class_box.blockSignals(False)
         self._thumbnail_key = None
+        self.bars.set_classes(info.classes)
         self.setEnabled(True)
 
     def pick(self, example: Example) -> None:

@@ -11,7 +11,7 @@ from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, let_shrink
+from ntkviz.gui.plots import HeatmapView, class_ticks, let_shrink
 from ntkviz.gui.widgets import ThumbnailRow, spin
 
 QUANTITIES = (
@@ -45,8 +45,6 @@ class InfluenceView(ProbeView):
             self.quantity_box.addItem(text, key)
         self.rank_box = QComboBox()
         self.rank_box.addItem("y_u", -1)
-        for i in range(10):
-            self.rank_box.addItem(str(i), i)
         self.rank_box.setToolTip("rank x_o by the predicted Δlog π of this output class")
         self.add_controls(
             QLabel("probe"), self.size_box, self.actual_box, QLabel("‖K‖ on"), self.norm_box,
@@ -63,7 +61,7 @@ class InfluenceView(ProbeView):
         self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
         let_shrink(self.norm_plot.titleLabel)
         self.norm_plot.setLabel("bottom", "true class of x_o")
-        self.norm_plot.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
+
         self.norm_plot.setMenuEnabled(False)
         self.norm_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#9ecae1")
         self.norm_err = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
@@ -79,8 +77,17 @@ class InfluenceView(ProbeView):
         for row in (self.raised, self.lowered):
             self.layout_.addWidget(row)
             row.clicked.connect(lambda index: setattr(self.state, "x_o", Example("test", index)))
+        self.state.events.dataset.connect(self._on_dataset)
         self.quantity_box.currentIndexChanged.connect(self.redraw)
         self.rank_box.currentIndexChanged.connect(self.redraw)
+
+    def _on_dataset(self, info) -> None:
+        self.rank_box.blockSignals(True)
+        for k, name in enumerate(info.classes):
+            self.rank_box.addItem(name, k)
+        self.rank_box.blockSignals(False)
+        self.norm_plot.getAxis("bottom").setTicks([class_ticks(info.classes, width=5)])
+        self.norm_plot.setXRange(-0.6, len(info.classes) - 0.4)
 
     def session_state(self) -> dict:
         return {"size": self.probe_size}

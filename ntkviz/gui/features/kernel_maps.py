@@ -15,6 +15,7 @@ from ntkviz.gui.plots import HeatmapView, let_shrink, nice_ceiling
 from ntkviz.gui.widgets import spin
 
 SEQUENTIAL = pg.colormap.get("viridis")
+PROBE_IMAGES = 200  #: images in a recorded map by default (per class: this over the classes)
 
 
 class KernelMapView(ProbeView):
@@ -69,8 +70,13 @@ class KernelMapView(ProbeView):
         self.per_class_box.valueChanged.connect(self._settings_changed)
         self.slider.valueChanged.connect(self.redraw)
         self.history.changed.connect(self._history_changed)
+        self.state.events.dataset.connect(self._on_dataset)
         self.controller.on("new_run", lambda event: self.history.clear())
         self._configure(supersede=True)
+
+    def _on_dataset(self, info) -> None:
+        """About :data:`PROBE_IMAGES` images in all, whatever the number of classes."""
+        self.per_class_box.setValue(max(2, min(20, PROBE_IMAGES // len(info.classes))))
 
     def plots(self):
         return {"Kernel map": lambda: self.graphics.ci}

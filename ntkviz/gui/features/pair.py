@@ -161,6 +161,7 @@ class PairView(FeatureView):
         sp.undo_button.clicked.connect(c.undo_step)
         sp.reset_button.clicked.connect(c.reset_steps)
         self.state.events.lr.connect(sp.show_lr)
+        self.state.events.dataset.connect(self._on_dataset)
         sp.step_box.currentIndexChanged.connect(
             lambda i: setattr(self.state, "step_kind", sp.step_box.itemData(i))
         )
@@ -170,6 +171,11 @@ class PairView(FeatureView):
         sp.setEnabled(False)
         c.on("pair", self._on_pair)
         c.on("history", self._on_history)
+
+    def _on_dataset(self, info) -> None:
+        self.decomposition_view.classes = tuple(info.classes)
+        self.step_panel.preview.classes = tuple(info.classes)
+        self.step_panel.trajectory.classes = tuple(info.classes)
 
     def _show_step_kind(self, *args) -> None:
         box, info = self.step_panel.step_box, self.state.model

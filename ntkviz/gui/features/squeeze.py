@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 from ntkviz.app.features.squeeze import SURVEY_SIZE, SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import let_shrink
+from ntkviz.gui.plots import class_ticks, let_shrink
 from ntkviz.gui.widgets import spin
 
 
@@ -27,6 +27,7 @@ class SqueezeView(ProbeView):
         self.classes = tuple(str(i) for i in range(10))
         self.label_box = QComboBox()
         self.label_box.addItems([str(i) for i in range(10)])
+        self.state.events.dataset.connect(self._on_dataset)
         self.steps_box = spin(1, 100, 5)
         self.lr_box = QDoubleSpinBox()
         self.lr_box.setDecimals(4)
@@ -52,7 +53,6 @@ class SqueezeView(ProbeView):
             ))  # fmt: skip
             let_shrink(p.titleLabel)
             p.setLabel("bottom", "class")
-            p.getAxis("bottom").setTicks([[(i, str(i)) for i in range(10)]])
             p.setMenuEnabled(False)
             before = p.plot(stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None)
             after = p.plot(stepMode="center", pen=pg.mkPen(color, width=2.5))
@@ -94,6 +94,14 @@ class SqueezeView(ProbeView):
         self.layout_.addWidget(self.checks)
         self.log_box.toggled.connect(self.redraw)
         self.state.events.y_u.connect(lambda y: self.label_box.setCurrentIndex(y))  # ȳ = y_u
+
+    def _on_dataset(self, info) -> None:
+        self.label_box.blockSignals(True)
+        self.label_box.clear()
+        self.label_box.addItems(list(info.classes))
+        self.label_box.blockSignals(False)
+        for p in self.run_plots.values():
+            p.getAxis("bottom").setTicks([class_ticks(info.classes, width=5)])
 
     def plots(self):
         return {"Squeezing": lambda: self.graphics.ci}

@@ -24,7 +24,7 @@ from ntkviz.app.features.watch import (
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import CLASS_COLORS, HeatmapView, let_shrink
+from ntkviz.gui.plots import HeatmapView, class_color, let_shrink
 from ntkviz.gui.widgets import ThumbnailRow, fit_text
 
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
@@ -191,7 +191,7 @@ class WatchView(ProbeView):
         by_class = np.cumsum(t["by_class"][:, w, :], axis=0)  # (T, C)
         shown = np.argsort(-np.abs(by_class[-1]))[:SHOWN_CLASSES]
         for k in sorted(shown):
-            pen = pg.mkPen(CLASS_COLORS[k % len(CLASS_COLORS)], width=1.5)
+            pen = pg.mkPen(class_color(k), width=1.5)
             self._curve(f"training examples of class {c[k]}", steps, by_class[:, k], pen)
         rest = np.setdiff1d(np.arange(len(c)), shown)
         if len(rest):
