@@ -260,10 +260,13 @@ class MainWindow(QMainWindow):
         self.controller.handle(event)
 
     def shutdown(self) -> None:
-        """Stop the engine and wait for its thread to end (idempotent)."""
+        """Stop the engine; wait at most :attr:`STOP_WAIT_MS` for its thread (idempotent)."""
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(self.STOP_WAIT_MS)
             self.engine, self.thread = None, None
+
+    #: How long closing waits for the engine to finish the step of work it is in.
+    STOP_WAIT_MS = 2000
 
     def closeEvent(self, event) -> None:
         if not self._may_close():

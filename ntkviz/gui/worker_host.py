@@ -85,12 +85,16 @@ class EngineThread(QObject):
     def running(self) -> bool:
         return self.thread.isRunning()
 
-    def stop(self, timeout_ms: int = 30000) -> None:
-        """Stop the engine between two slices of work and wait for the thread (idempotent)."""
+    def stop(self, timeout_ms: int = 30000) -> bool:
+        """Stop the engine between two slices of work and wait up to ``timeout_ms`` for its
+        thread (idempotent). False if it is still busy then (one step of a long job): it stops
+        when that step ends, and this object (the application's) keeps the thread alive."""
         if self.thread.isRunning():
             self.command.emit(Command("shutdown"))
             if not self.thread.wait(timeout_ms):
-                log.error("the engine's thread did not stop within %d ms", timeout_ms)
+                log.warning("the engine is still finishing a step of work; it stops after it")
+                return False
+        return True
 
 
 def make_engine(config, dataset, dataset_name: str) -> Callable:
