@@ -12,6 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "show": "ntkviz.gui.app",
     "empirical_ntk": "ntkviz.kernel",
     "empirical_ntk_by_layer": "ntkviz.kernel",
     "ntk_trace": "ntkviz.kernel",

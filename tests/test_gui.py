@@ -347,10 +347,10 @@ def test_save_dialogs_add_the_chosen_filters_suffix(qtbot, settings, mnist, tmp_
                 dialog.reject()
 
     for show in (
-        lambda: window._export_plot_dialog("Trajectory"),
+        lambda: window.files.export_plot_dialog("Trajectory"),
         window.views["pair"]._export_data_dialog,
         window.views["pair"]._export_data_dialog,
-        window._save_checkpoint_dialog,
+        window.files.save_checkpoint,
     ):
         QTimer.singleShot(0, answer)
         show()

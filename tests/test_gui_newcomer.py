@@ -192,7 +192,7 @@ def test_closing_with_unsaved_work_asks_save_discard_or_cancel(qtbot, window, mn
     assert "trained for 1 steps" in seen[0] and other.isVisible() and other.engine is not None
     seen = answer_close_question(qtbot, QMessageBox.Save)
     path = tmp_path / "kept.ntks"
-    other._ask_path = lambda *args, **kwargs: str(path)
+    other.files.ask_path = lambda *args, **kwargs: str(path)
     other.close()
     qtbot.waitUntil(lambda: not other.isVisible(), timeout=TIMEOUT)  # closes once written
     assert path.exists() and other.engine is None

@@ -47,6 +47,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class UserModel:
+    """A model of the user's: ``label`` (its factory spec, or its class), ``build()`` a fresh
+    one (the factory called again, or :func:`reinitialised` of the model as it was given)."""
+
+    label: str
+    build: Callable[[], torch.nn.Module]
+
+
+def reinitialised(template: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``template`` with fresh weights: every submodule's ``reset_parameters()`` (the
+    initialisation PyTorch's layers use), seeded by the caller's random state."""
+    import copy
+
+    model = copy.deepcopy(template)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
+@dataclass(frozen=True)
 class Undo:
     """What an applied step changed: the weights before it (a state_dict clone) and the engine's
     optimizer then (None: none yet) with its :class:`~ntkviz.accounting.OptimizerSnapshot`."""
@@ -72,11 +93,15 @@ class Engine:
         config: TrainConfig | None = None,
         dataset: ImageDataset | None = None,
         dataset_name: str = "mnist",
+        user_model: UserModel | None = None,
+        model: torch.nn.Module | None = None,
     ):
         self.emit = emit
         self.config = config or TrainConfig()
         self.data = dataset
         self._dataset_name = dataset_name
+        self.user_model = user_model
+        self._given = model  # the first model, as given (else a fresh one of the config's)
         self.model: torch.nn.Module | None = None
         self.model_name = self.config.model
         self.source = "fresh weights"
@@ -125,12 +150,7 @@ class Engine:
     def load(self) -> None:
         """Load the dataset (unless given) and build a fresh model from the config."""
         self._run_state("loading")
-        self.emit(
-            Event(
-                "info",
-                EngineInfo({k: v[1] for k, v in MODELS.items()}, torch.cuda.is_available()),
-            )
-        )
+        self.emit_info()
         if self.data is None:
             self.data = load_dataset(self._dataset_name)
         d = self.data
@@ -145,8 +165,22 @@ class Engine:
                 ),
             )
         )
-        self._new_model(self.config, "fresh weights")
+        if self._given is not None:
+            from ntkviz.modelspec import check_model
+
+            label = self.user_model.label if self.user_model else type(self._given).__name__
+            check_model(self._given, self.data.test.x[:2], len(self.data.classes), name=label)
+            self._set_model(self._given, self.config, "given from Python")
+            self._given = None
+        else:
+            self._new_model(self.config, "fresh weights")
         self._run_state("ready")
+
+    def emit_info(self) -> None:
+        models = {k: v[1] for k, v in MODELS.items()}
+        if self.user_model is not None:
+            models[self.user_model.label] = f"your model: {self.user_model.label}"
+        self.emit(Event("info", EngineInfo(models, torch.cuda.is_available())))
 
     def _device(self, name: str) -> torch.device:
         try:
@@ -175,13 +209,41 @@ class Engine:
         self.source = source
         for p in self._periodic.values():
             p[3] = step  # periodic jobs start over with the new model
+        self._path = self._kernel_path()
         if emit:
             self.emit_model()
 
     def _new_model(self, config: TrainConfig, source: str) -> None:
+        """A freshly initialised model for ``config.model``: from the registry, built for the
+        data's input shape and classes, or the user's model (its factory, or a copy of it as it
+        was given)."""
         config.validate()
-        model = build_model(config.model, len(self.data.classes), seed=config.seed)
+        if self.user_model is not None and config.model == self.user_model.label:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = self.user_model.build()
+        else:
+            channels, size = self.data.train.x.shape[1], self.data.train.x.shape[-1]
+            model = build_model(
+                config.model, len(self.data.classes), seed=config.seed, in_channels=channels,
+                image_size=size,
+            )  # fmt: skip
         self._set_model(model, config, source)
+
+    def open_model(self, spec: str, weights: str | None = None) -> None:
+        """Replace the model by the user's: ``spec`` "file.py:factory" or "module:factory" (run
+        to build it), ``weights`` a state dict or checkpoint file (read without running code).
+        Checked on the data first: a model that does not fit changes nothing."""
+        from ntkviz.modelspec import check_model, load_model_spec
+
+        model = load_model_spec(spec, weights)
+        check_model(model, self.data.test.x[:2], len(self.data.classes), name=spec)
+        self.user_model = UserModel(spec, lambda: load_model_spec(spec))
+        config = replace(self.config, model=spec)
+        self.emit_info()
+        self._set_model(model, config, spec if weights is None else f"{spec} with {weights}")
+        self._run_state("ready")
+        self.message(f"opened model {spec}")
 
     def emit_model(self) -> None:
         self.emit(
@@ -197,9 +259,21 @@ class Engine:
                     len(self.undo_stack),
                     self._models,
                     self._describe_optimizer(),
+                    *self._path,
                 ),
             )
         )
+
+    def _kernel_path(self) -> tuple[str, float]:
+        """Which kernel algorithm the model takes, and why, and one pair's measured cost (s)."""
+        from ntkviz.kernel import kernel_path, pair_cost_seconds
+
+        x = self.data.test.x[:2].to(self.device)
+        try:
+            path = kernel_path(self.model, x[:1])
+            return f"{path.path} kernel path: {path.reason}", pair_cost_seconds(self.model, x, 1)
+        except (ValueError, RuntimeError) as e:
+            return f"kernel path unknown: {e}", float("nan")
 
     def _describe_optimizer(self) -> str:
         c = self.config

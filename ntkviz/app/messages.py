@@ -89,6 +89,8 @@ class ModelInfo:
     applied_steps: int = 0
     number: int = 0
     optimizer: str = ""  #: what "this run's optimizer" steps with (its settings and state)
+    kernel_path: str = ""  #: which kernel algorithm the model takes, and why
+    pair_cost: float = float("nan")  #: seconds one pair's kernel takes here (measured)
 
 
 @dataclass(frozen=True)

@@ -104,3 +104,51 @@ def after_first_paint(window, callback, wait_ms: int = 1000) -> None:
     watch = Watch(window)
     app.installEventFilter(watch)
     QTimer.singleShot(wait_ms, watch.fire)
+
+
+def show(model=None, data=None, *, config=None, block: bool = True, train: bool = False):
+    """Open the ntkviz app on ``model`` (any ``nn.Module`` mapping a batch to logits ``(N, V)``;
+    default: the registry's LeNet) and ``data`` (an :class:`~ntkviz.data.ImageDataset`; default:
+    the shipped MNIST), from a script or a notebook.
+
+    The model is copied: the app never trains the caller's object unless ``train`` is true (then
+    it works on it in its own thread — leave it alone meanwhile). "Start" re-initialises a copy
+    of the model as given (each layer's ``reset_parameters``); "Continue" trains the current one.
+    ``config``: a ``TrainConfig`` for training. ``block``: run the event loop until the window
+    closes and return None; else return the window at once (in IPython the Qt event loop is
+    integrated, as napari does, so the notebook stays usable).
+    """
+    import copy
+
+    from PySide6.QtWidgets import QApplication
+
+    from ntkviz.gui.window import APPLICATION, ORGANIZATION, MainWindow
+
+    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "ntkviz"])
+    app.setOrganizationName(ORGANIZATION)
+    app.setApplicationName(APPLICATION)
+    user, given = None, None
+    if model is not None:
+        from dataclasses import replace
+
+        from ntkviz.app.engine import UserModel, reinitialised
+        from ntkviz.training import TrainConfig
+
+        template = copy.deepcopy(model)
+        user = UserModel(type(model).__name__, lambda: reinitialised(template))
+        given = model if train else copy.deepcopy(model)
+        config = replace(config or TrainConfig(), model=user.label)
+    window = MainWindow(config=config, dataset=data, user_model=user, model=given)
+    window.show()
+    if block:
+        app.exec()
+        return None
+    try:  # a notebook: let IPython run Qt's event loop between cells
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            shell.enable_gui("qt")
+    except ImportError:
+        pass
+    return window

@@ -1,11 +1,22 @@
-"""Dialogs of the window's Help menu."""
+"""Dialogs: the About box, and the choice of a model of the user's."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 ABOUT = """<h3>ntkviz</h3>
 <p>See how one gradient step on one example x<sub>u</sub> changes a classifier's predictions on
@@ -32,3 +43,57 @@ def show_about(parent: QWidget, log_file: Path | None) -> None:
     box.setText(text)
     box.setAttribute(Qt.WA_DeleteOnClose)
     box.open()
+
+
+class ModelDialog(QDialog):
+    """Asks for a model of the user's: a factory spec ("file.py:factory" or "module:factory")
+    and an optional weights file (a state dict or an ntkviz checkpoint)."""
+
+    def __init__(self, parent: QWidget | None = None, directory: str = ""):
+        super().__init__(parent)
+        self.setWindowTitle("Open model")
+        self.directory = directory
+        self.spec = QLineEdit()
+        self.spec.setPlaceholderText("my_models.py:build  or  mypackage.models:build")
+        self.spec.setToolTip(
+            "a callable returning an nn.Module whose logits are (N, V); it is called without "
+            "arguments (this runs your code)"
+        )
+        self.weights = QLineEdit()
+        self.weights.setPlaceholderText("optional: a state dict (.pt) or an ntkviz checkpoint")
+        self.weights.setToolTip("read with torch.load(weights_only=True): it never runs code")
+        browse_spec, browse_weights = QPushButton("File…"), QPushButton("File…")
+        browse_spec.clicked.connect(self._browse_spec)
+        browse_weights.clicked.connect(self._browse_weights)
+        form = QFormLayout()
+        for label, field, button in (
+            ("Factory", self.spec, browse_spec), ("Weights", self.weights, browse_weights)
+        ):  # fmt: skip
+            row = QHBoxLayout()
+            row.addWidget(field, 1)
+            row.addWidget(button)
+            form.addRow(label, row)
+        buttons = QDialogButtonBox(QDialogButtonBox.Open | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+        self.resize(560, self.sizeHint().height())
+
+    def _browse_spec(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model file", self.directory, "Python (*.py)")
+        if path:
+            self.spec.setText(f"{path}:build")
+            self.spec.setFocus()
+            self.spec.setSelection(len(path) + 1, len("build"))
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Weights", self.directory, "PyTorch weights (*.pt *.pth);;All files (*)"
+        )
+        if path:
+            self.weights.setText(path)
+
+    def values(self) -> tuple[str, str | None]:
+        return self.spec.text().strip(), self.weights.text().strip() or None

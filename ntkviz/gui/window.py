@@ -14,9 +14,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QDockWidget,
-    QFileDialog,
     QFrame,
-    QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -28,7 +26,7 @@ from PySide6.QtWidgets import (
 from ntkviz.app.controller import AppController
 from ntkviz.app.state import AppState
 from ntkviz.gui.dialogs import show_about
-from ntkviz.gui.export import ask_save_path, export_graphics
+from ntkviz.gui.files import FileMenu
 from ntkviz.gui.widgets import StepKeys, WheelScrolls
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,9 @@ class MainWindow(QMainWindow):
     """The ntkviz main window. ``config``: the first model's ``TrainConfig``; ``dataset``: a
     loaded ``ImageDataset`` (else the engine loads ``dataset_name``); ``settings``: where the
     layout is remembered; ``autostart``: start from the event loop (else call :meth:`start`);
-    ``features``: the view classes (default :data:`ntkviz.gui.features.FEATURES`).
+    ``features``: the view classes (default :data:`ntkviz.gui.features.FEATURES`);
+    ``user_model`` (an engine ``UserModel``) and ``model`` (the first model, as given): a model
+    of the user's (see :func:`ntkviz.gui.app.show`).
 
     Construction builds only the frame (menus, status bar, a notice): nothing but Qt before the
     first paint. :meth:`start` then builds the views (pyqtgraph) and starts the engine's thread,
@@ -57,11 +57,12 @@ class MainWindow(QMainWindow):
     def __init__(
         self, config=None, dataset=None, dataset_name: str = "mnist",
         settings: QSettings | None = None, autostart: bool = True, features=None,
+        user_model=None, model=None,
     ):  # fmt: skip
         super().__init__()
         self.setWindowTitle("ntkviz — learning dynamics of one gradient step")
         self.settings = settings or QSettings(ORGANIZATION, APPLICATION)
-        self._engine_args = (config, dataset, dataset_name)
+        self._engine_args = (config, dataset, dataset_name, user_model, model)
         self.last_error: tuple[str, str] | None = None
         self.show_message_boxes = True
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
@@ -92,8 +93,8 @@ class MainWindow(QMainWindow):
         self._file_menu()
         self._finish_menus()
         self.status_labels = {k: QLabel(v) for k, v in (
-            ("device", "device: –"), ("params", "parameters: –"), ("step", "step: 0"),
-            ("state", "loading…"))}  # fmt: skip
+            ("device", "device: –"), ("params", "parameters: –"), ("path", ""),
+            ("step", "step: 0"), ("state", "loading…"))}  # fmt: skip
         for label in self.status_labels.values():
             self.statusBar().addPermanentWidget(label)
         self.statusBar().showMessage("Loading PyTorch and the dataset…")
@@ -115,7 +116,7 @@ class MainWindow(QMainWindow):
 
         ctx = FeatureContext(
             self.controller, self.state, self._status, self.shown.emit, self.show_error,
-            self._ask_path, self._attempt,
+            self.files.ask_path, self._attempt,
         )  # fmt: skip
         self.tabs.removeTab(self.tabs.indexOf(self.notice))
         for feature in self._features or FEATURES:
@@ -164,14 +165,8 @@ class MainWindow(QMainWindow):
         return dock
 
     def _file_menu(self) -> None:
-        a = partial(self._action, "File")
-        a("&Open checkpoint…", self._open_checkpoint_dialog, QKeySequence.Open, False)
-        a("&Save checkpoint…", self._save_checkpoint_dialog, QKeySequence.Save)
-        a("Open s&ession…", self._open_session_dialog, "Ctrl+Shift+O", False)
-        a("Save sessio&n…", self._save_session_dialog, "Ctrl+Shift+S")
-        self.menus["File"].addSeparator()
-        a("Export &figure…", lambda: self._export_plot_dialog("Decomposition"), "Ctrl+E")
-        self.plot_menu = self.menus["File"].addMenu("Export &plot")
+        self.files = FileMenu(self)
+        self.plot_menu = self.files.build(partial(self._action, "File"), self.menus["File"])
 
     def _finish_menus(self) -> None:
         self._file_tail = self.menus["File"].addSeparator()  # views' File entries go above
@@ -208,7 +203,7 @@ class MainWindow(QMainWindow):
     def _refresh_plot_menu(self) -> None:
         self.plot_menu.clear()
         for name in self.plots():
-            self.plot_menu.addAction(name, lambda n=name: self._export_plot_dialog(n))
+            self.plot_menu.addAction(name, lambda n=name: self.files.export_plot_dialog(n))
 
     def show_view(self, view: QWidget) -> None:
         """Bring the tab holding ``view`` (a tab's view sits in a scroll area) to the front."""
@@ -291,7 +286,7 @@ class MainWindow(QMainWindow):
         if answer == QMessageBox.Discard:
             return True
         if answer == QMessageBox.Save:
-            path = self._ask_path("Save session", "ntkviz session (*.ntks)")
+            path = self.files.ask_path("Save session", "ntkviz session (*.ntks)")
             if path:  # close once the engine has written it (an error keeps the window open)
                 self.controller.on("session_saved", lambda event: self.close())
                 self.controller.save_session(path)
@@ -303,6 +298,11 @@ class MainWindow(QMainWindow):
         first = not self.menu_actions["&Save checkpoint…"].isEnabled()
         self.status_labels["device"].setText(f"device: {info.device}")
         self.status_labels["params"].setText(f"parameters: {info.num_parameters:,}")
+        path = self.status_labels["path"]
+        path.setText(
+            f"{info.kernel_path.split(' ')[0]} path · {1000 * info.pair_cost:.3g} ms a pair"
+        )
+        path.setToolTip(f"{info.kernel_path}; one pair's K measured at {info.pair_cost:.3g} s")
         self.status_labels["step"].setText(f"step: {info.step}")
         self._enable_model_actions(True)
         if first:
@@ -363,51 +363,4 @@ class MainWindow(QMainWindow):
 
     def export_plot(self, name: str, path: str, width: int = 1600) -> bool:
         """Write the plot ``name`` (a key of :meth:`plots`) to ``path``; False on error."""
-        if name == "Decomposition" and self.views["pair"].last_result is None:
-            self.show_error("Nothing to export", "no decomposition has been computed yet")
-            return False
-        item = self.plots()[name]
-        return self._attempt(
-            "Export failed", lambda: export_graphics(item(), path, width), f"wrote {path}"
-        )
-
-    def _ask_path(self, title: str, filters: str, save: bool = True) -> str:
-        """A path from a file dialog (a saved file gets the chosen filter's suffix if it has
-        none); ``""`` if cancelled."""
-        directory = str(self.settings.value("lastDirectory", str(Path.home())))
-        if save:
-            path = ask_save_path(self, title, filters, directory)
-        else:
-            path, _ = QFileDialog.getOpenFileName(self, title, directory, filters)
-        if path:
-            self.settings.setValue("lastDirectory", str(Path(path).parent))
-        return path
-
-    def _open_checkpoint_dialog(self) -> None:
-        if path := self._ask_path("Open checkpoint", "ntkviz checkpoint (*.pt)", save=False):
-            self.controller.open_checkpoint(path)
-
-    def _save_checkpoint_dialog(self) -> None:
-        if path := self._ask_path("Save checkpoint", "ntkviz checkpoint (*.pt)"):
-            self.controller.save_checkpoint(path)
-
-    def _open_session_dialog(self) -> None:
-        if path := self._ask_path("Open session", "ntkviz session (*.ntks)", save=False):
-            self.controller.open_session(path)
-
-    def _save_session_dialog(self) -> None:
-        if path := self._ask_path("Save session", "ntkviz session (*.ntks)"):
-            self.controller.save_session(path)
-
-    def _export_plot_dialog(self, name: str) -> None:
-        path = self._ask_path(f"Export {name}", "PNG image (*.png);;SVG vector image (*.svg)")
-        if not path:
-            return
-        width = 1600
-        if Path(path).suffix.lower() == ".png":
-            width, ok = QInputDialog.getInt(
-                self, "PNG width", "width in pixels", 1600, 100, 20000, 100
-            )
-            if not ok:
-                return
-        self.export_plot(name, path, width)
+        return self.files.export_plot(name, path, width)

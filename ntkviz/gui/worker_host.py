@@ -97,12 +97,12 @@ class EngineThread(QObject):
         return True
 
 
-def make_engine(config, dataset, dataset_name: str) -> Callable:
+def make_engine(config, dataset, dataset_name: str, user_model=None, model=None) -> Callable:
     """A factory for :class:`WorkerHost` that imports the engine (and PyTorch) when called."""
 
     def make(emit):
         from ntkviz.app.engine import Engine
 
-        return Engine(emit, config, dataset, dataset_name)
+        return Engine(emit, config, dataset, dataset_name, user_model, model)
 
     return make
