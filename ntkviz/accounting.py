@@ -804,7 +804,7 @@ def _class_cotangents(classes: Tensor):
 
     def u(z: Tensor) -> Tensor:
         u = -F.softmax(z.double(), -1)
-        u[torch.arange(len(z)), classes.to(z.device)] += 1
+        u[torch.arange(len(z), device=z.device), classes.to(z.device)] += 1
         return u.to(z.dtype).unsqueeze(1)
 
     return u
@@ -1028,7 +1028,8 @@ class AccountedStep:
         if full is not None:
             classes = self.classes[fi]
             gradient = _log_level(dz_gradient.double(), probs[fi][:, None])
-            contributions = gradient[torch.arange(len(fi)), :, classes.to(gradient.device)]
+            rows = torch.arange(len(fi), device=gradient.device)
+            contributions = gradient[rows, :, classes.to(gradient.device)]
             top_index = top_kernel = None
             if self.top_kernels:
                 top_index = contributions.abs().argmax(1)

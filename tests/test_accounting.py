@@ -334,10 +334,12 @@ def test_class_accounts_equal_their_definition(model_name, opt_name):
         close(acc.class_gradient, acc.contributions.sum(1), 1e-12)
         assert acc.step_scale == full.step_scale and acc.optimizer == full.optimizer
         assert acc.batch_labels.tolist() == Y.tolist() and acc.lr == hyper["lr"]
-        terms = acc.terms()
+        terms, dz_terms = acc.terms(), acc.terms(logits=True)
         for w in rows:
             known = np.isfinite(terms["momentum"][w])
             assert known.all() if w in focus else known.tolist() == [v == c[w] for v in range(10)]
+            assert np.isfinite(dz_terms["momentum"][w]).all() == (w in focus)
+        assert np.array_equal(dz_terms["actual"], acc.dz_actual)
         if not focus:
             assert acc.focused is None and acc.focus.shape == (0,)
             continue
