@@ -37,6 +37,7 @@ _EXPORTS = {
     "decompose_step": "ntkviz.accounting",
     "StepDecomposition": "ntkviz.accounting",
     "StepAccount": "ntkviz.accounting",
+    "WatchAccount": "ntkviz.accounting",
     "optimizer_kernel": "ntkviz.accounting",
     "optimizer_snapshot": "ntkviz.accounting",
     "OptimizerSnapshot": "ntkviz.accounting",

@@ -30,10 +30,16 @@ difference between that and the real step lands in the residual. (With Adam this
 large: a bias that batch norm cancels in training mode gets no gradient, hence P ≈ 1/ε, while its
 eval-mode per-example gradients are not zero.)
 
+The trainer's watch (:class:`Watch`, :class:`WatchAccount`) needs of most watched examples only
+the class c it follows: [A(x_o)·Δz]_c = ⟨J(x_o)ᵀ(e_c − π(x_o)), Δθ⟩, so one vector–Jacobian
+product per example gives every term of Δlog π_c (a dot product with each batch example's share
+of Δθ, with the momentum and with the decay); only its ``focus`` examples get all V rows of J.
+
 Structured path (``nn.Sequential`` chains of Linear/Conv2d, as in :mod:`ntkviz.kernel`): J(x_o) is
-kept factored per layer (inputs, V output cotangents); a Conv2d's weight Jacobian rows are formed
-per example (out × in·k·k each). Any other model: ``torch.func`` (``jacrev`` of x_o,
-``vmap``-ed per-example gradients).
+kept factored per layer (inputs, R output cotangents: V rows, or one for a class); a Conv2d's
+weight Jacobian rows are formed per example (out × in·k·k each), except that against one or two
+watched rows the batch's convolution weight terms are one convolution with those rows as filters.
+Any other model: ``torch.func`` (``jacrev`` of x_o, ``vmap``-ed per-example gradients).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from ntkviz.decomposition import Decomposition
-from ntkviz.kernel import _as_batch, _chain, _sweep, _Unsupported, empirical_ntk, eval_mode
+from ntkviz.kernel import _as_batch, _chain, _Unsupported, empirical_ntk, eval_mode
 
 #: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
 SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -140,6 +146,74 @@ class StepAccount:
         prefix = "dz_" if logits else ""
         out = {name: getattr(self, prefix + name) for name in self.TERMS}
         out["gradient"] = out["gradient"].sum(1)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class WatchAccount:
+    """The account of one training step for W watched examples, each at its class
+    ``classes[w]`` = c (e.g. its label): what the trainer gives with a :class:`Watch`.
+
+    For each watched example the step's change of log π_c is split exactly as in
+    :class:`StepAccount` (the same numbers, at class c) from one vector–Jacobian product
+    v = J(x_o)ᵀ(e_c − π(x_o)): Δlog π_c ≈ ⟨v, Δθ⟩, each term ⟨v, its part of Δθ⟩. Every array is
+    read-only; float64 unless noted; nats.
+
+    - ``contributions (W, B)``: per batch example b, −(s/B)·[A·K_P(x_o, x_b)·G_b]_c;
+    - ``class_gradient``, ``class_momentum``, ``class_weight_decay`` ``(W,)``: the terms of
+      Δlog π_c (``class_gradient`` = ``contributions.sum(1)``);
+      ``class_predicted`` = their sum; ``class_actual``: the real Δlog π_c (eval mode, before vs
+      after); ``class_residual`` = ``class_actual − class_predicted``;
+    - ``probs_before (W, V)``: π(x_o) before the step; ``actual (W, V)`` and ``dz_actual (W, V)``:
+      the real Δlog π and Δz of every class;
+    - the batch: ``G (B, V)``, ``batch_labels (B,)`` int64; ``classes (W,)`` int64;
+    - ``focus (F,)`` int64: the watched examples (positions in W) that also get the full account,
+      ``focused``: their :class:`StepAccount` (every class, logit level, ``top_index`` and
+      ``top_kernel``; its ``classes`` = ``classes[focus]``), or None. For them the class terms
+      above are the focused account's numbers at their class, bit for bit.
+
+    Scalars as in :class:`StepAccount`: ``loss``, ``lr``, ``step_scale``, ``optimizer``.
+    """
+
+    classes: np.ndarray
+    probs_before: np.ndarray
+    actual: np.ndarray
+    dz_actual: np.ndarray
+    contributions: np.ndarray
+    class_gradient: np.ndarray
+    class_momentum: np.ndarray
+    class_weight_decay: np.ndarray
+    class_predicted: np.ndarray
+    class_actual: np.ndarray
+    class_residual: np.ndarray
+    G: np.ndarray
+    batch_labels: np.ndarray
+    loss: float
+    lr: float
+    step_scale: float
+    optimizer: str
+    focus: np.ndarray
+    focused: StepAccount | None = None
+
+    TERMS = StepAccount.TERMS
+
+    def terms(self, logits: bool = False) -> dict[str, np.ndarray]:
+        """The (W, V) terms by name (``TERMS``), like :meth:`StepAccount.terms`, with NaN where
+        this step did not compute them: every class but c of an unfocused example (and, at the
+        logit level, all of its terms but ``actual``)."""
+        W, V = self.probs_before.shape
+        focused = self.focused.terms(logits) if self.focused is not None else {}
+        out = {"actual": self.dz_actual if logits else self.actual}
+        for name in self.TERMS:
+            if name == "actual":
+                continue
+            a = np.full((W, V), np.nan)
+            if not logits:
+                a[np.arange(W), self.classes] = getattr(self, "class_" + name)
+            if focused:
+                a[self.focus] = focused[name]
+            a.flags.writeable = False
+            out[name] = a
         return out
 
 
@@ -330,6 +404,16 @@ class _LayerRows:
             self._weight_rows = rows.view(N * R, -1)
         return self._weight_rows
 
+    def weight_times(self, u: Tensor) -> Tensor:
+        """The weight-Jacobian rows times a weight-shaped ``u``, ``(N, R)``."""
+        L = self.layer
+        if isinstance(L, nn.Linear):
+            return torch.bmm(self.g, (self.a @ u.T).unsqueeze(-1)).view(self.g.shape[:2])
+        if self._weight_rows is not None:
+            return (self._weight_rows @ u.reshape(-1)).view(self.g.shape[:2])
+        y = F.conv2d(self.a, u, None, L.stride, L.padding, L.dilation)
+        return torch.bmm(self.g.flatten(2), y.flatten(1).unsqueeze(-1)).view(self.g.shape[:2])
+
     def bias_rows(self) -> Tensor:
         """The bias-Jacobian rows ``(N·R, out)``."""
         if self._bias_rows is None:
@@ -359,12 +443,12 @@ def _pairs_linear(x: _LayerRows, y: _LayerRows, qw, qb) -> Tensor:
     (N1, R1, out), (N2, R2) = g1.shape, g2.shape[:2]
     if not isinstance(qw, Tensor) and not isinstance(qb, Tensor):
         gg = (g1.reshape(N1 * R1, out) @ g2.reshape(N2 * R2, out).T).view(N1, R1, N2, R2)
-        factor = g1.new_zeros((N1, N2))
-        if qw is not None:
-            factor += qw * (x.a @ y.a.T)
+        if qw is None:
+            return gg.mul_(qb).permute(0, 2, 1, 3)
+        factor = (x.a @ y.a.T).mul_(qw)
         if qb is not None:
             factor += qb
-        return gg.permute(0, 2, 1, 3) * factor[:, :, None, None]
+        return gg.mul_(factor[:, None, :, None]).permute(0, 2, 1, 3)
     # M[n, m, k] = Σ_l Q_w[k, l]·a1[n, l]·a2[m, l] + Q_b[k]
     M = g1.new_zeros((N1, N2, out))
     if qw is not None:
@@ -375,17 +459,40 @@ def _pairs_linear(x: _LayerRows, y: _LayerRows, qw, qb) -> Tensor:
     return torch.matmul(g1[:, None] * M[:, :, None, :], g2.transpose(1, 2)[None])
 
 
+#: Up to this many rows on the small side, a Conv2d's weight term against one-row examples (a
+#: batch's gradients) is taken as a convolution with those rows as filters, without forming the
+#: examples' weight rows: the same multiply-adds for one row, but one fast convolution.
+FILTER_ROWS = 2
+
+
 def _pairs_conv(x: _LayerRows, y: _LayerRows, qw, qb) -> Tensor:
     """Σ over a Conv2d's parameters of J_x·Q·J_yᵀ, ``(N1, N2, R1, R2)``."""
     N1, R1 = x.g.shape[:2]
     N2, R2 = y.g.shape[:2]
     k = None
-    if qw is not None:
+    if qw is not None and R2 == 1 and y._weight_rows is None and N1 * R1 <= FILTER_ROWS:
+        k = _filter_products(x, y, qw)
+    elif qw is not None:
         k = _gram(x.weight_rows(), y.weight_rows(), qw)
     if qb is not None:
         part = _gram(x.bias_rows(), y.bias_rows(), qb)
         k = part if k is None else k.add_(part)
-    return k.view(N1, R1, N2, R2).permute(0, 2, 1, 3)
+    return k.reshape(N1, R1, N2, R2).permute(0, 2, 1, 3)
+
+
+def _filter_products(x: _LayerRows, y: _LayerRows, q) -> Tensor:
+    """``x.weight_rows()·diag(q)·y.weight_rows()ᵀ (M, N2)`` for ``y`` with one row per example,
+    as Σ over output positions of y's output gradient times the convolution of y's input with
+    x's (M) rows as filters."""
+    L = x.layer
+    rows = x.weight_rows()
+    if isinstance(q, Tensor):
+        rows = rows * q.reshape(-1)
+    M, N2 = len(rows), len(y.a)
+    t = F.conv2d(y.a, rows.view(M * L.out_channels, *L.weight.shape[1:]), None, L.stride,
+                 L.padding, L.dilation)  # fmt: skip
+    k = (t.view(N2, M, -1) * y.g.reshape(N2, 1, -1)).sum(-1).T
+    return k if isinstance(q, Tensor) else k.mul_(q)
 
 
 class _Factored:
@@ -394,21 +501,20 @@ class _Factored:
     def __init__(self, layers: list[_LayerRows]):
         self.layers = layers
 
-    @staticmethod
-    def supports(layer: nn.Module) -> bool:
-        return isinstance(layer, nn.Linear | nn.Conv2d)
-
     def pairs(self, other: _Factored, maps: dict) -> Tensor:
         """Σ_θ J(x1)·Q·J(x2)ᵀ ``(N1, N2, R1, R2)`` with Q = ``maps`` (param -> float or tensor;
         parameters not in ``maps`` do not count)."""
-        N1, R1 = self.layers[0].g.shape[:2]
-        N2, R2 = other.layers[0].g.shape[:2]
-        total = self.layers[0].g.new_zeros((N1, N2, R1, R2))
+        total = None
         for x, y in zip(self.layers, other.layers):
             qw, qb = _maps_of(x.layer, maps)
             if qw is not None or qb is not None:
                 pair = _pairs_linear if isinstance(x.layer, nn.Linear) else _pairs_conv
-                total += pair(x, y, qw, qb)
+                part = pair(x, y, qw, qb)  # a new tensor
+                total = part if total is None else total.add_(part)
+        if total is None:
+            N1, R1 = self.layers[0].g.shape[:2]
+            N2, R2 = other.layers[0].g.shape[:2]
+            return self.layers[0].g.new_zeros((N1, N2, R1, R2))
         return total
 
     def times(self, vectors: list[dict]) -> Tensor:
@@ -416,25 +522,17 @@ class _Factored:
         c·t (a missing parameter counts as zeros)."""
         g0 = self.layers[0].g
         N, R = g0.shape[:2]
-        out = g0.new_zeros((N, R, len(vectors)))
-        for x in self.layers:
-            L = x.layer
-            for k, vector in enumerate(vectors):
-                uw, ub = _maps_of(L, vector)
+        columns = []
+        for vector in vectors:
+            total = g0.new_zeros(N * R)
+            for x in self.layers:
+                uw, ub = _maps_of(x.layer, vector)
                 if uw is not None:
-                    c, u = uw
-                    if isinstance(L, nn.Linear):
-                        part = torch.bmm(x.g, (x.a @ u.T).unsqueeze(-1))
-                    elif x._weight_rows is not None:
-                        part = x.weight_rows() @ u.reshape(-1)
-                    else:
-                        y = F.conv2d(x.a, u, None, L.stride, L.padding, L.dilation)
-                        part = torch.bmm(x.g.flatten(2), y.flatten(1).unsqueeze(-1))
-                    out[:, :, k] += c * part.view(N, R)
+                    total.add_(x.weight_times(uw[1]).view(-1), alpha=uw[0])
                 if ub is not None:
-                    c, u = ub
-                    out[:, :, k] += c * (x.bias_rows() @ u).view(N, R)
-        return out
+                    total.add_(x.bias_rows() @ ub[1], alpha=ub[0])
+            columns.append(total.view(N, R))
+        return torch.stack(columns, -1)
 
 
 class _Materialised:
@@ -500,8 +598,7 @@ def _rows(model: nn.Module, chain, x: Tensor):
     with eval_mode(model):
         if chain is not None:
             with torch.no_grad():
-                z, records = _sweep(chain, x)
-            return z, _Factored([_LayerRows(layer, a, g) for _, layer, a, g in records])
+                return _chain_rows(chain, x)
         with torch.no_grad():
             z = model(x)
         return z, _Materialised.jacobian(model, x)
@@ -510,17 +607,14 @@ def _rows(model: nn.Module, chain, x: Tensor):
 def _structured_chain(model: nn.Module, x: Tensor):
     """The model's chain and its eval-mode sweep of ``x`` when the factored path applies, else
     ``(None, None)``."""
-    chain = _chain(model)
+    chain, _ = _structured_layers(model)
     if chain is None:
         return None, None
     try:
         with torch.no_grad(), eval_mode(model):
-            z, records = _sweep(chain, x)
+            return chain, _chain_rows(chain, x)
     except _Unsupported:
         return None, None
-    if not records or not all(_Factored.supports(layer) for _, layer, _, _ in records):
-        return None, None
-    return chain, (z, _Factored([_LayerRows(layer, a, g) for _, layer, a, g in records]))
 
 
 # --------------------------------------------------------------------------- one step
@@ -563,25 +657,204 @@ class _LayerCapture:
             for h in handles:
                 h.remove()
 
-    def rows(self) -> _Factored | None:
+    def complete(self) -> bool:
+        """Every layer ran once, differentiably, and each Linear saw a batch of vectors (the
+        structured path's conditions)."""
         n = len(self.layers)
-        if not self.valid or len(self.inputs) != n or len(self.grads) != n:
-            return None
-        return _Factored(
-            [
-                _LayerRows(L, self.inputs[k], self.grads[k].unsqueeze(1))
+        done = self.outputs if self.keep_outputs else self.grads
+        return (
+            self.valid
+            and len(self.inputs) == n
+            and len(done) == n
+            and all(
+                self.inputs[k].ndim == 2
                 for k, L in enumerate(self.layers)
-            ]
+                if isinstance(L, nn.Linear)
+            )
         )
+
+    def rows(self) -> _Factored | None:
+        """After the backward pass: each layer's input and output gradient (one row an example)."""
+        if not self.complete():
+            return None
+        return self._factored([self.grads[k] for k in range(len(self.layers))])
+
+    def pulled(self, z: Tensor, cotangent: Tensor) -> _Factored:
+        """With ``keep_outputs``, after a complete forward to ``z``: the rows for the output
+        cotangent ``cotangent`` (same shape as ``z``, one row an example)."""
+        outputs = [self.outputs[k] for k in range(len(self.layers))]
+        return self._factored(torch.autograd.grad(z, outputs, cotangent))
+
+    def _factored(self, grads) -> _Factored:
+        return _Factored(
+            [_LayerRows(L, self.inputs[k], g.unsqueeze(1)) for k, (L, g) in
+             enumerate(zip(self.layers, grads))]
+        )  # fmt: skip
+
+
+def _pull_back(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -> Tensor:
+    """R cotangents per example of a layer's output, ``g (N, R, *out)``, pulled back to its input
+    ``(N, R, *in)`` (the layer's parameters held fixed; eval mode)."""
+    N, R = g.shape[:2]
+    if isinstance(layer, nn.Linear):
+        return g @ layer.weight
+    if isinstance(layer, nn.Conv2d):  # the transposed convolution (faster than conv2d_input)
+        (s1, s2), (p1, p2), (d1, d2) = layer.stride, layer.padding, layer.dilation
+        (k1, k2), (h, w) = layer.kernel_size, g.shape[-2:]
+        extra = (
+            a_in.shape[-2] - ((h - 1) * s1 - 2 * p1 + d1 * (k1 - 1) + 1),
+            a_in.shape[-1] - ((w - 1) * s2 - 2 * p2 + d2 * (k2 - 1) + 1),
+        )
+        gi = F.conv_transpose2d(
+            g.reshape(N * R, *g.shape[2:]), layer.weight, None, layer.stride, layer.padding,
+            extra, layer.groups, layer.dilation,
+        )  # fmt: skip
+        return gi.view(N, R, *gi.shape[1:])
+    slope = _slope(layer, a_in, a_out)
+    if slope is not None:
+        return g * slope.unsqueeze(1)
+    if isinstance(layer, nn.Flatten | nn.Unflatten | nn.Identity | nn.Dropout):
+        return g.reshape(N, R, *a_in.shape[1:])
+    pool = _pool_size(layer)
+    if pool is not None:  # each output's cotangent spread evenly over its window
+        (kh, kw), (h, w) = pool, g.shape[-2:]
+        gi = (g * (1.0 / (kh * kw)))[..., :, None, :, None].expand(*g.shape[:-2], h, kh, w, kw)
+        gi = gi.reshape(*g.shape[:-2], h * kh, w * kw)
+        # rows and columns the windows left out get no cotangent
+        left_h, left_w = a_in.shape[-2] - h * kh, a_in.shape[-1] - w * kw
+        return F.pad(gi, (0, left_w, 0, left_h)) if left_h or left_w else gi
+    _, pull = vjp(layer, a_in)
+    return vmap(lambda gr: pull(gr)[0], in_dims=1, out_dims=1)(g)
+
+
+def _slope(layer: nn.Module, a_in: Tensor, a_out: Tensor) -> Tensor | None:
+    """The derivative of an elementwise activation (Tanh, ReLU) at its input, else None."""
+    if isinstance(layer, nn.Tanh):
+        return 1 - a_out * a_out
+    if isinstance(layer, nn.ReLU):
+        return (a_in > 0).to(a_in.dtype)
+    return None
+
+
+def _pull_back_pooled(act: nn.Module, pool: nn.Module, acts: list[Tensor], g: Tensor):
+    """Cotangents ``g (N, R, C, h, w)`` of an activation followed by an average pooling (acts:
+    the activation's input, its output, the pool's output) pulled back through both at once (one
+    pass over the full-resolution result instead of three), or None where that does not apply."""
+    size = _pool_size(pool)
+    if size is None:
+        return None
+    slope = _slope(act, acts[0], acts[1])
+    (kh, kw), (N, R, C, h, w) = size, g.shape
+    if slope is None or slope.shape[1:] != (C, h * kh, w * kw):
+        return None
+    slope = (slope * (1.0 / (kh * kw))).view(N, 1, C, h, kh, w, kw)
+    return (g[..., :, None, :, None] * slope).view(N, R, C, h * kh, w * kw)
+
+
+def _pool_size(layer: nn.Module) -> tuple[int, int] | None:
+    """The window of a non-overlapping, unpadded average pooling layer, else None."""
+    if not isinstance(layer, nn.AvgPool2d):
+        return None
+    pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
+    k, s = pair(layer.kernel_size), pair(layer.stride)
+    plain = k == s and pair(layer.padding) == (0, 0) and not layer.ceil_mode
+    return k if plain and layer.divisor_override is None else None
+
+
+def _chain_rows(chain, x: Tensor, cotangents=None) -> tuple[Tensor, _Factored]:
+    """Forward ``x (N, ...)`` through the chain (call in eval mode, without grad) and pull
+    cotangents of the logits back: ``(z (N, V), J(x)ᵀ·u factored per trainable layer)``. The
+    cotangents ``u (N, R, V)`` are ``cotangents(z)``; None: the V unit vectors (R = V, the rows of
+    J(x)). Raises :class:`~ntkviz.kernel._Unsupported` where the factored path does not apply."""
+    acts = [x]
+    for _, layer in chain:
+        acts.append(layer(acts[-1]))
+    z = acts[-1]
+    if z.ndim != 2:
+        raise _Unsupported
+    if cotangents is None:
+        N, V = z.shape
+        g = torch.eye(V, dtype=z.dtype, device=z.device).expand(N, V, V)
+    else:
+        g = cotangents(z)
+    trainable = [any(p.requires_grad for p in layer.parameters()) for _, layer in chain]
+    first = trainable.index(True)
+    rows = []
+    k = len(chain) - 1
+    while k >= first:
+        layer = chain[k][1]
+        if trainable[k]:
+            if isinstance(layer, nn.Linear) and acts[k].ndim != 2:
+                raise _Unsupported
+            rows.append(_LayerRows(layer, acts[k], g))
+        if k - 1 > first and g.ndim == 5:  # activation then pooling, as in LeNet
+            pooled = _pull_back_pooled(chain[k - 1][1], layer, acts[k - 1 : k + 2], g)
+            if pooled is not None:
+                g, k = pooled, k - 2
+                continue
+        if k > first:
+            g = _pull_back(layer, acts[k], acts[k + 1], g)
+        k -= 1
+    return z, _Factored(rows[::-1])
+
+
+def _class_cotangents(classes: Tensor):
+    """The cotangents u = e_c − π(x) ``(N, 1, V)`` of each example's class c (from logits z):
+    J(x)ᵀ·u is the gradient of log π_c(x)."""
+
+    def u(z: Tensor) -> Tensor:
+        u = -F.softmax(z.double(), -1)
+        u[torch.arange(len(z), device=z.device), classes.to(z.device)] += 1
+        return u.to(z.dtype).unsqueeze(1)
+
+    return u
+
+
+def _structured_layers(model: nn.Module):
+    """``(chain, trainable layers)`` of a chain model for the factored path, else ``(None, None)``."""
+    chain = _chain(model)
+    if chain is None:
+        return None, None
+    layers = [m for _, m in chain if any(p.requires_grad for p in m.parameters())]
+    return (chain, layers) if layers else (None, None)
+
+
+def _stamp(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of ``model`` is replaced or changed in place."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+@dataclass
+class _Start:
+    """The watched examples at the parameters a step starts from (eval mode): logits ``z (W, V)``;
+    on the factored path J of the fully accounted examples (``full``, V rows each) and
+    J(x_o)ᵀ·(e_c − π(x_o)) of the others (``light``, one row each); the buffers before the
+    training forward (mode-dependent models only) and the model's :func:`_stamp` (whether this
+    start still holds)."""
+
+    z: Tensor
+    full: _Factored | None
+    light: _Factored | None
+    buffers: list
+    stamp: tuple
 
 
 class AccountedStep:
-    """One optimizer step in three calls, for a trainer that checks the loss between them:
+    """Optimizer steps in three calls, for a trainer that checks the loss between them:
     ``step = AccountedStep(model, optimizer, x_watch)`` (π and J of x_watch before the step),
     ``logits = step.forward(x_batch)`` (the batch's forward, in the model's current mode),
     ``account = step.step(loss, y_batch)`` (``loss.backward()``, ``optimizer.step()`` and the
     account). The caller computes the loss from ``logits`` and clears stale gradients
-    (``optimizer.zero_grad``) before :meth:`step`. :func:`account_step` is the one-call form."""
+    (``optimizer.zero_grad``) before :meth:`step`. :meth:`forward` and :meth:`step` can be called
+    again for each further step (set up once a run). :func:`account_step` is the one-call form.
+
+    ``focus`` None: every watched example gets the full account and :meth:`step` returns a
+    :class:`StepAccount`. ``focus`` a sequence of positions in ``x_watch``: those get the full
+    account, every other one its class-level account (one vector–Jacobian product), and
+    :meth:`step` returns a :class:`WatchAccount`. ``continued``: after each step the watched
+    examples' forward at the new parameters serves both that step's actual change and the next
+    step's start (used when the next :meth:`forward` finds the model's parameters and buffers
+    unchanged; else that start is taken again)."""
 
     def __init__(
         self,
@@ -591,29 +864,40 @@ class AccountedStep:
         *,
         classes: Sequence[int] | None = None,
         top_kernels: bool = False,
+        focus: Sequence[int] | None = None,
+        continued: bool = False,
     ):
         self.kind = _check_optimizer(model, optimizer)
         self.model, self.optimizer, self.top_kernels = model, optimizer, top_kernels
+        self.continued = continued
         self.x_watch = _as_batch(model, x_watch, "x_watch")
+        W = len(self.x_watch)
+        self.focus = None if focus is None else _check_focus(focus, W)
+        full = list(range(W)) if focus is None else list(self.focus)
+        self.full_index = torch.tensor(full, dtype=torch.long)
+        self.light_index = torch.tensor([w for w in range(W) if w not in full], dtype=torch.long)
+        self.chain, self.layers = _structured_layers(model)
+        # The training-mode forward updates running statistics (batch norm); the Jacobians are
+        # taken with the buffers as they were before it.
+        self.mode_dependent = _depends_on_mode(model)
+        start = None
         try:
-            self.chain, swept = _structured_chain(model, self.x_watch)
-            if swept is not None:
-                self.z_before, self.watched = swept
-            else:
-                self.watched = None  # materialised after the backward pass, before the step
+            if len(self.light_index):  # their rows need the classes, which need the logits
                 with torch.no_grad(), eval_mode(model):
-                    self.z_before = model(self.x_watch)
+                    z = model(self.x_watch)
+            else:
+                start = self._start()
+                z = start.z
         except RuntimeError as e:
             raise ValueError(
                 f"the model cannot take x_watch of shape {tuple(self.x_watch.shape)} as a batch "
                 f"(W, ...) of examples: {e}"
             ) from None
-        z = self.z_before
-        if z.ndim != 2 or len(z) != len(self.x_watch):
+        if z.ndim != 2 or len(z) != W:
             raise ValueError(
                 f"the model must map x_watch (W, ...) to logits (W, V); got {tuple(z.shape)}"
             )
-        W, V = z.shape
+        V = z.shape[1]
         if classes is None:
             classes = z.argmax(1).tolist()
         classes = list(classes)
@@ -623,17 +907,12 @@ class AccountedStep:
         ):
             raise ValueError(f"classes must be {W} ints in [0, {V}), got {classes!r}")
         self.classes = torch.tensor([int(c) for c in classes])
+        self.num_classes = V
+        self._next: _Start | None = start or self._start()
+        self._current: _Start | None = None
         self.capture = None
         self.logit_grad = None
         self.x_batch = None
-        # The training-mode forward updates running statistics (batch norm); the Jacobians are
-        # taken with the buffers as they were before it.
-        self.mode_dependent = _depends_on_mode(model)
-        self.buffers = [b.detach().clone() for b in model.buffers()] if self.mode_dependent else []
-
-    @property
-    def num_classes(self) -> int:
-        return self.z_before.shape[1]
 
     def check_batch(self, x_batch) -> Tensor:
         """``x_batch`` as the model's dtype and device; ValueError unless it holds examples shaped
@@ -646,100 +925,144 @@ class AccountedStep:
             )
         return x_batch
 
+    # ------------------------------------------------------------------ the watched examples
+
+    def _start(self) -> _Start:
+        """The watched examples at the current parameters, in eval mode: their logits, the full
+        rows of the focused ones and the class rows of the others (factored path), or only the
+        logits and u (the generic path, whose rows are materialised in :meth:`step`)."""
+        model, x = self.model, self.x_watch
+        fi, li = self.full_index, self.light_index
+        buffers = [b.detach().clone() for b in model.buffers()] if self.mode_dependent else []
+        full = light = z_full = z_light = None
+        with torch.no_grad(), eval_mode(model):
+            if self.chain is not None:
+                try:
+                    if len(fi):
+                        z_full, full = _chain_rows(self.chain, x[fi] if len(li) else x)
+                    if len(li):
+                        z_light, light = _chain_rows(
+                            self.chain, x[li] if len(fi) else x, _class_cotangents(self.classes[li])
+                        )
+                except _Unsupported:
+                    self.chain = self.layers = None
+            if self.chain is None:
+                z = model(x)
+                full = light = None
+            elif z_light is None or z_full is None:
+                z = z_full if z_light is None else z_light
+            else:
+                z = z_light.new_empty((len(x), z_light.shape[1]))
+                z[fi], z[li] = z_full, z_light
+        return _Start(z, full, light, buffers, _stamp(model))
+
+    # ------------------------------------------------------------------ the step
+
     def forward(self, x_batch: Tensor) -> Tensor:
         """The batch's logits ``(B, V)`` from ``model(x_batch)``, recording what the account needs
         (each trainable layer's input and output gradient on the structured path)."""
         x_batch = self.check_batch(x_batch)
+        start, self._next = self._next, None
+        if start is None or start.stamp != _stamp(self.model):
+            start = self._start()
+        self._current = start
         self.x_batch = x_batch
-        if self.watched is not None and not self.mode_dependent:
-            self.capture = _LayerCapture([rows.layer for rows in self.watched.layers])
+        if self.chain is not None and not self.mode_dependent:
+            self.capture = _LayerCapture(self.layers)
             logits = self.capture.run(lambda: self.model(x_batch))
         else:
+            self.capture = None
             logits = self.model(x_batch)
 
         box = self.logit_grad = {}
         logits.register_hook(lambda grad: box.__setitem__("grad", grad))
         return logits
 
-    def step(self, loss: Tensor, y_batch: Tensor) -> StepAccount:
+    def step(self, loss: Tensor, y_batch: Tensor) -> StepAccount | WatchAccount:
         """``loss.backward()``, then the account of ``optimizer.step()``, then the step itself."""
-        if self.x_batch is None:
+        if self._current is None:
             raise RuntimeError("call forward(x_batch) before step()")
+        start, self._current = self._current, None
         model, optimizer = self.model, self.optimizer
+        fi, li = self.full_index, self.light_index
         labels = torch.as_tensor(y_batch)
         loss.backward()
         G_scaled = self.logit_grad["grad"].detach()  # ∂loss/∂z_b: G_b / B for a mean loss
         B = len(G_scaled)
 
         # J(x_o) and the per-example gradients, at θ (and buffers) before the step.
-        with _buffers_restored(model, self.buffers):
-            watched, batch = self.watched, None
-            if watched is not None:
+        full, light, batch = start.full, start.light, None
+        with _buffers_restored(model, start.buffers):
+            if self.chain is not None:
                 capture = self.capture
                 batch = capture.rows() if capture is not None else self._eval_rows(G_scaled)
                 if batch is None:  # a layer the hooks cannot follow (e.g. used twice)
-                    self.chain = None
+                    self.chain = self.layers = None
             if batch is None:
                 with eval_mode(model):
-                    watched = _Materialised.jacobian(model, self.x_watch)
+                    x, u = self.x_watch, _class_cotangents(self.classes[li])(start.z[li])
+                    full = _Materialised.jacobian(model, x[fi]) if len(fi) else None
+                    light = _Materialised.gradients(model, x[li], u[:, 0]) if len(li) else None
                     batch = _Materialised.gradients(model, self.x_batch, G_scaled)
+        self.capture = None
         grads = {
             p: p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
         }
         maps = _step_maps(optimizer, self.kind, grads)
         with torch.no_grad():
-            dz_gradient = -watched.pairs(batch, maps.q)[..., 0]  # (W, B, V)
-            dz_momentum, dz_decay = (-watched.times([maps.history, maps.decay])).unbind(-1)
+            if full is not None:
+                dz_gradient = -full.pairs(batch, maps.q)[..., 0]  # (F, B, V)
+                dz_momentum, dz_decay = (-full.times([maps.history, maps.decay])).unbind(-1)
+            if light is not None:  # already at the log level of the class: u = A(x_o)ᵀ e_c
+                light_gradient = -light.pairs(batch, maps.q)[:, :, 0, 0]  # (W_l, B)
+                light_history = -light.times([maps.history, maps.decay])[:, 0]  # (W_l, 2)
 
-        probs = F.softmax(self.z_before.double(), -1)
-        gradient = _log_level(dz_gradient.double(), probs[:, None])
-        W = len(probs)
-        contributions = gradient[torch.arange(W), :, self.classes.to(gradient.device)]  # (W, B)
-        top_index = top_kernel = None
-        if self.top_kernels:
-            top_index = contributions.abs().argmax(1)
-            with _buffers_restored(model, self.buffers):
-                top_kernel = self._top_kernels(watched, top_index, maps.preconditioner())
+        probs = F.softmax(start.z.double(), -1)
+        scalars = {
+            "loss": float(loss.detach()),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "step_scale": maps.scale,
+            "optimizer": self.kind,
+        }
+        G = B * G_scaled.double()
+        if full is not None:
+            classes = self.classes[fi]
+            gradient = _log_level(dz_gradient.double(), probs[fi][:, None])
+            rows = torch.arange(len(fi), device=gradient.device)
+            contributions = gradient[rows, :, classes.to(gradient.device)]
+            top_index = top_kernel = None
+            if self.top_kernels:
+                top_index = contributions.abs().argmax(1)
+                with _buffers_restored(model, start.buffers):
+                    top_kernel = self._top_kernels(full, top_index, maps.preconditioner())
 
-        lr = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        with torch.no_grad(), eval_mode(model):
-            z_after = model(self.x_watch)
-        return _account(
-            self.z_before,
-            z_after,
-            dz_gradient,
-            dz_momentum,
-            dz_decay,
-            gradient,
-            probs,
-            contributions,
-            B * G_scaled.double(),
-            labels,
-            self.classes,
-            top_index,
-            top_kernel,
-            loss=float(loss.detach()),
-            lr=lr,
-            step_scale=maps.scale,
-            optimizer=self.kind,
-        )
+        if self.continued:
+            self._next = self._start()
+            z_after = self._next.z
+        else:
+            with torch.no_grad(), eval_mode(model):
+                z_after = model(self.x_watch)
+        focused = None
+        if full is not None:
+            focused = _account(
+                start.z[fi], z_after[fi], dz_gradient, dz_momentum, dz_decay, gradient,
+                probs[fi], contributions, G, labels, classes, top_index, top_kernel, **scalars,
+            )  # fmt: skip
+        if self.focus is None:
+            return focused
+        return _watch_account(
+            start.z, z_after, probs, self.classes, self.focus, focused, li,
+            light_gradient if light is not None else None,
+            light_history if light is not None else None, G, labels, **scalars,
+        )  # fmt: skip
 
     def _eval_rows(self, G_scaled: Tensor) -> _Factored | None:
         """The batch's per-example gradient factors in eval mode (for dropout / batch norm)."""
-        capture = _LayerCapture([rows.layer for rows in self.watched.layers], keep_outputs=True)
+        capture = _LayerCapture(self.layers, keep_outputs=True)
         with eval_mode(self.model), torch.enable_grad():
             z = capture.run(lambda: self.model(self.x_batch))
-            n = len(capture.layers)
-            if not capture.valid or len(capture.outputs) != n:
-                return None
-            outs = torch.autograd.grad(z, [capture.outputs[k] for k in range(n)], G_scaled)
-        return _Factored(
-            [
-                _LayerRows(layer, capture.inputs[k], out.unsqueeze(1))
-                for k, (layer, out) in enumerate(zip(capture.layers, outs))
-            ]
-        )
+            return capture.pulled(z, G_scaled) if capture.complete() else None
 
     def _top_kernels(self, watched, top_index: Tensor, P: dict) -> Tensor:
         """K_P(x_o[w], x_batch[top_index[w]]) ``(W, V, V)`` in eval mode."""
@@ -748,6 +1071,15 @@ class AccountedStep:
         with torch.no_grad():
             K = watched.pairs(rows, P)  # (W, T, V, V)
         return K[torch.arange(len(K)), pick.to(K.device)]
+
+
+def _check_focus(focus, W: int) -> tuple[int, ...]:
+    focus = tuple(focus)
+    if any(
+        isinstance(f, bool) or not isinstance(f, int | np.integer) or not 0 <= f < W for f in focus
+    ) or len(set(focus)) != len(focus):
+        raise ValueError(f"focus must be distinct positions in [0, {W}), got {focus!r}")
+    return tuple(int(f) for f in focus)
 
 
 @contextlib.contextmanager
@@ -824,6 +1156,54 @@ def _account(
         top_index=None if top_index is None else _frozen_int(top_index),
         top_kernel=None if top_kernel is None else _frozen(top_kernel),
         **terms,
+        **scalars,
+    )
+
+
+def _watch_account(
+    z_before, z_after, probs, classes, focus, focused, light_index, light_gradient, light_terms,
+    G, labels, **scalars,
+) -> WatchAccount:  # fmt: skip
+    """Assemble the frozen float64 :class:`WatchAccount`: the light examples' class terms from
+    their ``(W_l, B)`` contributions and ``(W_l, 2)`` momentum and decay terms, the focused ones'
+    from their ``focused`` :class:`StepAccount`."""
+    z0, z1 = z_before.double(), z_after.double()
+    actual = (F.log_softmax(z1, -1) - F.log_softmax(z0, -1)).cpu().numpy()
+    dz_actual = (z1 - z0).cpu().numpy()
+    W, B = len(z0), len(G)
+    classes = classes.numpy()
+    contributions, terms = np.empty((W, B)), np.empty((3, W))
+    if light_gradient is not None:
+        li = light_index.numpy()
+        contributions[li] = light_gradient.double().cpu().numpy()
+        terms[0, li] = contributions[li].sum(1)
+        terms[1:, li] = light_terms.double().cpu().numpy().T
+    if focused is not None:
+        f, c = np.array(focus), classes[list(focus)]
+        rows = np.arange(len(f))
+        contributions[f] = focused.contributions
+        terms[0, f] = focused.gradient.sum(1)[rows, c]
+        terms[1, f] = focused.momentum[rows, c]
+        terms[2, f] = focused.weight_decay[rows, c]
+        actual[f], dz_actual[f] = focused.actual, focused.dz_actual
+    predicted = terms[0] + terms[1] + terms[2]
+    class_actual = actual[np.arange(W), classes]
+    return WatchAccount(
+        classes=_frozen_int(classes),
+        probs_before=_frozen(probs),
+        actual=_frozen(actual),
+        dz_actual=_frozen(dz_actual),
+        contributions=_frozen(contributions),
+        class_gradient=_frozen(terms[0]),
+        class_momentum=_frozen(terms[1]),
+        class_weight_decay=_frozen(terms[2]),
+        class_predicted=_frozen(predicted),
+        class_actual=_frozen(class_actual),
+        class_residual=_frozen(class_actual - predicted),
+        G=_frozen(G),
+        batch_labels=_frozen_int(labels),
+        focus=_frozen_int(np.array(focus, np.int64)),
+        focused=focused,
         **scalars,
     )
 
@@ -1025,12 +1405,17 @@ def optimizer_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Op
 @dataclass(frozen=True, eq=False)
 class Watch:
     """Examples the trainer accounts for at every step: ``x (W, ...)`` (e.g. test images) and, per
-    example, the class its contributions follow (``classes (W,)``, e.g. the labels).
-    ``top_kernels``: also return K_P for each one's top contributor of every step."""
+    example, the class c whose log π its account follows (``classes (W,)``, e.g. the labels).
+
+    Every step gives a :class:`WatchAccount`: each watched example's Δlog π_c split into the batch
+    examples' contributions, momentum, weight decay and residual (one vector–Jacobian product an
+    example). ``focus``: positions in ``x`` of the examples that also get the full account of
+    every step (all V classes, the logit level, the top contributor and its K_P; V products an
+    example) — e.g. the one whose step details are shown."""
 
     x: Tensor
     classes: tuple[int, ...]
-    top_kernels: bool = False
+    focus: tuple[int, ...] = ()
 
     def __post_init__(self):
         x = torch.as_tensor(self.x)
@@ -1043,6 +1428,7 @@ class Watch:
             raise ValueError(f"classes must be {len(x)} non-negative ints, got {classes!r}")
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "classes", tuple(int(c) for c in classes))
+        object.__setattr__(self, "focus", _check_focus(self.focus, len(x)))
 
 
 # --------------------------------------------------------------------------- one update, seen whole

@@ -257,7 +257,7 @@ def cmd_train(args) -> int:
                 f"--watch indices must be in the {args.watch_split} split (0..{len(split) - 1})"
             )
         labels = [int(split.y[i]) for i in indices]
-        watch = Watch(split.x[indices], tuple(labels))
+        watch = Watch(split.x[indices], tuple(labels), focus=tuple(range(len(indices))))
         meta = {
             "watch_split": args.watch_split,
             "watch_indices": indices,

@@ -1,12 +1,18 @@
 """A run's accounts, accumulated: who moved each watched x_o over the whole run.
 
-:class:`RunAccount` adds up the :class:`~ntkviz.accounting.StepAccount` of every step: per watched
+:class:`RunAccount` adds up the account of every step (the trainer's
+:class:`~ntkviz.accounting.WatchAccount` or a :class:`~ntkviz.accounting.StepAccount`): per watched
 example the running sum of every term ``(W, V)``; per training example (its index in the training
 split) the summed gradient-term contribution to Δlog π of the watched example's chosen class ``(W,
 N_train)``; per class of training example the summed gradient terms ``(W, C, V)``. The most helpful
 and most harmful training examples of the run are then exact sums of exact per-step terms (up to the
 recorded residual), not an estimate made after training. Memory is bounded by these arrays; with
 ``keep_steps`` it also keeps the per-step (W, V) terms and (W, B) contributions (a timeline).
+
+A :class:`~ntkviz.accounting.WatchAccount` holds the other classes' terms only for its focused
+examples: for the others, the entries of the other classes (and their logit-level terms, except
+``actual``) are NaN in the totals, ``by_class`` and the timeline. ``by_example``, the rankings,
+``actual`` and everything at each example's own class are always complete.
 
 Saved as NPZ (``np.load(path, allow_pickle=False)`` reads it; metadata as JSON in ``meta_json``) or
 the timeline as CSV.
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ntkviz.accounting import StepAccount
+from ntkviz.accounting import StepAccount, WatchAccount
 from ntkviz.checkpoint import atomic_write
 
 FORMAT = "ntkviz-run-account"
@@ -95,14 +101,24 @@ class RunAccount:
     def watched(self) -> int:
         return len(self.classes)
 
-    def add(self, account: StepAccount, batch_indices, step: int | None = None) -> None:
+    def add(
+        self, account: StepAccount | WatchAccount, batch_indices, step: int | None = None
+    ) -> None:
         """Add one step's account; ``batch_indices (B,)``: the batch's indices into the training
-        split (``TrainRecord.batch_indices``); ``step``: its step number (default: a count)."""
-        W, B, V = account.gradient.shape
+        split (``TrainRecord.batch_indices``); ``step``: its step number (default: a count). A
+        :class:`~ntkviz.accounting.WatchAccount` must follow this run account's classes."""
+        W, B = account.contributions.shape
+        V = account.probs_before.shape[1]
         idx = np.asarray(batch_indices)
         if self.watched != W:
             raise ValueError(
                 f"the account has {W} watched examples, this run account {self.watched}"
+            )
+        watch = isinstance(account, WatchAccount)
+        if watch and not np.array_equal(account.classes, self.classes):
+            raise ValueError(
+                f"the account follows classes {account.classes.tolist()}, this run account "
+                f"{self.classes.tolist()}"
             )
         if idx.shape != (B,) or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"batch_indices must be {B} ints, got shape {idx.shape}")
@@ -120,9 +136,17 @@ class RunAccount:
         if B and labels.max() >= self.num_classes:
             raise ValueError(f"batch labels must be < num_classes = {self.num_classes}")
 
-        contributions = account.gradient[np.arange(W), :, self.classes]  # (W, B)
+        if watch:
+            contributions = account.contributions
+            gradient = np.full((W, B, V), np.nan)  # known: each one's class, focused ones whole
+            gradient[np.arange(W), :, self.classes] = contributions
+            if account.focused is not None:
+                gradient[account.focus] = account.focused.gradient
+        else:
+            gradient = account.gradient
+            contributions = gradient[np.arange(W), :, self.classes]  # (W, B)
         np.add.at(self._by_example, (slice(None), idx), contributions)
-        np.add.at(self._by_class, (slice(None), labels), account.gradient)
+        np.add.at(self._by_class, (slice(None), labels), gradient)
         for logits in (False, True):
             prefix = "dz_" if logits else ""
             for name, value in account.terms(logits).items():
@@ -155,7 +179,8 @@ class RunAccount:
     @property
     def by_class(self) -> np.ndarray:
         """``(W, C, V)``: summed gradient terms (Δlog π) by class of the training example (C)
-        and output class (V); zeros before the first step."""
+        and output class (V); zeros before the first step; NaN where not accounted (see the
+        module's docstring)."""
         if self._by_class is None:
             return _readonly(np.zeros((self.watched, self.num_classes or 0, 0)))
         return _readonly(self._by_class)

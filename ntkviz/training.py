@@ -24,7 +24,7 @@ from ntkviz.data import ImageDataset, subset_indices
 from ntkviz.errors import DeviceError, TrainingDiverged
 
 if TYPE_CHECKING:
-    from ntkviz.accounting import StepAccount, Watch
+    from ntkviz.accounting import Watch, WatchAccount
 
 #: Optimizers :func:`make_optimizer` builds, by ``TrainConfig.optimizer``.
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -108,7 +108,7 @@ class TrainRecord:
     #: indices into ``data.train`` of the batch's examples ``(B,)`` int64, read-only
     batch_indices: np.ndarray | None = field(default=None, compare=False)
     #: the step's account for the watched examples (``train(..., watch=...)``), else None
-    account: StepAccount | None = field(default=None, compare=False)
+    account: WatchAccount | None = field(default=None, compare=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,7 +187,7 @@ def train(
 
     The model must already be on the config's device. Pass ``optimizer`` and ``start_step`` to
     continue a run. ``watch``: examples to account for; each record then carries the
-    :class:`~ntkviz.accounting.StepAccount` of its step (identical losses and weights as without).
+    :class:`~ntkviz.accounting.WatchAccount` of its step (identical losses and weights as without).
     Raises :class:`TrainingDiverged` (model restored) on a non-finite loss.
     """
     config.validate()
@@ -214,6 +214,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     last_good = [p.detach().clone() for p in params]
     model.train()
+    accounting = None
     step = 0
     for epoch in range(config.epochs):
         order = torch.randperm(len(idx), generator=gen)
@@ -227,9 +228,11 @@ def train(
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
             xb, yb = x_all[batch].to(device), y_all[batch].to(device)
             if watch is not None:
-                accounting = AccountedStep(
-                    model, opt, x_watch, classes=watch.classes, top_kernels=watch.top_kernels
-                )
+                if accounting is None:  # set up once: each step's end starts the next one
+                    accounting = AccountedStep(
+                        model, opt, x_watch, classes=watch.classes, top_kernels=True,
+                        focus=watch.focus, continued=True,
+                    )  # fmt: skip
                 logits = accounting.forward(xb)
             else:
                 logits = model(xb)

@@ -20,7 +20,9 @@ The watched-training and ``account_step`` figures (8, 9) compare runs inside one
 alternating step by step, so that each side sees the same load; their "ratio" is unwatched /
 watched throughput (8) and ``account_step`` / plain step time (9), in wall time and in CPU time
 of the measuring thread (``time.thread_time``; with ``--threads 1`` that is insensitive to other
-processes' load on a shared machine).
+processes' load on a shared machine). (8) watches test images at their labels: the class-level
+account of each (the trainer's default), full accounts for all (``focus`` = every one), and 16
+with one of them focused (as the app shows one example's step details).
 
 
 The ResNets and the ViT ("heavy" models: ~25× LeNet's arithmetic per example) run on random
@@ -267,12 +269,20 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
     raise ValueError(f"unknown measurement {name!r}")
 
 
-WATCHED = (1, 16)  # watched test images in the training-throughput comparison
+# watched-training runs: name -> (watched test images, how many of them focused)
+WATCH_RUNS = {
+    "1": (1, 0),
+    "16": (16, 0),
+    "1 full": (1, 1),
+    "16 full": (16, 16),
+    "16, 1 full": (16, 1),
+}
 
 
 def _train_watch(model, data, quick: bool) -> dict:
-    """Training throughput unwatched and with 1 and 16 watched test images: three runs of the
-    same config and seed, advanced one step each in turn (so each sees the same load)."""
+    """Training throughput unwatched and with watched test images (``WATCH_RUNS``: each at its
+    label, class level only, or with full accounts for the focused ones): runs of the same config
+    and seed, advanced one step each in turn (so each sees the same load)."""
     import copy
 
     from ntkviz.accounting import Watch
@@ -287,9 +297,10 @@ def _train_watch(model, data, quick: bool) -> dict:
         eval_every=10**9,  # no evaluation but the one after the last step (not timed)
         eval_size=64,
     )
-    runs = {0: None}
-    for w in WATCHED:
-        runs[w] = Watch(data.test.x[:w], tuple(int(c) for c in data.test.y[:w]))
+    runs = {"0": None}
+    for name, (w, focused) in WATCH_RUNS.items():
+        labels = tuple(int(c) for c in data.test.y[:w])
+        runs[name] = Watch(data.test.x[:w], labels, focus=tuple(range(focused)))
     gens = {w: train(copy.deepcopy(model), data, config, watch=watch) for w, watch in runs.items()}
     elapsed = {w: [0.0, 0.0] for w in runs}  # wall, CPU time of this thread
     for step in range(warm + steps):
@@ -299,9 +310,9 @@ def _train_watch(model, data, quick: bool) -> dict:
             if step >= warm:
                 elapsed[w][0] += time.perf_counter() - t0
                 elapsed[w][1] += time.thread_time() - c0
-    out = {"steps": steps, "steps_per_s": {str(w): steps / t[0] for w, t in elapsed.items()}}
-    out["ratio"] = {str(w): elapsed[0][0] / elapsed[w][0] for w in WATCHED}
-    out["cpu_ratio"] = {str(w): elapsed[0][1] / elapsed[w][1] for w in WATCHED}
+    out = {"steps": steps, "steps_per_s": {w: steps / t[0] for w, t in elapsed.items()}}
+    out["ratio"] = {w: elapsed["0"][0] / elapsed[w][0] for w in WATCH_RUNS}
+    out["cpu_ratio"] = {w: elapsed["0"][1] / elapsed[w][1] for w in WATCH_RUNS}
     return out
 
 
@@ -560,28 +571,26 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
         if "steps_per_s" not in r:
             return []
         return [f"{r['steps_per_s']:.0f} steps/s", fmt_mem(r.get("peak_mib"))]
-    if row == "train_watch":
-        if "ratio" not in r:
+    if row.startswith("train_watch"):
+        if "ratio" not in r or not set(WATCH_RUNS) <= set(r["ratio"]):
             return []
-        rate = r["steps_per_s"]
-        return [
-            f"{rate['0']:.0f}|{rate['1']:.0f}|{rate['16']:.0f}/s",
-            fmt_mem(r.get("peak_mib")),
-            "",
-            "",
-            f"{r['ratio']['1']:.2f}{tag(targets, 'watch_1')}|{r['ratio']['16']:.2f}"
-            + tag(targets, "watch_16"),
-        ]
-    if row == "train_watch:cpu":
-        if "cpu_ratio" not in r:
-            return []
-        return [
-            "",
-            "",
-            "",
-            "",
-            f"{r['cpu_ratio']['1']:.2f}|{r['cpu_ratio']['16']:.2f}",
-        ]
+        rate, ratio, cpu = r["steps_per_s"], r["ratio"], r["cpu_ratio"]
+        if row == "train_watch":
+            return [
+                f"{rate['0']:.0f}|{rate['1']:.0f}|{rate['16']:.0f}/s",
+                fmt_mem(r.get("peak_mib")),
+                "",
+                "",
+                f"{ratio['1']:.2f}{tag(targets, 'watch_1')}|{ratio['16']:.2f}"
+                + tag(targets, "watch_16"),
+            ]
+        if row == "train_watch:full":
+            text = f"{ratio['1 full']:.2f}|{ratio['16 full']:.2f}"
+            return [f"{rate['1 full']:.0f}|{rate['16 full']:.0f}/s", "", "", "", text]
+        if row == "train_watch:focus":
+            return [f"{rate['16, 1 full']:.0f}/s", "", "", "", f"{ratio['16, 1 full']:.2f}"]
+        names = {"cpu": ("1", "16"), "fullcpu": ("1 full", "16 full"), "focuscpu": ("16, 1 full",)}
+        return ["", "", "", "", "|".join(f"{cpu[n]:.2f}" for n in names[row.split(":")[1]])]
     if row == "account":
         if "ratio" not in r:
             return []
@@ -612,6 +621,10 @@ ROWS = [
     ("train", "(7) training throughput, batch 64"),
     ("train_watch", "(8) training 0|1|16 watched; ratios"),
     ("train_watch:cpu", "    the same in CPU time of the thread"),
+    ("train_watch:full", "    1|16 watched, full accounts"),
+    ("train_watch:fullcpu", "    the same in CPU time of the thread"),
+    ("train_watch:focus", "    16 watched, 1 of them focused"),
+    ("train_watch:focuscpu", "    the same in CPU time of the thread"),
     ("account", "(9) account_step 16×64 | plain step"),
     ("account:cpu", "    the same in CPU time of the thread"),
 ]

@@ -20,6 +20,7 @@ from torch import nn
 from ntkviz.accounting import (
     AccountedStep,
     Watch,
+    WatchAccount,
     account_step,
     optimizer_kernel,
     optimizer_snapshot,
@@ -270,6 +271,122 @@ def test_every_term_equals_its_definition(model_name, opt_name):
     assert acc.gradient.dtype == np.float64 and acc.gradient.shape == (W, B, 10)
 
 
+XW3, CLASSES3 = inputs(3, seed=5), [2, 7, 0]
+CLASS_CASES = [
+    ("tiny_cnn", "sgd"),
+    ("tiny_cnn", "sgd-dampening-maximize"),
+    ("tiny_cnn", "adam-amsgrad-maximize"),
+    ("lenet", "sgd-momentum-decay"),
+    ("lenet", "adamw"),
+    ("mlp", "adam"),
+    ("dropout_mlp", "sgd-nesterov"),
+    ("residual", "sgd-momentum-decay"),
+]
+
+
+def watched_step(model, optimizer, x_watch, classes, focus):
+    """One step of the trainer's kind of watch (``AccountedStep`` with ``focus``)."""
+    step = AccountedStep(model, optimizer, x_watch, classes=classes, focus=focus, top_kernels=True)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout mask as the twin's plain step
+    logits = step.forward(X)
+    return step.step(F.cross_entropy(logits, Y), Y)
+
+
+@pytest.mark.parametrize(("model_name", "opt_name"), CLASS_CASES)
+def test_class_accounts_equal_their_definition(model_name, opt_name):
+    """Each watched example's class-level account (one vector–Jacobian product) equals the terms
+    built from explicit Jacobians at its class, and the full account's numbers there; focused
+    examples also get the full account. Two light rows take the convolution-filter path, three
+    the Gram path, and one beside a focused example the rows the focused one formed."""
+    model = build(model_name)
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    warm_up(model, optimizer, 2)
+    want = expected_account(model, optimizer, X, Y, XW3)
+    torch.manual_seed(0)
+    full = account_step(*twin(model, optimizer), X, Y, XW3, classes=CLASSES3)
+    probs = F.softmax(want["z_before"], -1).numpy()
+    gradient = A_times(probs[:, None], want["dz_gradient"].numpy())  # (W, B, V)
+    momentum = A_times(probs, want["dz_momentum"].numpy())
+    decay = A_times(probs, want["dz_weight_decay"].numpy())
+    z0, z1 = want["z_before"], want["z_after"]
+    actual = (F.log_softmax(z1, -1) - F.log_softmax(z0, -1)).numpy()
+    for n, focus in ((2, ()), (3, ()), (3, (1,))):
+        model2, opt2 = twin(model, optimizer)
+        acc = watched_step(model2, opt2, XW3[:n], CLASSES3[:n], focus)
+        assert_same_state(model2, opt2, *want["twin"])
+        rows, c = np.arange(n), CLASSES3[:n]
+        close(acc.contributions, gradient[rows, :, c])
+        close(acc.contributions, full.contributions[:n])
+        close(acc.class_momentum, momentum[rows, c])
+        close(acc.class_weight_decay, decay[rows, c])
+        close(acc.class_actual, actual[rows, c], 1e-12)
+        close(acc.actual, actual[:n], 1e-12)
+        close(acc.probs_before, probs[:n], 1e-12)
+        close(acc.G, want["G"], 1e-12)
+        assert np.array_equal(acc.class_actual, acc.actual[rows, c])
+        assert np.array_equal(
+            acc.class_predicted, acc.class_gradient + acc.class_momentum + acc.class_weight_decay
+        )
+        assert np.array_equal(acc.class_residual, acc.class_actual - acc.class_predicted)
+        close(acc.class_gradient, acc.contributions.sum(1), 1e-12)
+        assert acc.step_scale == full.step_scale and acc.optimizer == full.optimizer
+        assert acc.batch_labels.tolist() == Y.tolist() and acc.lr == hyper["lr"]
+        terms, dz_terms = acc.terms(), acc.terms(logits=True)
+        for w in rows:
+            known = np.isfinite(terms["momentum"][w])
+            assert known.all() if w in focus else known.tolist() == [v == c[w] for v in range(10)]
+            assert np.isfinite(dz_terms["momentum"][w]).all() == (w in focus)
+        assert np.array_equal(dz_terms["actual"], acc.dz_actual)
+        if not focus:
+            assert acc.focused is None and acc.focus.shape == (0,)
+            continue
+        f = list(focus)
+        focused = acc.focused
+        assert focused.classes.tolist() == [CLASSES3[i] for i in f]
+        close(focused.gradient, gradient[f])
+        close(focused.gradient, full.gradient[f])
+        close(focused.momentum, momentum[f])
+        for i, w in enumerate(f):
+            b = focused.top_index[i]
+            K = want["J_o"][w] @ (want["P"][:, None] * want["J_b"][b].T)
+            close(focused.top_kernel[i], K)
+        assert np.array_equal(acc.class_momentum[f], focused.momentum[np.arange(len(f)), c[1]])
+        assert np.array_equal(terms["gradient"][f], focused.gradient.sum(1))
+    for name in ("contributions", "class_residual", "actual", "classes", "focus"):
+        assert not getattr(acc, name).flags.writeable
+
+
+def test_a_continued_watch_retakes_its_start_after_changes_between_steps():
+    """The trainer's watch starts each step from the previous step's end; a change to the model
+    in between (an applied step, a loaded state) is noticed and the start taken again."""
+    model = make("lenet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    reference = twin(model, optimizer)
+    step = AccountedStep(
+        model, optimizer, XW3, classes=CLASSES3, focus=(1,), top_kernels=True, continued=True
+    )
+    rows = np.arange(3)
+    for s in range(3):
+        if s == 1:
+            with torch.no_grad():
+                for m in (model, reference[0]):
+                    m.fc1.weight.mul_(0.5)
+        x = inputs(B, seed=20 + s)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        acc = step.step(F.cross_entropy(step.forward(x), Y), Y)
+        want = account_step(*reference, x, Y, XW3, classes=CLASSES3)
+        assert_same_state(model, optimizer, *reference)
+        close(acc.probs_before, want.probs_before, 1e-12)
+        close(acc.class_actual, want.actual[rows, CLASSES3], 1e-12)
+        close(acc.contributions, want.contributions)
+        close(acc.class_momentum, want.momentum[rows, CLASSES3])
+        close(acc.focused.gradient, want.gradient[[1]])
+
+
 @pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "sgd-nesterov", "adam", "adamw"])
 def test_the_first_step_has_no_history(opt_name):
     """With no optimizer state yet: momentum term zero, SGD's buffer is the gradient itself."""
@@ -448,6 +565,9 @@ def test_bad_inputs_raise_clear_errors():
         account_step(model, sgd, X, Y, XW[0])
     with pytest.raises(ValueError, match="classes must be"):
         Watch(XW, (1,))
+    for focus in ((2,), (0, 0), (True,), (-1,)):
+        with pytest.raises(ValueError, match=r"focus must be distinct positions in \[0, 2\)"):
+            Watch(XW, (1, 2), focus=focus)
     unchanged = twin(make("tiny_cnn"), torch.optim.SGD(make("tiny_cnn").parameters(), lr=0.1))
     assert_same_state(model, sgd, *unchanged)  # nothing moved
 
@@ -458,14 +578,15 @@ def test_bad_inputs_raise_clear_errors():
 SMALL = TrainConfig(train_size=320, batch_size=64, epochs=1, eval_every=10**6, eval_size=64)
 
 
-def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist):
+@pytest.mark.parametrize("focus", [(), (1,), (0, 1, 2)])
+def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist, tmp_path, focus):
     watch_idx = [7, 16, 3]
     x_watch = mnist.test.x[watch_idx]
     labels = tuple(int(mnist.test.y[i]) for i in watch_idx)
     runs = {}
     for watched in (False, True):
         model = make("lenet").float()
-        watch = Watch(x_watch, labels, top_kernels=True) if watched else None
+        watch = Watch(x_watch, labels, focus=focus) if watched else None
         records = list(train(model, mnist, SMALL, watch=watch))
         runs[watched] = (records, model)
     (plain, m0), (seen, m1) = runs[False], runs[True]
@@ -474,50 +595,89 @@ def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist):
         torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values())
     )
     assert all(r.account is None for r in plain) and all(r.account is not None for r in seen)
+    rows = np.arange(3)
     for r in seen:
-        assert np.array_equal(mnist.train.y.numpy()[r.batch_indices], r.account.batch_labels)
-        assert r.account.lr == r.lr and r.account.loss == pytest.approx(r.loss, rel=1e-6)
-        assert r.account.classes.tolist() == list(labels)
-        assert r.account.top_kernel.shape == (3, 10, 10)
+        a = r.account
+        assert isinstance(a, WatchAccount)
+        assert np.array_equal(mnist.train.y.numpy()[r.batch_indices], a.batch_labels)
+        assert a.lr == r.lr and a.loss == pytest.approx(r.loss, rel=1e-6)
+        assert a.classes.tolist() == list(labels) and a.focus.tolist() == list(focus)
+        assert a.contributions.shape == (3, 64) and a.class_momentum.shape == (3,)
+        np.testing.assert_allclose(a.class_gradient, a.contributions.sum(1), rtol=1e-12)
+        assert np.array_equal(
+            a.class_predicted, a.class_gradient + a.class_momentum + a.class_weight_decay
+        )
+        assert np.array_equal(a.class_actual, a.actual[rows, list(labels)])
+        assert np.array_equal(a.class_residual, a.class_actual - a.class_predicted)
+        if focus:
+            f = list(focus)
+            assert a.focused.top_kernel.shape == (len(f), 10, 10)
+            assert a.focused.classes.tolist() == [labels[i] for i in f]
+            assert np.array_equal(a.contributions[f], a.focused.contributions)
+            assert np.array_equal(
+                a.class_residual[f], a.focused.residual[np.arange(len(f)), a.focused.classes]
+            )
+        else:
+            assert a.focused is None
     assert not seen[0].batch_indices.flags.writeable
 
-    # the trainer's first account equals account_step on the same batch from the same start
+    # every step equals account_step on the same batch from the same state (float32 here)
     model = make("lenet").float()
     optimizer = make_optimizer(model, SMALL)
-    for group in optimizer.param_groups:
-        group["lr"] = seen[0].lr
-    idx = torch.from_numpy(seen[0].batch_indices.copy())
-    first = account_step(
-        model, optimizer, mnist.train.x[idx], mnist.train.y[idx], x_watch, classes=labels
-    )
-    for name in ("gradient", "actual", "momentum", "weight_decay"):
-        assert np.array_equal(getattr(first, name), getattr(seen[0].account, name)), name
+    for r in seen:
+        for group in optimizer.param_groups:
+            group["lr"] = r.lr
+        idx = torch.from_numpy(r.batch_indices.copy())
+        want = account_step(
+            model, optimizer, mnist.train.x[idx], mnist.train.y[idx], x_watch, classes=labels,
+            top_kernels=True,
+        )  # fmt: skip
+        a, c = r.account, list(labels)
+        if focus == (0, 1, 2):  # the same computation, bit for bit
+            for name in ("gradient", "actual", "momentum", "weight_decay", "top_kernel"):
+                assert np.array_equal(getattr(want, name), getattr(a.focused, name)), name
+        close(a.contributions, want.contributions, 1e-5)
+        close(a.class_momentum, want.momentum[rows, c], 1e-5)
+        close(a.class_weight_decay, want.weight_decay[rows, c], 1e-5)
+        close(a.class_actual, want.actual[rows, c], 1e-5)
+        close(a.probs_before, want.probs_before, 1e-6)
 
-    # accumulated over the run: exact sums of the per-step terms
+    # accumulated over the run: exact sums of the per-step terms, NaN where not accounted
     run = RunAccount(labels, len(mnist.train), 10, keep_steps=True)
     for r in seen:
         run.add(r.account, r.batch_indices, r.step)
     by_example = np.zeros((3, len(mnist.train)))
-    by_class = np.zeros((3, 10, 10))
-    totals = {k: np.zeros((3, 10)) for k in ("actual", "gradient", "momentum", "residual")}
+    totals = {k: np.zeros(3) for k in ("actual", "gradient", "momentum", "residual")}
     for r in seen:
         a = r.account
-        for w, c in enumerate(labels):
-            by_example[w, r.batch_indices] += a.gradient[w, :, c]
-            for b, y in enumerate(a.batch_labels):
-                by_class[w, y] += a.gradient[w, b]
+        np.add.at(by_example, (slice(None), r.batch_indices), a.contributions)
         for k in totals:
-            totals[k] += a.gradient.sum(1) if k == "gradient" else getattr(a, k)
+            totals[k] += getattr(a, "class_" + k)
     np.testing.assert_allclose(run.by_example, by_example, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(run.by_class, by_class, rtol=1e-12, atol=1e-15)
     for k, v in totals.items():
-        np.testing.assert_allclose(run.totals()[k], v, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(run.totals()[k][rows, c], v, rtol=1e-12, atol=1e-15)
+    by_class = run.by_class
     for w in range(3):
+        known = np.zeros((10, 10), bool)
+        known[:, labels[w]] = True
+        if w in focus:
+            known[:] = True
+        assert np.isfinite(by_class[w][known]).all() and np.isnan(by_class[w][~known]).all()
+        assert np.isfinite(run.totals()["actual"][w]).all()
+        assert np.isnan(run.totals()["momentum"][w]).any() == (w not in focus)
         top = run.top(w, 5)
         assert np.array_equal(top.helpful, np.argsort(-by_example[w], kind="stable")[:5])
         assert (top.helpful_values > 0).all() and (top.harmful_values < 0).all()
         assert np.array_equal(top.harmful_values, np.sort(by_example[w])[: len(top.harmful)])
     assert run.timeline()["contributions"].shape == (len(seen), 3, 64)
+    back = RunAccount.load(run.save(tmp_path / "run.npz"))
+    np.testing.assert_array_equal(back.by_class, run.by_class)  # NaN where NaN
+    for k, v in run.totals().items():
+        np.testing.assert_array_equal(back.totals()[k], v)
+    text = run.save(tmp_path / "run.csv").read_text()
+    assert "nan" not in text.lower()  # the CSV holds each example's own class: all accounted
+    with pytest.raises(ValueError, match="follows classes"):
+        RunAccount(labels[::-1], len(mnist.train)).add(seen[0].account, seen[0].batch_indices)
 
 
 def test_run_account_files_round_trip(tmp_path, mnist):

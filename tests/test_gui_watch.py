@@ -41,7 +41,7 @@ def core_run(mnist, watched, steps=None):
     x = torch.stack([mnist.split(e.split).x[e.index] for e in watched])
     classes = [int(mnist.split(e.split).y[e.index]) for e in watched]
     records = []
-    for r in train(model, mnist, SMALL, opt, watch=Watch(x, classes, top_kernels=True)):
+    for r in train(model, mnist, SMALL, opt, watch=Watch(x, classes, focus=(0,))):
         records.append(r)
         if steps is not None and r.step == steps:
             break
@@ -65,7 +65,7 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
             np.add.at(core_by_class[k], r.account.batch_labels, r.account.contributions[w])
         np.testing.assert_allclose(t["by_class"][:, w], core_by_class, rtol=1e-5, atol=1e-9)
         for name in ("momentum", "weight_decay", "residual", "actual"):
-            core = [getattr(r.account, name)[w, classes[w]] for r in records]
+            core = [getattr(r.account, f"class_{name}")[w] for r in records]
             np.testing.assert_allclose(t[name][:, w], core, rtol=1e-5, atol=1e-9, err_msg=name)
     # the curves drawn are the cumulative terms; they add up to the actual change
     w = view.w
@@ -87,10 +87,18 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
     account = records[6].account
     assert detail.step == 7 and np.array_equal(detail.batch_indices, records[6].batch_indices)
     np.testing.assert_allclose(detail.contributions, account.contributions, rtol=1e-5, atol=1e-9)
-    top = int(account.top_index[w])
-    np.testing.assert_allclose(detail.top_term(w), account.gradient[w, top], rtol=1e-4,
-                               atol=1e-9)  # fmt: skip
-    np.testing.assert_allclose(view.factors["K"].image, account.top_kernel[w], rtol=1e-5)
+    assert w == 0 and list(account.focus) == [0]  # the example shown is the focused one
+    full = account.focused
+    top = int(full.top_index[0])
+    np.testing.assert_allclose(detail.top_term(w), full.gradient[0, top], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(view.factors["K"].image, full.top_kernel[0], rtol=1e-5)
+    # another watched example: its contributions, without K_P (class-level accounts only)
+    view.which.setCurrentIndex(3)
+    assert not detail.has_kernel[3] and view.factors["K"].image is None
+    assert view.batch.buttons[0].property("payload") == int(
+        records[6].batch_indices[np.argmax(np.abs(account.contributions[3]))]
+    )
+    view.which.setCurrentIndex(0)
     first = view.batch.buttons[0].property("payload")
     assert first == int(records[6].batch_indices[np.argmax(np.abs(account.contributions[w]))])
 

@@ -46,9 +46,9 @@ class WatchDetail:
     """One step of the run: its batch (``batch_indices (B,)`` into the training split,
     ``batch_labels (B,)``), each batch example's contribution to each watched example's class
     ``contributions (W, B)``, and per watched example the largest contributor ``top_index (W,)``
-    (a position in the batch) with ``top_kernel (W, V, V)`` = K_P(x_o, x_top), ``top_G (W, V)``
-    and ``probs_before (W, V)`` (A = I − 1·πᵀ): its term is
-    −(step_scale/B)·A·K_P·G."""
+    (a position in the batch) with ``top_G (W, V)`` and ``probs_before (W, V)`` (A = I − 1·πᵀ);
+    for the focused examples (``has_kernel (W,)``) also ``top_kernel`` = K_P(x_o, x_top) (NaN for
+    the others): the top term is −(step_scale/B)·A·K_P·G."""
 
     step: int
     lr: float
@@ -61,9 +61,11 @@ class WatchDetail:
     top_kernel: np.ndarray
     top_G: np.ndarray
     probs_before: np.ndarray
+    has_kernel: np.ndarray
 
     def top_term(self, w: int) -> np.ndarray:
-        """The top contributor's Δlog π term on watched example ``w``, ``(V,)``."""
+        """The top contributor's Δlog π term on watched example ``w``, ``(V,)`` (NaN unless
+        ``w`` was focused)."""
         p = self.probs_before[w]
         A = np.eye(len(p)) - p[None, :]
         B = len(self.batch_indices)
@@ -90,9 +92,12 @@ class WatchRanking:
 @dataclass
 class WatchObserver:
     """Watches ``examples`` (at most :data:`MAX_WATCHED`), each on its class (default: its
-    label), during the engine's training runs. Built on the GUI thread, used on the engine's."""
+    label), during the engine's training runs: a class-level account of every step for each, and
+    the full one (with the top contributor's K_P) for the ``focus`` positions. Built on the GUI
+    thread, used on the engine's."""
 
     examples: tuple
+    focus: tuple = (0,)
     classes: tuple = ()
     history: int = HISTORY
     run: object = field(default=None, repr=False)  # the RunAccount of the current run
@@ -125,7 +130,7 @@ class WatchObserver:
         )  # fmt: skip
         self.details = deque(maxlen=self.history)
         self.accounted = 0
-        return {"watch": Watch(x, self.classes, top_kernels=True)}
+        return {"watch": Watch(x, self.classes, focus=tuple(self.focus))}
 
     def observe(self, engine, records) -> list:
         """Account for the records of one engine tick; their timeline rows as one event."""
@@ -146,20 +151,32 @@ class WatchObserver:
                 by_class[:, label] += a.contributions[:, b]
             rows["by_class"].append(by_class)
             for name in ("momentum", "weight_decay", "residual", "actual"):
-                rows[name].append(getattr(a, name)[w, cls])
+                rows[name].append(getattr(a, f"class_{name}"))
             rows["log_prob"].append(np.log(np.maximum(a.probs_before[w, cls], 1e-300)))
-            self.details.append(
-                WatchDetail(
-                    r.step, float(a.lr), float(a.step_scale), a.optimizer,
-                    readonly(r.batch_indices), a.batch_labels, a.contributions, a.top_index,
-                    a.top_kernel, readonly(a.G[a.top_index]), a.probs_before,
-                )
-            )  # fmt: skip
+            self.details.append(self._detail(r, a))
         steps = WatchSteps(
             readonly(np.array([r.step for r in accounted], dtype=np.int64)),
             **{k: readonly(np.stack(v)) for k, v in rows.items()},
         )
         return [Event("watch_steps", steps)]
+
+    @staticmethod
+    def _detail(record, a) -> WatchDetail:
+        """A step's details: the top contributor of every watched example, with K_P for the
+        focused ones."""
+        W, V = a.probs_before.shape
+        top = np.argmax(np.abs(a.contributions), axis=1)
+        kernels = np.full((W, V, V), np.nan)
+        has = np.zeros(W, bool)
+        if a.focused is not None:
+            for k, w in enumerate(a.focus):
+                top[w] = a.focused.top_index[k]
+                kernels[w], has[w] = a.focused.top_kernel[k], True
+        return WatchDetail(
+            record.step, float(a.lr), float(a.step_scale), a.optimizer,
+            readonly(record.batch_indices), a.batch_labels, a.contributions, readonly(top),
+            readonly(kernels), readonly(a.G[top]), a.probs_before, readonly(has),
+        )  # fmt: skip
 
 
 def _observer(engine) -> WatchObserver:

@@ -123,8 +123,11 @@ class WatchView(ProbeView):
 
     def set_watched(self, examples) -> None:
         """Watch ``examples`` from the next run (a new run or Continue) on."""
+        shown = self.run_examples[self.w] if self.run_examples else None
         self.examples = tuple(examples)
-        self.controller.send("set_observer", "watch", WatchObserver(self.examples))
+        focus = self.examples.index(shown) if shown in self.examples else 0
+        observer = WatchObserver(self.examples, focus=(focus,))
+        self.controller.send("set_observer", "watch", observer)
         self._note()
 
     def _note(self) -> None:
@@ -162,6 +165,8 @@ class WatchView(ProbeView):
             self.run()  # the ranking of the run so far
 
     def _which_changed(self) -> None:
+        if self.state.run_state != "training":  # the next run focuses on the one shown
+            self.set_watched(self.examples)
         self.redraw()
         if self.detail is not None:
             self._show_detail()
@@ -256,9 +261,17 @@ class WatchView(ProbeView):
         p = d.probs_before[w]
         A = np.eye(len(p)) - p[None, :]
         self.factors["A"].set_matrix(A, c)
-        self.factors["K"].set_matrix(d.top_kernel[w], c)
         self.factors["G"].set_matrix(d.top_G[w][:, None], c)
-        self.factors["term"].set_matrix(d.top_term(w)[:, None], c)
+        for key, value in (("K", d.top_kernel[w]), ("term", d.top_term(w)[:, None])):
+            if d.has_kernel[w]:
+                self.factors[key].set_matrix(value, c)
+            else:
+                self.factors[key].image_item.clear()
+        self.factors["K"].titleLabel.setText(
+            "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)" if d.has_kernel[w] else
+            "K<sub>P</sub>: recorded for the focused x<sub>o</sub><br>(the one shown when the run "
+            "began)", size="10pt",
+        )  # fmt: skip
 
     def _describe(self, key: str, i: int, j: int) -> str:
         d = self.detail
