@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ntkviz.checkpoint import atomic_write
 from ntkviz.decomposition import Decomposition
+from ntkviz.files import atomic_write
 
 FORMATS = (".json", ".npz", ".csv")
 
