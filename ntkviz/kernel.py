@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ntkviz.checks import positive_int
+
 #: Bytes of intermediate data one chunk of the large side may use.
 MEMORY_BUDGET = 64 * 2**20
 #: Up to this many x2 the total kernel uses forward-mode NTK-vector products; beyond, the
@@ -65,12 +67,40 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
+    """``x`` as a non-empty floating-point batch on the model's device and in its dtype."""
     if not isinstance(x, Tensor):
         x = torch.as_tensor(x)
     device, dtype = _device_dtype(model)
     if x.ndim < 1 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must hold floating-point inputs such as normalised images "
+            f"(ImageDataset.normalize), got {x.dtype}"
+        )
+    return x.to(device=device, dtype=dtype)
+
+
+def _same_examples(x1: Tensor, x2: Tensor) -> None:
+    if x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must be batches of examples of one shape, got {tuple(x1.shape)} and "
+            f"{tuple(x2.shape)}"
+        )
+
+
+@contextlib.contextmanager
+def _taken_by_model(x: Tensor, name: str) -> Iterator[None]:
+    """Around the first forward pass of ``x``: the model's complaint about an input it cannot
+    take becomes a ``ValueError`` that says what was expected."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:  # torch's shape and dtype complaints
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"the model cannot take {name} of shape {tuple(x.shape)}: expected a batch (N, ...) "
+            f"of examples shaped as the model needs, e.g. (N, 1, 28, 28) images ({first})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- structured path
@@ -217,13 +247,12 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
                 factor = factor + 1
             out[name] = gg * factor[:, :, None, None]
             continue
-        # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when the small
-        # side is small; else materialise x1's weight Jacobian too and contract (Gram matrices).
+        # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when that costs
+        # less; else materialise x1's weight Jacobian too and contract (Gram matrices).
         o = g1.shape[2]
         k = torch.zeros((N1, N2, V, V), dtype=g1.dtype, device=g1.device)
         if w_on:
-            positions = g1[0, 0, 0].numel()
-            if positions >= N2 * V:
+            if _conv_as_filters(layer, g1[0, 0, 0].numel(), N2, V):
                 weights = jw2.reshape(N2 * V * o, *layer.weight.shape[1:])
                 t = F.conv2d(a1, weights, None, layer.stride, layer.padding, layer.dilation)
                 t = torch.bmm(g1.reshape(N1, V, -1), t.reshape(N1, N2 * V, -1).transpose(1, 2))
@@ -235,6 +264,15 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
             k = k + torch.einsum("nio,mjo->nmij", g1.sum((3, 4)), g2.sum((3, 4)))
         out[name] = k
     return out
+
+
+def _conv_as_filters(layer: nn.Conv2d, positions: int, n2: int, v: int) -> bool:
+    """Whether applying the small side's n2·v weight-Jacobian rows to x1 as filters costs fewer
+    multiply-adds per x1 than materialising x1's weight Jacobian (v rows) and contracting."""
+    weights = layer.weight[0].numel() * layer.out_channels
+    filters = n2 * v * (weights + v * layer.out_channels) * positions
+    materialised = v * weights * positions + n2 * v * v * weights
+    return filters < materialised
 
 
 def _tangent_through(layer: nn.Module, a_in: Tensor, a_out: Tensor, t: Tensor) -> Tensor:
@@ -327,17 +365,29 @@ def _prepare_small(chain, x2: Tensor):
 
 
 def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) -> int:
-    """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`."""
+    """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`:
+    activations with their n2·v tangents (forward), or activations, v cotangents, each layer's
+    weight Jacobian or filter outputs and its ``(n2, v, v)`` block (blocks)."""
     with torch.no_grad():
         probe = x1[:1]
         per_example = 0
         for _, layer in chain:
+            a = probe
             probe = layer(probe)
-            if forward:  # activations and n2·v tangents
+            if forward:
                 per_example += probe.numel() * (2 + n2 * v)
-            else:  # activations, v cotangents, weight Jacobians and the (n2, v, v) blocks
+                continue
+            per_example += probe.numel() * (2 + v)
+            if any(p.requires_grad for p in layer.parameters()):
                 weights = sum(p.numel() for p in layer.parameters())
-                per_example += probe.numel() * (2 + v) + v * weights + n2 * v * v
+                per_example += v * weights + 2 * n2 * v * v
+                if isinstance(layer, nn.Conv2d):
+                    positions = probe[0, 0].numel()
+                    unfolded = a[0, 0].numel() * layer.weight[0].numel()
+                    if _conv_as_filters(layer, positions, n2, v):
+                        per_example += n2 * v * layer.out_channels * positions
+                    else:
+                        per_example += unfolded
     return max(1, MEMORY_BUDGET // max(1, per_example * x1.element_size()))
 
 
@@ -350,7 +400,8 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
     def f1(p, x):
         return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
 
-    j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
+    with _taken_by_model(x2, "x2"):
+        j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
     N2, V = next(iter(j2.values())).shape[:2]
     out = {}
     for group, names in groups.items():
@@ -371,6 +422,42 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
     return out
 
 
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _forward_kernel(chain, x1: Tensor, small, chunk_size: int | None) -> Tensor:
+    """K ``(N1, N2, V, V)`` by forward-mode products, chunk by chunk into the result."""
+    N1, (N2, V) = len(x1), small[-1][3].shape[:2]
+    size = chunk_size or (N1 if N1 <= 16 else _structured_chunk_size(chain, x1, N2, V, True))
+    K = torch.empty((N1, N2, V, V), dtype=x1.dtype, device=x1.device)
+    for start, end in _chunks(N1, size):
+        t = _forward_products(chain, x1[start:end], small)
+        K[start:end] = t.view(end - start, N2, V, V).transpose(2, 3)
+    return K
+
+
+def _block_kernels(chain, x1: Tensor, small, chunk_size: int | None, split: bool) -> dict:
+    """Per-layer kernels (``split``) or their sum ``"total"``, ``(N1, N2, V, V)`` each, chunk by
+    chunk into the result: the memory beyond the result stays within one chunk's budget."""
+    N1, (N2, V) = len(x1), small[-1][3].shape[:2]
+    size = chunk_size or (N1 if N1 <= 16 else _structured_chunk_size(chain, x1, N2, V, False))
+    names = [rec[0] for rec in small] if split else ["total"]
+    out = {n: torch.empty((N1, N2, V, V), dtype=x1.dtype, device=x1.device) for n in names}
+    for start, end in _chunks(N1, size):
+        blocks = _structured_blocks(chain, x1[start:end], small)
+        if split:
+            for name, block in blocks.items():
+                out[name][start:end] = block
+        else:
+            total = out["total"][start:end]
+            total.zero_()
+            for block in blocks.values():
+                total += block
+    return out
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -382,6 +469,9 @@ def _kernels(
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     x1 = _as_batch(model, x1, "x1")
     x2 = _as_batch(model, x2, "x2")
+    _same_examples(x1, x2)
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
     if len(x2) > len(x1):  # keep the small side small: K(x1, x2) = K(x2, x1)ᵀ
         swapped = _kernels(model, x2, x1, method, chunk_size, split)
         return {k: v.permute(1, 0, 3, 2) for k, v in swapped.items()}
@@ -393,30 +483,19 @@ def _kernels(
         if chain is None and method == "structured":
             raise ValueError("the structured path needs an nn.Sequential of Linear/Conv2d layers")
         if chain is not None and not split and len(x1) == len(x2) == 1:
-            pair = pair_kernel_and_gradient(model, x1, x2, None)
+            with _taken_by_model(x2, "x1, x2"):
+                pair = pair_kernel_and_gradient(model, x1, x2, None)
             if pair is not None:
                 return {"total": pair[1][None, None]}
         if chain is not None:
             try:
                 with torch.no_grad():
-                    small = _prepare_small(chain, x2)
-                    v = small[-1][3].shape[1]
+                    with _taken_by_model(x2, "x2"):
+                        small = _prepare_small(chain, x2)
                     # Forward-mode NTK-vector products pay per row of J(x2): best for few x2.
-                    forward = not split and len(x2) <= FORWARD_MAX_N2
-                    size = chunk_size or (
-                        len(x1)
-                        if len(x1) <= 16
-                        else _structured_chunk_size(chain, x1, len(x2), v, forward)
-                    )
-                    if forward:
-                        t = torch.cat(
-                            [_forward_products(chain, xc, small) for xc in x1.split(size)]
-                        )
-                        K = t.view(len(x1), len(x2), v, v).transpose(2, 3)
-                        return {"total": K}
-                    parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
-                    layers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                    return layers if split else {"total": sum(layers.values())}
+                    if not split and len(x2) <= FORWARD_MAX_N2:
+                        return {"total": _forward_kernel(chain, x1, small, chunk_size)}
+                    return _block_kernels(chain, x1, small, chunk_size, split)
             except _Unsupported:
                 if method == "structured":
                     raise ValueError("the structured path does not support this model") from None
@@ -479,6 +558,9 @@ def ntk_vector_product(
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     x1 = _as_batch(model, x1, "x1")
     x2 = _as_batch(model, x2, "x2")
+    _same_examples(x1, x2)
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
     vectors = torch.as_tensor(vectors).to(x2.device, x2.dtype)
     params = trainable_parameters(model)
     with eval_mode(model):
@@ -486,7 +568,8 @@ def ntk_vector_product(
         if chain is not None:
             try:
                 with torch.no_grad():
-                    small = _prepare_small(chain, x2)
+                    with _taken_by_model(x2, "x2"):
+                        small = _prepare_small(chain, x2)
                     if vectors.shape != small[-1][3].shape[:2]:
                         raise ValueError(
                             f"vectors must have shape {tuple(small[-1][3].shape[:2])}, "
@@ -506,7 +589,8 @@ def ntk_vector_product(
         def f(p, x):
             return functional_call(model, {**fixed, **p}, (x,))
 
-        z2, pull = vjp(lambda p: f(p, x2), params)
+        with _taken_by_model(x2, "x2"):
+            z2, pull = vjp(lambda p: f(p, x2), params)
         if vectors.shape != z2.shape:
             raise ValueError(
                 f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"

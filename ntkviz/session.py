@@ -21,7 +21,7 @@ from ntkviz.checkpoint import (
     num_classes_of,
     read_payload,
 )
-from ntkviz.checks import class_index, plain_values, real_number
+from ntkviz.checks import class_index, plain_values, positive_int, real_number
 from ntkviz.errors import CheckpointError
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
@@ -38,8 +38,8 @@ SELECTION_CHECKS = {
     "y_u": class_index,
     "lr": real_number,
     "loss": lambda v, n: _choice(v, n, ("ce", "neg")),
-    "influence_size": lambda v, n: _positive(v, n),
-    "kernel_map_per_class": lambda v, n: _positive(v, n),
+    "influence_size": positive_int,
+    "kernel_map_per_class": positive_int,
 }
 
 
@@ -100,12 +100,6 @@ def save_session(path: str | Path, session: Session) -> Path:
 def _choice(value, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices or not isinstance(value, str):
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _positive(value, name: str) -> int:
-    if class_index(value, name) < 1:
-        raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
     return value
 
 

@@ -91,3 +91,16 @@ def test_a_directory_or_a_file_in_the_way_is_refused(tmp_path):
     with pytest.raises(FileWriteError, match="does not exist"):
         atomic_write(tmp_path / "f" / "x.json", lambda tmp: None)
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["d", "f"])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz", ".csv"])
+def test_non_finite_results_are_never_written(tmp_path, suffix):
+    from dataclasses import replace
+
+    dec = decompose(make("mlp"), inputs(1)[0], inputs(1, seed=2)[0], 1, 0.1)
+    bad = replace(dec, predicted=np.full(10, np.nan), residual=np.full(10, np.inf))
+    with pytest.raises(ValueError, match=r"non-finite values .* in predicted, residual"):
+        write_decomposition(bad, tmp_path / f"r{suffix}")
+    with pytest.raises(ValueError):
+        write_decomposition(dec, tmp_path / f"r{suffix}", {"loss_before": float("nan")})
+    assert not list(tmp_path.iterdir())

@@ -6,6 +6,7 @@ from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
 
 from ntkviz.kernel import (
+    _conv_as_filters,
     empirical_ntk,
     empirical_ntk_by_layer,
     layer_of,
@@ -163,13 +164,43 @@ def test_bad_arguments_raise_value_error():
         empirical_ntk(model, inputs(1), inputs(1), method="magic")
 
 
-def test_gram_matrix_of_a_probe_set_uses_both_conv_strategies_exactly():
-    """N2·V above a conv layer's output positions switches that layer to materialised weight
-    Jacobians (LeNet's conv2 has 100 positions); both strategies must agree with autograd."""
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+@pytest.mark.parametrize(
+    ("x1", "x2", "match"),
+    [
+        (inputs(2)[0], inputs(2), r"batches of examples of one shape, got \(1, 28, 28\)"),
+        (inputs(2)[0], inputs(2)[1], r"cannot take .* of shape \(1, 28, 28\): expected a batch"),
+        (inputs(3)[:, :, :20], inputs(1)[:, :, :20], r"cannot take x2 .*\(1, 1, 20, 28\)"),
+        ((inputs(2) * 50).to(torch.uint8), inputs(1), "floating-point inputs .* torch.uint8"),
+        (inputs(2), inputs(1).bool(), "floating-point inputs .* torch.bool"),
+        (inputs(2), inputs(1), "chunk_size must be an int ≥ 1, got 0"),
+    ],
+)
+def test_inputs_the_model_cannot_take_are_refused_saying_what_was_expected(name, x1, x2, match):
+    model = make(name)
+    chunk = 0 if "chunk_size" in match else None
+    with pytest.raises(ValueError, match=match):
+        empirical_ntk(model, x1, x2, chunk_size=chunk)
+    if chunk is None:
+        with pytest.raises(ValueError, match=match.replace("x2", "x[12]")):
+            ntk_vector_product(model, x1, x2, torch.zeros(len(x2), 10, dtype=torch.float64))
+
+
+def test_both_conv_strategies_are_exact():
+    """A conv layer's kernel either applies x2's weight-Jacobian rows to x1 as filters or
+    materialises x1's weight Jacobian, whichever costs less: LeNet's conv2 (100 positions, 2,400
+    weights) takes filters against one x2 and materialises against a probe set; both must agree
+    with autograd."""
     model = make("lenet")
+    assert _conv_as_filters(model.conv2, 100, 1, 10)
+    assert not _conv_as_filters(model.conv2, 100, 12, 10)
     x = inputs(12, seed=13)
     K = empirical_ntk(model, x, x)
     torch.testing.assert_close(K, reference_kernel(model, x, x), rtol=1e-10, atol=1e-10)
+    layers = empirical_ntk_by_layer(model, x[:3], x[3:4])
+    torch.testing.assert_close(
+        sum(layers.values()), reference_kernel(model, x[:3], x[3:4]), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("name", ["lenet", "mlp", "residual"])
