@@ -29,6 +29,7 @@ _EXPORTS = {
     "train": "ntkviz.training",
     "class_influence": "ntkviz.analysis",
     "class_kernel_map": "ntkviz.analysis",
+    "iter_class_kernel_map": "ntkviz.analysis",
     "ntk_spectrum": "ntkviz.analysis",
     "squeeze_steps": "ntkviz.analysis",
     "save_checkpoint": "ntkviz.checkpoint",

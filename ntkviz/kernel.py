@@ -458,6 +458,115 @@ def _block_kernels(chain, x1: Tensor, small, chunk_size: int | None, split: bool
     return out
 
 
+# --------------------------------------------------------------------------- Gram norms
+
+
+def _gram_factors(chain, x: Tensor) -> list[tuple]:
+    """One structured sweep of ``x``, reduced per trainable layer to what its Gram blocks need,
+    as ``(kind, first, second, bias)``: Linear ``("linear", inputs (N, in) or None, output
+    gradients (N, V, out), bias trainable)``; Conv2d ``("conv", weight Jacobian (N, V,
+    out·in·kh·kw) or None, bias Jacobian (N, V, out) or None, False)``."""
+    _, records = _sweep(chain, x)
+    factors = []
+    for _, layer, a, g in records:
+        w_on, b_on = _trainable_flags(layer)
+        if isinstance(layer, nn.Linear):
+            factors.append(("linear", a if w_on else None, g, b_on))
+        else:
+            jw = _conv_weight_jacobian(layer, a, g).flatten(2) if w_on else None
+            factors.append(("conv", jw, g.sum((3, 4)) if b_on else None, False))
+    return factors
+
+
+def _concat_factors(parts: list[list[tuple]]) -> list[tuple]:
+    """The factors of several chunks of examples as one set."""
+
+    def cat(tensors):
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    return [
+        (kind, cat([p[k][1] for p in parts]), cat([p[k][2] for p in parts]), bias)
+        for k, (kind, _, _, bias) in enumerate(parts[0])
+    ]
+
+
+def _gram_block(factors: list[tuple], rows: slice, cols: slice) -> Tensor:
+    """K between the examples ``rows`` and ``cols`` of prepared factors, ``(r, V, c, V)``."""
+    r, c = rows.stop - rows.start, cols.stop - cols.start
+    K = None
+    for kind, first, second, bias in factors:
+        if kind == "linear":
+            V = second.shape[1]
+            term = second[rows].flatten(0, 1) @ second[cols].flatten(0, 1).T
+            if first is not None:
+                factor = first[rows] @ first[cols].T + (1.0 if bias else 0.0)
+                term.view(r, V, c, V).mul_(factor[:, None, :, None])
+            K = term if K is None else K.add_(term)
+            continue
+        for f in (first, second):
+            if f is not None:
+                a, b = f[rows].flatten(0, 1), f[cols].flatten(0, 1)
+                K = a @ b.T if K is None else K.addmm_(a, b.T)
+    return K.view(r, K.shape[0] // r, c, K.shape[1] // c)
+
+
+def iter_kernel_norms(
+    model: nn.Module, x: Tensor, *, chunk_size: int | None = None
+) -> Iterator[tuple[int, int] | Tensor]:
+    """‖K(x[a], x[b])‖_F for every pair of ``x (N, ...)``: yields ``(done, total)`` after each
+    step, then the symmetric ``(N, N)`` tensor (in the model's dtype). Stop iterating to cancel.
+
+    For ``nn.Sequential`` chains each example is swept once (a forward and a reverse sweep of V
+    cotangents) and its per-layer factors are kept (V·(conv weights + linear outputs) + linear
+    inputs numbers per example); then chunks of ``chunk_size`` rows (default from
+    :data:`MEMORY_BUDGET`) are contracted against the examples from their own on, each block
+    reduced to its norm at once. Other models take the generic path, chunk by chunk of rows.
+    Progress counts swept examples plus kernel blocks computed. The model is put in eval mode
+    only while a step runs, never between steps."""
+    x = _as_batch(model, x, "x")
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
+    if not trainable_parameters(model):
+        raise ValueError("the model has no trainable parameters")
+    N = len(x)
+    chain = _chain(model)
+    if chain is not None:
+        try:
+            with eval_mode(model), torch.no_grad(), _taken_by_model(x, "x"):
+                V = _sweep(chain, x[:1])[0].shape[1]
+                sweep_size = _structured_chunk_size(chain, x, 1, V, False)
+        except _Unsupported:
+            chain = None
+    per_row = 2 * N * V * V * x.element_size() if chain is not None else 1
+    rows = chunk_size or max(1, min(-(-N // 8), MEMORY_BUDGET // per_row))
+    steps = list(_chunks(N, rows))
+    total = (N if chain is not None else 0) + sum((e - s) * (N - s) for s, e in steps)
+    done, factors = 0, None
+    if chain is not None:
+        parts = []
+        for start, end in _chunks(N, sweep_size):
+            with eval_mode(model), torch.no_grad():
+                parts.append(_gram_factors(chain, x[start:end]))
+            done += end - start
+            yield done, total
+        factors = _concat_factors(parts)
+        del parts
+    norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
+    for start, end in steps:
+        if factors is not None:
+            with torch.no_grad():
+                block = _gram_block(factors, slice(start, end), slice(start, N))
+                nb = block.square().sum((1, 3)).sqrt()
+        else:
+            nb = _kernels(model, x[start:end], x[start:], "auto", None, False)["total"]
+            nb = nb.flatten(2).norm(dim=2)
+        norms[start:end, start:] = nb
+        norms[start:, start:end] = nb.T
+        done += (end - start) * (N - start)
+        yield done, total
+    yield norms
+
+
 # --------------------------------------------------------------------------- public API
 
 
