@@ -79,6 +79,23 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`~ntkviz.errors.FileWriteError` saying why ``path`` could not be written
+    (no such directory, a directory in its place, no permission, a read-only file system),
+    by creating and removing a temporary file beside it; nothing else is touched."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise FileWriteError(f"cannot write {path}: it is a directory")
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise FileWriteError(f"cannot write {path}: {directory} {what}")
+    try:
+        _create_temp(directory, path.name).unlink()
+    except OSError as e:
+        raise FileWriteError(_reason(path, e)) from e
+
+
 def load_torch_file(path: str | Path, what: str, error: type[NtkvizError]):
     """The object stored in ``path`` by ``torch.save``, read with ``weights_only=True`` (no code
     runs). Raises ``error`` naming ``path`` and ``what`` (e.g. "checkpoint") when the file is
