@@ -15,7 +15,8 @@ Times are medians of repeats after warm-up (``time.perf_counter``). The baseline
 runs only with ``--full`` (it needs ~11 GB for the MLP); otherwise it is extrapolated linearly
 from its measurements at 1 and 100 x_o and marked "~", as is the baseline at 10,000 x_o.
 
-    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--json out.json]
+    python scripts/benchmark.py [--quick | --full] [--models lenet,mlp] [--only NAMES]
+                                [--json out.json]
 """
 
 from __future__ import annotations
@@ -460,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--full", action="store_true", help="run the baseline at 1,000 x_o")
     parser.add_argument("--models", default="lenet,mlp", help="comma-separated (lenet,mlp)")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
+    parser.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -483,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     t_start = time.perf_counter()
     all_res, all_der, all_targets = {}, {}, {}
-    groups = [MEASUREMENTS] if args.quick else [[n] for n in MEASUREMENTS]
+    names = MEASUREMENTS
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        if unknown := [n for n in names if n not in MEASUREMENTS]:
+            parser.error(f"unknown measurement(s) {', '.join(unknown)}")
+    groups = [names] if args.quick else [[n] for n in names]
     for m in models:
         print(f"  running {MODEL_LABELS[m]} …", file=sys.stderr, flush=True)
         res = {}
