@@ -366,28 +366,27 @@ def _prepare_small(chain, x2: Tensor):
 
 def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) -> int:
     """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`:
-    activations with their n2·v tangents (forward), or activations, v cotangents, each layer's
-    weight Jacobian or filter outputs and its ``(n2, v, v)`` block (blocks)."""
+    activations with their n2·v tangents (forward), or activations, v cotangents, each conv
+    layer's filter outputs or unfolded input and weight Jacobian, and each trainable layer's
+    ``(n2, v, v)`` block (blocks)."""
     with torch.no_grad():
         probe = x1[:1]
         per_example = 0
         for _, layer in chain:
-            a = probe
             probe = layer(probe)
             if forward:
                 per_example += probe.numel() * (2 + n2 * v)
                 continue
             per_example += probe.numel() * (2 + v)
             if any(p.requires_grad for p in layer.parameters()):
-                weights = sum(p.numel() for p in layer.parameters())
-                per_example += v * weights + 2 * n2 * v * v
+                per_example += 2 * n2 * v * v
                 if isinstance(layer, nn.Conv2d):
                     positions = probe[0, 0].numel()
-                    unfolded = a[0, 0].numel() * layer.weight[0].numel()
                     if _conv_as_filters(layer, positions, n2, v):
                         per_example += n2 * v * layer.out_channels * positions
-                    else:
-                        per_example += unfolded
+                    else:  # unfolded input and weight Jacobian
+                        weights = layer.weight[0].numel()
+                        per_example += weights * (positions + v * layer.out_channels)
     return max(1, MEMORY_BUDGET // max(1, per_example * x1.element_size()))
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ntkviz.kernel import (
     _conv_as_filters,
@@ -214,3 +216,43 @@ def test_ntk_vector_product_equals_kernel_times_vectors(name, method):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="vectors must have shape"):
         ntk_vector_product(model, x1, x2, v[:1], method=method)
+
+
+class Allocations(TorchDispatchMode):
+    """Records ``(address, bytes)`` of every new tensor storage that torch ops create (views of
+    a known storage are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.storages.setdefault(storage.data_ptr(), storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize(
+    ("name", "n2", "sizes"),
+    [("mlp", 5, (60, 1000)), ("mlp", 12, (60, 600))],
+)
+def test_kernel_memory_beyond_the_result_is_bounded_by_the_chunk_budget(
+    monkeypatch, name, n2, sizes
+):
+    """Every tensor but the result fits the chunk budget, whatever N1: the result is filled
+    chunk by chunk (the old code concatenated per-layer results and summed them)."""
+    budget = 2**20
+    monkeypatch.setattr("ntkviz.kernel.MEMORY_BUDGET", budget)
+    model, x2 = make(name).float(), inputs(n2, seed=3).float()
+    for n1 in sizes:
+        x1 = inputs(n1, seed=4).float()
+        with Allocations() as record:
+            K = empirical_ntk(model, x1, x2)
+        for given in (K, x1, x2):  # the result, and views of the inputs
+            record.storages.pop(given.untyped_storage().data_ptr(), None)
+        assert max(record.storages.values()) <= budget, n1
+    expected = reference_kernel(model.double(), x1[:2].double(), x2.double())
+    torch.testing.assert_close(K[:2].double(), expected, rtol=1e-4, atol=1e-4)
