@@ -32,9 +32,11 @@ from ntkviz.checks import positive_int
 
 #: Bytes of intermediate data one chunk of the large side may use.
 MEMORY_BUDGET = 64 * 2**20
-#: Up to this many x2 the total kernel uses forward-mode NTK-vector products; beyond, the
-#: per-layer factorisation (which also serves Gram matrices of whole probe sets).
-FORWARD_MAX_N2 = 4
+#: Up to this many x2 the total kernel uses forward-mode NTK-vector products, whose cost grows
+#: with each x2; beyond, the per-layer factorisation, whose cost is mostly one reverse sweep per
+#: x1 (LeNet, 1,000 x1, CPU seconds: forward 0.67 per x2; factorised 1.5 for one x2, 1.9 for 5,
+#: 2.0 for 8). It also serves Gram matrices of whole probe sets.
+FORWARD_MAX_N2 = 2
 
 
 @contextlib.contextmanager
