@@ -172,7 +172,8 @@ def decompose(
     ``x_o``, ``x_u``: single examples shaped like a dataset item, e.g. ``(1, 28, 28)``;
     ``y_u``: a class in ``[0, V)``; ``loss``: "ce" or "neg". The model is not changed (the step is
     taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments,
-    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits non-finite.
+    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits, or the predicted or
+    actual change, non-finite: no result holds NaN or infinity.
     """
     x_o, x_u, y_u, lr = _validate(model, x_o, x_u, y_u, lr, loss)
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
