@@ -268,3 +268,18 @@ def test_bad_indices_are_refused_before_anything_is_loaded(args, message, monkey
     _forbid(monkeypatch, "ntkviz.data.load_dataset", "ntkviz.checkpoint.load_checkpoint")
     assert main(["decompose", "--checkpoint", "missing.pt", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_outputs_in_the_repository_root_are_ignored_by_git():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(*names):
+        r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=root,
+                           capture_output=True, text=True)  # fmt: skip
+        return r.stdout.split()
+
+    outputs = ["lenet.pt", "paper.pt", "result.json", "s.ntks", "fig.png", "fig.svg", "r.npz"]
+    assert ignored(*outputs, "r.csv") == [*outputs, "r.csv"]
+    assert ignored("docs/screenshots/main.png", "resources/mnist/x.json", "tests/m.pt") == []
