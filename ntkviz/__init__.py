@@ -46,6 +46,7 @@ _EXPORTS = {
     "Ranking": "ntkviz.run_account",
     "class_influence": "ntkviz.analysis",
     "class_kernel_map": "ntkviz.analysis",
+    "iter_class_kernel_map": "ntkviz.analysis",
     "ntk_spectrum": "ntkviz.analysis",
     "squeeze_steps": "ntkviz.analysis",
     "save_checkpoint": "ntkviz.checkpoint",

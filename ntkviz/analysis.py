@@ -1,7 +1,8 @@
 """Beyond one pair: summaries over probe sets (the paper's Figure 1 as numbers).
 
 * :func:`class_influence` — one update's mean effect per true class of x_o ``(C, V)``.
-* :func:`class_kernel_map` — mean ‖K(x, x')‖_F between examples of class i and class j ``(C, C)``.
+* :func:`class_kernel_map` — mean ‖K(x, x')‖_F between examples of class i and class j ``(C, C)``
+  (:func:`iter_class_kernel_map`: the same, step by step with progress).
 * :func:`rank_correlation` — Spearman correlation of the class-pair ranking of two such maps.
 * :func:`ntk_spectrum` — eigenvalues of the (N·V)×(N·V) Gram matrix of a probe set.
 * :func:`squeeze_steps` — several plain-SGD steps in a row on one example, π after each.
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkviz.decomposition import Influence, _frozen, step_trajectory
-from ntkviz.kernel import empirical_ntk
+from ntkviz.kernel import empirical_ntk, iter_kernel_norms
 
 
 def readonly(a) -> np.ndarray:
@@ -74,17 +75,24 @@ def class_influence(
 
 
 def iter_class_kernel_map(
-    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int = 100
+    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int | None = None
 ) -> Iterator[tuple[int, int] | np.ndarray]:
-    """Generator form of :func:`class_kernel_map`: yields ``(done, total)`` after each chunk of
-    rows, then the ``(C, C)`` map."""
+    """Generator form of :func:`class_kernel_map`: yields ``(done, total)`` as the pairs' kernel
+    norms are computed (:func:`~ntkviz.kernel.iter_kernel_norms`, one structured sweep per
+    example, ``chunk`` rows at a time), then the read-only float64 ``(C, C)`` map. Stop iterating
+    to cancel."""
     labels = np.asarray(labels)
+    if labels.shape != (len(x),) or labels.dtype.kind not in "iu" or (labels < 0).any():
+        raise ValueError(f"labels must be {len(x)} non-negative ints, one per example of x")
     C = num_classes or int(labels.max()) + 1
-    norms = np.zeros((len(x), len(x)))
-    for start in range(0, len(x), chunk):
-        block = empirical_ntk(model, x[start : start + chunk], x)
-        norms[start : start + chunk] = block.flatten(2).norm(dim=2).double().cpu().numpy()
-        yield min(start + chunk, len(x)), len(x)
+    if labels.max() >= C:
+        raise ValueError(f"labels must be classes in [0, {C}), got {int(labels.max())}")
+    norms = None
+    for item in iter_kernel_norms(model, x, chunk_size=chunk):
+        if isinstance(item, tuple):
+            yield item
+        else:
+            norms = item.double().cpu().numpy()
     onehot = np.eye(C)[labels]
     off_diagonal = 1 - np.eye(len(x))
     sums = onehot.T @ (norms * off_diagonal) @ onehot
@@ -93,11 +101,12 @@ def iter_class_kernel_map(
 
 
 def class_kernel_map(
-    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int = 100
+    model: nn.Module, x: Tensor, labels, num_classes: int | None = None, chunk: int | None = None
 ) -> np.ndarray:
     """Mean ‖K(x_a, x_b)‖_F over pairs with label i and j, ``(C, C)``, symmetric. Pairs of an
     example with itself are left out of the diagonal. ``x (N, ...)``: a probe set, typically
-    :func:`balanced_indices` of a split (e.g. 50 per class)."""
+    :func:`balanced_indices` of a split (e.g. 50 per class); ``chunk``: rows of the pair matrix
+    per step (default from the kernel's memory budget)."""
     for item in iter_class_kernel_map(model, x, labels, num_classes, chunk):
         if isinstance(item, np.ndarray):
             return item

@@ -211,10 +211,8 @@ def _check_outputs(args) -> None:
         raise _UsageError("give --out (a checkpoint), --accounts (with --watch), or both")
     if bool(args.watch) != bool(args.accounts):
         raise _UsageError("--watch and --accounts go together")
-    outputs = [Path(p) for p in [args.out, *(args.accounts or [])] if p]
-    for path in outputs:
-        if not path.parent.is_dir():
-            raise _UsageError(f"output directory {path.parent} does not exist")
+    for path in [Path(p) for p in [args.out, *(args.accounts or [])] if p]:
+        _check_out(path)
     for path in map(Path, args.accounts or []):
         if path.suffix.lower() not in (".npz", ".csv"):
             raise _UsageError(f"--accounts {path}: use .npz or .csv")
@@ -232,11 +230,66 @@ def _print_run(run, indices, split) -> None:
         )
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output file that cannot be written (exit code 2) before any work is done."""
+    from ntkviz.files import check_writable
+
+    try:
+        check_writable(out)
+    except OSError as e:
+        raise _UsageError(f"{e}; choose another --out") from None
+
+
+def _fallback_paths(out: Path) -> list[Path]:
+    """Where a finished run goes when ``out`` cannot be written: beside it, then in the cache,
+    then in the temporary directory; each name carries the time."""
+    import tempfile
+
+    from ntkviz.data import default_cache_dir
+
+    name = f"{out.stem}-{time.strftime('%Y%m%d-%H%M%S')}{out.suffix or '.pt'}"
+    return [
+        out.with_name(name),
+        default_cache_dir() / "runs" / name,
+        Path(tempfile.gettempdir()) / "ntkviz-runs" / name,
+    ]
+
+
+def _save_run(out: Path, save) -> int:
+    """``save(path)`` the trained model to ``out``; when that fails, to the first fallback that
+    works, saying where (exit code 1). Never loses the run silently."""
+    try:
+        save(out)
+        return 0
+    except OSError as e:
+        failure = e
+    tried = []
+    for path in _fallback_paths(out):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save(path)
+        except OSError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        print(
+            f"ntkviz train: {failure}\nntkviz train: the trained model was saved to {path} "
+            "instead; move it where you want it",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"ntkviz train: {failure}\nntkviz train: the trained model could not be saved anywhere "
+        f"else either: {'; '.join(tried)}",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_train(args) -> int:
     from ntkviz.checkpoint import save_checkpoint
     from ntkviz.data import load_dataset
     from ntkviz.models import MODELS, build_model
-    from ntkviz.training import accuracy, resolve_device, train
+    from ntkviz.training import accuracy, resolve_device, run_health, train
 
     config = _train_config(args)
     if config.model not in MODELS:
@@ -271,8 +324,10 @@ def cmd_train(args) -> int:
     model = build_model(config.model, data.num_classes, seed=config.seed).to(device)
     progress = _Progress()
     last = None
+    losses = []
     for record in train(model, data, config, watch=watch):
         last = record
+        losses.append(record.loss)
         if run is not None:
             run.add(record.account, record.batch_indices, record.step)
         if not args.quiet:
@@ -280,17 +335,25 @@ def cmd_train(args) -> int:
     model.cpu()
     test_acc = accuracy(model, data.test.x, data.test.y)
     steps = last.step if last else 0
+    meta = {"step": steps, "test_accuracy": test_acc, "dataset": data.name}
+    health = run_health(losses, test_acc, data.num_classes) if losses else None
+    if health is not None and not health.ok:
+        print(f"ntkviz train: warning: {health.warning}", file=sys.stderr)
     print(f"test accuracy {test_acc:.4f} after {steps} steps")
-    if args.out:
-        meta = {"step": steps, "test_accuracy": test_acc, "dataset": data.name}
-        save_checkpoint(args.out, model, config.model, config, meta)
-        print(f"wrote {args.out}")
+    code = 0
     if run is not None:
         _print_run(run, indices, args.watch_split)
-        for path in args.accounts:
-            run.save(path)
+    saves = [(Path(p), run.save) for p in args.accounts or []]
+    if args.out:
+        saves.append(
+            (Path(args.out), lambda path: save_checkpoint(path, model, config.model, config, meta))
+        )
+    for path, save in saves:  # a write that fails keeps the run beside it (exit code 1)
+        failed = _save_run(path, save)
+        code = max(code, failed)
+        if not failed:
             print(f"wrote {path}")
-    return 0
+    return code
 
 
 def _pick(data, split: str, index: int, what: str):
@@ -298,6 +361,23 @@ def _pick(data, split: str, index: int, what: str):
     if not 0 <= index < len(s):
         raise _UsageError(f"{what} index {index} is outside the {split} split (0..{len(s) - 1})")
     return s.x[index], int(s.y[index])
+
+
+def _check_indices(args) -> None:
+    """Refuse --xu, --xo and --yu outside the dataset before it is loaded, where its sizes are
+    known (the shipped MNIST, whose files are verified); other datasets are checked after."""
+    from ntkviz.data import DATASETS, SPLIT_SIZES
+
+    key = args.dataset.lower()
+    sizes = SPLIT_SIZES.get(key)
+    for what, split, index in (("--xu", args.xu_split, args.xu), ("--xo", args.xo_split, args.xo)):
+        if index < 0 or (sizes is not None and index >= sizes[split]):
+            top = f"0..{sizes[split] - 1}" if sizes is not None else "0 or more"
+            raise _UsageError(f"{what} index {index} is outside the {split} split ({top})")
+    if args.yu is not None and key in DATASETS:
+        classes = len(DATASETS[key][3])
+        if not 0 <= args.yu < classes:
+            raise _UsageError(f"--yu must be a class in 0..{classes - 1}, got {args.yu}")
 
 
 def _pair_from_args(args):
@@ -308,6 +388,7 @@ def _pair_from_args(args):
 
     if args.lr != args.lr or args.lr in (float("inf"), float("-inf")):
         raise _UsageError(f"--lr must be finite, got {args.lr}")
+    _check_indices(args)  # before the checkpoint and the dataset are loaded
     if args.weights and not args.model:
         raise _UsageError("--weights goes with --model (a checkpoint holds its own weights)")
     if args.model:

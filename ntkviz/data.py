@@ -2,8 +2,12 @@
 
 The four original MNIST IDX files ship with ntkviz under ``resources/mnist`` (gzip). On first use they
 are checked (sha256) and decompressed once into ``<cache>/MNIST/raw``, where
-``torchvision.datasets.MNIST`` reads them; no network is needed. FashionMNIST and KMNIST are read the
+``torchvision.datasets.MNIST`` reads them; no network is needed. The decompressed files are checked
+on every load (size always; sha256 once per process and whenever a file's size, mtime or inode
+changes) and re-extracted from the shipped copies when damaged. FashionMNIST and KMNIST are read the
 same way from a directory of the user's, and downloaded by torchvision only with ``download=True``.
+Every file's IDX header is checked against its size, and every label against the class count; an
+error names the file.
 
 Images are returned as float32 tensors ``(N, 1, 28, 28)`` normalised per dataset,
 ``(pixel / 255 - mean) / std``, with the dataset's training-set mean and std (MNIST: 0.1307, 0.3081).
@@ -13,15 +17,20 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
+import math
 import os
 import shutil
-import tempfile
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ntkviz.errors import DatasetError
+from ntkviz.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 RESOURCES = Path(
     os.environ.get("NTKVIZ_RESOURCES", Path(__file__).resolve().parent.parent / "resources")
@@ -35,6 +44,36 @@ SHIPPED_SHA256 = {
     "t10k-images-idx3-ubyte.gz": "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be",
     "t10k-labels-idx1-ubyte.gz": "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b",
 }
+
+#: size in bytes and sha256 of each decompressed MNIST file in ``<root>/MNIST/raw``.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (
+        47_040_016,
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    "train-labels-idx1-ubyte": (
+        60_008,
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    "t10k-images-idx3-ubyte": (
+        7_840_016,
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    "t10k-labels-idx1-ubyte": (
+        10_008,
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+}
+
+#: The IDX files of an MNIST-like dataset in ``<root>/<Class>/raw``: name -> dimensions.
+IDX_FILES = {
+    f"{split}-{kind}": dims
+    for split in ("train", "t10k")
+    for kind, dims in (("images-idx3-ubyte", 3), ("labels-idx1-ubyte", 1))
+}
+
+#: Split sizes known before loading: MNIST's files are verified against :data:`MNIST_FILES`.
+SPLIT_SIZES = {"mnist": {"train": 60_000, "test": 10_000}}
 
 #: name -> (torchvision class name, pixel mean, pixel std, class names)
 DATASETS: dict[str, tuple[str, float, float, tuple[str, ...]]] = {
@@ -130,31 +169,109 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prepare_shipped_mnist(root: Path, source: Path) -> None:
-    """Decompress the shipped MNIST files into ``root/MNIST/raw`` once (atomic per file)."""
-    raw = root / "MNIST" / "raw"
-    for gz_name, digest in SHIPPED_SHA256.items():
-        target = raw / gz_name.removesuffix(".gz")
-        if target.exists():
-            continue
-        gz_path = source / gz_name
-        if not gz_path.exists():
-            raise DatasetError(f"MNIST: shipped file {gz_name} is missing from {source}")
-        if _sha256(gz_path) != digest:
-            raise DatasetError(f"MNIST: shipped file {gz_path} is corrupt (sha256 mismatch)")
-        raw.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=target.name, suffix=".part")
+#: path -> (size, mtime_ns, inode) of cache files whose sha256 was checked in this process.
+_verified: dict[Path, tuple[int, int, int]] = {}
+
+
+def _damage(path: Path, size: int, digest: str) -> str | None:
+    """What is wrong with the cache file ``path`` ("missing", a wrong size or checksum), or None
+    when it holds the expected bytes. The sha256 is computed once per process and again only
+    after the file's size, mtime or inode changed."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if st.st_size != size:
+        return f"{st.st_size:,} bytes instead of {size:,}"
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if _verified.get(path) != key:
         try:
-            with os.fdopen(fd, "wb") as out, gzip.open(gz_path, "rb") as src:
-                shutil.copyfileobj(src, out)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            if _sha256(path) != digest:
+                return "its contents differ from the original's (sha256 mismatch)"
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        _verified[path] = key
+    return None
 
 
-def _read_split(cls, root: Path, train: bool, download: bool, label: str) -> tuple:
+def _prepare_shipped_mnist(root: Path, source: Path) -> None:
+    """Make ``root/MNIST/raw`` hold the four original MNIST files: check each one and extract it
+    from the shipped copies in ``source`` when it is missing or damaged (atomically per file).
+    Raises :class:`DatasetError` naming the file when a damaged file cannot be repaired."""
+    raw = root / "MNIST" / "raw"
+    for name, (size, digest) in MNIST_FILES.items():
+        target = raw / name
+        damage = _damage(target, size, digest)
+        if damage is None:
+            continue
+        gz_path = source / f"{name}.gz"
+        if not gz_path.is_file():
+            if damage == "missing":
+                continue  # torchvision may download it; else the reader says it is missing
+            raise DatasetError(
+                f"MNIST: the cache file {target} is damaged ({damage}) and the shipped copy "
+                f"{gz_path} to repair it from is missing; delete the file and load with --download"
+            )
+        if _sha256(gz_path) != SHIPPED_SHA256[gz_path.name]:
+            raise DatasetError(f"MNIST: shipped file {gz_path} is corrupt (sha256 mismatch)")
+        if damage != "missing":
+            log.warning(
+                "MNIST: %s is damaged (%s); re-extracting it from %s", target, damage, gz_path
+            )
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+
+            def extract(tmp: str, gz_path=gz_path) -> None:
+                with open(tmp, "wb") as out, gzip.open(gz_path, "rb") as src:
+                    shutil.copyfileobj(src, out)
+
+            atomic_write(target, extract)
+        except OSError as e:
+            raise DatasetError(f"MNIST: cannot extract {gz_path} into {raw}: {e}") from e
+        if (damage := _damage(target, size, digest)) is not None:
+            raise DatasetError(f"MNIST: {target} is still damaged after extraction ({damage})")
+
+
+def _check_idx(path: Path, dims: int, label: str) -> None:
+    """Check that ``path`` is an IDX file of unsigned bytes with ``dims`` dimensions whose size
+    matches its header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * dims)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise DatasetError(f"{label}: cannot read {path}: {e.strerror or e}") from None
+    if len(head) < 4 + 4 * dims or head[:4] != bytes((0, 0, 0x08, dims)):
+        raise DatasetError(
+            f"{label}: {path} is truncated or corrupt (not an IDX file of {dims}-d unsigned bytes)"
+        )
+    expected = 4 + 4 * dims + math.prod(struct.unpack(f">{dims}I", head[4:]))
+    if size != expected:
+        raise DatasetError(
+            f"{label}: {path} is truncated or corrupt ({size:,} bytes; its header promises "
+            f"{expected:,})"
+        )
+
+
+def _check_files(where: Path, download: bool, label: str) -> None:
+    """Check that the four IDX files are in ``where`` (unless torchvision may download them)
+    and that each one's size matches its header."""
+    missing = [name for name in IDX_FILES if not (where / name).exists()]
+    if missing and not download:
+        raise DatasetError(
+            f"{label}: dataset files not found in {where}: {', '.join(missing)} (pass "
+            "download=True / --download to fetch them online)"
+        )
+    if not missing:
+        for name, dims in IDX_FILES.items():
+            _check_idx(where / name, dims, label)
+
+
+def _read_split(cls, root: Path, train: bool, download: bool, label: str, classes: int) -> tuple:
     where = root / cls.__name__ / "raw"
+    labels_file = where / f"{'train' if train else 't10k'}-labels-idx1-ubyte"
     try:
         ds = cls(root=str(root), train=train, download=download)
     except RuntimeError as e:
@@ -174,7 +291,15 @@ def _read_split(cls, root: Path, train: bool, download: bool, label: str) -> tup
             f"{label}: files in {where} have unexpected shapes "
             f"images {tuple(images.shape)}, labels {tuple(labels.shape)}"
         )
-    return images, labels.long()
+    labels = labels.long()
+    outside = (labels < 0) | (labels >= classes)
+    if bool(outside.any()):
+        k = int(outside.nonzero()[0, 0])
+        raise DatasetError(
+            f"{label}: {labels_file} is corrupt: label {int(labels[k])} of example {k} is not one "
+            f"of the {classes} classes 0..{classes - 1}"
+        )
+    return images, labels
 
 
 def load_dataset(
@@ -194,16 +319,20 @@ def load_dataset(
     cls_name, mean, std, classes = DATASETS[key]
     root = Path(root) if root is not None else default_cache_dir() / "datasets"
     cls = getattr(tvd, cls_name)
-    shipped_needed = not (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
-    if key == "mnist" and shipped_needed and SHIPPED_MNIST.exists():
+    if key == "mnist":
         _prepare_shipped_mnist(root, SHIPPED_MNIST)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DatasetError(f"{cls_name}: cannot create the data directory {root}: {e}") from e
+    _check_files(root / cls_name / "raw", download, cls_name)
     splits = {}
     for split, train in (("train", True), ("test", False)):
-        images, labels = _read_split(cls, root, train, download, cls_name)
+        images, labels = _read_split(cls, root, train, download, cls_name, len(classes))
         x = ((images.float() / 255.0 - mean) / std).unsqueeze(1)
         splits[split] = Split(images=images, x=x, y=labels)
+    log.info(
+        "loaded %s from %s: %d training and %d test images",
+        cls_name, root / cls_name / "raw", len(splits["train"]), len(splits["test"]),
+    )  # fmt: skip
     return ImageDataset(key, splits["train"], splits["test"], mean, std, classes, root)

@@ -10,7 +10,6 @@ Units: logits and log-probabilities in nats; η in parameter units per unit grad
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ntkviz.checks import class_index, positive_int, real_number
 from ntkviz.errors import NtkvizError, StepDiverged
 from ntkviz.kernel import (
     _as_batch,
@@ -50,27 +50,33 @@ def softmax_jacobian_of_log(probs: Tensor) -> Tensor:
 
 def loss_gradient(probs: Tensor, y: int, loss: str) -> Tensor:
     """G = ∂L/∂z ``(V,)``: π − e_y for "ce", its opposite for "neg"."""
+    if not 0 <= y < probs.shape[-1]:
+        raise ValueError(f"y_u must be an int class in [0, {probs.shape[-1]}), got {y}")
     g = probs.clone()
     g[..., y] -= 1
     return g if loss == "ce" else -g
 
 
-def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor, int]:
-    """Check the arguments that need no forward pass; the shapes are checked by :func:`_forward`."""
+def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor, int, float]:
+    """Check the arguments that need no forward pass; the shapes are checked by :func:`_forward`.
+    Returns ``x_o``, ``x_u`` as tensors, ``y_u`` as an int and ``lr`` as a float."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)} (got {loss!r})")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    lr = real_number(lr, "lr")
     x_o = torch.as_tensor(x_o)
     x_u = torch.as_tensor(x_u)
+    for name, x in (("x_o", x_o), ("x_u", x_u)):
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{name} must hold floating-point inputs such as a normalised image "
+                f"(ImageDataset.normalize), got {x.dtype}"
+            )
     if x_o.shape != x_u.shape:
         raise ValueError(
             f"x_o and x_u must be single examples of the same shape, got {tuple(x_o.shape)} "
             f"and {tuple(x_u.shape)}"
         )
-    if isinstance(y_u, bool) or not isinstance(y_u, int | np.integer) or y_u < 0:
-        raise ValueError(f"y_u must be a non-negative int class, got {y_u!r}")
-    return x_o, x_u, int(y_u)
+    return x_o, x_u, class_index(y_u, "y_u"), lr
 
 
 def _forward(model: nn.Module, x: Tensor, y_u: int, what: str = "x_u") -> Tensor:
@@ -166,9 +172,10 @@ def decompose(
     ``x_o``, ``x_u``: single examples shaped like a dataset item, e.g. ``(1, 28, 28)``;
     ``y_u``: a class in ``[0, V)``; ``loss``: "ce" or "neg". The model is not changed (the step is
     taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments,
-    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits non-finite.
+    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits, or the predicted or
+    actual change, non-finite: no result holds NaN or infinity.
     """
-    x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
+    x_o, x_u, y_u, lr = _validate(model, x_o, x_u, y_u, lr, loss)
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
     named = dict(model.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
@@ -209,6 +216,8 @@ def decompose(
     dz_pred = -lr * (K @ G)
     predicted = A @ dz_pred
     actual = logp_new[0] - logp[0]
+    if not all(bool(torch.isfinite(t).all()) for t in (dz_pred, predicted, actual, K)):
+        raise StepDiverged(lr, "the predicted or actual change of x_o")
     return Decomposition(
         A=_frozen(A),
         K=_frozen(K),
@@ -248,9 +257,8 @@ def step_trajectory(
     """Take ``steps`` plain-SGD steps on ``(x_u, y_u)`` (on functional copies of the parameters:
     the model is untouched) and record π(x_o) and π(x_u) after each. Raises ``ValueError`` on
     bad arguments and :class:`~ntkviz.errors.StepDiverged` when the logits become non-finite."""
-    x_o, x_u, y_u = _validate(model, x_o, x_u, y_u, lr, loss)
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    x_o, x_u, y_u, lr = _validate(model, x_o, x_u, y_u, lr, loss)
+    steps = positive_int(steps, "steps")
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
     params = trainable_parameters(model)
     others = {n: p.detach() for n, p in model.named_parameters() if n not in params}
@@ -304,9 +312,10 @@ def iter_influence(
     """Generator form of :func:`influence`: yields ``(done, total)`` after each chunk of x_o, then
     the :class:`Influence`. Stop iterating to cancel."""
     x_o = torch.as_tensor(x_o)
-    if x_o.ndim < 2:
-        raise ValueError(f"x_o must be a batch (N, ...), got shape {tuple(x_o.shape)}")
-    _, x_u, y_u = _validate(model, x_o[0], x_u, y_u, lr, loss)
+    if x_o.ndim < 2 or len(x_o) == 0:
+        raise ValueError(f"x_o must be a non-empty batch (N, ...), got shape {tuple(x_o.shape)}")
+    chunk_size = positive_int(chunk_size, "chunk_size")
+    _, x_u, y_u, lr = _validate(model, x_o[0], x_u, y_u, lr, loss)
     xu = _as_batch(model, x_u[None], "x_u")
     with torch.no_grad(), eval_mode(model):
         _forward(model, xu, y_u)
@@ -337,6 +346,8 @@ def iter_influence(
                 parts["norm"].append(empirical_ntk(model, xc, xu)[:, 0].flatten(1).norm(dim=1))
             done += len(xc)
             yield done, len(x_o)
+    if not all(bool(torch.isfinite(t).all()) for part in parts.values() for t in part):
+        raise StepDiverged(lr, "the change of some x_o")
     yield Influence(
         predicted=_frozen(torch.cat(parts["pred"])),
         delta_logits_predicted=_frozen(torch.cat(parts["dz"])),

@@ -20,6 +20,13 @@ class CheckpointError(NtkvizError):
     title = "Checkpoint not readable"
 
 
+class FileWriteError(NtkvizError, OSError):
+    """A file could not be written (missing or read-only directory, full disk); the message names
+    the file. Also an ``OSError``, so code that catches those keeps working."""
+
+    title = "File not written"
+
+
 class DeviceError(NtkvizError):
     """The requested device is not available."""
 

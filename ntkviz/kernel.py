@@ -37,13 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from ntkviz.checks import positive_int
 from ntkviz.models import BranchSum
 
 #: Bytes of intermediate data one chunk of the large side may use.
 MEMORY_BUDGET = 64 * 2**20
-#: Up to this many x2 the total kernel uses forward-mode NTK-vector products; beyond, the
-#: per-layer factorisation (which also serves Gram matrices of whole probe sets).
-FORWARD_MAX_N2 = 4
+#: Up to this many x2 the total kernel uses forward-mode NTK-vector products, whose cost grows
+#: with each x2; beyond, the per-layer factorisation, whose cost is mostly one reverse sweep per
+#: x1 (LeNet, 1,000 x1, CPU seconds: forward 0.67 per x2; factorised 1.5 for one x2, 1.9 for 5,
+#: 2.0 for 8). It also serves Gram matrices of whole probe sets.
+FORWARD_MAX_N2 = 2
 
 
 @contextlib.contextmanager
@@ -97,12 +100,40 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
+    """``x`` as a non-empty floating-point batch on the model's device and in its dtype."""
     if not isinstance(x, Tensor):
         x = torch.as_tensor(x)
     device, dtype = _device_dtype(model)
     if x.ndim < 1 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must hold floating-point inputs such as normalised images "
+            f"(ImageDataset.normalize), got {x.dtype}"
+        )
+    return x.to(device=device, dtype=dtype)
+
+
+def _same_examples(x1: Tensor, x2: Tensor) -> None:
+    if x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 must be batches of examples of one shape, got {tuple(x1.shape)} and "
+            f"{tuple(x2.shape)}"
+        )
+
+
+@contextlib.contextmanager
+def _taken_by_model(x: Tensor, name: str) -> Iterator[None]:
+    """Around the first forward pass of ``x``: the model's complaint about an input it cannot
+    take becomes a ``ValueError`` that says what was expected."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:  # torch's shape and dtype complaints
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"the model cannot take {name} of shape {tuple(x.shape)}: expected a batch (N, ...) "
+            f"of examples shaped as the model needs, e.g. (N, 1, 28, 28) images ({first})"
+        ) from None
 
 
 # --------------------------------------------------------------------------- structured path
@@ -570,11 +601,10 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
         if w_on and kind == "batchnorm":
             k = k + torch.einsum("nic,mjc->nmij", _bn_weight_jacobian(layer, a1, g1), jw2)
         elif w_on:
-            # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when the
-            # small side is small; else materialise x1's weight Jacobian too and contract.
+            # Conv2d: apply the small side's weight Jacobian to x1 as a convolution when that
+            # costs less; else materialise x1's weight Jacobian too and contract.
             o = g1.shape[2]
-            positions = g1[0, 0, 0].numel()
-            if positions >= N2 * V:
+            if _conv_as_filters(layer, g1[0, 0, 0].numel(), N2, V):
                 weights = jw2.reshape(N2 * V * o, *layer.weight.shape[1:])
                 t = F.conv2d(a1, weights, None, layer.stride, _padding(layer), layer.dilation)
                 t = torch.bmm(g1.reshape(N1, V, -1), t.reshape(N1, N2 * V, -1).transpose(1, 2))
@@ -586,6 +616,15 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
             k = k + torch.einsum("nio,mjo->nmij", _bias_jacobian(g1), _bias_jacobian(g2))
         out[name] = k
     return out
+
+
+def _conv_as_filters(layer: nn.Conv2d, positions: int, n2: int, v: int) -> bool:
+    """Whether applying the small side's n2·v weight-Jacobian rows to x1 as filters costs fewer
+    multiply-adds per x1 than materialising x1's weight Jacobian (v rows) and contracting."""
+    weights = layer.weight[0].numel() * layer.out_channels
+    filters = n2 * v * (weights + v * layer.out_channels) * positions
+    materialised = v * weights * positions + n2 * v * v * weights
+    return filters < materialised
 
 
 def _tangent_through(layer: nn.Module, a_in: Tensor, a_out: Tensor, t: Tensor) -> Tensor:
@@ -749,16 +788,27 @@ def _leaves(chain: list, trace: list):
 
 
 def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) -> int:
-    """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`."""
+    """Examples of x1 per chunk so that one chunk's intermediates fit :data:`MEMORY_BUDGET`:
+    activations with their n2·v tangents (forward), or activations, v cotangents, each conv
+    layer's filter outputs or unfolded input and weight Jacobian, and each trainable layer's
+    ``(n2, v, v)`` block (blocks)."""
     with torch.no_grad():
         _, trace = _run(chain, x1[:1])
     per_example = 0
     for layer, out in _leaves(chain, trace):
         if forward:  # activations and n2·v tangents
             per_example += out.numel() * (2 + n2 * v)
-        else:  # activations, v cotangents, weight Jacobians and the (n2, v, v) blocks
-            weights = sum(p.numel() for p in layer.parameters())
-            per_example += out.numel() * (2 + v) + v * weights + n2 * v * v
+            continue
+        per_example += out.numel() * (2 + v)
+        if any(p.requires_grad for p in layer.parameters()):
+            per_example += 2 * n2 * v * v
+            if isinstance(layer, nn.Conv2d):
+                positions = out[0, 0].numel()
+                if _conv_as_filters(layer, positions, n2, v):
+                    per_example += n2 * v * layer.out_channels * positions
+                else:  # unfolded input and weight Jacobian
+                    weights = layer.weight[0].numel()
+                    per_example += weights * (positions + v * layer.out_channels)
     return max(1, MEMORY_BUDGET // max(1, per_example * x1.element_size()))
 
 
@@ -774,7 +824,8 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
     def f1(p, x):
         return functional_forward(model, p, x.unsqueeze(0)).squeeze(0)
 
-    j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
+    with _taken_by_model(x2, "x2"):
+        j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
     N2, V = next(iter(j2.values())).shape[:2]
     try:
         out = {}
@@ -813,6 +864,157 @@ def _reverse_chunk_size(params: dict[str, Tensor], v: int, x: Tensor) -> int:
     return max(1, MEMORY_BUDGET // per_example)
 
 
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _forward_kernel(chain, x1: Tensor, small, chunk_size: int | None) -> Tensor:
+    """K ``(N1, N2, V, V)`` by forward-mode products, chunk by chunk into the result."""
+    N1, (N2, V) = len(x1), small[-1][3].shape[:2]
+    size = chunk_size or (N1 if N1 <= 16 else _structured_chunk_size(chain, x1, N2, V, True))
+    K = torch.empty((N1, N2, V, V), dtype=x1.dtype, device=x1.device)
+    for start, end in _chunks(N1, size):
+        t = _forward_products(chain, x1[start:end], small)
+        K[start:end] = t.view(end - start, N2, V, V).transpose(2, 3)
+    return K
+
+
+def _block_kernels(chain, x1: Tensor, small, chunk_size: int | None, split: bool) -> dict:
+    """Per-layer kernels (``split``) or their sum ``"total"``, ``(N1, N2, V, V)`` each, chunk by
+    chunk into the result: the memory beyond the result stays within one chunk's budget."""
+    N1, (N2, V) = len(x1), small[-1][3].shape[:2]
+    size = chunk_size or (N1 if N1 <= 16 else _structured_chunk_size(chain, x1, N2, V, False))
+    names = [rec[0] for rec in small] if split else ["total"]
+    out = {n: torch.empty((N1, N2, V, V), dtype=x1.dtype, device=x1.device) for n in names}
+    for start, end in _chunks(N1, size):
+        blocks = _structured_blocks(chain, x1[start:end], small)
+        if split:
+            for name, block in blocks.items():
+                out[name][start:end] = block
+        else:
+            total = out["total"][start:end]
+            total.zero_()
+            for block in blocks.values():
+                total += block
+    return out
+
+
+# --------------------------------------------------------------------------- Gram norms
+
+
+def _gram_factors(chain, x: Tensor) -> list[tuple]:
+    """One structured sweep of ``x``, reduced per trainable layer to what its Gram blocks need,
+    as ``(kind, first, second, bias)``: Linear ``("linear", inputs (N, in) or None, output
+    gradients (N, V, out), bias trainable)``; Conv2d and BatchNorm ``("jacobian", weight
+    Jacobian (N, V, weights) or None, bias Jacobian (N, V, channels) or None, False)``."""
+    _, records = _sweep(chain, x)
+    factors = []
+    for _, layer, a, g in records:
+        w_on, b_on = _trainable_flags(layer)
+        kind = _kind(layer)
+        if kind == "linear":
+            factors.append(("linear", a if w_on else None, g, b_on))
+            continue
+        if not w_on:
+            jw = None
+        elif kind == "batchnorm":
+            jw = _bn_weight_jacobian(layer, a, g)
+        else:
+            jw = _conv_weight_jacobian(layer, a, g).flatten(2)
+        factors.append(("jacobian", jw, _bias_jacobian(g) if b_on else None, False))
+    return factors
+
+
+def _concat_factors(parts: list[list[tuple]]) -> list[tuple]:
+    """The factors of several chunks of examples as one set."""
+
+    def cat(tensors):
+        return None if tensors[0] is None else torch.cat(tensors)
+
+    return [
+        (kind, cat([p[k][1] for p in parts]), cat([p[k][2] for p in parts]), bias)
+        for k, (kind, _, _, bias) in enumerate(parts[0])
+    ]
+
+
+def _gram_block(factors: list[tuple], rows: slice, cols: slice) -> Tensor:
+    """K between the examples ``rows`` and ``cols`` of prepared factors, ``(r, V, c, V)``."""
+    r, c = rows.stop - rows.start, cols.stop - cols.start
+    K = None
+    for kind, first, second, bias in factors:
+        if kind == "linear":
+            V = second.shape[1]
+            term = second[rows].flatten(0, 1) @ second[cols].flatten(0, 1).T
+            if first is not None:
+                factor = first[rows] @ first[cols].T + (1.0 if bias else 0.0)
+                term.view(r, V, c, V).mul_(factor[:, None, :, None])
+            K = term if K is None else K.add_(term)
+            continue
+        for f in (first, second):
+            if f is not None:
+                a, b = f[rows].flatten(0, 1), f[cols].flatten(0, 1)
+                K = a @ b.T if K is None else K.addmm_(a, b.T)
+    return K.view(r, K.shape[0] // r, c, K.shape[1] // c)
+
+
+def iter_kernel_norms(
+    model: nn.Module, x: Tensor, *, chunk_size: int | None = None
+) -> Iterator[tuple[int, int] | Tensor]:
+    """‖K(x[a], x[b])‖_F for every pair of ``x (N, ...)``: yields ``(done, total)`` after each
+    step, then the symmetric ``(N, N)`` tensor (in the model's dtype). Stop iterating to cancel.
+
+    For ``nn.Sequential`` chains each example is swept once (a forward and a reverse sweep of V
+    cotangents) and its per-layer factors are kept (V·(conv weights + linear outputs) + linear
+    inputs numbers per example); then chunks of ``chunk_size`` rows (default from
+    :data:`MEMORY_BUDGET`) are contracted against the examples from their own on, each block
+    reduced to its norm at once. Other models take the generic path, chunk by chunk of rows.
+    Progress counts swept examples plus kernel blocks computed. The model is put in eval mode
+    only while a step runs, never between steps."""
+    x = _as_batch(model, x, "x")
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
+    if not trainable_parameters(model):
+        raise ValueError("the model has no trainable parameters")
+    N = len(x)
+    chain = _chain(model)
+    if chain is not None:
+        try:
+            with eval_mode(model), torch.no_grad(), _taken_by_model(x, "x"):
+                V = _sweep(chain, x[:1])[0].shape[1]
+                sweep_size = _structured_chunk_size(chain, x, 1, V, False)
+        except _Unsupported:
+            chain = None
+    per_row = 2 * N * V * V * x.element_size() if chain is not None else 1
+    rows = chunk_size or max(1, min(-(-N // 8), MEMORY_BUDGET // per_row))
+    steps = list(_chunks(N, rows))
+    total = (N if chain is not None else 0) + sum((e - s) * (N - s) for s, e in steps)
+    done, factors = 0, None
+    if chain is not None:
+        parts = []
+        for start, end in _chunks(N, sweep_size):
+            with eval_mode(model), torch.no_grad():
+                parts.append(_gram_factors(chain, x[start:end]))
+            done += end - start
+            yield done, total
+        factors = _concat_factors(parts)
+        del parts
+    norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
+    for start, end in steps:
+        if factors is not None:
+            with torch.no_grad():
+                block = _gram_block(factors, slice(start, end), slice(start, N))
+                nb = block.square().sum((1, 3)).sqrt()
+        else:
+            nb = _kernels(model, x[start:end], x[start:], "auto", None, False)["total"]
+            nb = nb.flatten(2).norm(dim=2)
+        norms[start:end, start:] = nb
+        norms[start:, start:end] = nb.T
+        done += (end - start) * (N - start)
+        yield done, total
+    yield norms
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -824,6 +1026,9 @@ def _kernels(
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     x1 = _as_batch(model, x1, "x1")
     x2 = _as_batch(model, x2, "x2")
+    _same_examples(x1, x2)
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
     if len(x2) > len(x1):  # keep the small side small: K(x1, x2) = K(x2, x1)ᵀ
         swapped = _kernels(model, x2, x1, method, chunk_size, split)
         return {k: v.permute(1, 0, 3, 2) for k, v in swapped.items()}
@@ -835,30 +1040,19 @@ def _kernels(
         if chain is None and method == "structured":
             raise ValueError(f"the structured path does not apply to this model: {why}")
         if chain is not None and not split and len(x1) == len(x2) == 1:
-            pair = pair_kernel_and_gradient(model, x1, x2, None)
+            with _taken_by_model(x2, "x1, x2"):
+                pair = pair_kernel_and_gradient(model, x1, x2, None)
             if pair is not None:
                 return {"total": pair[1][None, None]}
         if chain is not None:
             try:
                 with torch.no_grad():
-                    small = _prepare_small(chain, x2)
-                    v = small[-1][3].shape[1]
+                    with _taken_by_model(x2, "x2"):
+                        small = _prepare_small(chain, x2)
                     # Forward-mode NTK-vector products pay per row of J(x2): best for few x2.
-                    forward = not split and len(x2) <= FORWARD_MAX_N2
-                    size = chunk_size or (
-                        len(x1)
-                        if len(x1) <= 16
-                        else _structured_chunk_size(chain, x1, len(x2), v, forward)
-                    )
-                    if forward:
-                        t = torch.cat(
-                            [_forward_products(chain, xc, small) for xc in x1.split(size)]
-                        )
-                        K = t.view(len(x1), len(x2), v, v).transpose(2, 3)
-                        return {"total": K}
-                    parts = [_structured_blocks(chain, xc, small) for xc in x1.split(size)]
-                    layers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-                    return layers if split else {"total": sum(layers.values())}
+                    if not split and len(x2) <= FORWARD_MAX_N2:
+                        return {"total": _forward_kernel(chain, x1, small, chunk_size)}
+                    return _block_kernels(chain, x1, small, chunk_size, split)
             except _Unsupported as e:
                 if method == "structured":
                     raise ValueError(
@@ -923,6 +1117,9 @@ def ntk_vector_product(
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     x1 = _as_batch(model, x1, "x1")
     x2 = _as_batch(model, x2, "x2")
+    _same_examples(x1, x2)
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
     vectors = torch.as_tensor(vectors).to(x2.device, x2.dtype)
     params = trainable_parameters(model)
     with eval_mode(model):
@@ -930,7 +1127,8 @@ def ntk_vector_product(
         if chain is not None:
             try:
                 with torch.no_grad():
-                    small = _prepare_small(chain, x2)
+                    with _taken_by_model(x2, "x2"):
+                        small = _prepare_small(chain, x2)
                     if vectors.shape != small[-1][3].shape[:2]:
                         raise ValueError(
                             f"vectors must have shape {tuple(small[-1][3].shape[:2])}, "
@@ -952,7 +1150,8 @@ def ntk_vector_product(
         def f(p, x):
             return functional_forward(model, {**fixed, **p}, x)
 
-        z2, pull = vjp(lambda p: f(p, x2), params)
+        with _taken_by_model(x2, "x2"):
+            z2, pull = vjp(lambda p: f(p, x2), params)
         if vectors.shape != z2.shape:
             raise ValueError(
                 f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ntkviz.checkpoint import atomic_write
 from ntkviz.decomposition import Decomposition
+from ntkviz.files import atomic_write
 
 FORMATS = (".json", ".npz", ".csv")
 
@@ -39,12 +39,12 @@ def _csv_text(dec: Decomposition, record: dict) -> str:
     out.write("# ntkviz decomposition, one row per output class i (read with comment='#')\n")
     top = {k: record[k] for k in ("formula", "lr", "loss", "y_u", "relative_residual")}
     for key, value in top.items():
-        out.write(f"# {key}: {json.dumps(value)}\n")
+        out.write(f"# {key}: {json.dumps(value, allow_nan=False)}\n")
     for key, value in record["meta"].items():  # a metadata key that repeats a scalar: once
         if key not in top:
-            out.write(f"# {key}: {json.dumps(value)}\n")
+            out.write(f"# {key}: {json.dumps(value, allow_nan=False)}\n")
         elif value != top[key]:
-            out.write(f"# meta.{key}: {json.dumps(value)}\n")
+            out.write(f"# meta.{key}: {json.dumps(value, allow_nan=False)}\n")
     w = csv.writer(out)
     vectors = [n for n, a in dec.arrays().items() if a.ndim == 1]
     w.writerow(
@@ -60,15 +60,21 @@ def _csv_text(dec: Decomposition, record: dict) -> str:
 def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None = None) -> Path:
     """Write ``dec`` to ``path`` (.json, .npz or .csv by suffix), atomically. ``meta`` (indices,
     labels, model, training step, seed …) goes into every format (CSV: ``# key: <JSON>`` lines
-    above the header). Raises ``ValueError`` for an unknown suffix and ``OSError`` for an
-    unwritable path."""
+    above the header). Raises ``ValueError`` for an unknown suffix or non-finite values (never
+    written: NaN and Infinity are not JSON) and ``OSError`` for an unwritable path."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise ValueError(f"unknown output format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    bad = [name for name, a in dec.arrays().items() if not np.isfinite(a).all()]
+    if bad or not np.isfinite([dec.lr, dec.relative_residual]).all():
+        raise ValueError(
+            f"not writing {path}: the decomposition holds non-finite values (NaN or infinity) in "
+            f"{', '.join(bad) or 'its scalars'}"
+        )
     record = decomposition_record(dec, meta)
     if suffix == ".json":
-        text = json.dumps(record, indent=2)
+        text = json.dumps(record, indent=2, allow_nan=False)
         return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     if suffix == ".csv":
         text = _csv_text(dec, record)
@@ -77,7 +83,7 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
     arrays["lr"] = np.array(dec.lr)
     arrays["y_u"] = np.array(dec.y_u)
     arrays["loss"] = np.array(dec.loss)
-    arrays["meta_json"] = np.array(json.dumps(record["meta"]))
+    arrays["meta_json"] = np.array(json.dumps(record["meta"], allow_nan=False))
 
     def write_npz(tmp):
         with open(tmp, "wb") as f:

@@ -2,7 +2,8 @@
 selections, step-through history and recorded kernel maps.
 
 Written atomically with ``torch.save`` of plain values and tensors; read with
-``torch.load(..., weights_only=True)``, so opening a session never runs code from it.
+``torch.load(..., weights_only=True)``, so opening a session never runs code from it. Every field
+is checked on load; a file that fails is refused with one :class:`SessionError` naming the field.
 """
 
 from __future__ import annotations
@@ -13,13 +14,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ntkviz.checkpoint import atomic_write, config_from, read_payload
+from ntkviz.checkpoint import (
+    atomic_write,
+    check_state_dict,
+    config_from,
+    num_classes_of,
+    read_payload,
+)
+from ntkviz.checks import class_index, plain_values, positive_int, real_number
 from ntkviz.errors import CheckpointError
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
 
 FORMAT = "ntkviz-session"
 VERSION = 1
+
+#: Selection keys the app writes, with a check of each (other keys: any plain value).
+SELECTION_CHECKS = {
+    "split_u": lambda v, n: _choice(v, n, ("train", "test")),
+    "split_o": lambda v, n: _choice(v, n, ("train", "test")),
+    "index_u": class_index,
+    "index_o": class_index,
+    "y_u": class_index,
+    "lr": real_number,
+    "loss": lambda v, n: _choice(v, n, ("ce", "neg")),
+    "influence_size": positive_int,
+    "kernel_map_per_class": positive_int,
+}
 
 
 class SessionError(CheckpointError):
@@ -34,7 +55,8 @@ class Session:
 
     ``curves``: name -> list of numbers (e.g. ``{"step": [...], "loss": [...]}``);
     ``selection``: plain values (indices, splits, y_u, η, loss kind);
-    ``history``: one dict of plain values per applied step;
+    ``history``: one dict per applied step: plain values, and tensors (e.g. ``"state_before"``,
+    a state dict of the model, and ``"lr"``, a finite number);
     ``kernel_maps``: ``[(training step, (C, C) array)]``.
     """
 
@@ -48,13 +70,13 @@ class Session:
     kernel_maps: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
     def build_model(self) -> torch.nn.Module:
-        model = build_model(self.model_name, seed=None)
+        model = build_model(self.model_name, num_classes_of(self.state_dict), seed=None)
         model.load_state_dict(self.state_dict)
         return model
 
 
 def save_session(path: str | Path, session: Session) -> Path:
-    """Write ``session`` to ``path`` atomically."""
+    """Write ``session`` to ``path`` atomically (an ``OSError`` naming ``path`` if it cannot)."""
     from ntkviz import __version__
 
     payload = {
@@ -70,24 +92,109 @@ def save_session(path: str | Path, session: Session) -> Path:
         "history": [dict(h) for h in session.history],
         "kernel_maps": [(int(s), torch.from_numpy(np.array(m))) for s, m in session.kernel_maps],
     }
+    plain_values(payload["selection"], "selection")
+    plain_values(payload["history"], "history", tensors=True)
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _step(value, name: str) -> int:
+    return class_index(value, name)  # an int ≥ 0
+
+
+def _outputs(state) -> int:
+    """The number of classes of a stored state dict (the length of its last bias)."""
+    biases = (
+        [v for k, v in state.items() if str(k).endswith("bias")] if isinstance(state, dict) else []
+    )
+    if not biases or not isinstance(biases[-1], torch.Tensor) or biases[-1].ndim != 1:
+        raise ValueError("state_dict must be a dict of the model's tensors")
+    return len(biases[-1])
+
+
+def _curves(raw) -> dict[str, list[float]]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"curves must be a dict of lists of numbers, got {type(raw).__name__}")
+    out = {}
+    for k, values in raw.items():
+        if not isinstance(k, str) or not isinstance(values, list | tuple):
+            raise ValueError(f"curves[{k!r}] must be a list of numbers under a string name")
+        out[k] = [real_number(v, f"curves[{k!r}][{i}]") for i, v in enumerate(values)]
+    return out
+
+
+def _selection(raw, num_classes: int) -> dict:
+    if not isinstance(raw, dict):
+        raise ValueError(f"selection must be a dict, got {type(raw).__name__}")
+    plain_values(raw, "selection")
+    for key, check in SELECTION_CHECKS.items():
+        if key in raw:
+            check(raw[key], f"selection {key}")
+    if "y_u" in raw:
+        class_index(raw["y_u"], "selection y_u", num_classes)
+    return dict(raw)
+
+
+def _history(raw, model: torch.nn.Module) -> list[dict]:
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"history must be a list of dicts, got {type(raw).__name__}")
+    out = []
+    for k, entry in enumerate(raw):
+        where = f"history entry {k}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
+        plain_values(entry, where, tensors=True)
+        if "lr" in entry:
+            real_number(entry["lr"], f"{where} lr")
+        if "state_before" in entry:
+            check_state_dict(entry["state_before"], model, f"{where} state_before")
+        out.append(dict(entry))
+    return out
+
+
+def _kernel_maps(raw, num_classes: int) -> list[tuple[int, np.ndarray]]:
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"kernel_maps must be a list of (step, map), got {type(raw).__name__}")
+    out = []
+    for k, item in enumerate(raw):
+        where = f"kernel map {k}"
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise ValueError(f"{where} must be a (training step, map) pair")
+        step, m = _step(item[0], f"{where} step"), item[1]
+        shape = (num_classes, num_classes)
+        if not isinstance(m, torch.Tensor) or not m.is_floating_point() or m.shape != shape:
+            raise ValueError(f"{where} must be a {shape} floating-point tensor")
+        if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+            raise ValueError(f"{where} holds negative or non-finite kernel norms")
+        out.append((step, m.double().numpy()))
+    return out
 
 
 def load_session(path: str | Path) -> Session:
     """Read and validate a session file; raise :class:`SessionError` with the reason."""
     payload, name = read_payload(path, FORMAT, VERSION, "session", SessionError)
     try:
+        version = payload.get("ntkviz_version")
+        if version is not None and not isinstance(version, str):
+            raise ValueError(f"ntkviz_version must be a string, got {version!r}")
+        state = payload.get("state_dict")
+        num_classes = _outputs(state)
+        model = build_model(name, num_classes, seed=None)
         session = Session(
             model_name=name,
-            state_dict=dict(payload["state_dict"]),
+            state_dict=check_state_dict(state, model),
             config=config_from(payload),
-            step=int(payload.get("step", 0)),
-            curves={k: list(v) for k, v in payload.get("curves", {}).items()},
-            selection=dict(payload.get("selection", {})),
-            history=[dict(h) for h in payload.get("history", [])],
-            kernel_maps=[(int(s), m.numpy()) for s, m in payload.get("kernel_maps", [])],
+            step=_step(payload.get("step", 0), "step"),
+            curves=_curves(payload.get("curves", {})),
+            selection=_selection(payload.get("selection", {}), num_classes),
+            history=_history(payload.get("history", []), model),
+            kernel_maps=_kernel_maps(payload.get("kernel_maps", []), num_classes),
         )
-        session.build_model()  # the weights must fit the architecture
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise SessionError(f"{path} is damaged: {e}") from None
+    except ValueError as e:
+        raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None
     return session

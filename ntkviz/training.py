@@ -10,8 +10,9 @@ also carries the exact account of its step for the watched examples (the traject
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Optimizers :func:`make_optimizer` builds, by ``TrainConfig.optimizer``.
 OPTIMIZERS = ("sgd", "adam", "adamw")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,15 @@ def train(
     last_good = [p.detach().clone() for p in params]
     model.train()
     accounting = None
-    step = 0
+    log.info(
+        "training %s on %d images: %d steps from step %d, %s",
+        type(model).__name__,
+        len(idx),
+        total,
+        start_step,
+        config,
+    )
+    step, test_acc = 0, None
     for epoch in range(config.epochs):
         order = torch.randperm(len(idx), generator=gen)
         for b in range(steps_per_epoch):
@@ -242,6 +253,7 @@ def train(
                 with torch.no_grad():
                     for p, good in zip(params, last_good):
                         p.copy_(good)
+                log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
                 raise TrainingDiverged(step, lr, value)
             with torch.no_grad():
                 for p, good in zip(params, last_good):
@@ -261,3 +273,69 @@ def train(
             batch_indices = idx[batch].numpy()
             batch_indices.flags.writeable = False
             yield TrainRecord(step, total, epoch, value, acc, lr, test_acc, batch_indices, account)
+    log.info("training ended after %d steps, test accuracy %s", step, test_acc)
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """How a run ended compared with how it started. ``initial_loss``/``final_loss``: means of
+    its first and last losses (cross-entropy, nats; see :func:`run_health`); ``accuracy``: the
+    final test accuracy (None if unknown); ``chance``: 1/C.
+
+    A run ends *far worse than it started* when its final loss exceeds its initial loss (the
+    steps made the model worse overall: a learning rate that diverges without overflowing), or
+    when its accuracy is at chance level, at most 1.25/C (12.5 % for 10 classes)."""
+
+    initial_loss: float
+    final_loss: float
+    accuracy: float | None
+    chance: float
+
+    @property
+    def loss_rose(self) -> bool:
+        return self.final_loss > self.initial_loss
+
+    @property
+    def at_chance(self) -> bool:
+        return self.accuracy is not None and self.accuracy <= 1.25 * self.chance
+
+    @property
+    def ok(self) -> bool:
+        return not (self.loss_rose or self.at_chance)
+
+    @property
+    def warning(self) -> str:
+        """A sentence for the user, empty when the run is ok."""
+        if self.ok:
+            return ""
+        parts = []
+        if self.loss_rose:
+            parts.append(f"the loss rose from {self.initial_loss:.3g} to {self.final_loss:.3g}")
+        if self.at_chance:
+            parts.append(
+                f"test accuracy {self.accuracy:.1%} is at chance level ({self.chance:.0%})"
+            )
+        return (
+            f"the run ended far worse than it started: {' and '.join(parts)}; the learning rate "
+            "is probably too large"
+        )
+
+
+def run_health(
+    losses: Sequence[float],
+    accuracy: float | None = None,
+    num_classes: int = 10,
+    window: int = 20,
+) -> RunHealth:
+    """Judge a finished run from its ``losses`` (one per step, in order) and its final test
+    ``accuracy``: the initial and final losses are the means of the first and last ``window``
+    steps (at most a quarter of the run each), chance is 1/``num_classes``."""
+    if len(losses) == 0:
+        raise ValueError("need the losses of at least one step")
+    k = max(1, min(window, len(losses) // 4))
+    return RunHealth(
+        initial_loss=float(sum(losses[:k]) / k),
+        final_loss=float(sum(losses[-k:]) / k),
+        accuracy=None if accuracy is None else float(accuracy),
+        chance=1.0 / num_classes,
+    )

@@ -68,11 +68,15 @@ MEASUREMENTS = [
     "k_1000",
     "k_1000_base",
     "k_10000",
+    "k_10000_x5",
+    "k_10000_x50",
     "forward",
     "decompose",
     "vs_lenet",
     "influence",
     "class_map",
+    "class_map_200",
+    "gram_200",
     "train",
     "train_watch",
     "account",
@@ -221,6 +225,12 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
         fn = lambda: empirical_ntk(model, x_test, x_u)  # noqa: E731
         warm = lambda: empirical_ntk(model, x_test[: 100 if heavy else 1000], x_u)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm), "n": len(x_test)}
+    if name in ("k_10000_x5", "k_10000_x50"):
+        n2 = int(name.rpartition("_x")[2])
+        fn = lambda: empirical_ntk(model, x_test, data.train.x[:n2])  # noqa: E731
+        warm = lambda: empirical_ntk(model, x_test[:200], data.train.x[:n2])  # noqa: E731
+        result_mib = len(x_test) * n2 * 100 * 4 / 2**20
+        return {"time": _median_time(fn, 1, 1, warm), "n2": n2, "result_mib": result_mib}
     if name == "forward":
         with torch.no_grad():
             single = _median_time(lambda: model(x_test), r(3, 5), 1)
@@ -247,6 +257,17 @@ def measure(name: str, model, data, quick: bool, full: bool) -> dict:
         fn = lambda: class_kernel_map(model, xs, ys, 10)  # noqa: E731
         warm = lambda: class_kernel_map(model, xs[:50], ys[:50], 10)  # noqa: E731
         return {"time": _median_time(fn, r(1, 3), 1, warm)}
+    if name in ("class_map_200", "gram_200"):
+        from ntkviz.analysis import balanced_indices, class_kernel_map
+        from ntkviz.kernel import empirical_ntk_by_layer
+
+        idx = balanced_indices(data.test.y, 20)  # 200 test images, 20 per class
+        xs, ys = x_test[idx], data.test.y[idx].numpy()
+        if name == "gram_200":
+            fn = lambda: empirical_ntk_by_layer(model, xs, xs)  # noqa: E731
+        else:
+            fn = lambda: class_kernel_map(model, xs, ys, 10)  # noqa: E731
+        return {"time": _median_time(fn, r(1, 3), 1)}
     if name == "train":
         steps, warm = (60, 5) if quick else (300, 10)
         config = TrainConfig(
@@ -485,6 +506,19 @@ def check_targets(name: str, res: dict, der: dict) -> dict[str, tuple[str, bool]
     if name in HEAVY and has("k_10000"):
         peak = res["k_10000"]["peak_mib"]
         t["k_10000_peak"] = (f"K 10,000 {label} peak ≤ 2 GiB", peak <= 2 * GIB)
+    if has("k_10000", "k_10000_x5"):
+        ratio = res["k_10000_x5"]["time"] / res["k_10000"]["time"]
+        t["k_x5_ratio"] = ("K 10,000 × 5 x ≤ 5× K 10,000 × 1 x", ratio <= 5)
+    for key in ("k_10000_x5", "k_10000_x50"):
+        if has(key):
+            extra = res[key]["peak_mib"] - res[key]["result_mib"]
+            t[f"{key}_peak"] = (
+                f"K 10,000 × {res[key]['n2']} x: peak beyond the result ≤ 4 × the 64 MiB budget",
+                extra <= 4 * 64,
+            )
+    if has("class_map_200", "gram_200"):
+        ratio = res["class_map_200"]["time"] / res["gram_200"]["time"]
+        t["class_map_ratio"] = ("class map of 200 ≤ 2× per-layer Gram of 200", ratio <= 2)
     if has("k_1000") and "base_1000" in der:
         ratio = der["base_1000"]["time"] / res["k_1000"]["time"]
         want = 10 if name in HEAVY else 20
@@ -565,8 +599,24 @@ def model_cells(row: str, res: dict, der: dict, targets: dict) -> list[str]:
             return []
         k, d = r["k_pair_per_param"], r["decompose_per_param"]
         return [f"{k:.2f}× | {d:.2f}×", "(CPU time)"]
-    if row in ("influence", "class_map"):
+    if row in ("influence", "class_map", "gram_200"):
         return [fmt_time(r.get("time")), fmt_mem(r.get("peak_mib"))]
+    if row in ("k_10000_x5", "k_10000_x50"):
+        if "time" not in r:
+            return []
+        k1 = res.get("k_10000", {}).get("time")
+        ratio = "" if k1 is None else fmt_ratio(r["time"] / k1) + " K(3)"
+        if row == "k_10000_x5":
+            ratio += tag(targets, "k_x5_ratio")
+        return [fmt_time(r["time"]), fmt_mem(r["peak_mib"]) + tag(targets, f"{row}_peak"), "",
+                f"(result {fmt_mem(r['result_mib'])})", ratio]  # fmt: skip
+    if row == "class_map_200":
+        if "time" not in r:
+            return []
+        g = res.get("gram_200", {}).get("time")
+        ratio = "" if g is None else fmt_ratio(r["time"] / g) + " Gram"
+        return [fmt_time(r["time"]), fmt_mem(r.get("peak_mib")), "", "",
+                ratio + tag(targets, "class_map_ratio")]  # fmt: skip
     if row == "train":
         if "steps_per_s" not in r:
             return []
@@ -611,6 +661,8 @@ ROWS = [
     ("k_pair", "(1) K, one pair"),
     ("k_1000", "(2) K, 1,000 x_o × 1 x_u"),
     ("k_10000", "(3) K, 10,000 x_o × 1 x_u"),
+    ("k_10000_x5", "    K, 10,000 x_o × 5 x"),
+    ("k_10000_x50", "    K, 10,000 x_o × 50 x"),
     ("forward:single", "    no_grad forward 10k, one call"),
     ("forward:chunked", "    no_grad forward 10k, 1,000s"),
     ("forward:ratio", "    K(3) / forward (one | 1,000s)"),
@@ -618,6 +670,8 @@ ROWS = [
     ("vs_lenet", "    per parameter / LeNet: K | dec."),
     ("influence", "(5) influence Δlog π, 10,000 x_o"),
     ("class_map", "(6) class×class ‖K‖ map, 500 x"),
+    ("class_map_200", "    class×class ‖K‖ map, 200 x"),
+    ("gram_200", "    per-layer Gram K(x, x), 200 x"),
     ("train", "(7) training throughput, batch 64"),
     ("train_watch", "(8) training 0|1|16 watched; ratios"),
     ("train_watch:cpu", "    the same in CPU time of the thread"),
@@ -671,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, help="torch threads in the measurements (default: torch's choice)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
+    parser.add_argument(
+        "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

@@ -10,12 +10,29 @@ from ntkviz.analysis import (
     balanced_indices,
     class_influence,
     class_kernel_map,
+    iter_class_kernel_map,
     ntk_spectrum,
     rank_correlation,
     squeeze_steps,
     squeeze_survey,
 )
 from ntkviz.decomposition import decompose, influence
+from ntkviz.kernel import empirical_ntk, iter_kernel_norms
+
+
+def reduce_to_classes(norms: np.ndarray, labels: np.ndarray, C: int) -> np.ndarray:
+    """The class×class mean of pair norms without self-pairs, written out loop by loop."""
+    out = np.zeros((C, C))
+    for i in range(C):
+        for j in range(C):
+            pairs = [
+                norms[a, b]
+                for a in np.flatnonzero(labels == i)
+                for b in np.flatnonzero(labels == j)
+                if a != b
+            ]
+            out[i, j] = np.mean(pairs) if pairs else 0.0
+    return out
 
 
 def test_balanced_indices_take_per_class_examples_grouped_by_class():
@@ -65,6 +82,72 @@ def test_class_kernel_map_averages_frobenius_norms_over_class_pairs():
     np.testing.assert_allclose(M, M.T, rtol=1e-12)
     assert M[0, 1] == pytest.approx(norms[np.ix_([0, 1], [2, 3])].mean(), rel=1e-10)
     assert M[2, 2] == pytest.approx(norms[4, 5], rel=1e-10)  # self-pairs excluded
+
+
+@pytest.mark.parametrize("name", ["lenet", "tiny_cnn", "residual", "lenet_frozen"])
+def test_kernel_norms_equal_explicit_jacobian_products(name):
+    model = make(name.removesuffix("_frozen"))
+    if name.endswith("_frozen"):
+        model.conv1.weight.requires_grad_(False)
+        model.fc3.bias.requires_grad_(False)
+        model.fc1.weight.requires_grad_(False)
+    model.train()
+    snap = snapshot(model)
+    x = inputs(7, seed=3)
+    J = [explicit_jacobian(model, xi) for xi in x]
+    expected = np.array([[float(torch.linalg.norm(a @ b.T)) for b in J] for a in J])
+    items = list(iter_kernel_norms(model, x, chunk_size=3))
+    np.testing.assert_allclose(items[-1].numpy(), expected, rtol=1e-10)
+    progress = items[:-1]
+    assert all(isinstance(p, tuple) for p in progress)
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert progress[-1][0] == progress[-1][1]
+    assert_unchanged(model, snap)
+    assert model.training
+
+
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+def test_class_kernel_map_keeps_the_numbers_of_the_blockwise_kernel(name):
+    """The map from one sweep per example equals the map reduced from the full (N, N, V, V)
+    kernel (how it was computed before), class pair by class pair."""
+    model = make(name)
+    x, labels = inputs(10, seed=4), np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    norms = empirical_ntk(model, x, x).flatten(2).norm(dim=2).numpy()
+    for chunk in (None, 3):
+        M = class_kernel_map(model, x, labels, 5, chunk=chunk)
+        np.testing.assert_allclose(M, reduce_to_classes(norms, labels, 5), rtol=1e-10)
+    assert M.shape == (5, 5) and not M.flags.writeable and M.dtype == np.float64
+
+
+def test_kernel_map_sweeps_each_example_once():
+    """200 images cost about 200 example sweeps, not a sweep of all N per chunk of rows."""
+    model = make("lenet")
+    seen, forward = [], model.conv1._conv_forward  # not a hook: hooks send models generic
+
+    def counted(x, weight, bias):
+        seen.append(len(x))
+        return forward(x, weight, bias)
+
+    model.conv1._conv_forward = counted
+    x, labels = inputs(16, seed=5), np.arange(16) % 4
+    gen = iter_class_kernel_map(model, x, labels, chunk=4)
+    first = next(gen)
+    assert isinstance(first, tuple) and first[1] > first[0] > 0
+    M = [item for item in gen][-1]
+    assert len(x) <= sum(seen) <= len(x) + 2, seen  # one sweep each, plus a probe of one
+    np.testing.assert_allclose(M, class_kernel_map(model, x, labels), rtol=1e-12)
+
+
+def test_kernel_map_can_be_cancelled_and_refuses_bad_labels():
+    model = make("mlp")
+    x = inputs(6)
+    gen = iter_class_kernel_map(model, x, [0, 1, 0, 1, 0, 1], chunk=2)
+    assert isinstance(next(gen), tuple)
+    gen.close()
+    with pytest.raises(ValueError, match="labels must be 6 non-negative ints"):
+        class_kernel_map(model, x, [0, 1, 0])
+    with pytest.raises(ValueError, match=r"classes in \[0, 2\)"):
+        class_kernel_map(model, x, [0, 1, 0, 1, 0, 5], num_classes=2)
 
 
 def test_rank_correlation_of_class_pair_rankings():

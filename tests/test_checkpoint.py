@@ -62,3 +62,93 @@ def test_newer_format_version_is_refused(tmp_path):
 def test_unwritable_path_raises_and_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="does not exist"):
         save_checkpoint(tmp_path / "no" / "dir" / "m.pt", build_model("mlp"), "mlp", TrainConfig())
+
+
+def _set(key, value):
+    def mutate(payload):
+        payload[key] = value
+
+    return mutate
+
+
+def _set_config(key, value):
+    def mutate(payload):
+        payload["config"][key] = value
+
+    return mutate
+
+
+def _set_weight(fn):
+    def mutate(payload):
+        state = payload["state_dict"]
+        state["fc3.bias"] = fn(state["fc3.bias"])
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (_set("config", "lr=0.1"), "config must be a dict"),
+        (_set("metadata", [1, 2]), "metadata must be a dict"),
+        (_set("metadata", {"when": torch.float32}), r"metadata\['when'\] holds a dtype"),
+        (_set("metadata", {1: "a"}), "not a string"),
+        (_set_config("lr", None), "config lr must be a number, got None"),
+        (_set_config("lr", "0.1"), "config lr must be a number"),
+        (_set_config("lr", -1.0), "learning rate must be a positive"),
+        (_set_config("epochs", 2.5), "config epochs must be an int"),
+        (_set_config("batch_size", True), "config batch_size must be an int"),
+        (_set_config("momentum", 1.5), "momentum"),
+        (_set_config("train_size", "all"), "config train_size must be an int or None"),
+        (_set("version", "1"), "version '1' is not a positive integer"),
+        (_set("version", 0), "version 0 is not a positive integer"),
+        (_set("num_classes", "10"), "num_classes must be an int"),
+        (_set("num_classes", 5), r"has shape \(10, 42\); the model needs \(5, 42\)"),
+        (_set("model", ["lenet"]), "unknown model"),
+        (_set("state_dict", "weights"), "state_dict must be a dict of tensors"),
+        (_set("state_dict", {}), "does not fit the model"),
+        (_set_weight(lambda b: b.long()), "must be floating-point"),
+        (_set_weight(lambda b: b.fill_(float("nan"))), "non-finite"),
+        (_set_weight(lambda b: b[:5]), r"has shape \(5,\)"),
+        (_set_weight(lambda b: b.tolist()), "must be a tensor"),
+    ],
+)
+def test_every_field_is_validated_and_the_model_is_kept(tmp_path, mutate, match):
+    path = save_checkpoint(tmp_path / "m.pt", build_model("lenet", seed=1), "lenet", TrainConfig())
+    payload = torch.load(path, weights_only=True)
+    mutate(payload)
+    torch.save(payload, path)
+    model = build_model("lenet", seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_weights_into(model, path)
+    assert str(path) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_file_with_foreign_objects_gets_no_advice_to_disable_weights_only(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('ran')",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ntkviz-checkpoint", "x": Evil()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "objects other than tensors and plain values" in message
+    assert "weights_only" not in message and "Unpickler" not in message
+    path.write_bytes(pickle.dumps([1, 2]) + b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable ntkviz checkpoint") as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_unsavable_metadata_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="metadata"):
+        save_checkpoint(
+            tmp_path / "m.pt", build_model("mlp"), "mlp", TrainConfig(), {"x": object()}
+        )
+    assert not list(tmp_path.iterdir())

@@ -2,9 +2,11 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ def float32_tolerance(reference: np.ndarray) -> dict:
 
 def run(*args, env_cache):
     env = {"NTKVIZ_CACHE": str(env_cache), "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # this tree's ntkviz
     return subprocess.run(
         [sys.executable, "-m", "ntkviz", *args],
         capture_output=True,
@@ -166,3 +169,117 @@ def test_missing_cuda_is_a_failure_with_a_message(tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert main(["train", "--out", str(tmp_path / "m.pt"), "--device", "cuda"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def _forbid(monkeypatch, *names):
+    """Make ntkviz.<module>.<function> fail the test if it is called."""
+    for name in names:
+
+        def fail(*args, _name=name, **kwargs):
+            raise AssertionError(f"{_name} was called before the arguments were checked")
+
+        monkeypatch.setattr(name, fail)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("FILE/m.pt", "is not a directory"),
+        ("DIR", "is a directory"),
+        ("/proc/self/m.pt", "cannot write /proc/self/m.pt"),
+    ],
+)
+def test_train_checks_that_its_output_can_be_written_before_training(
+    tmp_path, monkeypatch, capsys, out, message
+):
+    if out.startswith("/proc") and not os.path.isdir("/proc/self"):
+        pytest.skip("no procfs: no directory that even root cannot write to")
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    out = out.replace("FILE", str(tmp_path / "FILE")).replace("DIR", str(tmp_path / "DIR"))
+    _forbid(monkeypatch, "ntkviz.data.load_dataset", "ntkviz.training.train")
+    assert main(["train", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "choose another --out" in err
+
+
+def test_a_finished_run_is_kept_when_its_checkpoint_cannot_be_written(
+    tmp_path, monkeypatch, capsys
+):
+    """A full disk at the end (torch.save raises RuntimeError in the target directory): the run
+    goes to the cache instead, with exit code 1 and a message that says where."""
+    target = tmp_path / "full"
+    target.mkdir()
+    save = torch.save
+
+    def full_disk(obj, f):
+        if Path(f).parent == target:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setenv("NTKVIZ_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--out", str(target / "m.pt"), "--train-size", "128", "--epochs", "1"]
+    assert main([*args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {target / 'm.pt'}" in err and "Traceback" not in err
+    saved = list((tmp_path / "cache" / "runs").glob("m-*.pt"))
+    assert len(saved) == 1 and f"saved to {saved[0]}" in err
+    ckpt = load_checkpoint(saved[0])
+    assert ckpt.metadata["step"] == 2 and ckpt.config.train_size == 128
+    assert not list(target.iterdir())
+
+
+def test_non_finite_results_exit_1_and_write_nothing(trained, capsys, monkeypatch):
+    root, ckpt_path = trained
+    monkeypatch.setenv("NTKVIZ_CACHE", str(root))
+    out = root / "nan.json"
+    args = ["--checkpoint", str(ckpt_path), "--xu", "5", "--xo", "9", "--lr", "1e38"]
+    assert main(["decompose", *args, "--out", str(out)]) == 1
+    assert "non-finite" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_that_ends_far_worse_than_it_started_is_reported(
+    trained, tmp_path, capsys, monkeypatch
+):
+    root, _ = trained
+    monkeypatch.setenv("NTKVIZ_CACHE", str(root))
+    out = tmp_path / "m.pt"
+    args = ["train", "--out", str(out), "--train-size", "640", "--epochs", "1", "--quiet"]
+    assert main([*args, "--lr", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the run ended far worse than it started: the loss rose from" in err
+    assert out.exists()
+    assert main([*args, "--lr", "2"]) == 0  # a run that learns: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--xu", "70000", "--xo", "0"], "--xu index 70000 is outside the train split (0..59999)"),
+        (["--xu", "0", "--xo", "10000"], "--xo index 10000 is outside the test split (0..9999)"),
+        (["--xu", "0", "--xo", "-1"], "--xo index -1 is outside"),
+        (["--xu", "0", "--xo", "0", "--yu", "10"], "--yu must be a class in 0..9, got 10"),
+    ],
+)
+def test_bad_indices_are_refused_before_anything_is_loaded(args, message, monkeypatch, capsys):
+    _forbid(monkeypatch, "ntkviz.data.load_dataset", "ntkviz.checkpoint.load_checkpoint")
+    assert main(["decompose", "--checkpoint", "missing.pt", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_outputs_in_the_repository_root_are_ignored_by_git():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(*names):
+        r = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=root,
+                           capture_output=True, text=True)  # fmt: skip
+        return r.stdout.split()
+
+    outputs = ["lenet.pt", "paper.pt", "result.json", "s.ntks", "fig.png", "fig.svg", "r.npz"]
+    assert ignored(*outputs, "r.csv") == [*outputs, "r.csv"]
+    assert ignored("docs/screenshots/main.png", "resources/mnist/x.json", "tests/m.pt") == []

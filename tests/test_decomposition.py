@@ -128,6 +128,16 @@ def test_iter_influence_reports_progress_and_can_stop_early():
         ({"loss": "mse"}, "loss"),
         ({"lr": float("nan")}, "lr"),
         ({"lr": float("inf")}, "lr"),
+        ({"lr": True}, "lr must be a finite real number"),
+        ({"lr": 0.1 + 0j}, "lr must be a finite real number"),
+        ({"lr": torch.tensor([0.1])}, "lr must be a finite real number"),
+        ({"lr": np.float32("nan")}, "lr must be a finite real number"),
+        ({"lr": 10**400}, "lr must be a finite real number"),
+        ({"y_u": 10**20}, r"y_u must be an int class in \[0, 10\), got 100000000000000000000"),
+        ({"y_u": True}, "y_u"),
+        ({"y_u": torch.tensor(1.0)}, "y_u"),
+        ({"x_o": torch.zeros(1, 28, 28, dtype=torch.uint8)}, "x_o must hold floating-point"),
+        ({"x_u": torch.ones(1, 28, 28, dtype=torch.int64)}, "x_u must hold floating-point"),
         ({"x_o": torch.zeros(1, 1, 28, 28)}, "same shape"),
         ({"x_o": torch.zeros(1, 1, 28, 28), "x_u": torch.zeros(1, 1, 28, 28)}, "as one example"),
         ({"x_o": torch.zeros(1, 5, 5), "x_u": torch.zeros(1, 5, 5)}, "cannot take"),
@@ -139,6 +149,50 @@ def test_bad_arguments_say_what_was_expected(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         decompose(model, **args)
+
+
+@pytest.mark.parametrize(
+    "lr", [np.float32(0.1), np.float64(0.1), torch.tensor(0.1), torch.tensor(0.1).double(), 0.1]
+)
+def test_any_real_scalar_is_a_learning_rate(lr):
+    model = make("mlp")
+    x = inputs(2)
+    d = decompose(model, x[0], x[1], np.int64(3), lr)
+    assert d.lr == pytest.approx(0.1, rel=1e-7) and type(d.lr) is float
+    inf = influence(model, x, x[1], torch.tensor(3), lr)
+    np.testing.assert_allclose(inf.predicted[0], d.predicted, rtol=1e-6, atol=1e-12)
+    assert step_trajectory(model, x[0], x[1], 3, lr, np.int64(2)).probs_o.shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chunk_size": 0}, "chunk_size must be an int ≥ 1, got 0"),
+        ({"chunk_size": 2.5}, "chunk_size must be an int ≥ 1"),
+        (
+            {"x_o": inputs(0)},
+            r"x_o must be a non-empty batch \(N, ...\), got shape \(0, 1, 28, 28\)",
+        ),
+        ({"y_u": 10**20}, r"y_u must be an int class in \[0, 10\)"),
+        ({"lr": np.complex64(1)}, "lr must be a finite real number"),
+    ],
+)
+def test_influence_refuses_bad_arguments_with_value_errors(kwargs, match):
+    args = {"x_o": inputs(3), "x_u": inputs(1)[0], "y_u": 1, "lr": 0.1}
+    args.update(kwargs)
+    x_o, x_u, y_u, lr = (args.pop(k) for k in ("x_o", "x_u", "y_u", "lr"))
+    with pytest.raises(ValueError, match=match):
+        influence(make("lenet"), x_o, x_u, y_u, lr, **args)
+
+
+def test_non_finite_results_are_refused():
+    """η = 2e38 in float32: the step keeps the logits finite but −η·K·G overflows; such a
+    result must be refused, never returned (it would reach JSON as NaN/Infinity)."""
+    model, x = make("lenet").float(), inputs(2).float()
+    with pytest.raises(StepDiverged, match="η = 2e\\+38 makes the predicted or actual change"):
+        decompose(model, x[0], x[1], 1, 2e38)
+    with pytest.raises(StepDiverged):
+        influence(model, x, x[1], 1, 2e38)
 
 
 def test_a_step_that_makes_the_logits_non_finite_is_reported():

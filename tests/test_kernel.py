@@ -4,8 +4,11 @@ import pytest
 import torch
 from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ntkviz.kernel import (
+    _conv_as_filters,
     empirical_ntk,
     empirical_ntk_by_layer,
     layer_of,
@@ -163,13 +166,43 @@ def test_bad_arguments_raise_value_error():
         empirical_ntk(model, inputs(1), inputs(1), method="magic")
 
 
-def test_gram_matrix_of_a_probe_set_uses_both_conv_strategies_exactly():
-    """N2·V above a conv layer's output positions switches that layer to materialised weight
-    Jacobians (LeNet's conv2 has 100 positions); both strategies must agree with autograd."""
+@pytest.mark.parametrize("name", ["lenet", "residual"])
+@pytest.mark.parametrize(
+    ("x1", "x2", "match"),
+    [
+        (inputs(2)[0], inputs(2), r"batches of examples of one shape, got \(1, 28, 28\)"),
+        (inputs(2)[0], inputs(2)[1], r"cannot take .* of shape \(1, 28, 28\): expected a batch"),
+        (inputs(3)[:, :, :20], inputs(1)[:, :, :20], r"cannot take x2 .*\(1, 1, 20, 28\)"),
+        ((inputs(2) * 50).to(torch.uint8), inputs(1), "floating-point inputs .* torch.uint8"),
+        (inputs(2), inputs(1).bool(), "floating-point inputs .* torch.bool"),
+        (inputs(2), inputs(1), "chunk_size must be an int ≥ 1, got 0"),
+    ],
+)
+def test_inputs_the_model_cannot_take_are_refused_saying_what_was_expected(name, x1, x2, match):
+    model = make(name)
+    chunk = 0 if "chunk_size" in match else None
+    with pytest.raises(ValueError, match=match):
+        empirical_ntk(model, x1, x2, chunk_size=chunk)
+    if chunk is None:
+        with pytest.raises(ValueError, match=match.replace("x2", "x[12]")):
+            ntk_vector_product(model, x1, x2, torch.zeros(len(x2), 10, dtype=torch.float64))
+
+
+def test_both_conv_strategies_are_exact():
+    """A conv layer's kernel either applies x2's weight-Jacobian rows to x1 as filters or
+    materialises x1's weight Jacobian, whichever costs less: LeNet's conv2 (100 positions, 2,400
+    weights) takes filters against one x2 and materialises against a probe set; both must agree
+    with autograd."""
     model = make("lenet")
+    assert _conv_as_filters(model.conv2, 100, 1, 10)
+    assert not _conv_as_filters(model.conv2, 100, 12, 10)
     x = inputs(12, seed=13)
     K = empirical_ntk(model, x, x)
     torch.testing.assert_close(K, reference_kernel(model, x, x), rtol=1e-10, atol=1e-10)
+    layers = empirical_ntk_by_layer(model, x[:3], x[3:4])
+    torch.testing.assert_close(
+        sum(layers.values()), reference_kernel(model, x[:3], x[3:4]), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("name", ["lenet", "mlp", "residual"])
@@ -183,3 +216,43 @@ def test_ntk_vector_product_equals_kernel_times_vectors(name, method):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="vectors must have shape"):
         ntk_vector_product(model, x1, x2, v[:1], method=method)
+
+
+class Allocations(TorchDispatchMode):
+    """Records ``(address, bytes)`` of every new tensor storage that torch ops create (views of
+    a known storage are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.storages.setdefault(storage.data_ptr(), storage.nbytes())
+        return out
+
+
+@pytest.mark.parametrize(
+    ("name", "n2", "sizes"),
+    [("mlp", 5, (60, 1000)), ("mlp", 12, (60, 600))],
+)
+def test_kernel_memory_beyond_the_result_is_bounded_by_the_chunk_budget(
+    monkeypatch, name, n2, sizes
+):
+    """Every tensor but the result fits the chunk budget, whatever N1: the result is filled
+    chunk by chunk (the old code concatenated per-layer results and summed them)."""
+    budget = 2**20
+    monkeypatch.setattr("ntkviz.kernel.MEMORY_BUDGET", budget)
+    model, x2 = make(name).float(), inputs(n2, seed=3).float()
+    for n1 in sizes:
+        x1 = inputs(n1, seed=4).float()
+        with Allocations() as record:
+            K = empirical_ntk(model, x1, x2)
+        for given in (K, x1, x2):  # the result, and views of the inputs
+            record.storages.pop(given.untyped_storage().data_ptr(), None)
+        assert max(record.storages.values()) <= budget, n1
+    expected = reference_kernel(model.double(), x1[:2].double(), x2.double())
+    torch.testing.assert_close(K[:2].double(), expected, rtol=1e-4, atol=1e-4)

@@ -49,8 +49,69 @@ def test_corrupt_newer_and_foreign_files_are_refused(tmp_path):
     payload["version"] = 1
     payload["state_dict"] = build_model("mlp").state_dict()
     torch.save(payload, path)
-    with pytest.raises(SessionError, match="damaged"):
+    with pytest.raises(SessionError, match="does not fit the model"):
         load_session(path)
     torch.save({"format": "something else"}, path)
     with pytest.raises(SessionError, match="not an ntkviz session"):
         load_session(path)
+
+
+def _mutation(key, value=None, fn=None):
+    def mutate(payload):
+        payload[key] = fn(payload[key]) if fn else value
+
+    return mutate
+
+
+def _history_state(payload):
+    state = dict(payload["state_dict"])
+    state.pop("fc3.bias")
+    payload["history"] = [{"lr": 0.1, "state_before": state}]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (_mutation("version", "1"), "version '1' is not a positive integer"),
+        (_mutation("config", "lr=0.1"), "config must be a dict"),
+        (_mutation("config", fn=lambda c: {**c, "lr": None}), "config lr must be a number"),
+        (_mutation("step", "17"), "step must be an int class ≥ 0"),
+        (_mutation("step", -1), "step must be"),
+        (_mutation("ntkviz_version", 1.0), "ntkviz_version must be a string"),
+        (_mutation("curves", ["loss"]), "curves must be a dict"),
+        (_mutation("curves", {"loss": "2.3"}), "curves"),
+        (_mutation("curves", {"loss": [2.3, None]}), r"curves\['loss'\]\[1\]"),
+        (_mutation("selection", [1]), "selection must be a dict"),
+        (_mutation("selection", fn=lambda s: {**s, "lr": None}), "selection lr"),
+        (_mutation("selection", fn=lambda s: {**s, "y_u": 10}), "selection y_u"),
+        (_mutation("selection", fn=lambda s: {**s, "split_u": "val"}), "selection split_u"),
+        (_mutation("selection", fn=lambda s: {**s, "x": torch.zeros(2)}), "holds a Tensor"),
+        (_mutation("history", {"lr": 0.1}), "history must be a list"),
+        (_mutation("history", ["step"]), "history entry 0 must be a dict"),
+        (_mutation("history", [{"lr": "fast"}]), "history entry 0 lr"),
+        (_mutation("history", fn=lambda h: h), None),  # unchanged: loads
+        (_history_state, "history entry 0 state_before does not fit"),
+        (_mutation("kernel_maps", [(0, torch.zeros(3))]), r"kernel map 0 must be a \(10, 10\)"),
+        (_mutation("kernel_maps", [("start", torch.eye(10))]), "kernel map 0 step"),
+        (_mutation("kernel_maps", [(0, torch.full((10, 10), float("nan")))]), "non-finite"),
+        (_mutation("kernel_maps", [(0, torch.eye(10), 1)]), "kernel map 0 must be a"),
+    ],
+)
+def test_every_field_is_validated(tmp_path, mutate, match):
+    path = save_session(tmp_path / "s.ntkviz", make_session())
+    payload = torch.load(path, weights_only=True)
+    mutate(payload)
+    torch.save(payload, path)
+    if match is None:
+        assert load_session(path).step == 17
+        return
+    with pytest.raises(SessionError, match=match) as info:
+        load_session(path)
+    assert str(path) in str(info.value)
+
+
+def test_history_with_the_models_weights_round_trips(tmp_path):
+    s = make_session()
+    s.history = [{"lr": 0.5, "state_before": {k: v + 1 for k, v in s.state_dict.items()}}]
+    t = load_session(save_session(tmp_path / "s.ntkviz", s))
+    assert torch.equal(t.history[0]["state_before"]["fc3.bias"], s.state_dict["fc3.bias"] + 1)

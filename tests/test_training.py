@@ -75,3 +75,23 @@ def test_defaults_reach_95_percent_quickly(mnist):
     for _ in train(model, mnist, replace(TrainConfig(), epochs=1)):
         pass
     assert accuracy(model, mnist.test.x, mnist.test.y) >= 0.95
+
+
+def test_run_health_flags_a_run_that_ends_far_worse_than_it_started():
+    from ntkviz.training import run_health
+
+    learning = run_health([2.3, 2.2, 2.0, 1.5, 1.0, 0.6, 0.4, 0.3], accuracy=0.91)
+    assert learning.ok and learning.warning == ""
+    assert learning.initial_loss == pytest.approx(2.25) and learning.final_loss == 0.35
+    exploding = run_health([2.3, 3.8, 24, 152, 92, 121, 162, 203, 257, 151], 0.156)
+    assert not exploding.ok and exploding.loss_rose and not exploding.at_chance
+    assert "the loss rose from 3.05 to 204" in exploding.warning
+    stuck = run_health([2.30] * 100, accuracy=0.1135)
+    assert stuck.at_chance and not stuck.loss_rose
+    assert "test accuracy 11.3% is at chance level (10%)" in stuck.warning
+    assert run_health([2.3] * 100, accuracy=0.30, num_classes=4).at_chance
+    assert run_health([5.0], accuracy=None).ok  # one step: nothing to compare
+    # the windows: the first and last 20 steps (a quarter of a short run)
+    assert run_health([9.0] * 20 + [1.0] * 60 + [2.0] * 20).final_loss == 2.0
+    with pytest.raises(ValueError, match="at least one step"):
+        run_health([])
