@@ -248,6 +248,38 @@ def test_session_parts_are_merged_and_restored(mnist, tmp_path):
     assert other.errors[-1][0] == "Session part not restored" and "extra" in other.errors[-1][1]
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.update(y_u=10), "y_u must be an int class ≥ 0 below 10"),
+        (lambda p: p.update(lr=None), "η must be a finite real number"),
+        (lambda p: p.update(x_o=["test", 10**9]), "is not an example of mnist"),
+        (lambda p: p.update(x_u="train 3"), "x_u must be"),
+        (lambda p: p.update(loss="mse"), "loss must be 'ce' or 'neg'"),
+    ],
+)
+def test_a_session_with_a_damaged_selection_is_refused_and_changes_nothing(
+    mnist, tmp_path, damage, message
+):
+    from ntkviz.session import load_session, save_session
+
+    app = App(mnist)
+    path = tmp_path / "s.ntks"
+    app.controller.save_session(str(path))
+    app.drain()
+    session = load_session(path)
+    damage(session.selection["pair"])
+    save_session(path, session)
+    before = {k: v.clone() for k, v in app.engine.model.state_dict().items()}
+    app.controller.select(lr=0.25)
+    app.controller.open_session(str(path))
+    app.drain()
+    assert app.errors[-1][0] == "Session not readable" and message in app.errors[-1][1]
+    assert app.state.lr == 0.25
+    for k, v in app.engine.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_periodic_jobs_run_at_the_start_and_every_n_steps(app):
     records = []
     app.controller.on(

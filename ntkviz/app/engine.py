@@ -35,7 +35,7 @@ from ntkviz.app.messages import (
     SessionOpened,
     readonly,
 )
-from ntkviz.checkpoint import load_checkpoint, save_checkpoint
+from ntkviz.checkpoint import load_checkpoint, num_classes_of, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
 from ntkviz.errors import DeviceError, NtkvizError, StepDiverged, TrainingDiverged
 from ntkviz.kernel import eval_mode
@@ -594,11 +594,21 @@ class Engine:
 
         stack, lrs, pairs = [], [], []
         probe = session.build_model()
+        V = num_classes_of(session.state_dict)
+        parts = session_parts(session)
+        try:
+            if "pair" in parts:
+                pair = PairRequest.from_dict(parts["pair"], V)
+                for example in (pair.x_u, pair.x_o):
+                    if example.index >= len(self.data.split(example.split).y):
+                        raise ValueError(f"{example} is not an example of {self.data.name}")
+        except ValueError as e:
+            raise SessionError(f"{path}: its selection is damaged: {e}") from None
         for k, h in enumerate(session.history):
             try:
                 probe.load_state_dict(h["state_before"])
                 lrs.append(float(h["lr"]))
-                pairs.append(PairRequest.from_dict(h["pair"]) if h.get("pair") else None)
+                pairs.append(PairRequest.from_dict(h["pair"], V) if h.get("pair") else None)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise SessionError(
                     f"{path}: step-through history entry {k} is damaged: {e}"
@@ -615,7 +625,7 @@ class Engine:
         ]
         self.applied_lrs, self.applied_pairs = lrs, pairs
         self.emit_model()
-        self.emit(Event("session_opened", SessionOpened(str(path), session_parts(session))))
+        self.emit(Event("session_opened", SessionOpened(str(path), parts)))
         self._run_state("ready")
         self.message(f"opened session {path}")
 

@@ -14,6 +14,7 @@ import numpy as np
 from ntkviz.app.jobs import Progress
 from ntkviz.app.messages import readonly
 from ntkviz.app.state import AppState, Example
+from ntkviz.checks import class_index, real_number
 
 #: Interactive jobs run before probe sweeps.
 INTERACTIVE = 0
@@ -50,11 +51,29 @@ class PairRequest:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: dict) -> PairRequest:
-        return cls(
-            Example(*d["x_u"]), int(d["y_u"]), Example(*d["x_o"]), float(d["lr"]),
-            str(d.get("loss", "ce")), bool(d.get("optimizer", False)),
-        )  # fmt: skip
+    def from_dict(cls, d, num_classes: int | None = None) -> PairRequest:
+        """The request stored by :meth:`to_dict`; ``ValueError`` saying which field is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the pair must be a dict, got {type(d).__name__}")
+        try:
+            x_u, x_o = _example(d["x_u"], "x_u"), _example(d["x_o"], "x_o")
+            y_u = class_index(d["y_u"], "y_u", num_classes)
+            lr = real_number(d["lr"], "η")
+        except KeyError as e:
+            raise ValueError(f"the pair has no {e.args[0]}") from None
+        loss, optimizer = d.get("loss", "ce"), d.get("optimizer", False)
+        if loss not in ("ce", "neg"):
+            raise ValueError(f"loss must be 'ce' or 'neg', got {loss!r}")
+        if not isinstance(optimizer, bool):
+            raise ValueError(f"optimizer must be true or false, got {optimizer!r}")
+        return cls(x_u, y_u, x_o, lr, loss, optimizer)
+
+
+def _example(value, name: str) -> Example:
+    """``[split, index]`` as an :class:`Example`."""
+    if not isinstance(value, list | tuple) or len(value) != 2 or value[0] not in ("train", "test"):
+        raise ValueError(f'{name} must be ["train" or "test", index], got {value!r}')
+    return Example(value[0], class_index(value[1], f"{name} index"))
 
 
 def describe_steps(pairs, current: PairRequest, classes) -> str:
