@@ -116,7 +116,7 @@ def test_a_job_is_cancelled_and_the_engine_is_free_again(app):
     app.engine.tick_seconds = 0.0  # one chunk per tick
     app.controller.submit("influence", request)
     app.drain(ticks=2)
-    assert [e.kind for e in seen] == ["progress", "progress"]
+    assert seen and {e.kind for e in seen} == {"progress"}  # at most one per 0.1 s
     assert isinstance(seen[-1].payload, Progress) and 0 < seen[-1].payload.done < 10000
     app.controller.cancel("influence")
     app.drain()

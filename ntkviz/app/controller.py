@@ -327,15 +327,37 @@ class AppController:
         parts = {name: save() for name, (save, _) in self._session_parts.items()}
         self.send("save_session", path, parts)
 
-    def open_session(self, path: str) -> None:
-        self.send("open_session", path)
+    def open_session(self, path: str) -> bool:
+        return self._replace_model("Open a session", "open_session", path)
 
     def save_checkpoint(self, path: str) -> None:
         dataset = self.state.dataset
         self.send("save_checkpoint", path, {"dataset": dataset.name if dataset else None})
 
-    def open_checkpoint(self, path: str) -> None:
-        self.send("load_checkpoint", path)
+    def open_checkpoint(self, path: str) -> bool:
+        return self._replace_model("Open a checkpoint", "load_checkpoint", path)
+
+    def open_model(self, spec: str, weights: str | None = None) -> bool:
+        """The user's model ``spec`` ("file.py:factory") with optional ``weights``."""
+        return self._replace_model("Open a model", "open_model", spec, weights)
+
+    def open_dataset(self, source, root: str | None = None, download: bool = False) -> bool:
+        """Other data (a dataset name with its files in ``root``, a directory of class folders
+        or an ``ImageDataset``) with a fresh model for it."""
+        return self._replace_model("Open a dataset", "open_dataset", source, root, download)
+
+    def _replace_model(self, action: str, command: str, *args) -> bool:
+        """Send ``command`` that replaces the model, asking first when that loses unsaved
+        work; False if the user said no."""
+        what = self.unsaved_changes()
+        if what and not self.ask(
+            f"{action}?",
+            f"This replaces the current model ({what}, not saved). Save it first with File ▸ "
+            "Save checkpoint or Save session to keep it.",
+        ):
+            return False
+        self.send(command, *args)
+        return True
 
     def _pair_state(self) -> dict:
         return self.pair().to_dict()

@@ -153,6 +153,19 @@ class Engine:
         self.emit_info()
         if self.data is None:
             self.data = load_dataset(self._dataset_name)
+        self._emit_dataset()
+        if self._given is not None:
+            from ntkviz.modelspec import check_model
+
+            label = self.user_model.label if self.user_model else type(self._given).__name__
+            check_model(self._given, self.data.test.x[:2], len(self.data.classes), name=label)
+            self._set_model(self._given, self.config, "given from Python")
+            self._given = None
+        else:
+            self._new_model(self.config, "fresh weights")
+        self._run_state("ready")
+
+    def _emit_dataset(self) -> None:
         d = self.data
         self.emit(
             Event(
@@ -165,16 +178,41 @@ class Engine:
                 ),
             )
         )
-        if self._given is not None:
-            from ntkviz.modelspec import check_model
 
-            label = self.user_model.label if self.user_model else type(self._given).__name__
-            check_model(self._given, self.data.test.x[:2], len(self.data.classes), name=label)
-            self._set_model(self._given, self.config, "given from Python")
-            self._given = None
-        else:
-            self._new_model(self.config, "fresh weights")
+    def open_dataset(self, source, root: str | None = None, download: bool = False) -> None:
+        """Replace the data by ``source`` (a dataset name whose files are in ``root``, default
+        the cache; a directory of class folders; or an ``ImageDataset``; ``download``: let
+        torchvision fetch a named set) and the model by a fresh one of the current kind built
+        for it. Data that cannot be read, or that the user's model does not fit, changes
+        nothing."""
+        from ntkviz.data import as_image_dataset
+        from ntkviz.modelspec import check_model
+
+        data = (
+            load_dataset(source, root, download=download)
+            if isinstance(source, str)
+            else as_image_dataset(source)
+        )
+        previous, self.data = self.data, data
+        try:
+            if self.user_model is not None and self.config.model == self.user_model.label:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.config.seed)
+                    model = self.user_model.build()
+                check_model(model, data.test.x[:2], data.num_classes, name=self.config.model)
+            else:
+                model = self._registry_model(self.config)
+        except Exception:
+            self.data = previous
+            raise
+        self._emit_dataset()
+        self._set_model(model, self.config, "fresh weights")
         self._run_state("ready")
+        C, H, W = data.test.x.shape[1:]
+        self.message(
+            f"opened {data.name}: {len(data.train):,} training and {len(data.test):,} test "
+            f"images {C}×{H}×{W}, {data.num_classes} classes"
+        )
 
     def emit_info(self) -> None:
         models = {k: v[1] for k, v in MODELS.items()}
@@ -223,12 +261,17 @@ class Engine:
                 torch.manual_seed(config.seed)
                 model = self.user_model.build()
         else:
-            channels, size = self.data.train.x.shape[1], self.data.train.x.shape[-1]
-            model = build_model(
-                config.model, len(self.data.classes), seed=config.seed, in_channels=channels,
-                image_size=size,
-            )  # fmt: skip
+            model = self._registry_model(config)
         self._set_model(model, config, source)
+
+    def _registry_model(self, config: TrainConfig) -> torch.nn.Module:
+        """A fresh ``config.model`` of the registry built for the data's input shape and
+        classes."""
+        channels, size = self.data.train.x.shape[1], self.data.train.x.shape[-1]
+        return build_model(
+            config.model, len(self.data.classes), seed=config.seed, in_channels=channels,
+            image_size=size,
+        )  # fmt: skip
 
     def open_model(self, spec: str, weights: str | None = None) -> None:
         """Replace the model by the user's: ``spec`` "file.py:factory" or "module:factory" (run

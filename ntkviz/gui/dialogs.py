@@ -1,4 +1,4 @@
-"""Dialogs: the About box, and the choice of a model of the user's."""
+"""Dialogs: the About box, and the choice of a model of the user's and of a dataset."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -97,3 +99,65 @@ class ModelDialog(QDialog):
 
     def values(self) -> tuple[str, str | None]:
         return self.spec.text().strip(), self.weights.text().strip() or None
+
+
+#: The dataset chooser's entry for a directory of class folders.
+IMAGE_FOLDER = "image folder (one sub-folder per class)"
+
+
+class DatasetDialog(QDialog):
+    """Asks for a dataset: one of ntkviz's named sets (its files in a directory, default the
+    ntkviz cache; downloaded by torchvision only when asked) or a directory of class folders."""
+
+    def __init__(self, parent: QWidget | None = None, directory: str = "", current: str = ""):
+        from ntkviz.data import DATASETS  # the core's names (imported on demand: torch)
+
+        super().__init__(parent)
+        self.setWindowTitle("Open dataset")
+        self.directory = directory
+        self.source = QComboBox()
+        self.source.addItems([*DATASETS, IMAGE_FOLDER])
+        if current in DATASETS:
+            self.source.setCurrentText(current)
+        self.folder = QLineEdit()
+        browse = QPushButton("Folder…")
+        browse.clicked.connect(self._browse)
+        self.download = QCheckBox("Download missing files (needs the internet)")
+        self.source.currentTextChanged.connect(self._explain)
+        form = QFormLayout()
+        form.addRow("Dataset", self.source)
+        row = QHBoxLayout()
+        row.addWidget(self.folder, 1)
+        row.addWidget(browse)
+        form.addRow("Directory", row)
+        form.addRow("", self.download)
+        buttons = QDialogButtonBox(QDialogButtonBox.Open | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(buttons)
+        self._explain(self.source.currentText())
+        self.resize(560, self.sizeHint().height())
+
+    def _explain(self, text: str) -> None:
+        folder = text == IMAGE_FOLDER
+        self.folder.setPlaceholderText(
+            "DIR/<class>/*.png, or DIR/train/<class>/… and DIR/test/<class>/…"
+            if folder
+            else "where the files are (empty: the ntkviz cache)"
+        )
+        self.download.setEnabled(not folder)
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset directory", self.directory)
+        if path:
+            self.folder.setText(path)
+
+    def values(self) -> tuple[str, str | None, bool]:
+        """``(source, root, download)`` for :meth:`AppController.open_dataset`: a name and its
+        directory (None: the cache), or a folder of class folders and None."""
+        folder = self.folder.text().strip() or None
+        if self.source.currentText() == IMAGE_FOLDER:
+            return folder or "", None, False
+        return self.source.currentText(), folder, self.download.isChecked()

@@ -1,4 +1,4 @@
-"""The window's File menu: checkpoints, sessions, a model of the user's, and plot exports,
+"""The window's File menu: checkpoints, sessions, a model and a dataset of the user's, plot exports,
 through file dialogs that remember the last directory."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from PySide6.QtCore import QObject
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QFileDialog, QInputDialog
 
-from ntkviz.gui.dialogs import ModelDialog
+from ntkviz.gui.dialogs import DatasetDialog, ModelDialog
 from ntkviz.gui.export import ask_save_path, export_graphics
 
 CHECKPOINTS = "ntkviz checkpoint (*.pt)"
@@ -32,6 +32,7 @@ class FileMenu(QObject):
         add("Open s&ession…", self.open_session, "Ctrl+Shift+O", False)
         add("Save sessio&n…", self.save_session, "Ctrl+Shift+S")
         add("Open &model…", self.open_model, "Ctrl+M", False)
+        add("Open &dataset…", self.open_dataset, "Ctrl+D", False)
         menu.addSeparator()
         add("Export &figure…", lambda: self.export_plot_dialog("Decomposition"), "Ctrl+E")
         return menu.addMenu("Export &plot")
@@ -71,7 +72,19 @@ class FileMenu(QObject):
         directory = str(self.window.settings.value("lastDirectory", str(Path.home())))
         dialog = ModelDialog(self.window, directory)
         if dialog.exec() and dialog.values()[0]:
-            self.controller.send("open_model", *dialog.values())
+            self.controller.open_model(*dialog.values())
+
+    def open_dataset(self) -> None:
+        """A named dataset or a folder of class folders, with a fresh model for it."""
+        directory = str(self.window.settings.value("lastDirectory", str(Path.home())))
+        dataset = self.controller.state.dataset
+        dialog = DatasetDialog(self.window, directory, dataset.name if dataset else "")
+        if dialog.exec():
+            source, root, download = dialog.values()
+            if not source:
+                self.window.show_error("No dataset", "choose a folder of class folders")
+                return
+            self.controller.open_dataset(source, root, download)
 
     def export_plot_dialog(self, name: str) -> None:
         path = self.ask_path(f"Export {name}", "PNG image (*.png);;SVG vector image (*.svg)")

@@ -50,12 +50,17 @@ def fit_text(*buttons: QPushButton) -> None:
         b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
 
 
-def digit_pixmap(image: np.ndarray, size: int) -> QPixmap:
-    """uint8 ``(H, W)`` -> a nearest-neighbour scaled grey pixmap of ``size`` pixels."""
-    a = np.ascontiguousarray(image)
-    h, w = a.shape
-    q = QImage(a.data, w, h, w, QImage.Format.Format_Grayscale8).copy()
-    return QPixmap.fromImage(q).scaled(size, size, Qt.KeepAspectRatio, Qt.FastTransformation)
+def image_pixmap(image: np.ndarray, size: int) -> QPixmap:
+    """uint8 ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB) -> a pixmap of at most ``size`` pixels a
+    side, nearest-neighbour when enlarged (pixels stay crisp), smooth when reduced."""
+    a = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = a.shape[:2]
+    if a.ndim == 3:
+        q = QImage(a.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+    else:
+        q = QImage(a.data, w, h, w, QImage.Format.Format_Grayscale8).copy()
+    mode = Qt.FastTransformation if size >= max(h, w) else Qt.SmoothTransformation
+    return QPixmap.fromImage(q).scaled(size, size, Qt.KeepAspectRatio, mode)
 
 
 class ThumbnailRow(QWidget):
@@ -89,7 +94,7 @@ class ThumbnailRow(QWidget):
             b.setVisible(k < len(items))
             if k < len(items):
                 image, text, tooltip, payload = items[k]
-                b.setIcon(QIcon(digit_pixmap(image, self.size)))
+                b.setIcon(QIcon(image_pixmap(image, self.size)))
                 b.setText(text)
                 b.setToolTip(tooltip)
                 b.setProperty("payload", payload)

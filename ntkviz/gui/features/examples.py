@@ -26,7 +26,7 @@ from ntkviz.app.features.pair import FindConfidentlyWrong
 from ntkviz.app.state import LOSSES, Example
 from ntkviz.gui.features.base import FeatureView
 from ntkviz.gui.plots import ProbabilityBars
-from ntkviz.gui.widgets import digit_pixmap, fit_text
+from ntkviz.gui.widgets import fit_text, image_pixmap
 
 
 class SamplePicker(QGroupBox):
@@ -184,7 +184,7 @@ class SamplePicker(QGroupBox):
             w.blockSignals(False)
         self._fill_thumbnails()
         self.image.setPixmap(
-            digit_pixmap(self.dataset.images[example.split][example.index], self.IMAGE)
+            image_pixmap(self.dataset.images[example.split][example.index], self.IMAGE)
         )
         self.caption.setText(f"{example}\nlabel {self.dataset.classes[self.label]}")
 
@@ -208,7 +208,7 @@ class SamplePicker(QGroupBox):
         self.thumbnails.clear()
         images, labels = self.dataset.images[split], self.dataset.labels[split]
         for i in self.thumbnail_indices():
-            pixmap = digit_pixmap(images[i], self.THUMB)
+            pixmap = image_pixmap(images[i], self.THUMB)
             icon = QIcon(pixmap)
             icon.addPixmap(pixmap, QIcon.Selected)  # framed when selected, not tinted
             item = QListWidgetItem(icon, "")

@@ -83,6 +83,8 @@ class InfluenceView(ProbeView):
 
     def _on_dataset(self, info) -> None:
         self.rank_box.blockSignals(True)
+        self.rank_box.clear()
+        self.rank_box.addItem("y_u", -1)
         for k, name in enumerate(info.classes):
             self.rank_box.addItem(name, k)
         self.rank_box.blockSignals(False)

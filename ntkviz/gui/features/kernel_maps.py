@@ -75,8 +75,10 @@ class KernelMapView(ProbeView):
         self._configure(supersede=True)
 
     def _on_dataset(self, info) -> None:
-        """About :data:`PROBE_IMAGES` images in all, whatever the number of classes."""
+        """About :data:`PROBE_IMAGES` images in all, whatever the number of classes; maps of
+        other data are forgotten."""
         self.per_class_box.setValue(max(2, min(20, PROBE_IMAGES // len(info.classes))))
+        self.history.clear(self.per_class_box.value())
 
     def plots(self):
         return {"Kernel map": lambda: self.graphics.ci}

@@ -118,6 +118,7 @@ class TrainingView(FeatureView):
         self.batch_button.clicked.connect(lambda: c.one_batch(self.config()))
         self.continue_button.clicked.connect(lambda: c.continue_training(self.config()))
         s.events.engine.connect(self._on_engine)
+        s.events.dataset.connect(self._on_dataset)
         s.events.model.connect(self._on_model)
         s.events.run_state.connect(self._on_run_state)
         c.on("records", self._on_records)
@@ -153,6 +154,13 @@ class TrainingView(FeatureView):
             item.setText("cuda (not available)")
             item.setToolTip(NO_CUDA)
             self.device.setToolTip(f"auto and cpu train on the CPU. {NO_CUDA}.")
+
+    def _on_dataset(self, info) -> None:
+        """Other data: the curves were of another run; the training set ranges over it."""
+        self._on_new_run(None)
+        n = info.size("train")
+        self.train_size.setRange(0, n)
+        self.train_size.setSingleStep(max(1, 10 ** (len(str(n)) - 2)))
 
     def _on_model(self, info) -> None:
         if info is not None and info.source != "trained":  # a new model's own settings
