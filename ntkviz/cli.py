@@ -366,16 +366,16 @@ def _pick(data, split: str, index: int, what: str):
 def _check_indices(args) -> None:
     """Refuse --xu, --xo and --yu outside the dataset before it is loaded, where its sizes are
     known (the shipped MNIST, whose files are verified); other datasets are checked after."""
-    from ntkviz.data import DATASETS, SPLIT_SIZES
+    from ntkviz.data import DATASETS, SPLIT_SIZES, dataset_key
 
-    key = args.dataset.lower()
+    key = dataset_key(args.dataset)
     sizes = SPLIT_SIZES.get(key)
     for what, split, index in (("--xu", args.xu_split, args.xu), ("--xo", args.xo_split, args.xo)):
         if index < 0 or (sizes is not None and index >= sizes[split]):
             top = f"0..{sizes[split] - 1}" if sizes is not None else "0 or more"
             raise _UsageError(f"{what} index {index} is outside the {split} split ({top})")
-    if args.yu is not None and key in DATASETS:
-        classes = len(DATASETS[key][3])
+    if args.yu is not None and key in DATASETS and DATASETS[key].classes is not None:
+        classes = len(DATASETS[key].classes)
         if not 0 <= args.yu < classes:
             raise _UsageError(f"--yu must be a class in 0..{classes - 1}, got {args.yu}")
 
