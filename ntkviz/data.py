@@ -593,7 +593,7 @@ def load_dataset(
         splits[split] = Split(images=images, x=x, y=labels)
     log.info(
         "loaded %s from %s: %d training and %d test images",
-        key, where, len(splits["train"]), len(splits["test"]),
+        spec.cls_name, where, len(splits["train"]), len(splits["test"]),
     )  # fmt: skip
     return ImageDataset(key, splits["train"], splits["test"], spec.mean, spec.std, classes, root)
 
