@@ -552,6 +552,26 @@ def _looks_like_path(name) -> bool:
     return any(sep in name for sep in ("/", os.sep)) or name.startswith(("~", "."))
 
 
+def resolve_dataset(name_or_dir: str | Path) -> str | Path:
+    """What ``name_or_dir`` names: a :data:`DATASETS` key, or an existing directory (a
+    :class:`~pathlib.Path`); see :func:`load_dataset`. Raises :class:`DatasetError` for an
+    unknown name or a missing directory, reading nothing."""
+    key = None if _looks_like_path(name_or_dir) else dataset_key(name_or_dir)
+    if key is not None:
+        return key
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DatasetError(f"{path} is not a directory of images (ImageFolder layout)")
+    if _looks_like_path(name_or_dir):
+        raise DatasetError(f"the dataset directory {path} does not exist")
+    raise DatasetError(
+        f"unknown dataset {str(name_or_dir)!r}; choose one of {', '.join(DATASETS)}, or give a "
+        "directory of images (DIR/<class>/*.png, or DIR/train/<class>/… and DIR/test/<class>/…)"
+    )
+
+
 def load_dataset(
     name_or_dir: str | Path = "mnist", root: str | Path | None = None, download: bool = False
 ) -> ImageDataset:
@@ -564,20 +584,10 @@ def load_dataset(
     (default: ``<cache>/datasets``). ``download``: let torchvision fetch missing files from the
     internet. Raises :class:`DatasetError` naming the set, the directory and the files.
     """
-    key = None if _looks_like_path(name_or_dir) else dataset_key(name_or_dir)
-    if key is None:
-        path = Path(name_or_dir).expanduser()
-        if path.is_dir():
-            return load_image_folder(path)
-        if path.exists():
-            raise DatasetError(f"{path} is not a directory of images (ImageFolder layout)")
-        if _looks_like_path(name_or_dir):
-            raise DatasetError(f"the dataset directory {path} does not exist")
-        names = ", ".join(DATASETS)
-        raise DatasetError(
-            f"unknown dataset {str(name_or_dir)!r}; choose one of {names}, or give a directory "
-            "of images (DIR/<class>/*.png, or DIR/train/<class>/… and DIR/test/<class>/…)"
-        )
+    where = resolve_dataset(name_or_dir)
+    if isinstance(where, Path):
+        return load_image_folder(where)
+    key = where
     spec = DATASETS[key]
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
     if key == "mnist":
