@@ -25,6 +25,8 @@ _EXPORTS = {
     "Influence": "ntkviz.decomposition",
     "load_dataset": "ntkviz.data",
     "ImageDataset": "ntkviz.data",
+    "Split": "ntkviz.data",
+    "as_image_dataset": "ntkviz.data",
     "build_model": "ntkviz.models",
     "MODELS": "ntkviz.models",
     "load_model_spec": "ntkviz.modelspec",

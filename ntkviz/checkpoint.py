@@ -3,6 +3,12 @@
 Files are read with ``torch.load(..., weights_only=True)``: opening a checkpoint never runs code.
 Every field is checked on load (types, ranges, that the weights fit the model); a file that fails
 is refused with one :class:`~ntkviz.errors.CheckpointError` naming the field.
+
+A checkpoint records the input shape ``[C, H, W]`` its model was built for (files without one are
+1×28×28 MNIST models), so that a registry model trained on, say, 3×32×32 CIFAR is rebuilt for it.
+A checkpoint of a model outside the registry (the user's own ``nn.Module``, saved with
+``custom=True``) holds only weights for that model: :func:`load_checkpoint` refuses it and says how
+to use it (``--model FACTORY --weights FILE``; :func:`ntkviz.modelspec.load_weights` reads it).
 """
 
 from __future__ import annotations
@@ -37,6 +43,58 @@ class Checkpoint:
     num_classes: int
     config: TrainConfig
     metadata: dict
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+
+
+#: The input shape of files written before input shapes were recorded: MNIST's.
+DEFAULT_INPUT_SHAPE = (1, 28, 28)
+
+#: Shapes tried, in order, when a registry model is saved without ``input_shape``.
+_COMMON_SHAPES = ((1, 28, 28), (3, 32, 32), (1, 32, 32), (3, 28, 28))
+
+
+def _fits_registry(name: str, state: dict, shape: tuple[int, int, int]) -> bool:
+    try:
+        want = build_model(name, num_classes_of(state), 0, in_channels=shape[0],
+                           image_size=shape[1]).state_dict()  # fmt: skip
+    except ValueError:
+        return False
+    return want.keys() == state.keys() and all(want[k].shape == state[k].shape for k in want)
+
+
+def registry_input_shape(name: str, state: dict) -> tuple[int, int, int]:
+    """The first of 1×28×28, 3×32×32, 1×32×32, 3×28×28 that the registry model ``name`` with
+    the weights ``state`` fits; raises ``ValueError`` (pass ``input_shape``) when none does."""
+    for shape in _COMMON_SHAPES:
+        if _fits_registry(name, state, shape):
+            return shape
+    raise ValueError(
+        f"cannot tell which input shape this {name} was built for; pass input_shape=(C, H, W)"
+    )
+
+
+def input_shape_value(value, where: str = "input_shape") -> tuple[int, int, int]:
+    """``value`` as ``(C, H, W)``: three positive ints (C ≤ 1024, H and W ≤ 4096); else
+    ``ValueError`` saying so."""
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    if not ok or value[0] > 1024 or max(value[1:]) > 4096:
+        raise ValueError(
+            f"{where} must be three positive ints [C, H, W] (C ≤ 1024, H and W ≤ 4096), "
+            f"got {value!r}"
+        )
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def build_for(name: str, num_classes: int, input_shape, seed: int | None = None) -> nn.Module:
+    """The registry model ``name`` for images ``input_shape = (C, H, W)`` (square: H = W)."""
+    c, h, w = input_shape_value(input_shape)
+    if h != w:
+        raise ValueError(
+            f"the registry models take square images; {name} cannot be built for {c}×{h}×{w} "
+            "(use your own model: --model FILE.py:FACTORY)"
+        )
+    return build_model(name, num_classes, seed, in_channels=c, image_size=h)
 
 
 def save_checkpoint(
@@ -45,25 +103,43 @@ def save_checkpoint(
     model_name: str,
     config: TrainConfig,
     metadata: dict | None = None,
+    *,
+    input_shape: tuple[int, int, int] | None = None,
+    custom: bool = False,
 ) -> Path:
     """Write ``model``'s weights with its config and ``metadata`` (plain values) to ``path``.
-    Raises :class:`~ntkviz.errors.FileWriteError` (an ``OSError``) when it cannot be written."""
+
+    ``input_shape``: the ``(C, H, W)`` the model was built for (for a registry model it is
+    recognised when omitted among 1×28×28, 3×32×32, 1×32×32 and 3×28×28). ``custom``: the model
+    is the user's own, not from the registry; ``model_name`` names it (e.g. its factory spec)
+    and the file holds its weights for ``--model … --weights FILE``. Raises ``ValueError`` for
+    an unknown registry name and :class:`~ntkviz.errors.FileWriteError` (an ``OSError``) when
+    the file cannot be written."""
     from ntkviz import __version__
 
-    if model_name not in MODELS:
-        raise ValueError(f"unknown model {model_name!r}")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+    if not custom and model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; save your own model with custom=True")
     metadata = {"ntkviz_version": __version__, "saved_at": time.time(), **(metadata or {})}
     plain_values(metadata, "metadata")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if input_shape is not None:
+        input_shape = input_shape_value(tuple(input_shape))
+    elif not custom:
+        input_shape = registry_input_shape(model_name, state)
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model": model_name,
+        "custom": bool(custom),
         "num_classes": num_classes_of(state),
         "config": config.to_dict(),
         "metadata": metadata,
         "state_dict": state,
     }
+    if input_shape is not None:
+        payload["input_shape"] = list(input_shape)
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -76,10 +152,14 @@ def num_classes_of(state: dict) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-def read_payload(path: str | Path, fmt: str, version: int, what: str, error=CheckpointError):
+def read_payload(
+    path: str | Path, fmt: str, version: int, what: str, error=CheckpointError, custom_ok=False
+):
     """Load an ntkviz file (``torch.load(..., weights_only=True)``: no code runs) and check its
-    format tag, format version and model name. Returns ``(payload dict, model name)``; raises
-    ``error`` with the reason, ``what`` naming the kind of file ("checkpoint", "session")."""
+    format tag, format version and model name (a registry name, or any name for the user's own
+    model when ``payload["custom"]`` is true and ``custom_ok``). Returns ``(payload dict, model
+    name)``; raises ``error`` with the reason, ``what`` naming the kind of file ("checkpoint",
+    "session")."""
     path = Path(path)
     payload = load_torch_file(path, what, error)
     if not isinstance(payload, dict) or payload.get("format") != fmt:
@@ -96,11 +176,27 @@ def read_payload(path: str | Path, fmt: str, version: int, what: str, error=Chec
             " — upgrade it"
         )
     name = payload.get("model")
-    if not isinstance(name, str) or name not in MODELS:
+    custom = payload.get("custom", False)
+    if not isinstance(custom, bool):
+        raise error(f"{path} is not a valid ntkviz {what}: custom must be true or false")
+    if custom and (not isinstance(name, str) or not name):
+        raise error(f"{path} is not a valid ntkviz {what}: its model name {name!r} is not a name")
+    if custom and not custom_ok:
+        raise error(
+            f"{path} holds the weights of your own model {name!r}, not of a model ntkviz can "
+            f"build: load them into that model with --model {_spec_hint(name)} --weights {path} "
+            "(in the app: File > Open model…)"
+        )
+    if not custom and (not isinstance(name, str) or name not in MODELS):
         raise error(
             f"{path} holds an unknown model {name!r}; this ntkviz knows {', '.join(MODELS)}"
         )
     return payload, name
+
+
+def _spec_hint(name: str) -> str:
+    """``name`` if it looks like a factory spec (``FILE.py:FACTORY``), else a placeholder."""
+    return name if ":" in name and " " not in name else "FILE.py:FACTORY"
 
 
 def _type_name(hint) -> str:
@@ -188,20 +284,23 @@ def _num_classes(payload: dict) -> int:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and validate a checkpoint; raise :class:`CheckpointError` with the reason."""
+    """Read and validate a checkpoint of a registry model, built for the checkpoint's input
+    shape; raise :class:`CheckpointError` with the reason (also for a checkpoint of the user's
+    own model, saying how to load its weights)."""
     path = Path(path)
     payload, name = read_payload(path, FORMAT, VERSION, "checkpoint")
     try:
         num_classes = _num_classes(payload)
         config = config_from(payload)
         metadata = metadata_from(payload)
-        model = build_model(name, num_classes=num_classes, seed=None)
+        shape = input_shape_value(payload.get("input_shape", list(DEFAULT_INPUT_SHAPE)))
+        model = build_for(name, num_classes, shape)
         state = check_state_dict(payload.get("state_dict"), model)
     except ValueError as e:
         raise CheckpointError(f"{path} is not a valid ntkviz checkpoint: {e}") from None
     model.load_state_dict(state, strict=True)
     model.eval()
-    return Checkpoint(model, name, num_classes, config, metadata)
+    return Checkpoint(model, name, num_classes, config, metadata, shape)
 
 
 def load_weights_into(model: nn.Module, path: str | Path) -> Checkpoint:

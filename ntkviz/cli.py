@@ -21,6 +21,21 @@ class _UsageError(Exception):
     """Bad arguments: exit code 2."""
 
 
+DATASET_HELP = (
+    "a dataset by name — mnist (shipped), fashion-mnist, kmnist, emnist-letters, cifar10, "
+    "cifar100, svhn — or a directory of images: DIR/<class>/*.png (a sixth held out as the test "
+    "split) or DIR/train/<class>/… and DIR/test/<class>/… (default mnist)"
+)
+
+
+def _add_data_args(p) -> None:
+    p.add_argument("--dataset", default="mnist", metavar="NAME_OR_DIR", help=DATASET_HELP)
+    p.add_argument("--data-dir", help="where named datasets' files are (default: the ntkviz cache)")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download a named dataset"
+    )
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -32,11 +47,19 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--out", help="checkpoint file to write (.pt)")
     p.add_argument(
-        "--model", default="lenet", help="lenet, mlp, resnet8, resnet20 or vit (default lenet)"
+        "--model",
+        default="lenet",
+        metavar="NAME_OR_PATH:FACTORY",
+        help="lenet, mlp, resnet8, resnet20 or vit (built for the data's image shape; default "
+        "lenet), or your own model: a callable returning an nn.Module, in a .py file or an "
+        "importable module (e.g. my_models.py:build; this runs that code)",
     )
-    p.add_argument("--dataset", default="mnist", help="mnist (shipped), fashion-mnist or kmnist")
-    p.add_argument("--data-dir", help="dataset directory (default: the ntkviz cache)")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument(
+        "--weights",
+        help="start from these weights: a state dict file (torch.save) or an ntkviz checkpoint; "
+        "read without running code",
+    )
+    _add_data_args(p)
     p.add_argument(
         "--paper", action="store_true", help="the paper's setting: 2,000 images, lr 1e-3"
     )
@@ -74,7 +97,8 @@ def _add_pair_args(p) -> None:
         "--model",
         metavar="PATH_OR_MODULE:FACTORY",
         help="your own model instead of a checkpoint: a callable returning an nn.Module, in a .py "
-        "file or an importable module (e.g. my_models.py:build); this runs that code",
+        "file or an importable module (e.g. my_models.py:build); this runs that code. A registry "
+        "name (lenet, mlp, …) is built for the data's image shape",
     )
     p.add_argument(
         "--weights",
@@ -88,8 +112,7 @@ def _add_pair_args(p) -> None:
     p.add_argument("--yu", type=int, help="class to update on (default: x_u's label)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate η of the step")
     p.add_argument("--loss", default="ce", choices=("ce", "neg"), help="ce: learn y_u; neg: ascent")
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-dir")
+    _add_data_args(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,8 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="steps of the trajectory (default 10)")
     p.add_argument("--log", action="store_true", help="trajectory of log π instead of π")
     p.add_argument("--width", type=int, default=1600, help="PNG width in pixels")
-    p = sub.add_parser("demo", help="train briefly, then decompose a 4→9 update (no GUI)")
+    p = sub.add_parser(
+        "demo", help="train briefly, then decompose a 4→9 update (other data: class 0→last; no GUI)"
+    )
     p.add_argument("--lr", type=float, default=0.5)
+    _add_data_args(p)
     return parser
 
 
@@ -285,19 +311,69 @@ def _save_run(out: Path, save) -> int:
     return 1
 
 
+def _check_dataset(args) -> None:
+    """Refuse an unknown dataset name or a missing directory (exit code 2) before any work."""
+    from ntkviz.data import resolve_dataset
+    from ntkviz.errors import DatasetError
+
+    try:
+        resolve_dataset(args.dataset)
+    except DatasetError as e:
+        raise _UsageError(str(e)) from None
+
+
+def _load_data(args):
+    from ntkviz.data import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, download=args.download)
+
+
+def _registry_model(name: str, data, seed: int | None):
+    """The registry model ``name`` built for ``data``'s image shape and classes."""
+    from ntkviz.checkpoint import build_for
+
+    try:
+        return build_for(name, data.num_classes, data.input_shape, seed)
+    except ValueError as e:
+        raise _UsageError(f"{name} cannot be used on {data.name}: {e}") from None
+
+
+def _check_on_data(model, data, name: str) -> None:
+    """One forward pass on two test examples: the model must take the data's images and return
+    one logit per class (ModelError, exit code 1, otherwise)."""
+    from ntkviz.modelspec import check_model
+
+    check_model(model, data.test.x[:2], data.num_classes, name=name)
+
+
 def cmd_train(args) -> int:
     from ntkviz.checkpoint import save_checkpoint
-    from ntkviz.data import load_dataset
-    from ntkviz.models import MODELS, build_model
+    from ntkviz.models import MODELS
     from ntkviz.training import accuracy, resolve_device, run_health, train
 
     config = _train_config(args)
-    if config.model not in MODELS:
-        raise _UsageError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    custom = config.model not in MODELS
+    if custom and ":" not in config.model:
+        raise _UsageError(
+            f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}, or give your own "
+            "as PATH_OR_MODULE:FACTORY (e.g. my_models.py:build)"
+        )
     _check_outputs(args)
+    _check_dataset(args)
     indices = _watch_indices(args.watch) if args.watch else []
     device = resolve_device(config.device)
-    data = load_dataset(args.dataset, args.data_dir, download=args.download)
+    if custom:
+        from ntkviz.modelspec import load_model_spec
+
+        model = load_model_spec(config.model, args.weights)
+    data = _load_data(args)
+    if not custom:
+        model = _registry_model(config.model, data, config.seed)
+        if args.weights:
+            from ntkviz.modelspec import load_weights
+
+            load_weights(model, args.weights, config.model)
+    _check_on_data(model, data, config.model)
     watch = run = None
     if args.watch:
         from ntkviz import __version__
@@ -321,7 +397,7 @@ def cmd_train(args) -> int:
             "ntkviz_version": __version__,
         }
         run = RunAccount(labels, len(data.train), data.num_classes, keep_steps=True, meta=meta)
-    model = build_model(config.model, data.num_classes, seed=config.seed).to(device)
+    model = model.to(device)
     progress = _Progress()
     last = None
     losses = []
@@ -345,9 +421,12 @@ def cmd_train(args) -> int:
         _print_run(run, indices, args.watch_split)
     saves = [(Path(p), run.save) for p in args.accounts or []]
     if args.out:
-        saves.append(
-            (Path(args.out), lambda path: save_checkpoint(path, model, config.model, config, meta))
-        )
+
+        def save_model(path):
+            save_checkpoint(path, model, config.model, config, meta,
+                            input_shape=data.input_shape, custom=custom)  # fmt: skip
+
+        saves.append((Path(args.out), save_model))
     for path, save in saves:  # a write that fails keeps the run beside it (exit code 1)
         failed = _save_run(path, save)
         code = max(code, failed)
@@ -366,16 +445,16 @@ def _pick(data, split: str, index: int, what: str):
 def _check_indices(args) -> None:
     """Refuse --xu, --xo and --yu outside the dataset before it is loaded, where its sizes are
     known (the shipped MNIST, whose files are verified); other datasets are checked after."""
-    from ntkviz.data import DATASETS, SPLIT_SIZES
+    from ntkviz.data import DATASETS, SPLIT_SIZES, dataset_key
 
-    key = args.dataset.lower()
+    key = dataset_key(args.dataset)
     sizes = SPLIT_SIZES.get(key)
     for what, split, index in (("--xu", args.xu_split, args.xu), ("--xo", args.xo_split, args.xo)):
         if index < 0 or (sizes is not None and index >= sizes[split]):
             top = f"0..{sizes[split] - 1}" if sizes is not None else "0 or more"
             raise _UsageError(f"{what} index {index} is outside the {split} split ({top})")
-    if args.yu is not None and key in DATASETS:
-        classes = len(DATASETS[key][3])
+    if args.yu is not None and key in DATASETS and DATASETS[key].classes is not None:
+        classes = len(DATASETS[key].classes)
         if not 0 <= args.yu < classes:
             raise _UsageError(f"--yu must be a class in 0..{classes - 1}, got {args.yu}")
 
@@ -384,17 +463,20 @@ def _pair_from_args(args):
     """The model (a checkpoint's, or --model/--weights), x_o, x_u, y_u and the export metadata
     the arguments name."""
     from ntkviz.checkpoint import load_checkpoint
-    from ntkviz.data import load_dataset
 
     if args.lr != args.lr or args.lr in (float("inf"), float("-inf")):
         raise _UsageError(f"--lr must be finite, got {args.lr}")
     _check_indices(args)  # before the checkpoint and the dataset are loaded
+    _check_dataset(args)
     if args.weights and not args.model:
         raise _UsageError("--weights goes with --model (a checkpoint holds its own weights)")
-    if args.model:
-        from ntkviz.modelspec import check_model, load_model_spec
+    from ntkviz.models import MODELS
 
-        model = load_model_spec(args.model, args.weights)
+    registry = args.model in MODELS
+    if args.model:
+        from ntkviz.modelspec import load_model_spec
+
+        model = None if registry else load_model_spec(args.model, args.weights)
         source = {"model": args.model, "weights": args.weights}
     else:
         ckpt = load_checkpoint(args.checkpoint)
@@ -405,9 +487,22 @@ def _pair_from_args(args):
             "seed": ckpt.config.seed,
             "checkpoint": str(args.checkpoint),
         }
-    data = load_dataset(args.dataset, args.data_dir)
-    if args.model:
-        check_model(model, data.test.x[:2], data.num_classes, name=args.model)
+    data = _load_data(args)
+    if not args.model and ckpt.input_shape != data.input_shape:
+        from ntkviz.errors import ModelError
+
+        shapes = "×".join(map(str, ckpt.input_shape)), "×".join(map(str, data.input_shape))
+        raise ModelError(
+            f"the checkpoint's {ckpt.model_name} was built for {shapes[0]} images; {data.name}'s "
+            f"are {shapes[1]}"
+        )
+    if registry:  # a registry name with --model: built for the data, with --weights if given
+        model = _registry_model(args.model, data, seed=0)
+        if args.weights:
+            from ntkviz.modelspec import load_weights
+
+            load_weights(model, args.weights, args.model)
+    _check_on_data(model, data, args.model or ckpt.model_name)
     x_u, label_u = _pick(data, args.xu_split, args.xu, "--xu")
     x_o, label_o = _pick(data, args.xo_split, args.xo, "--xo")
     y_u = label_u if args.yu is None else args.yu
@@ -421,6 +516,8 @@ def _pair_from_args(args):
         "loss": args.loss,
         **source,
     }
+    meta["dataset"] = data.name
+    args.classes = data.classes
     return model, x_o, x_u, y_u, meta
 
 
@@ -452,7 +549,7 @@ def cmd_decompose(args) -> int:
 
     model, x_o, x_u, y_u, meta = _pair_from_args(args)
     dec = decompose(model, x_o, x_u, y_u, args.lr, args.loss)
-    print(format_decomposition(dec))
+    print(format_decomposition(dec, list(args.classes)))
     if args.out:
         write_decomposition(dec, args.out, meta)
         print(f"wrote {args.out}")
@@ -494,23 +591,30 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ntkviz.data import load_dataset
     from ntkviz.decomposition import decompose
-    from ntkviz.models import build_model
     from ntkviz.training import TrainConfig, accuracy, train
 
-    data = load_dataset()
+    _check_dataset(args)
+    data = _load_data(args)
     config = TrainConfig(epochs=1)
-    model = build_model("lenet", seed=0)
+    model = _registry_model("lenet", data, seed=0)
     progress = _Progress()
     for record in train(model, data, config):
         progress(record)
     print(f"LeNet test accuracy {accuracy(model, data.test.x, data.test.y):.4f}")
-    u = int((data.train.y == 4).nonzero()[0])
-    o = int((data.test.y == 9).nonzero()[0])
-    print(f"x_u = train[{u}] (a 4), y_u = 4; x_o = test[{o}] (a 9); one SGD step, η = {args.lr}")
-    dec = decompose(model, data.test.x[o], data.train.x[u], 4, args.lr)
-    print(format_decomposition(dec))
+    c_u, c_o = (4, 9) if data.num_classes >= 10 else (0, data.num_classes - 1)
+    train_of, test_of = (data.train.y == c_u).nonzero(), (data.test.y == c_o).nonzero()
+    if not len(train_of) or not len(test_of):
+        raise _UsageError(f"{data.name} has no training example of class {c_u} or no test "
+                          f"example of class {c_o}")  # fmt: skip
+    u, o = int(train_of[0, 0]), int(test_of[0, 0])
+    names = data.classes
+    print(
+        f"x_u = train[{u}] (a {names[c_u]}), y_u = {names[c_u]}; x_o = test[{o}] (a {names[c_o]}); "
+        f"one SGD step, η = {args.lr}"
+    )
+    dec = decompose(model, data.test.x[o], data.train.x[u], c_u, args.lr)
+    print(format_decomposition(dec, list(names)))
     return 0
 
 

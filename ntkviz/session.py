@@ -4,10 +4,16 @@ selections, step-through history and recorded kernel maps.
 Written atomically with ``torch.save`` of plain values and tensors; read with
 ``torch.load(..., weights_only=True)``, so opening a session never runs code from it. Every field
 is checked on load; a file that fails is refused with one :class:`SessionError` naming the field.
+
+A session records the input shape ``[C, H, W]`` of its data (files without one: 1×28×28) and
+whether its model is the user's own (``custom``). A registry model is rebuilt for that shape; the
+weights of the user's own model are checked against (and later loaded into) the model the caller
+passes — ntkviz cannot build it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,15 +21,17 @@ import numpy as np
 import torch
 
 from ntkviz.checkpoint import (
+    DEFAULT_INPUT_SHAPE,
     atomic_write,
+    build_for,
     check_state_dict,
     config_from,
+    input_shape_value,
     num_classes_of,
     read_payload,
 )
 from ntkviz.checks import class_index, plain_values, positive_int, real_number
 from ntkviz.errors import CheckpointError
-from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
 
 FORMAT = "ntkviz-session"
@@ -57,7 +65,9 @@ class Session:
     ``selection``: plain values (indices, splits, y_u, η, loss kind);
     ``history``: one dict per applied step: plain values, and tensors (e.g. ``"state_before"``,
     a state dict of the model, and ``"lr"``, a finite number);
-    ``kernel_maps``: ``[(training step, (C, C) array)]``.
+    ``kernel_maps``: ``[(training step, (C, C) array)]``;
+    ``input_shape``: ``(C, H, W)`` of the data; ``custom``: the model is the user's own
+    (``model_name`` then names it, e.g. by its factory spec).
     """
 
     model_name: str
@@ -68,11 +78,28 @@ class Session:
     selection: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     kernel_maps: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE
+    custom: bool = False
 
-    def build_model(self) -> torch.nn.Module:
-        model = build_model(self.model_name, num_classes_of(self.state_dict), seed=None)
+    def build_model(self, template: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The session's model with its weights: a registry model built for ``input_shape``, or
+        for the user's own model a copy of ``template`` (that model) with the weights loaded.
+        Raises :class:`SessionError` for a custom session without a template."""
+        if self.custom:
+            if template is None:
+                raise SessionError(_needs_model(self.model_name))
+            model = copy.deepcopy(template)
+        else:
+            model = build_for(self.model_name, num_classes_of(self.state_dict), self.input_shape)
         model.load_state_dict(self.state_dict)
         return model
+
+
+def _needs_model(name: str) -> str:
+    return (
+        f"this session holds the weights of your own model {name!r}; open that model first "
+        "(File > Open model…)"
+    )
 
 
 def save_session(path: str | Path, session: Session) -> Path:
@@ -84,6 +111,8 @@ def save_session(path: str | Path, session: Session) -> Path:
         "version": VERSION,
         "ntkviz_version": __version__,
         "model": session.model_name,
+        "custom": bool(session.custom),
+        "input_shape": list(input_shape_value(tuple(session.input_shape))),
         "state_dict": {k: v.detach().cpu().clone() for k, v in session.state_dict.items()},
         "config": session.config.to_dict(),
         "step": int(session.step),
@@ -175,16 +204,30 @@ def _kernel_maps(raw, num_classes: int) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def load_session(path: str | Path) -> Session:
-    """Read and validate a session file; raise :class:`SessionError` with the reason."""
-    payload, name = read_payload(path, FORMAT, VERSION, "session", SessionError)
+def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Session:
+    """Read and validate a session file; raise :class:`SessionError` with the reason.
+
+    ``model``: for a session of the user's own model (``custom``), that model — the template its
+    weights are checked against (keys, shapes, kinds); without it such a session is refused with
+    a message saying to open the model first. Registry sessions ignore ``model``."""
+    payload, name = read_payload(path, FORMAT, VERSION, "session", SessionError, custom_ok=True)
+    custom = payload.get("custom", False)
+    if custom and model is None:
+        raise SessionError(_needs_model(name))
     try:
         version = payload.get("ntkviz_version")
         if version is not None and not isinstance(version, str):
             raise ValueError(f"ntkviz_version must be a string, got {version!r}")
         state = payload.get("state_dict")
         num_classes = _outputs(state)
-        model = build_model(name, num_classes, seed=None)
+        shape = input_shape_value(payload.get("input_shape", list(DEFAULT_INPUT_SHAPE)))
+        if custom:
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+            template = model
+        else:
+            template = build_for(name, num_classes, shape)
+        model = template
         session = Session(
             model_name=name,
             state_dict=check_state_dict(state, model),
@@ -194,6 +237,8 @@ def load_session(path: str | Path) -> Session:
             selection=_selection(payload.get("selection", {}), num_classes),
             history=_history(payload.get("history", []), model),
             kernel_maps=_kernel_maps(payload.get("kernel_maps", []), num_classes),
+            input_shape=shape,
+            custom=custom,
         )
     except ValueError as e:
         raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None

@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 100  #: steps between test-accuracy evaluations (and at the end)
-    eval_size: int | None = 2000  #: test images used for periodic accuracy; None = all 10,000
+    eval_size: int | None = 2000  #: test images used for periodic accuracy; None = all
     optimizer: str = "sgd"  #: "sgd" (uses momentum, nesterov), "adam" or "adamw" (betas, eps)
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,3 +154,74 @@ def test_unsavable_metadata_is_refused_before_writing(tmp_path):
             tmp_path / "m.pt", build_model("mlp"), "mlp", TrainConfig(), {"x": object()}
         )
     assert not list(tmp_path.iterdir())
+
+
+def test_a_resnet20_for_cifar_shapes_round_trips(tmp_path):
+    model = build_model("resnet20", 10, seed=3, in_channels=3, image_size=32)
+    path = save_checkpoint(tmp_path / "r.pt", model, "resnet20", TrainConfig(model="resnet20"),
+                           input_shape=(3, 32, 32))  # fmt: skip
+    assert torch.load(path, weights_only=True)["input_shape"] == [3, 32, 32]
+    ckpt = load_checkpoint(path)
+    assert ckpt.input_shape == (3, 32, 32) and ckpt.model_name == "resnet20"
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(ckpt.model(x), model(x), rtol=0, atol=0)
+    # recognised without input_shape; an MLP's first layer gives its shape away
+    mlp = build_model("mlp", 7, in_channels=3, image_size=32)
+    path = save_checkpoint(tmp_path / "m.pt", mlp, "mlp", TrainConfig())
+    assert load_checkpoint(path).input_shape == (3, 32, 32)
+    assert load_checkpoint(path).model.fc1.in_features == 3 * 32 * 32
+
+
+def test_files_without_an_input_shape_are_mnist_models(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", build_model("lenet"), "lenet", TrainConfig())
+    payload = torch.load(path, weights_only=True)
+    del payload["input_shape"], payload["custom"]
+    torch.save(payload, path)
+    assert load_checkpoint(path).input_shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("bad", [[3, 32], [0, 32, 32], [3, 32.0, 32], [True, 2, 2], "3x32x32"])
+def test_a_bad_input_shape_is_refused(tmp_path, bad):
+    path = save_checkpoint(tmp_path / "m.pt", build_model("lenet"), "lenet", TrainConfig())
+    payload = torch.load(path, weights_only=True)
+    payload["input_shape"] = bad
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"input_shape must be three positive ints"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_for_other_channels_does_not_fit(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", build_model("lenet"), "lenet", TrainConfig())
+    payload = torch.load(path, weights_only=True)
+    payload["input_shape"] = [3, 28, 28]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"conv1.weight.*has shape \(6, 1, 5, 5\)"):
+        load_checkpoint(path)
+
+
+def test_your_own_models_checkpoint_is_weights_for_that_model(tmp_path):
+    from ntkviz.modelspec import load_model_spec, read_state_dict
+
+    spec = f"{Path(__file__).parent / 'user_models.py'}:small_cnn"
+    model = load_model_spec(spec)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with pytest.raises(ValueError, match="custom=True"):
+        save_checkpoint(tmp_path / "c.pt", model, spec, TrainConfig())
+    path = save_checkpoint(tmp_path / "c.pt", model, spec, TrainConfig(), custom=True)
+    payload = torch.load(path, weights_only=True)
+    assert payload["custom"] is True and "input_shape" not in payload
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert f"holds the weights of your own model {spec!r}" in message
+    assert f"--model {spec} --weights {path}" in message and "File > Open model" in message
+    fresh = load_model_spec(spec, weights=path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert read_state_dict(path).keys() == model.state_dict().keys()
+    payload["custom"] = "yes"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="custom must be true or false"):
+        load_checkpoint(path)

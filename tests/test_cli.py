@@ -283,3 +283,109 @@ def test_cli_outputs_in_the_repository_root_are_ignored_by_git():
     outputs = ["lenet.pt", "paper.pt", "result.json", "s.ntks", "fig.png", "fig.svg", "r.npz"]
     assert ignored(*outputs, "r.csv") == [*outputs, "r.csv"]
     assert ignored("docs/screenshots/main.png", "resources/mnist/x.json", "tests/m.pt") == []
+
+
+# --------------------------------------------------------------------------- any data, any model
+
+USER_MODELS = Path(__file__).parent / "user_models.py"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """DIR/<class>/*.png: 3 classes of 8 RGB 8×8 images each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "shapes"
+    rng = np.random.default_rng(0)
+    for c in ("red", "green", "blue"):
+        (root / c).mkdir(parents=True)
+        for k in range(8):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{k}.png")
+    return root
+
+
+def test_your_model_trains_on_an_image_folder_and_decomposes(image_folder, tmp_path, capsys):
+    from ntkviz.data import load_dataset
+    from ntkviz.modelspec import load_model_spec
+
+    spec = f"{USER_MODELS}:tiny_rgb"
+    out = tmp_path / "f.pt"
+    data_args = ["--dataset", str(image_folder)]
+    args = ["train", "--model", spec, *data_args, "--epochs", "1", "--train-size", "12"]
+    assert main([*args, "--batch-size", "4", "--out", str(out), "--quiet"]) == 0, (
+        capsys.readouterr().err
+    )
+    payload = torch.load(out, weights_only=True)
+    assert payload["custom"] is True and payload["model"] == spec
+    assert payload["input_shape"] == [3, 8, 8] and payload["metadata"]["dataset"] == "shapes"
+    assert main(["decompose", "--checkpoint", str(out), "--xu", "0", "--xo", "1", *data_args]) == 1
+    assert "holds the weights of your own model" in capsys.readouterr().err
+    result = tmp_path / "r.json"
+    args = ["decompose", "--model", spec, "--weights", str(out), *data_args, "--xu", "0"]
+    assert main([*args, "--xo", "1", "--out", str(result)]) == 0, capsys.readouterr().err
+    record = json.loads(result.read_text())
+    assert record["meta"]["x_u"]["index"] == 0 and record["meta"]["dataset"] == "shapes"
+    values = np.array(record["actual"], dtype=float)
+    assert values.shape == (3,) and np.isfinite(values).all()
+    # the same numbers as the API on the same model, weights and data
+    data = load_dataset(image_folder)
+    model = load_model_spec(spec, weights=out)
+    dec = decompose(model, data.test.x[1], data.train.x[0], int(data.train.y[0]), 0.1)
+    np.testing.assert_allclose(values, dec.actual, **float32_tolerance(dec.actual))
+
+
+def test_registry_models_are_built_for_the_datas_shape(image_folder, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    args = ["train", "--model", "mlp", "--dataset", str(image_folder), "--epochs", "1"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    ckpt = load_checkpoint(out)
+    assert ckpt.input_shape == (3, 8, 8) and ckpt.model.fc1.in_features == 3 * 8 * 8
+    assert ckpt.num_classes == 3
+    args = ["--checkpoint", str(out), "--dataset", str(image_folder), "--xu", "0", "--xo", "0"]
+    assert main(["decompose", *args]) == 0
+    assert "green" in capsys.readouterr().out  # rows named by the folder's classes
+    assert main(["decompose", *args[:2], "--xu", "0", "--xo", "0"]) == 1  # on MNIST
+    assert "was built for 3×8×8 images; mnist's are 1×28×28" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["train", "--dataset", "imagenet"], 2, "unknown dataset 'imagenet'; choose one of mnist"),
+        (["train", "--dataset", "./no/such/dir"], 2, "dataset directory no/such/dir does not"),
+        (["decompose", "--model", "mlp", "--xu", "0", "--xo", "0", "--dataset", "cifar10",
+          "--data-dir", "EMPTY"], 1, "CIFAR10: dataset files not found in EMPTY/cifar-10-batches-py"),
+        (["train", "--model", "nonsense"], 2, "unknown model 'nonsense'; choose one of lenet"),
+        (["train", "--model", f"{USER_MODELS}:small_cnn", "--dataset", "FOLDER"], 1,
+         "fails on a batch of shape (2, 3, 8, 8)"),
+        (["train", "--model", f"{USER_MODELS}:five_classes"], 1, "returns 5 logits per example "
+         "but the data has 10 classes"),
+        (["train", "--model", "lenet", "--dataset", "FOLDER"], 2, "lenet cannot be used on "
+         "shapes: LeNet needs images of at least 12×12 pixels"),
+        (["demo", "--dataset", "emnist", "--data-dir", "EMPTY"], 1, "EMNIST letters: dataset "
+         "files not found in EMPTY/EMNIST/raw: emnist-letters-train-images-idx3-ubyte"),
+        (["train", "--dataset", "ODD"], 1, "all images must have one size"),
+    ],
+)  # fmt: skip
+def test_bad_data_and_models_exit_with_one_line(
+    args, code, message, image_folder, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    odd = tmp_path / "odd"
+    for c, size in (("a", 8), ("b", 9)):
+        (odd / c).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.zeros((size, size), np.uint8)).save(odd / c / f"{k}.png")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    subs = {"FOLDER": str(image_folder), "EMPTY": str(tmp_path / "empty"), "ODD": str(odd)}
+    args = [subs.get(a, a) for a in args]
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "m.pt"), "--epochs", "1", "--quiet"]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    for key, value in subs.items():
+        message = message.replace(key, value)
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -115,3 +115,41 @@ def test_history_with_the_models_weights_round_trips(tmp_path):
     s.history = [{"lr": 0.5, "state_before": {k: v + 1 for k, v in s.state_dict.items()}}]
     t = load_session(save_session(tmp_path / "s.ntkviz", s))
     assert torch.equal(t.history[0]["state_before"]["fc3.bias"], s.state_dict["fc3.bias"] + 1)
+
+
+def test_a_cifar_resnet_session_round_trips(tmp_path):
+    model = build_model("resnet20", 10, seed=1, in_channels=3, image_size=32)
+    s = Session("resnet20", model.state_dict(), TrainConfig(model="resnet20"),
+                input_shape=(3, 32, 32))  # fmt: skip
+    t = load_session(save_session(tmp_path / "s.ntkviz", s))
+    assert t.input_shape == (3, 32, 32) and not t.custom
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(t.build_model().eval()(x), model(x), rtol=0, atol=0)
+
+
+def test_a_session_of_your_own_model_needs_that_model(tmp_path):
+    from pathlib import Path
+
+    from ntkviz.modelspec import load_model_spec
+
+    spec = f"{Path(__file__).parent / 'user_models.py'}:small_cnn"
+    model = load_model_spec(spec)
+    s = Session(spec, model.state_dict(), TrainConfig(), step=3, custom=True,
+                history=[{"lr": 0.1, "state_before": model.state_dict()}])  # fmt: skip
+    path = save_session(tmp_path / "s.ntkviz", s)
+    with pytest.raises(SessionError, match=r"your own model .*open that model first \(File > Open"):
+        load_session(path)
+    with pytest.raises(SessionError, match="open that model first"):
+        s.build_model()
+    t = load_session(path, model=load_model_spec(spec))
+    assert t.custom and t.model_name == spec and t.step == 3
+    rebuilt = t.build_model(load_model_spec(spec))
+    for k, v in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k
+    with pytest.raises(SessionError, match="does not fit the model"):
+        load_session(path, model=build_model("lenet"))
+    wrong_kind = load_model_spec(spec)
+    wrong_kind[1].num_batches_tracked = torch.zeros(())  # a float where an int was
+    with pytest.raises(SessionError, match=r"num_batches_tracked.. must be floating-point"):
+        load_session(path, model=wrong_kind)

@@ -48,3 +48,15 @@ def not_a_module():
 
 
 NOT_CALLABLE = 42
+
+
+def tiny_rgb() -> nn.Module:
+    """A tiny CNN for 3×8×8 RGB images of 3 classes (the CLI tests' image folder)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
