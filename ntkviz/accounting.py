@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from ntkviz.decomposition import Decomposition
-from ntkviz.kernel import _as_batch, _chain, _Unsupported, empirical_ntk, eval_mode
+from ntkviz.kernel import _as_batch, _chain, _kind, _Unsupported, empirical_ntk, eval_mode
 
 #: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
 SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -811,11 +811,23 @@ def _class_cotangents(classes: Tensor):
 
 
 def _structured_layers(model: nn.Module):
-    """``(chain, trainable layers)`` of a chain model for the factored path, else ``(None, None)``."""
+    """``(chain, trainable layers)`` of a flat chain model for the factored path, else ``(None,
+    None)``: the accounts factor Linear and Conv2d layers (numeric padding) only; residual blocks
+    and trainable batch norms take the generic path."""
     chain = _chain(model)
     if chain is None:
         return None, None
-    layers = [m for _, m in chain if any(p.requires_grad for p in m.parameters())]
+    layers = []
+    for _, m in chain:
+        if not isinstance(m, nn.Module):  # a residual block
+            return None, None
+        if any(p.requires_grad for p in m.parameters()):
+            kind = _kind(m)
+            if kind not in ("linear", "conv2d") or (
+                kind == "conv2d" and isinstance(m.padding, str)
+            ):
+                return None, None
+            layers.append(m)
     return (chain, layers) if layers else (None, None)
 
 

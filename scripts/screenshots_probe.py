@@ -1,6 +1,7 @@
 """Screenshots of the probe views (issue 4): train a LeNet for one epoch on 20,000 MNIST images
 while recording class×class kernel maps, then learn a "4" as 4 and look at its influence on the
-whole test split, the kernel map, the squeezing lab, and the per-layer split and spectrum.
+whole test split, the kernel map, the squeezing lab, the watch of the run, and the per-layer
+split and spectrum.
 
     QT_QPA_PLATFORM=offscreen python scripts/screenshots_probe.py [out_dir]
 """
@@ -88,6 +89,17 @@ def main(out_dir: str = "docs/screenshots") -> int:
     window.show_view(sv)
     settle(app)
     window.centralWidget().grab().save(str(out / "squeeze.png"))
+
+    # the watch: what the run did to the watched 9, step 200's batch, who moved it most
+    wv = views["watch_ranking"]
+    window.show_view(wv)
+    wv.show_step(200)
+    wait_until(app, lambda: "watch_detail" in shown)
+    shown.pop("watch_ranking", None)
+    wv.run()
+    wait_until(app, lambda: "watch_ranking" in shown)
+    settle(app)
+    window.centralWidget().grab().save(str(out / "watch.png"))
 
     shown.pop("spectrum")
     lv.run()

@@ -90,6 +90,18 @@ def randomise_batch_norms(model: nn.Module) -> nn.Module:
 SHAPES = {"kitchen_sink": (3, 16, 16), "resnet8_cifar": (3, 32, 32), "vit_cifar": (3, 32, 32)}
 
 
+class BatchNormBlocks(nn.Sequential):
+    """A chain with a trainable BatchNorm and a residual block (kernels: structured path; step
+    accounts: generic path)."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            BranchSum(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)), nn.Identity()),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 7 * 7, 10),
+        )  # fmt: skip
+
+
 def make(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "tiny_cnn":
@@ -98,6 +110,8 @@ def make(name: str, seed: int = 0) -> nn.Module:
         m = Residual()
         m.bn.running_mean.uniform_(-0.5, 0.5)
         m.bn.running_var.uniform_(0.5, 2.0)
+    elif name == "bn_blocks":
+        m = randomise_batch_norms(BatchNormBlocks())
     elif name == "kitchen_sink":
         m = randomise_batch_norms(KitchenSink())
     elif name in ("resnet8_cifar", "vit_cifar"):

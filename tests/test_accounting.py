@@ -216,6 +216,8 @@ CASES = [("tiny_cnn", o) for o in OPTIMIZERS] + [
     ("dropout_mlp", "adam"),
     ("residual", "sgd-momentum-decay"),
     ("residual", "adam"),
+    ("bn_blocks", "sgd-momentum-decay"),
+    ("bn_blocks", "adamw"),
 ]
 
 
@@ -252,7 +254,7 @@ def test_every_term_equals_its_definition(model_name, opt_name):
     )
     assert np.array_equal(acc.residual, acc.actual - acc.predicted)
     assert np.array_equal(acc.dz_residual, acc.dz_actual - acc.dz_predicted)
-    if model_name not in ("dropout_mlp", "residual"):  # same Jacobians in train and eval mode
+    if model_name not in ("dropout_mlp", "residual", "bn_blocks"):  # train = eval Jacobians
         close(acc.dz_predicted, want["dz_step"])  # = J(x_o)·Δθ of the real step
 
     # contributions, the top contributor and its kernel K_P = J_o·P·J_bᵀ
@@ -281,6 +283,7 @@ CLASS_CASES = [
     ("mlp", "adam"),
     ("dropout_mlp", "sgd-nesterov"),
     ("residual", "sgd-momentum-decay"),
+    ("bn_blocks", "sgd-nesterov"),
 ]
 
 

@@ -91,7 +91,7 @@ class Engine:
         self,
         emit: Callable[[object], None],
         config: TrainConfig | None = None,
-        dataset: ImageDataset | None = None,
+        dataset=None,  # an ImageDataset, or anything as_image_dataset takes
         dataset_name: str = "mnist",
         user_model: UserModel | None = None,
         model: torch.nn.Module | None = None,
@@ -153,6 +153,10 @@ class Engine:
         self.emit_info()
         if self.data is None:
             self.data = load_dataset(self._dataset_name)
+        elif not isinstance(self.data, ImageDataset):  # torchvision-style sets, a name, a folder
+            from ntkviz.data import as_image_dataset
+
+            self.data = as_image_dataset(self.data)
         self._emit_dataset()
         if self._given is not None:
             from ntkviz.modelspec import check_model
@@ -594,15 +598,60 @@ class Engine:
     def save_checkpoint(self, path: str, metadata: dict) -> None:
         """Save the model with ``metadata`` and its training step (and applied steps)."""
         metadata = {**metadata, "step": self.step, "applied_steps": len(self.undo_stack)}
-        save_checkpoint(path, self.model, self.model_name, self.config, metadata)
+        save_checkpoint(
+            path, self.model, self.model_name, self.config, metadata,
+            input_shape=self.data.input_shape, custom=self._user_model_current,
+        )  # fmt: skip
         self.emit(Event("checkpoint_saved", str(path)))
         self.message(f"saved checkpoint {path}")
 
+    @property
+    def _user_model_current(self) -> bool:
+        """Whether the model is the user's own (not one of the registry's)."""
+        return self.user_model is not None and self.model_name == self.user_model.label
+
     def load_checkpoint(self, path: str) -> None:
-        ckpt = load_checkpoint(path)
-        self._set_model(ckpt.model, ckpt.config, path, int(ckpt.metadata.get("step", 0)))
+        """A registry model's checkpoint (built for the data), or the weights of the user's own
+        model in its checkpoint (into a copy of the current one). Nothing changes unless the
+        checkpoint fits the data."""
+        from ntkviz.checkpoint import FORMAT, VERSION, config_from, metadata_from, read_payload
+        from ntkviz.errors import CheckpointError
+
+        payload, name = read_payload(path, FORMAT, VERSION, "checkpoint", custom_ok=True)
+        if payload.get("custom"):
+            if not self._user_model_current:
+                load_checkpoint(path)  # raises, saying how to open the user's model
+            import copy
+
+            from ntkviz.modelspec import load_weights
+
+            model = copy.deepcopy(self.model)
+            load_weights(model, path, name)
+            try:
+                config, metadata = config_from(payload), metadata_from(payload)
+            except ValueError as e:
+                raise CheckpointError(f"{path} is not a valid ntkviz checkpoint: {e}") from None
+            config = replace(config, model=self.model_name, device=self.config.device)
+        else:
+            ckpt = load_checkpoint(path)
+            self._check_fits(ckpt.input_shape, ckpt.num_classes, f"{path} holds a model")
+            model, config, metadata = ckpt.model, ckpt.config, ckpt.metadata
+        self._set_model(model, config, path, int(metadata.get("step", 0)))
         self._run_state("ready")
         self.message(f"loaded checkpoint {path}")
+
+    def _check_fits(self, input_shape, num_classes: int, what: str) -> None:
+        """Refuse a model built for other images or another number of classes than the data's."""
+        from ntkviz.errors import CheckpointError
+
+        d = self.data
+        if tuple(input_shape) != tuple(d.input_shape) or num_classes != d.num_classes:
+            have = "×".join(map(str, input_shape))
+            want = "×".join(map(str, d.input_shape))
+            raise CheckpointError(
+                f"{what} for {have} images and {num_classes} classes; {d.name}'s images are "
+                f"{want} with {d.num_classes} classes (File ▸ Open dataset… first)"
+            )
 
     def save_session(self, path: str, parts: dict) -> None:
         """Write weights, config, the undo stack and the features' ``parts`` (plain values) to
@@ -624,6 +673,8 @@ class Engine:
             step=self.step,
             selection=dict(parts),
             history=history,
+            input_shape=self.data.input_shape,
+            custom=self._user_model_current,
         )
         save_session(path, session)
         self.emit(Event("session_saved", str(path)))
@@ -631,13 +682,16 @@ class Engine:
 
     def open_session(self, path: str) -> None:
         """Replace everything by the session in ``path``; a bad file changes nothing."""
-        session = load_session(path)
-        model = session.build_model()
+        template = self.model if self._user_model_current else None
+        session = load_session(path, template)
+        V = num_classes_of(session.state_dict)
+        if not session.custom:
+            self._check_fits(session.input_shape, V, f"{path} holds a model")
+        model = session.build_model(template)
         from ntkviz.app.features.pair import PairRequest
 
         stack, lrs, pairs = [], [], []
-        probe = session.build_model()
-        V = num_classes_of(session.state_dict)
+        probe = session.build_model(template)
         parts = session_parts(session)
         try:
             if "pair" in parts:
@@ -662,7 +716,10 @@ class Engine:
         except ValueError as e:
             raise SessionError(f"{path}: invalid training config: {e}") from None
         # everything checked: now replace the state
-        self._set_model(model, session.config, str(path), session.step, emit=False)
+        config = session.config
+        if session.custom:
+            config = replace(config, model=self.model_name)
+        self._set_model(model, config, str(path), session.step, emit=False)
         self.undo_stack = [
             Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack
         ]

@@ -108,8 +108,11 @@ def after_first_paint(window, callback, wait_ms: int = 1000) -> None:
 
 def show(model=None, data=None, *, config=None, block: bool = True, train: bool = False):
     """Open the ntkviz app on ``model`` (any ``nn.Module`` mapping a batch to logits ``(N, V)``;
-    default: the registry's LeNet) and ``data`` (an :class:`~ntkviz.data.ImageDataset`; default:
-    the shipped MNIST), from a script or a notebook.
+    default: the registry's LeNet) and ``data`` (default: the shipped MNIST): an
+    :class:`~ntkviz.data.ImageDataset`, a ``(train, test)`` pair of map-style datasets yielding
+    ``(image, label)`` such as torchvision's, one such dataset (a test part is held out), a
+    dataset name or a folder of class folders (see :func:`~ntkviz.data.as_image_dataset`),
+    from a script or a notebook.
 
     The model is copied: the app never trains the caller's object unless ``train`` is true (then
     it works on it in its own thread — leave it alone meanwhile). "Start" re-initialises a copy

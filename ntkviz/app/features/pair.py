@@ -14,7 +14,6 @@ import numpy as np
 from ntkviz.app.jobs import Progress
 from ntkviz.app.messages import readonly
 from ntkviz.app.state import AppState, Example
-from ntkviz.checks import class_index, real_number
 
 #: Interactive jobs run before probe sweeps.
 INTERACTIVE = 0
@@ -53,6 +52,8 @@ class PairRequest:
     @classmethod
     def from_dict(cls, d, num_classes: int | None = None) -> PairRequest:
         """The request stored by :meth:`to_dict`; ``ValueError`` saying which field is wrong."""
+        from ntkviz.checks import class_index, real_number  # torch: not before the first paint
+
         if not isinstance(d, dict):
             raise ValueError(f"the pair must be a dict, got {type(d).__name__}")
         try:
@@ -71,6 +72,8 @@ class PairRequest:
 
 def _example(value, name: str) -> Example:
     """``[split, index]`` as an :class:`Example`."""
+    from ntkviz.checks import class_index
+
     if not isinstance(value, list | tuple) or len(value) != 2 or value[0] not in ("train", "test"):
         raise ValueError(f'{name} must be ["train" or "test", index], got {value!r}')
     return Example(value[0], class_index(value[1], f"{name} index"))

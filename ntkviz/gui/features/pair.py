@@ -272,7 +272,7 @@ class PairView(FeatureView):
             "x_u": example(r.x_u), "x_o": example(r.x_o), "y_u": c[r.y_u], "lr": r.lr,
             "loss": r.loss, "model": result.model_name, "training_step": result.step,
             "applied_steps": result.applied_steps, "seed": result.seed, "dataset": d.name,
-            "ntkviz_version": __version__,
+            "classes": list(c), "ntkviz_version": __version__,
         }  # fmt: skip
 
     def export_figure(self, path: str, width: int = 1600) -> Path:

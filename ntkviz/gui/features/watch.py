@@ -208,7 +208,7 @@ class WatchView(ProbeView):
                 label, steps, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)
             )
         actual = np.cumsum(t["actual"][:, w])
-        self._curve("actual change", steps, actual, pg.mkPen("#d62728", width=3))
+        self._curve("actual change", steps, actual, pg.mkPen("#000000", width=3))
         e = self.run_examples[w]
         self.caption.setText(
             f"x<sub>o</sub> = {e} (label {c[self.state.label(e)]}): log π of its class went "

@@ -1,0 +1,148 @@
+"""The app on a model and data of the user's (#11): ``ntkviz.show`` with a Python model and a
+pair of torchvision ``FakeData`` sets of RGB images with 5 and with 100 classes — training,
+decomposition (against the core), export, a session saved and reopened, class names on the axes,
+colour thumbnails — and File ▸ Open dataset on a folder of class folders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gui_helpers import TIMEOUT, model_state, settings_in, train_batches, wait_current, wait_event
+from torch import nn
+from torchvision.datasets import FakeData
+from torchvision.transforms import ToTensor
+
+from ntkviz.decomposition import decompose
+from ntkviz.gui.plots import class_ticks
+from ntkviz.gui.widgets import image_pixmap
+from ntkviz.training import TrainConfig
+
+CONFIG = TrainConfig(train_size=None, batch_size=16, epochs=1, eval_every=2, eval_size=40, lr=0.05)
+
+
+def rgb_sets(num_classes: int):
+    """Train and test ``FakeData`` of 3×16×16 images in [0, 1] (``ToTensor``)."""
+    common = {"image_size": (3, 16, 16), "num_classes": num_classes, "transform": ToTensor()}
+    train = FakeData(size=max(96, 2 * num_classes), random_offset=0, **common)
+    test = FakeData(size=max(48, num_classes), random_offset=100_000, **common)
+    train.classes = test.classes = [f"class {k:03d} of a long name" for k in range(num_classes)]
+    return train, test
+
+
+def small_cnn(num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, num_classes),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def show_window(qtbot, tmp_path, monkeypatch):
+    """``ntkviz.show(model, data, block=False)`` with settings in ``tmp_path``, ready."""
+    monkeypatch.setattr("ntkviz.gui.window.QSettings", lambda *a: settings_in(tmp_path))
+
+    def open_(model, data, **kwargs):
+        from ntkviz import show
+
+        window = show(model, data, config=CONFIG, block=False, **kwargs)
+        window.show_message_boxes = False
+        qtbot.addWidget(window)
+        qtbot.waitUntil(lambda: window.state.run_state == "ready", timeout=TIMEOUT)
+        wait_current(qtbot, window)
+        return window
+
+    return open_
+
+
+@pytest.mark.parametrize("num_classes", [5, 100])
+def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_path, num_classes):
+    train, test = rgb_sets(num_classes)
+    model = small_cnn(num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    window = show_window(model, (train, test))
+    state = window.state
+    assert state.dataset.images["train"].shape == (len(train), 16, 16, 3)
+    assert state.dataset.classes[3] == "class 003 of a long name"
+    assert state.model.name == "Sequential"
+
+    train_batches(qtbot, window, 2)
+    for k, v in model.state_dict().items():  # the caller's model is never trained
+        assert torch.equal(v, before[k]), k
+
+    # the shown decomposition is the core's on the engine's model
+    pair = window.views["pair"]
+    state.y_u = 2
+    wait_current(qtbot, window)
+    r = pair.last_result
+    trained = small_cnn(num_classes)
+    trained.load_state_dict(model_state(qtbot, window))
+    x_u, x_o = train[r.request.x_u.index][0], test[r.request.x_o.index][0]
+    want = decompose(trained.eval(), x_o, x_u, y_u=2, lr=r.request.lr)
+    np.testing.assert_allclose(r.decomposition.K, want.K, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(r.decomposition.actual, want.actual, rtol=1e-3, atol=1e-7)
+
+    # the heatmaps' axes carry the class names (elided, full names on hover)
+    k_view = pair.decomposition_view.heatmaps["K"]
+    left = k_view.getAxis("left")._tickLevels[0]
+    assert left == class_ticks(state.dataset.classes, n_max=20)
+    assert num_classes > 12 or all("class" in text for _, text in left)
+    assert "class 004 of a long name" in k_view.image_item.describe(4, 1)
+
+    # colour thumbnails
+    image = state.dataset.images["test"][r.request.x_o.index]
+    pixel = image_pixmap(image, 16).toImage().pixelColor(5, 7)
+    assert (pixel.red(), pixel.green(), pixel.blue()) == tuple(int(c) for c in image[7, 5])
+
+    # export: the JSON parses and holds the numbers shown
+    out = tmp_path / "dec.json"
+    pair.export_data(str(out))
+    data = json.loads(out.read_text())
+    np.testing.assert_allclose(np.array(data["K"]), r.decomposition.K)
+    assert data["meta"]["classes"] == list(state.dataset.classes)
+
+    # a session of the user's model: saved, then reopened on the same model and data
+    window.controller.apply_step()
+    wait_current(qtbot, window)
+    path = tmp_path / "s.ntks"
+    wait_event(qtbot, window, "session_saved", lambda: window.controller.save_session(str(path)))
+    saved = model_state(qtbot, window)
+    other = show_window(small_cnn(num_classes), (train, test))
+    wait_event(qtbot, other, "session_opened", lambda: other.controller.open_session(str(path)))
+    wait_current(qtbot, other)
+    for k, v in model_state(qtbot, other).items():
+        assert torch.equal(v, saved[k]), k
+    assert other.state.model.applied_steps == 1 and other.state.y_u == 2
+
+
+def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for name in ("cat", "dog", "owl"):
+            folder = tmp_path / "pets" / split / name
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    window = show_window(None, None)
+    assert window.state.dataset.name == "mnist"
+    wait_event(
+        qtbot, window, "model",
+        lambda: window.controller.open_dataset(str(tmp_path / "pets")),
+    )  # fmt: skip
+    qtbot.waitUntil(lambda: window.state.dataset.classes == ("cat", "dog", "owl"), timeout=TIMEOUT)
+    wait_current(qtbot, window)
+    d = window.state.dataset
+    assert d.images["train"].shape == (36, 20, 20, 3) and d.size("test") == 18
+    assert window.views["training"].train_size.maximum() == 36
+    assert window.views["pair"].last_result.decomposition.K.shape == (3, 3)
+    # a folder that is not a dataset: one message, the data and model kept
+    (tmp_path / "empty").mkdir()
+    number = window.state.model.number
+    window.controller.open_dataset(str(tmp_path / "empty"))
+    qtbot.waitUntil(lambda: window.last_error is not None, timeout=TIMEOUT)
+    assert "empty" in window.last_error[1]
+    assert window.state.dataset is d and window.state.model.number == number
