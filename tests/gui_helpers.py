@@ -1,8 +1,16 @@
 """Driving the window in tests: open it, wait for results, read the engine's model."""
 
 import torch
-from PySide6.QtCore import QSettings
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractSpinBox,
+    QComboBox,
+    QDockWidget,
+    QScrollArea,
+)
 
+from ntkviz.gui.graphics import pg
 from ntkviz.gui.window import MainWindow
 from ntkviz.training import TrainConfig
 
@@ -68,3 +76,38 @@ def train_batches(qtbot, window, n: int) -> None:
         wait_shown(qtbot, window, "records", training.batch_button.click)
         qtbot.waitUntil(lambda: window.state.run_state == "paused", timeout=TIMEOUT)
     wait_current(qtbot, window)
+
+
+def cut_off(window) -> list[str]:
+    """Widgets of the current tab and the docks that are not shown at least at their minimum
+    size: clipped or squeezed controls, plots whose content is wider than their view, tabs
+    behind scroll arrows, sideways scrolling."""
+    problems = []
+    tabs = window.tabs
+    if tabs.tabBar().sizeHint().width() > tabs.width():
+        problems.append("tab bar: tabs hidden behind scroll arrows")
+    page = tabs.currentWidget()
+    roots = [page, *(d.widget() for d in window.findChildren(QDockWidget) if d.isVisible())]
+    for root in roots:
+        for area in [root, *root.findChildren(QScrollArea)]:
+            if isinstance(area, QScrollArea) and area.horizontalScrollBar().maximum() > 0:
+                problems.append(f"{type(area.widget()).__name__}: scrolls sideways")
+        widgets = root.findChildren(QAbstractButton) + root.findChildren(QComboBox)
+        widgets += root.findChildren(QAbstractSpinBox) + root.findChildren(pg.GraphicsView)
+        for w in widgets:
+            # a graphics view is covered by its viewport: the viewport is what shows
+            shown = w.viewport() if isinstance(w, pg.GraphicsView) else w
+            if not w.isVisibleTo(window) or shown.visibleRegion().isEmpty():
+                continue  # in a hidden part, or scrolled out of a dock vertically
+            name = f"{type(w).__name__} {getattr(w, 'text', lambda: '')() or ''}".strip()
+            visible = shown.visibleRegion().boundingRect()
+            need = w.minimumWidth() or min(w.minimumSizeHint().width(), w.sizeHint().width())
+            if visible.width() < need:
+                problems.append(f"{name}: {visible.width()} px wide, needs {need}")
+            if isinstance(w, pg.GraphicsView):
+                item = w.centralWidget
+                need = item.effectiveSizeHint(Qt.SizeHint.MinimumSize).width()
+                if need > w.viewport().width() + 1:
+                    problems.append(f"{name}: its plots need {need:.0f} px, "
+                                    f"it has {w.viewport().width()}")  # fmt: skip
+    return problems

@@ -14,6 +14,7 @@ pytest.importorskip("PySide6")
 
 from gui_helpers import (
     TIMEOUT,
+    cut_off,
     model_state,
     open_window,
     settings_in,
@@ -25,17 +26,12 @@ from gui_helpers import (
 from PySide6.QtCore import QPoint, QPointF, Qt, QTimer
 from PySide6.QtGui import QWheelEvent
 from PySide6.QtWidgets import (
-    QAbstractButton,
-    QAbstractSpinBox,
     QApplication,
-    QComboBox,
-    QDockWidget,
     QMessageBox,
     QScrollArea,
 )
 
 from ntkviz.app.state import Example
-from ntkviz.gui.graphics import pg
 
 
 @pytest.fixture
@@ -49,39 +45,6 @@ def window(qtbot, settings, mnist):
 
 
 # ---------------------------------------------------------------------------- 1. layout
-def cut_off(window) -> list[str]:
-    """Widgets of the current tab and the docks that are not shown at least at their minimum
-    size: clipped or squeezed controls, plots whose content is wider than their view, tabs
-    behind scroll arrows, sideways scrolling."""
-    problems = []
-    tabs = window.tabs
-    if tabs.tabBar().sizeHint().width() > tabs.width():
-        problems.append("tab bar: tabs hidden behind scroll arrows")
-    page = tabs.currentWidget()
-    roots = [page, *(d.widget() for d in window.findChildren(QDockWidget) if d.isVisible())]
-    for root in roots:
-        for area in [root, *root.findChildren(QScrollArea)]:
-            if isinstance(area, QScrollArea) and area.horizontalScrollBar().maximum() > 0:
-                problems.append(f"{type(area.widget()).__name__}: scrolls sideways")
-        widgets = root.findChildren(QAbstractButton) + root.findChildren(QComboBox)
-        widgets += root.findChildren(QAbstractSpinBox) + root.findChildren(pg.GraphicsView)
-        for w in widgets:
-            if not w.isVisibleTo(window) or w.visibleRegion().isEmpty():
-                continue  # in a hidden part, or scrolled out of a dock vertically
-            name = f"{type(w).__name__} {getattr(w, 'text', lambda: '')() or ''}".strip()
-            visible = w.visibleRegion().boundingRect()
-            need = w.minimumWidth() or min(w.minimumSizeHint().width(), w.sizeHint().width())
-            if visible.width() < need:
-                problems.append(f"{name}: {visible.width()} px wide, needs {need}")
-            if isinstance(w, pg.GraphicsView):
-                item = w.centralWidget
-                need = item.effectiveSizeHint(Qt.SizeHint.MinimumSize).width()
-                if need > w.viewport().width() + 1:
-                    problems.append(f"{name}: its plots need {need:.0f} px, "
-                                    f"it has {w.viewport().width()}")  # fmt: skip
-    return problems
-
-
 @pytest.mark.parametrize("size", [(1280, 770), (1366, 738), (1600, 970)])
 def test_every_view_is_usable_at_common_sizes_with_the_docks_shown(qtbot, window, size):
     # the heights leave room for a title bar: 1280×800, 1366×768 and 1600×1000 screens
@@ -100,8 +63,8 @@ def test_every_view_is_usable_at_common_sizes_with_the_docks_shown(qtbot, window
         if found := cut_off(window):
             problems[window.tabs.tabText(i)] = found
     assert problems == {}
-    pair = views["pair"].decomposition_view
-    assert pair.width() >= pair.MIN_WIDTH  # the formula is not squeezed below its readable size
+    # no minimum size forced the window past the screen (offscreen, nothing else would stop it)
+    assert (window.width(), window.height()) == size
 
 
 # ---------------------------------------------------------------------------- 2. selection

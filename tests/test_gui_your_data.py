@@ -8,13 +8,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from gui_helpers import TIMEOUT, model_state, settings_in, train_batches, wait_current, wait_event
+from gui_helpers import (
+    TIMEOUT,
+    cut_off,
+    model_state,
+    settings_in,
+    train_batches,
+    wait_current,
+    wait_event,
+)
+from PySide6.QtWidgets import QApplication, QDockWidget
 from torch import nn
 from torchvision.datasets import FakeData
 from torchvision.transforms import ToTensor
 
 from ntkviz.decomposition import decompose
-from ntkviz.gui.plots import class_ticks
 from ntkviz.gui.widgets import image_pixmap
 from ntkviz.training import TrainConfig
 
@@ -26,7 +34,8 @@ def rgb_sets(num_classes: int):
     common = {"image_size": (3, 16, 16), "num_classes": num_classes, "transform": ToTensor()}
     train = FakeData(size=max(96, 2 * num_classes), random_offset=0, **common)
     test = FakeData(size=max(48, num_classes), random_offset=100_000, **common)
-    train.classes = test.classes = [f"class {k:03d} of a long name" for k in range(num_classes)]
+    kinds = ("aquarium fish", "maple tree", "pickup truck", "sweet pepper", "willow tree")
+    train.classes = test.classes = [f"{k:02d} {kinds[k % 5]}" for k in range(num_classes)]
     return train, test
 
 
@@ -64,7 +73,7 @@ def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_pa
     window = show_window(model, (train, test))
     state = window.state
     assert state.dataset.images["train"].shape == (len(train), 16, 16, 3)
-    assert state.dataset.classes[3] == "class 003 of a long name"
+    assert state.dataset.classes[3] == "03 sweet pepper"
     assert state.model.name == "Sequential"
 
     train_batches(qtbot, window, 2)
@@ -83,12 +92,30 @@ def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_pa
     np.testing.assert_allclose(r.decomposition.K, want.K, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(r.decomposition.actual, want.actual, rtol=1e-3, atol=1e-7)
 
-    # the heatmaps' axes carry the class names (elided, full names on hover)
+    # the heatmaps' axes carry the class names (elided, full names on hover) where there is room
+    docks = window.findChildren(QDockWidget)
+    for dock in docks:
+        dock.hide()
+    window.resize(1600, 970)
+    QApplication.processEvents()
     k_view = pair.decomposition_view.heatmaps["K"]
-    left = k_view.getAxis("left")._tickLevels[0]
-    assert left == class_ticks(state.dataset.classes, n_max=20)
-    assert num_classes > 12 or all("class" in text for _, text in left)
-    assert "class 004 of a long name" in k_view.image_item.describe(4, 1)
+    left = [text for _, text in k_view.getAxis("left")._tickLevels[0]]
+    if num_classes == 5:  # named (elided) on a matrix, numbered on a narrow vector
+        assert left == ["00 aqu…", "01 map…", "02 pic…", "03 swe…", "04 wil…"]
+        g_left = [
+            text for _, text in pair.decomposition_view.heatmaps["G"].getAxis("left")._tickLevels[0]
+        ]
+        assert g_left == ["0", "1", "2", "3", "4"]
+    else:  # numbered: every 10th class
+        assert left == [str(k) for k in range(0, 100, 10)]
+    assert "04 willow tree" in k_view.image_item.describe(4, 1)
+
+    # at 1280×800 with both docks, nothing is cut (long names elided or numbered)
+    for dock in docks:
+        dock.show()
+    window.resize(1280, 770)
+    QApplication.processEvents()
+    assert cut_off(window) == [] and window.width() == 1280
 
     # colour thumbnails
     image = state.dataset.images["test"][r.request.x_o.index]

@@ -41,15 +41,22 @@ def elide(name: str, width: int) -> str:
 NAMED_CLASSES = 20
 
 
+#: Axes narrower than this many characters a name number their classes rather than show stubs.
+MIN_NAME_WIDTH = 6
+
+
 def class_ticks(classes: Sequence[str], n_max: int = 12, width: int = 8) -> list:
-    """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters, or, for
-    more than :data:`NAMED_CLASSES`, every k-th class's index, at most ``n_max`` of them (the
-    full names are in the tooltips)."""
-    if len(classes) > NAMED_CLASSES:
-        step = max(1, -(-len(classes) // n_max))
-        step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, step) if s >= step)
-        return [(i, str(i)) for i in range(0, len(classes), step)]
-    return [(i, elide(str(name), width)) for i, name in enumerate(classes)]
+    """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters; or every
+    k-th class's index, at most ``n_max`` of them, for more than :data:`NAMED_CLASSES` classes or
+    names longer than a narrow axis (``width`` < :data:`MIN_NAME_WIDTH`) takes. The full names
+    are in the tooltips."""
+    names = [str(c) for c in classes]
+    fits = width >= MIN_NAME_WIDTH or max(map(len, names), default=0) <= width
+    if len(names) <= NAMED_CLASSES and fits:
+        return [(i, elide(name, width)) for i, name in enumerate(names)]
+    step = max(1, -(-len(names) // n_max))
+    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, step) if s >= step)
+    return [(i, str(i)) for i in range(0, len(names), step)]
 
 
 PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
@@ -79,6 +86,37 @@ def let_shrink(label: pg.LabelItem) -> pg.LabelItem:
 
     label.updateMin = update_min
     update_min()
+    return label
+
+
+def let_wrap(label: pg.LabelItem) -> pg.LabelItem:
+    """Let a pyqtgraph label break its text into lines at its width (left-aligned) instead of
+    widening its layout or being cut; its height follows the lines."""
+    let_shrink(label)
+    update, resize = label.updateMin, type(label).resizeEvent
+
+    def fit() -> None:
+        width = label.size().width()
+        if width > 1:
+            label.item.setTextWidth(width)
+            height = label.item.boundingRect().height()
+            if abs(height - label.minimumHeight()) > 0.5:
+                label.setMinimumHeight(height)
+                label._sizeHint[Qt.SizeHint.MinimumSize] = (1, height)
+                label._sizeHint[Qt.SizeHint.PreferredSize] = (width, height)
+                label.updateGeometry()
+
+    def update_min():
+        label.item.setTextWidth(-1)
+        update()
+        fit()
+
+    def resize_event(event):
+        resize(label, event)
+        fit()
+
+    label.updateMin = update_min
+    label.resizeEvent = resize_event
     return label
 
 
@@ -171,19 +209,23 @@ class HeatmapView(pg.PlotItem):
             if label:
                 axis.setLabel(label, **{"font-size": "9pt"})
         self._layout = None  # (rows, cols, classes) last shown
+        self._ticks = None  # (left, bottom) ticks shown
         self.colorbar = None
         if colorbar:
             self.colorbar = pg.ColorBarItem(
                 values=(-1, 1),
                 colorMap=colormap or DIVERGING,
                 interactive=False,
-                width=10,
+                width=8,
                 colorMapMenu=False,
             )
             self.colorbar.setImageItem(self.image_item, insert_in=self)
             bar_axis = self.colorbar.getAxis("right")
-            bar_axis.setTickFont(font)
+            small = QFont()
+            small.setPointSize(8)
+            bar_axis.setTickFont(small)
             bar_axis.tickStrings = compact_tick_strings  # "-0.0005" would not fit the bar
+            bar_axis.setWidth(34)  # room for "-5e-5" at 8 pt
         # until the first matrix: the frame of a 10×10 one (not an axis around nothing)
         self.setRange(xRange=(-0.5, 9.5), yRange=(-0.5, 9.5), padding=0)
 
@@ -212,12 +254,37 @@ class HeatmapView(pg.PlotItem):
             self._layout = layout
             self.image_item.setRect(QRectF(-0.5, -0.5, cols, rows))
             self.setRange(xRange=(-0.5, cols - 0.5), yRange=(-0.5, rows - 0.5), padding=0)
-            self.getAxis("left").setTicks([class_ticks(classes[:rows], n_max=20)])
-            bottom = class_ticks(classes[:cols], n_max=10, width=4) if cols > 1 else [(0, "")]
-            self.getAxis("bottom").setTicks([bottom])
+            self._ticks = None
+            self._set_ticks()
+
+    #: From this width (pixels) on, a matrix names its rows (elided); narrower, long names
+    #: would leave no room for the matrix and the rows are numbered.
+    NAMED_WIDTH = 230
+
+    def _set_ticks(self) -> None:
+        rows, cols, classes = self._layout
+        width = self.size().width()
+        named = cols > 1 and width >= self.NAMED_WIDTH
+        # a column label needs about 14 px: fewer labels on a narrow matrix
+        cells = width - 80  # less the left axis and the colour bar
+        columns = max(2, min(5 if cols > NAMED_CLASSES else 10, int(cells // 14)))
+        ticks = (
+            class_ticks(classes[:rows], n_max=10 if rows > NAMED_CLASSES else 20,
+                        width=7 if named else 4),
+            class_ticks(classes[:cols], n_max=columns, width=4) if cols > 1 else [(0, "")],
+        )  # fmt: skip
+        if ticks != self._ticks:
+            self._ticks = ticks
+            self.getAxis("left").setTicks([ticks[0]])
+            self.getAxis("bottom").setTicks([ticks[1]])
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        if self._layout is not None:
+            self._set_ticks()
 
 
-def _operator(text: str, size: str = "20pt") -> pg.LabelItem:
+def _operator(text: str, size: str = "18pt") -> pg.LabelItem:
     label = pg.LabelItem(text, size=size, color="k")
     label.setSizePolicy(
         pg.QtWidgets.QSizePolicy.Policy.Fixed, pg.QtWidgets.QSizePolicy.Policy.Preferred
@@ -235,7 +302,7 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         self.setBackground("w")
         self.classes: tuple[str, ...] = tuple(str(i) for i in range(10))
         self._dec = None
-        self.info = let_shrink(self.addLabel("Waiting for a model…", row=0, col=0, size="11pt"))
+        self.info = let_wrap(self.addLabel("Waiting for a model…", row=0, col=0, size="11pt"))
         top = self.addLayout(row=1, col=0)
         bottom = self.addLayout(row=2, col=0)
         d = self._describe
@@ -259,15 +326,16 @@ class DecompositionView(pg.GraphicsLayoutWidget):
                 continue
             view = HeatmapView(title, lambda i, j, n=name: d(n, i, j), rlab, clab)
             if name in ("G", "predicted"):
-                view.setMaximumWidth(105)  # vectors stay narrow; the matrices get the room
+                view.setMinimumWidth(100)  # a vector: axis, ≥ 20 px of cells, colour bar
+                view.setMaximumWidth(120)  # vectors stay narrow; the matrices get the room
             else:
-                view.setMinimumWidth(150)  # 10 columns of ≥ 8 px with their tick labels
+                view.setMinimumWidth(124)  # 10 columns of ≥ 5 px with their tick labels
                 view.setPreferredWidth(420)
             self.heatmaps[name] = view
             top.addItem(view, 0, col)
         for col, stretch in enumerate([0, 8, 0, 8, 0, 2, 0, 2]):
             top.layout.setColumnStretchFactor(col, stretch)
-        bottom.addItem(_operator("logit level:<br>Δz(x<sub>o</sub>) = −η · K · G", "12pt"), 0, 0)
+        bottom.addItem(_operator("logit level:<br>Δz(x<sub>o</sub>) =<br>−η · K · G", "11pt"), 0, 0)
         lower = [
             ("delta_logits_predicted", "Δz predicted"),
             ("delta_logits_actual", "Δz actual"),
@@ -281,10 +349,14 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             bottom.layout.setColumnStretchFactor(col, 3)
         self.ci.layout.setRowStretchFactor(1, 3)
         self.ci.layout.setRowStretchFactor(2, 2)
-        self.setMinimumSize(self.MIN_WIDTH, 360)
+        self._fit_minimum()
 
-    #: −η, A, K (≥ 150 px each), G, Δlog π and the operators between them
-    MIN_WIDTH = 600
+    def _fit_minimum(self) -> None:
+        """As wide as the rows need (−η, A and K of ≥ 126 px, G, Δlog π, the operators): a
+        narrower window shrinks the docks rather than cut the formula."""
+        need = int(self.ci.effectiveSizeHint(Qt.SizeHint.MinimumSize).width()) + 4
+        if need != self.minimumWidth():
+            self.setMinimumSize(need, 360)
 
     def set_decomposition(self, dec, classes: Sequence[str] | None = None, info: str = "") -> None:
         """Show every factor of ``dec`` (a core ``Decomposition``)."""
@@ -316,7 +388,7 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             )
         scale = dec.lr if term is None else dec.step_scale
         text = (
-            f"{kind}, y<sub>u</sub> = {c[dec.y_u]}  ·  {step}<br>"
+            f"{kind}, y<sub>u</sub> = {elide(c[dec.y_u], 16)}  ·  {step}<br>"
             f"‖actual − predicted‖ / ‖actual‖ = {relative_residual_text(dec)}"
         )
         h = self.heatmaps
@@ -343,6 +415,7 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             h["delta_logits_predicted"].set_matrix(dec.delta_logits_predicted[:, None], c, lim_z)
             h["delta_logits_actual"].set_matrix(dec.delta_logits_actual[:, None], c, lim_z)
             h["residual"].set_matrix(dec.residual[:, None], c)
+            self._fit_minimum()  # tick labels of other classes may need other widths
 
         return [matrices, log_probabilities, logits]
 
@@ -413,7 +486,7 @@ class ProbabilityBars(pg.PlotWidget):
 TITLE_PLAIN = (
     "Δlog π(x<sub>o</sub>) after one step<br>"
     f"<span style='color:{PREDICTED}'>■</span> predicted −η·A·K·G  "
-    f"<span style='color:{ACTUAL}'>■</span> actual (a real step)"
+    f"<span style='color:{ACTUAL}'>■</span> actual"
 )
 TITLE_OPTIMIZER = (
     "Δlog π(x<sub>o</sub>) after the optimizer's step<br>"
@@ -432,6 +505,7 @@ class PreviewBars(pg.PlotWidget):
         self.setBackground("w")
         # the legend is in the title: inside the plot it would cover the tallest bars
         self.setTitle(TITLE_PLAIN, size="10pt")
+        let_shrink(self.getPlotItem().titleLabel)  # a narrow plot cuts its legend, not the window
         self.setMenuEnabled(False)
         self.predicted = pg.BarGraphItem(
             x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush=PREDICTED

@@ -30,6 +30,7 @@ from ntkviz.gui.plots import (
     DecompositionView,
     PreviewBars,
     TrajectoryPlot,
+    elide,
     relative_residual_text,
 )
 from ntkviz.gui.widgets import PaintQueue, double_spin, fit_text
@@ -249,7 +250,7 @@ class PairView(FeatureView):
         self.paints.put([update, (None, shown)])
 
     def caption(self, result) -> str:
-        r, c = result.request, self.state.dataset.classes
+        r, c = result.request, [elide(name, 16) for name in self.state.dataset.classes]
         steps = describe_steps(result.applied_pairs, r, c)
         return (
             f"x<sub>u</sub> = {r.x_u} (label {c[self.state.label(r.x_u)]})  ·  "
