@@ -6,8 +6,9 @@ other object; returning it works too). A job with nothing to report is a generat
 it, so a job must leave the model as it found it at every ``yield`` (jobs only read it).
 
 The runner has one slot per feature: a new job of a feature replaces (cancels) the one running.
-It reports through ``emit(JobEvent)``: progress (at most every ``progress_interval`` seconds),
-the result, a cancellation, or an error with a message fit for the user. Qt-free and torch-free.
+It reports through ``emit(JobEvent)``: progress (every ``progress_interval`` seconds at most,
+the first after one interval: a short job reports none, and repaints nothing while it runs), the
+result, a cancellation, or an error with a message fit for the user. Qt-free and torch-free.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class _Slot:
     generation: int
     job: Iterator
     priority: int
-    last_progress: float = -1.0
+    last_progress: float  #: when progress was last reported (the start, at first)
 
 
 class JobRunner:
@@ -85,7 +86,8 @@ class JobRunner:
     def start(self, feature: str, generation: int, job: Iterator, priority: int = 10) -> None:
         """Run ``job`` for ``feature``, replacing (cancelling) its running job."""
         self.cancel(feature, "replaced by a newer request")
-        self._slots[feature] = _Slot(generation, job, priority)
+        # the first progress after one interval: a short job shows none (no repaint mid-job)
+        self._slots[feature] = _Slot(generation, job, priority, self._clock())
 
     def cancel(self, feature: str, reason: str = "cancelled") -> bool:
         """Cancel ``feature``'s job; False if none was running."""
@@ -125,7 +127,7 @@ class JobRunner:
             return
         if isinstance(item, Progress):
             now = self._clock()
-            if now - slot.last_progress >= self._progress_interval or item.done >= item.total:
+            if now - slot.last_progress >= self._progress_interval:
                 slot.last_progress = now
                 self._emit(JobEvent(feature, slot.generation, "progress", item))
             return
