@@ -21,7 +21,7 @@ cost of every probe job in the app against the core calls it wraps.
    Bare and GUI runs are paired back to back, in alternating order, and the median of the pair
    ratios is reported: this shared machine's speed drifts by ±20 % within minutes.
 4. Probe jobs: each tab's job at its default settings (influence of one update on the 10,000
-   test images with ‖K‖ on 1,000; the class×class kernel map of 20 images per class; the
+   test images with ‖K‖ on 1,000; the class×class kernel map of 10 images per class; the
    squeezing lab; the per-layer split; the spectrum of 50 images), from the click to the result
    on screen, against the same core calls in a fresh process (main thread, no Qt), on the same
    model (a LeNet, seed 0) and pair. Medians of the repetitions; app/core per job.
@@ -330,7 +330,7 @@ def core_jobs(data, reps: int) -> dict:
         influence(model, test.x[idx[:1000]], x_u, y_u, lr, kernel_norm=True, chunk_size=100)
 
     def run_kernel_map():
-        idx = balanced_indices(test.y, 20)
+        idx = balanced_indices(test.y, 10)  # the view's default: PROBE_IMAGES // 10 classes
         class_kernel_map(model, test.x[idx], test.y[idx].numpy(), 10)
 
     def run_squeeze():

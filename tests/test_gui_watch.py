@@ -53,6 +53,9 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
     watched = view.examples
     assert watched[0] == window.state.x_o and len(watched) == 10  # x_o and one per class
     window.show_view(view)
+    assert not view.watching.isChecked() and "to watch" in view.note.text()  # off by default
+    view.watching.setChecked(True)
+    assert view.note.text() == "10 watched"
     window.views["training"].start_button.click()
     qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
     ranking = wait_event(qtbot, window, "watch_ranking", lambda: None, "result").payload

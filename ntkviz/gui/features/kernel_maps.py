@@ -15,7 +15,7 @@ from ntkviz.gui.plots import HeatmapView, let_shrink, nice_ceiling
 from ntkviz.gui.widgets import spin
 
 SEQUENTIAL = pg.colormap.get("viridis")
-PROBE_IMAGES = 200  #: images in a recorded map by default (per class: this over the classes)
+PROBE_IMAGES = 100  #: images in a recorded map by default (per class: this over the classes)
 
 
 class KernelMapView(ProbeView):
@@ -35,7 +35,7 @@ class KernelMapView(ProbeView):
         self.record_box.setChecked(True)
         self.record_box.setToolTip("at the start of each run and every N steps")
         self.every_box = spin(1, 1_000_000, 200, 50)
-        self.per_class_box = spin(2, 1000, 20, 5)
+        self.per_class_box = spin(2, 1000, 10, 5)
         self.slider = QSlider(Qt.Horizontal)
         self.slider.setRange(0, 0)
         self.slider.setMinimumWidth(200)
@@ -77,7 +77,7 @@ class KernelMapView(ProbeView):
     def _on_dataset(self, info) -> None:
         """About :data:`PROBE_IMAGES` images in all, whatever the number of classes; maps of
         other data are forgotten."""
-        self.per_class_box.setValue(max(2, min(20, PROBE_IMAGES // len(info.classes))))
+        self.per_class_box.setValue(max(2, PROBE_IMAGES // len(info.classes)))
         self.history.clear(self.per_class_box.value())
 
     def plots(self):

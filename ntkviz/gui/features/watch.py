@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import QComboBox, QLabel, QPushButton
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QPushButton
 
 from ntkviz.app.features.watch import (
     MAX_WATCHED,
@@ -35,6 +35,12 @@ OTHER_TERMS = (
 )
 
 
+NOT_WATCHING = (
+    'Check "watch runs", then start or continue a run: every step it takes is accounted '
+    "for on the watched examples"
+)
+
+
 class WatchView(ProbeView):
     """Watched examples, the timeline of one, a step's details, and who moved it."""
 
@@ -50,6 +56,11 @@ class WatchView(ProbeView):
         self.rows: list = []  # WatchSteps of the current run
         self.detail = None
         self.ranking = None
+        self.watching = QCheckBox("watch runs")
+        self.watching.setToolTip(
+            "account for every optimizer step of the next runs on the watched examples (exact, "
+            "but training takes about 2–4× as long)"
+        )
         self.which = QComboBox()
         self.which.setToolTip("the watched x_o shown")
         self.which.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -62,10 +73,13 @@ class WatchView(ProbeView):
         self.reset_button.setToolTip("watch x_o and one test image of every other class")
         fit_text(self.add_button, self.reset_button)
         self.note = QLabel("")
-        self.add_controls(QLabel("show"), self.which, self.add_button, self.reset_button, self.note)
+        self.add_controls(
+            self.watching, QLabel("show"), self.which, self.add_button, self.reset_button,
+            self.note,
+        )  # fmt: skip
         self.finish_controls()
         g = self.graphics
-        self.caption = let_shrink(g.addLabel("Start a run to watch it", 0, 0, 1, 4))
+        self.caption = let_shrink(g.addLabel(NOT_WATCHING, 0, 0, 1, 4))
         self.timeline = g.addPlot(1, 0, 1, 3)
         self.timeline.setLabel("bottom", "training step")
         self.timeline.setLabel("left", "Δlog π(class) since the run began (nats)")
@@ -101,6 +115,7 @@ class WatchView(ProbeView):
         self._redraw_timer.setInterval(250)
         self._redraw_timer.timeout.connect(self.redraw)
         c, s = self.controller, self.state
+        self.watching.toggled.connect(lambda on: self.set_watched(self.examples))
         self.which.currentIndexChanged.connect(self._which_changed)
         self.add_button.clicked.connect(self._watch_x_o)
         self.reset_button.clicked.connect(self._one_per_class)
@@ -122,19 +137,31 @@ class WatchView(ProbeView):
             self.set_watched((*self.examples, x_o)[-MAX_WATCHED:])
 
     def set_watched(self, examples) -> None:
-        """Watch ``examples`` from the next run (a new run or Continue) on."""
+        """Watch ``examples`` from the next run (a new run or Continue) on, if "watch runs" is
+        checked."""
         shown = self.run_examples[self.w] if self.run_examples else None
         self.examples = tuple(examples)
         focus = self.examples.index(shown) if shown in self.examples else 0
-        observer = WatchObserver(self.examples, focus=(focus,))
+        observer = (
+            WatchObserver(self.examples, focus=(focus,)) if self.watching.isChecked() else None
+        )
         self.controller.send("set_observer", "watch", observer)
         self._note()
 
     def _note(self) -> None:
+        if not self.watching.isChecked():
+            self.note.setText(f"{len(self.examples)} to watch")
+            return
         pending = self.run_examples and self.examples != self.run_examples
         self.note.setText(
             f"{len(self.examples)} watched" + (", from the next run" if pending else "")
         )
+
+    def save_settings(self, settings) -> None:
+        settings.setValue("watchRuns", self.watching.isChecked())
+
+    def restore_settings(self, settings) -> None:
+        self.watching.setChecked(str(settings.value("watchRuns", "false")).lower() == "true")
 
     def session_state(self) -> dict:
         return {"watched": [[e.split, e.index] for e in self.examples]}
@@ -184,31 +211,32 @@ class WatchView(ProbeView):
         return {n: np.concatenate([getattr(r, n) for r in self.rows]) for n in names}
 
     def redraw(self) -> None:
+        """Draw the timeline of the watched example shown (its curves updated in place while the
+        same ones are shown: a run's redraws cost little)."""
         self._redraw_timer.stop()
-        for curve in self.curves.values():
-            self.timeline.removeItem(curve)
-        self.curves.clear()
-        self.legend.clear()
         if not self.rows:
+            self._set_curves(None, [])
             return
         t, w, c = self.timeline_arrays(), self.w, self.state.dataset.classes
         steps = t["steps"].astype(float)
         by_class = np.cumsum(t["by_class"][:, w, :], axis=0)  # (T, C)
         shown = np.argsort(-np.abs(by_class[-1]))[:SHOWN_CLASSES]
-        for k in sorted(shown):
-            pen = pg.mkPen(class_color(k), width=1.5)
-            self._curve(f"training examples of class {c[k]}", steps, by_class[:, k], pen)
+        series = [
+            (
+                f"training examples of class {c[k]}",
+                by_class[:, k],
+                pg.mkPen(class_color(k), width=1.5),
+            )
+            for k in sorted(shown)
+        ]
         rest = np.setdiff1d(np.arange(len(c)), shown)
         if len(rest):
             pen = pg.mkPen("#bcbd22", width=1.5, style=Qt.DashDotLine)
-            self._curve("training examples of the other classes", steps,
-                        by_class[:, rest].sum(1), pen)  # fmt: skip
+            series.append(("training examples of the other classes", by_class[:, rest].sum(1), pen))
         for key, label, color, style in OTHER_TERMS:
-            self._curve(
-                label, steps, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)
-            )
-        actual = np.cumsum(t["actual"][:, w])
-        self._curve("actual change", steps, actual, pg.mkPen("#000000", width=3))
+            series.append((label, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)))
+        series.append(("actual change", np.cumsum(t["actual"][:, w]), pg.mkPen("#000000", width=3)))
+        self._set_curves(steps, series)
         e = self.run_examples[w]
         self.caption.setText(
             f"x<sub>o</sub> = {e} (label {c[self.state.label(e)]}): log π of its class went "
@@ -218,9 +246,20 @@ class WatchView(ProbeView):
             size="10pt",
         )
 
-    def _curve(self, name, x, y, pen) -> None:
-        self.curves[name] = curve = self.timeline.plot(x, y, pen=pen)
-        self.legend.addItem(curve, name)
+    def _set_curves(self, x, series) -> None:
+        """Show ``series`` ``[(name, y, pen)]`` over ``x``: new curves only when the names
+        change."""
+        if [name for name, _, _ in series] != list(self.curves):
+            for curve in self.curves.values():
+                self.timeline.removeItem(curve)
+            self.curves.clear()
+            self.legend.clear()
+            for name, y, pen in series:
+                self.curves[name] = curve = self.timeline.plot(x, y, pen=pen)
+                self.legend.addItem(curve, name)
+            return
+        for name, y, _ in series:
+            self.curves[name].setData(x, y)
 
     def _clicked(self, event) -> None:
         if not self.rows or not self.timeline.sceneBoundingRect().contains(event.scenePos()):
