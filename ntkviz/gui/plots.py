@@ -144,14 +144,17 @@ def nice_ceiling(x: float) -> float:
 
 
 def compact_tick_strings(values, scale: float, spacing: float) -> list[str]:
-    """Tick labels that fit a narrow colour bar: up to 3 significant digits for
-    1e-3 ≤ |v| < 1e4, otherwise a short mantissa-exponent form ("5e-4", "-2.5e-5")."""
+    """Tick labels that fit a narrow colour bar: 3 significant digits for 1e-3 ≤ |v| < 1e5
+    ("0.015", "1500", not "1.5e+03"), otherwise a short mantissa-exponent form ("5e-4",
+    "-2.5e-5", "1.2e5")."""
     out = []
     for v in values:
-        x = v * scale
+        x = float(f"{v * scale:.3g}")  # 3 significant digits
         if x == 0:
             out.append("0")
-        elif 1e-3 <= abs(x) < 1e4:
+        elif 1e3 <= abs(x) < 1e5:
+            out.append(f"{x:.0f}")
+        elif 1e-3 <= abs(x) < 1e3:
             out.append(f"{x:.3g}")
         else:
             mantissa, exponent = f"{x:.1e}".split("e")
