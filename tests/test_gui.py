@@ -192,7 +192,7 @@ def test_colour_bar_tick_labels_are_short_and_exact():
     ]
     assert compact_tick_strings([2.5e-5, 1.2e5], 1.0, 1e-5) == ["2.5e-5", "1.2e5"]
     assert compact_tick_strings([-1500, 999.7, 1234, 12000], 1.0, 100) == [
-        "-1500", "1000", "1230", "12000",
+        "-1.5k", "1k", "1.23k", "12k",
     ]  # fmt: skip
     for text, value in zip(
         compact_tick_strings([-3e-6, 7e-4, 0.125], 1.0, 1e-6), [-3e-6, 7e-4, 0.125]

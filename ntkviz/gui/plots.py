@@ -144,16 +144,16 @@ def nice_ceiling(x: float) -> float:
 
 
 def compact_tick_strings(values, scale: float, spacing: float) -> list[str]:
-    """Tick labels that fit a narrow colour bar: 3 significant digits for 1e-3 ≤ |v| < 1e5
-    ("0.015", "1500", not "1.5e+03"), otherwise a short mantissa-exponent form ("5e-4",
-    "-2.5e-5", "1.2e5")."""
+    """Tick labels that fit a narrow colour bar (at most 6 characters but for "-2.5e-5"): 3
+    significant digits for 1e-3 ≤ |v| < 1e3 ("0.015"), thousands as "1.5k" and "-12k" (not
+    "1.5e+03"), otherwise a short mantissa-exponent form ("5e-4", "-2.5e-5", "1.2e5")."""
     out = []
     for v in values:
         x = float(f"{v * scale:.3g}")  # 3 significant digits
         if x == 0:
             out.append("0")
         elif 1e3 <= abs(x) < 1e5:
-            out.append(f"{x:.0f}")
+            out.append(f"{x / 1e3:.3g}k")
         elif 1e-3 <= abs(x) < 1e3:
             out.append(f"{x:.3g}")
         else:
@@ -228,7 +228,9 @@ class HeatmapView(pg.PlotItem):
             small.setPointSize(8)
             bar_axis.setTickFont(small)
             bar_axis.tickStrings = compact_tick_strings  # "-0.0005" would not fit the bar
-            bar_axis.setWidth(34)  # room for "-5e-5" at 8 pt
+            bar_axis.setWidth(
+                40
+            )  # room for "-0.015" and "-1.5k" at 8 pt (a label that does not fit is left out)
         # until the first matrix: the frame of a 10×10 one (not an axis around nothing)
         self.setRange(xRange=(-0.5, 9.5), yRange=(-0.5, 9.5), padding=0)
 
