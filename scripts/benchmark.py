@@ -725,9 +725,6 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, help="torch threads in the measurements (default: torch's choice)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
-    parser.add_argument(
-        "--only", metavar="NAMES", help=f"comma-separated measurements ({', '.join(MEASUREMENTS)})"
-    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
