@@ -378,20 +378,6 @@ def _check_idx(path: Path, dims: int, label: str) -> None:
         )
 
 
-def _check_files(where: Path, download: bool, label: str) -> None:
-    """Check that the four IDX files are in ``where`` (unless torchvision may download them)
-    and that each one's size matches its header."""
-    missing = [name for name in IDX_FILES if not (where / name).exists()]
-    if missing and not download:
-        raise DatasetError(
-            f"{label}: dataset files not found in {where}: {', '.join(missing)} (pass "
-            "download=True / --download to fetch them online)"
-        )
-    if not missing:
-        for name, dims in IDX_FILES.items():
-            _check_idx(where / name, dims, label)
-
-
 def _check_files(where: Path, files: dict[str, int], download: bool, label: str) -> None:
     """Check that ``files`` (name -> IDX dimensions, or None for other files) are in ``where``
     (unless torchvision may download them) and that each IDX file's size matches its header."""

@@ -173,3 +173,16 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     qtbot.waitUntil(lambda: window.last_error is not None, timeout=TIMEOUT)
     assert "empty" in window.last_error[1]
     assert window.state.dataset is d and window.state.model.number == number
+
+
+def test_the_dataset_dialog_gives_a_name_with_its_directory_or_a_folder(qtbot):
+    from ntkviz.gui.dialogs import IMAGE_FOLDER, DatasetDialog
+
+    dialog = DatasetDialog(None, "/tmp", "kmnist")
+    qtbot.addWidget(dialog)
+    assert dialog.values() == ("kmnist", None, False)  # the cache, offline
+    dialog.folder.setText("/data/sets")
+    dialog.download.setChecked(True)
+    assert dialog.values() == ("kmnist", "/data/sets", True)
+    dialog.source.setCurrentText(IMAGE_FOLDER)
+    assert not dialog.download.isEnabled() and dialog.values() == ("/data/sets", None, False)

@@ -47,6 +47,17 @@ def show_about(parent: QWidget, log_file: Path | None) -> None:
     box.open()
 
 
+def _finish(dialog: QDialog, form: QFormLayout) -> None:
+    """Lay out ``form`` above Open and Cancel, 560 px wide."""
+    buttons = QDialogButtonBox(QDialogButtonBox.Open | QDialogButtonBox.Cancel)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    lay = QVBoxLayout(dialog)
+    lay.addLayout(form)
+    lay.addWidget(buttons)
+    dialog.resize(560, dialog.sizeHint().height())
+
+
 class ModelDialog(QDialog):
     """Asks for a model of the user's: a factory spec ("file.py:factory" or "module:factory")
     and an optional weights file (a state dict or an ntkviz checkpoint)."""
@@ -75,13 +86,7 @@ class ModelDialog(QDialog):
             row.addWidget(field, 1)
             row.addWidget(button)
             form.addRow(label, row)
-        buttons = QDialogButtonBox(QDialogButtonBox.Open | QDialogButtonBox.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        lay.addWidget(buttons)
-        self.resize(560, self.sizeHint().height())
+        _finish(self, form)
 
     def _browse_spec(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Model file", self.directory, "Python (*.py)")
@@ -131,14 +136,8 @@ class DatasetDialog(QDialog):
         row.addWidget(browse)
         form.addRow("Directory", row)
         form.addRow("", self.download)
-        buttons = QDialogButtonBox(QDialogButtonBox.Open | QDialogButtonBox.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        lay.addWidget(buttons)
         self._explain(self.source.currentText())
-        self.resize(560, self.sizeHint().height())
+        _finish(self, form)
 
     def _explain(self, text: str) -> None:
         folder = text == IMAGE_FOLDER
