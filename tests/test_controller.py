@@ -329,3 +329,82 @@ def test_engine_errors_are_reported_not_raised(app):
     app.drain()
     assert app.errors[-1][0] == "Session not readable"
     assert app.controller.current("influence") is not None  # the engine keeps working
+
+
+# ---------------------------------------------------------------------------- the user's model
+def with_user_model(app, label="mine"):
+    """Give the engine a model of the user's (an MLP of its own, outside the registry) and make
+    the registry's LeNet current."""
+    from torch import nn
+
+    from ntkviz.app.engine import UserModel
+
+    def build():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    app.engine.user_model = UserModel(label, build)
+    app.engine.emit_info()
+    app.drain()
+    return label
+
+
+def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist):
+    from ntkviz.data import ImageDataset, Split
+
+    def rgb(name, h, w):
+        def split(n, seed):
+            g = torch.Generator().manual_seed(seed)
+            images = torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+            return Split(images, images.permute(0, 3, 1, 2).float() / 255, torch.arange(n) % 3)
+
+        return ImageDataset(name, split(30, 0), split(12, 1), (0.5,) * 3, (0.25,) * 3,
+                            ("a", "b", "c"), None)  # fmt: skip
+
+    number, data = app.state.model.number, app.engine.data
+    app.send("open_dataset", rgb("wide", 16, 24))  # not square: no registry model takes it
+    app.drain()
+    assert app.errors[-1][0] == "Model not usable" and "square" in app.errors[-1][1]
+    assert app.engine.data is data and app.state.model.number == number
+    app.send("open_dataset", rgb("square", 16, 16))
+    app.drain()
+    assert app.engine.data.name == "square" and app.state.model.name == "lenet"
+    number = app.state.model.number
+    # the user's model takes 1×28×28: chosen for this data it is refused at Start, LeNet kept
+    label = with_user_model(app)
+    app.controller.start_training(dataclasses.replace(CONFIG, model=label))
+    app.drain()
+    assert app.errors[-1][0] == "Model not usable" and "mine" in app.errors[-1][1]
+    assert app.state.model.number == number and app.state.model.name == "lenet"
+
+
+def test_the_users_checkpoint_and_session_open_while_another_model_is_current(app, tmp_path):
+    label = with_user_model(app)
+    app.controller.start_training(dataclasses.replace(CONFIG, model=label))
+    app.drain()
+    assert app.state.model.name == label
+    saved = app.state_dict()
+    for name in ("save_checkpoint", "save_session"):
+        getattr(app.controller, name)(str(tmp_path / name))
+        app.drain()
+    for name, opener in (("save_checkpoint", "open_checkpoint"), ("save_session", "open_session")):
+        app.controller.start_training(CONFIG)  # the registry's LeNet is current again
+        app.drain()
+        assert app.state.model.name == "lenet"
+        getattr(app.controller, opener)(str(tmp_path / name))
+        app.drain()
+        assert app.state.model.name == label, app.errors
+        for k, v in app.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+
+
+def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):
+    from ntkviz.session import load_session
+
+    path = tmp_path / "s.ntks"
+    app.controller.add_session_part("watch_ranking", lambda: {"watched": [["test", 10**6]]}, None)
+    app.controller.save_session(str(path))
+    app.drain()
+    assert load_session(path).selection["watch_ranking"] == {"watched": [["test", 10**6]]}
+    app.controller.open_session(str(path))
+    app.drain()
+    assert app.errors[-1][0] == "Session not readable" and "test[1000000]" in app.errors[-1][1]

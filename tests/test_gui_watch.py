@@ -141,3 +141,16 @@ def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, w
     wait_shown(qtbot, window, "history", window.controller.apply_step)
     again = model_state(qtbot, window)
     assert all(torch.equal(applied[k], again[k]) for k in applied)
+
+
+def test_watch_runs_is_remembered_and_restores_without_an_error(qtbot, tmp_path, mnist):
+    settings = settings_in(tmp_path)
+    settings.setValue("watchRuns", True)  # as the last session left it
+    window = open_window(qtbot, settings, mnist)
+    view = window.views["watch_ranking"]
+    assert window.last_error is None  # the setting is restored before there is anything to watch
+    assert view.watching.isChecked() and view.note.text() == "10 watched"
+    wait_event(qtbot, window, "watch_steps", window.views["training"].batch_button.click)
+    view.watching.setChecked(False)
+    window.close()
+    assert settings.value("watchRuns") in (False, "false")

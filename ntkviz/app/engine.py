@@ -37,9 +37,9 @@ from ntkviz.app.messages import (
 )
 from ntkviz.checkpoint import load_checkpoint, num_classes_of, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
-from ntkviz.errors import DeviceError, NtkvizError, StepDiverged, TrainingDiverged
+from ntkviz.errors import DeviceError, ModelError, NtkvizError, StepDiverged, TrainingDiverged
 from ntkviz.kernel import eval_mode
-from ntkviz.models import MODELS, build_model, count_parameters
+from ntkviz.models import MODELS, count_parameters
 from ntkviz.session import Session, SessionError, load_session, save_session
 from ntkviz.training import TrainConfig, make_optimizer, resolve_device, train
 
@@ -190,7 +190,6 @@ class Engine:
         for it. Data that cannot be read, or that the user's model does not fit, changes
         nothing."""
         from ntkviz.data import as_image_dataset
-        from ntkviz.modelspec import check_model
 
         data = (
             load_dataset(source, root, download=download)
@@ -199,13 +198,7 @@ class Engine:
         )
         previous, self.data = self.data, data
         try:
-            if self.user_model is not None and self.config.model == self.user_model.label:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.config.seed)
-                    model = self.user_model.build()
-                check_model(model, data.test.x[:2], data.num_classes, name=self.config.model)
-            else:
-                model = self._registry_model(self.config)
+            model = self._fresh_model(self.config)
         except Exception:
             self.data = previous
             raise
@@ -260,22 +253,27 @@ class Engine:
         data's input shape and classes, or the user's model (its factory, or a copy of it as it
         was given)."""
         config.validate()
+        self._set_model(self._fresh_model(config), config, source)
+
+    def _fresh_model(self, config: TrainConfig) -> torch.nn.Module:
+        """A fresh ``config.model`` for the data, checked on it (a model that does not fit
+        raises and changes nothing): the user's (its factory, seeded), or the registry's built
+        for the data's input shape and classes (square images only)."""
+        from ntkviz.checkpoint import build_for
+        from ntkviz.modelspec import check_model
+
+        d = self.data
         if self.user_model is not None and config.model == self.user_model.label:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 model = self.user_model.build()
         else:
-            model = self._registry_model(config)
-        self._set_model(model, config, source)
-
-    def _registry_model(self, config: TrainConfig) -> torch.nn.Module:
-        """A fresh ``config.model`` of the registry built for the data's input shape and
-        classes."""
-        channels, size = self.data.train.x.shape[1], self.data.train.x.shape[-1]
-        return build_model(
-            config.model, len(self.data.classes), seed=config.seed, in_channels=channels,
-            image_size=size,
-        )  # fmt: skip
+            try:
+                model = build_for(config.model, d.num_classes, d.input_shape, seed=config.seed)
+            except ValueError as e:
+                raise ModelError(f"{config.model} cannot take {d.name}: {e}") from None
+        check_model(model, d.test.x[:2], d.num_classes, name=config.model)
+        return model
 
     def open_model(self, spec: str, weights: str | None = None) -> None:
         """Replace the model by the user's: ``spec`` "file.py:factory" or "module:factory" (run
@@ -617,21 +615,19 @@ class Engine:
         from ntkviz.checkpoint import FORMAT, VERSION, config_from, metadata_from, read_payload
         from ntkviz.errors import CheckpointError
 
-        payload, name = read_payload(path, FORMAT, VERSION, "checkpoint", custom_ok=True)
+        payload, _ = read_payload(path, FORMAT, VERSION, "checkpoint", custom_ok=True)
         if payload.get("custom"):
-            if not self._user_model_current:
+            model = self._user_template()
+            if model is None:
                 load_checkpoint(path)  # raises, saying how to open the user's model
-            import copy
-
             from ntkviz.modelspec import load_weights
 
-            model = copy.deepcopy(self.model)
-            load_weights(model, path, name)
+            load_weights(model, path, self.user_model.label)
             try:
                 config, metadata = config_from(payload), metadata_from(payload)
             except ValueError as e:
                 raise CheckpointError(f"{path} is not a valid ntkviz checkpoint: {e}") from None
-            config = replace(config, model=self.model_name, device=self.config.device)
+            config = replace(config, model=self.user_model.label, device=self.config.device)
         else:
             ckpt = load_checkpoint(path)
             self._check_fits(ckpt.input_shape, ckpt.num_classes, f"{path} holds a model")
@@ -639,6 +635,18 @@ class Engine:
         self._set_model(model, config, path, int(metadata.get("step", 0)))
         self._run_state("ready")
         self.message(f"loaded checkpoint {path}")
+
+    def _user_template(self) -> torch.nn.Module | None:
+        """A model of the user's to load their checkpoint or session into: a copy of the current
+        one, or a fresh one checked on the data when another model is current; None if the
+        user has given none."""
+        import copy
+
+        if self._user_model_current:
+            return copy.deepcopy(self.model)
+        if self.user_model is None:
+            return None
+        return self._fresh_model(replace(self.config, model=self.user_model.label))
 
     def _check_fits(self, input_shape, num_classes: int, what: str) -> None:
         """Refuse a model built for other images or another number of classes than the data's."""
@@ -682,24 +690,28 @@ class Engine:
 
     def open_session(self, path: str) -> None:
         """Replace everything by the session in ``path``; a bad file changes nothing."""
-        template = self.model if self._user_model_current else None
+        template = self._user_template()
         session = load_session(path, template)
         V = num_classes_of(session.state_dict)
         if not session.custom:
             self._check_fits(session.input_shape, V, f"{path} holds a model")
         model = session.build_model(template)
-        from ntkviz.app.features.pair import PairRequest
+        from ntkviz.app.features.pair import PairRequest, example_from
 
         stack, lrs, pairs = [], [], []
         probe = session.build_model(template)
         parts = session_parts(session)
         try:
+            examples = []
             if "pair" in parts:
                 pair = PairRequest.from_dict(parts["pair"], V)
-                for example in (pair.x_u, pair.x_o):
-                    if example.index >= len(self.data.split(example.split).y):
-                        raise ValueError(f"{example} is not an example of {self.data.name}")
-        except ValueError as e:
+                examples += [pair.x_u, pair.x_o]
+            watched = parts.get("watch_ranking", {}).get("watched", [])
+            examples += [example_from(w, f"watched example {k}") for k, w in enumerate(watched)]
+            for example in examples:
+                if example.index >= len(self.data.split(example.split).y):
+                    raise ValueError(f"{example} is not an example of {self.data.name}")
+        except (ValueError, AttributeError) as e:
             raise SessionError(f"{path}: its selection is damaged: {e}") from None
         for k, h in enumerate(session.history):
             try:
@@ -718,7 +730,7 @@ class Engine:
         # everything checked: now replace the state
         config = session.config
         if session.custom:
-            config = replace(config, model=self.model_name)
+            config = replace(config, model=self.user_model.label)
         self._set_model(model, config, str(path), session.step, emit=False)
         self.undo_stack = [
             Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack

@@ -57,7 +57,7 @@ class PairRequest:
         if not isinstance(d, dict):
             raise ValueError(f"the pair must be a dict, got {type(d).__name__}")
         try:
-            x_u, x_o = _example(d["x_u"], "x_u"), _example(d["x_o"], "x_o")
+            x_u, x_o = example_from(d["x_u"], "x_u"), example_from(d["x_o"], "x_o")
             y_u = class_index(d["y_u"], "y_u", num_classes)
             lr = real_number(d["lr"], "η")
         except KeyError as e:
@@ -70,7 +70,7 @@ class PairRequest:
         return cls(x_u, y_u, x_o, lr, loss, optimizer)
 
 
-def _example(value, name: str) -> Example:
+def example_from(value, name: str) -> Example:
     """``[split, index]`` as an :class:`Example`."""
     from ntkviz.checks import class_index
 

@@ -142,9 +142,8 @@ class WatchView(ProbeView):
         shown = self.run_examples[self.w] if self.run_examples else None
         self.examples = tuple(examples)
         focus = self.examples.index(shown) if shown in self.examples else 0
-        observer = (
-            WatchObserver(self.examples, focus=(focus,)) if self.watching.isChecked() else None
-        )
+        on = self.watching.isChecked() and self.examples  # none before the data is loaded
+        observer = WatchObserver(self.examples, focus=(focus,)) if on else None
         self.controller.send("set_observer", "watch", observer)
         self._note()
 
@@ -216,6 +215,12 @@ class WatchView(ProbeView):
         self._redraw_timer.stop()
         if not self.rows:
             self._set_curves(None, [])
+            self.caption.setText(
+                "Start or continue a run: its steps are accounted for here"
+                if self.watching.isChecked()
+                else NOT_WATCHING,
+                size="10pt",
+            )
             return
         t, w, c = self.timeline_arrays(), self.w, self.state.dataset.classes
         steps = t["steps"].astype(float)
