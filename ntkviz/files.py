@@ -79,6 +79,17 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def write_npz(path: str | Path, arrays: dict) -> Path:
+    """Write named arrays to an ``.npz`` file at ``path`` atomically (see :func:`atomic_write`)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
 def check_writable(path: str | Path) -> None:
     """Raise :class:`~ntkviz.errors.FileWriteError` saying why ``path`` could not be written
     (no such directory, a directory in its place, no permission, a read-only file system),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkviz.decomposition import Decomposition
-from ntkviz.files import atomic_write
+from ntkviz.files import atomic_write, write_npz
 
 FORMATS = (".json", ".npz", ".csv")
 
@@ -84,12 +84,7 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
     arrays["y_u"] = np.array(dec.y_u)
     arrays["loss"] = np.array(dec.loss)
     arrays["meta_json"] = np.array(json.dumps(record["meta"], allow_nan=False))
-
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return atomic_write(path, write_npz)
+    return write_npz(path, arrays)
 
 
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
@@ -99,12 +94,7 @@ def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     suffix = path.suffix.lower()
     arrays = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
     if suffix == ".npz":
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        return atomic_write(path, write)
+        return write_npz(path, arrays)
     if suffix == ".csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkviz.accounting import StepAccount, WatchAccount
-from ntkviz.checkpoint import atomic_write
+from ntkviz.files import atomic_write, write_npz
 
 FORMAT = "ntkviz-run-account"
 VERSION = 1
@@ -275,13 +275,7 @@ class RunAccount:
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".npz":
-            arrays = self._arrays()
-
-            def write(tmp):
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-
-            return atomic_write(path, write)
+            return write_npz(path, self._arrays())
         if suffix == ".csv":
             text = self._csv_text()
             return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

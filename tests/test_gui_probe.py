@@ -18,6 +18,7 @@ from gui_helpers import (
     SMALL,
     TIMEOUT,
     model_state,
+    open_window,
     settings_in,
     train_batches,
     wait_current,
@@ -51,12 +52,7 @@ def settings(tmp_path):
 
 @pytest.fixture
 def window(qtbot, settings, mnist):
-    w = MainWindow(config=SMALL, dataset=mnist, settings=settings)
-    w.show_message_boxes = False
-    qtbot.addWidget(w)
-    with qtbot.waitSignal(w.ready, timeout=TIMEOUT):
-        w.show()
-    wait_current(qtbot, w)
+    w = open_window(qtbot, settings, mnist)
     train_batches(qtbot, w, 2)
     return w
 

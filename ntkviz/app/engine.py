@@ -37,7 +37,14 @@ from ntkviz.app.messages import (
 )
 from ntkviz.checkpoint import load_checkpoint, num_classes_of, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
-from ntkviz.errors import DeviceError, ModelError, NtkvizError, StepDiverged, TrainingDiverged
+from ntkviz.errors import (
+    CheckpointError,
+    DeviceError,
+    ModelError,
+    NtkvizError,
+    StepDiverged,
+    TrainingDiverged,
+)
 from ntkviz.kernel import eval_mode
 from ntkviz.models import MODELS, count_parameters
 from ntkviz.session import Session, SessionError, load_session, save_session
@@ -196,12 +203,8 @@ class Engine:
             if isinstance(source, str)
             else as_image_dataset(source)
         )
-        previous, self.data = self.data, data
-        try:
-            model = self._fresh_model(self.config)
-        except Exception:
-            self.data = previous
-            raise
+        model = self._fresh_model(self.config, data)
+        self.data = data
         self._emit_dataset()
         self._set_model(model, self.config, "fresh weights")
         self._run_state("ready")
@@ -255,14 +258,16 @@ class Engine:
         config.validate()
         self._set_model(self._fresh_model(config), config, source)
 
-    def _fresh_model(self, config: TrainConfig) -> torch.nn.Module:
-        """A fresh ``config.model`` for the data, checked on it (a model that does not fit
-        raises and changes nothing): the user's (its factory, seeded), or the registry's built
-        for the data's input shape and classes (square images only)."""
+    def _fresh_model(
+        self, config: TrainConfig, data: ImageDataset | None = None
+    ) -> torch.nn.Module:
+        """A fresh ``config.model`` for ``data`` (default: the engine's), checked on it (a model
+        that does not fit raises and changes nothing): the user's (its factory, seeded), or the
+        registry's built for the data's input shape and classes (square images only)."""
         from ntkviz.checkpoint import build_for
         from ntkviz.modelspec import check_model
 
-        d = self.data
+        d = data or self.data
         if self.user_model is not None and config.model == self.user_model.label:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
@@ -613,7 +618,6 @@ class Engine:
         model in its checkpoint (into a copy of the current one). Nothing changes unless the
         checkpoint fits the data."""
         from ntkviz.checkpoint import FORMAT, VERSION, config_from, metadata_from, read_payload
-        from ntkviz.errors import CheckpointError
 
         payload, _ = read_payload(path, FORMAT, VERSION, "checkpoint", custom_ok=True)
         if payload.get("custom"):
@@ -650,8 +654,6 @@ class Engine:
 
     def _check_fits(self, input_shape, num_classes: int, what: str) -> None:
         """Refuse a model built for other images or another number of classes than the data's."""
-        from ntkviz.errors import CheckpointError
-
         d = self.data
         if tuple(input_shape) != tuple(d.input_shape) or num_classes != d.num_classes:
             have = "×".join(map(str, input_shape))

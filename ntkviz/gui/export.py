@@ -51,7 +51,7 @@ def export_decomposition_data(dec, path: str | Path, meta: dict | None = None) -
 def export_graphics(item, path: str | Path, width: int = 1600) -> Path:
     """Render a pyqtgraph ``item`` (a PlotItem, a GraphicsLayout, or a scene) to ``path``: PNG
     ``width`` pixels wide (height in proportion) or SVG, by suffix."""
-    from ntkviz.checkpoint import atomic_write
+    from ntkviz.files import atomic_write
 
     path = Path(path)
     suffix = path.suffix.lower()
