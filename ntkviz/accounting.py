@@ -57,7 +57,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from ntkviz.decomposition import Decomposition
-from ntkviz.kernel import _as_batch, _chain, _kind, _Unsupported, empirical_ntk, eval_mode
+from ntkviz.kernel import (
+    _as_batch,
+    _chain,
+    _kind,
+    _Unsupported,
+    _upsampled,
+    empirical_ntk,
+    eval_mode,
+)
 
 #: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
 SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -718,8 +726,7 @@ def _pull_back(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -> Tens
     pool = _pool_size(layer)
     if pool is not None:  # each output's cotangent spread evenly over its window
         (kh, kw), (h, w) = pool, g.shape[-2:]
-        gi = (g * (1.0 / (kh * kw)))[..., :, None, :, None].expand(*g.shape[:-2], h, kh, w, kw)
-        gi = gi.reshape(*g.shape[:-2], h * kh, w * kw)
+        gi = _upsampled(g, pool).mul_(1.0 / (kh * kw))
         # rows and columns the windows left out get no cotangent
         left_h, left_w = a_in.shape[-2] - h * kh, a_in.shape[-1] - w * kw
         return F.pad(gi, (0, left_w, 0, left_h)) if left_h or left_w else gi
@@ -738,17 +745,16 @@ def _slope(layer: nn.Module, a_in: Tensor, a_out: Tensor) -> Tensor | None:
 
 def _pull_back_pooled(act: nn.Module, pool: nn.Module, acts: list[Tensor], g: Tensor):
     """Cotangents ``g (N, R, C, h, w)`` of an activation followed by an average pooling (acts:
-    the activation's input, its output, the pool's output) pulled back through both at once (one
-    pass over the full-resolution result instead of three), or None where that does not apply."""
+    the activation's input, its output, the pool's output) pulled back through both at once (the
+    slope and the pooling's 1/(kh·kw) in one product), or None where that does not apply."""
     size = _pool_size(pool)
     if size is None:
         return None
     slope = _slope(act, acts[0], acts[1])
-    (kh, kw), (N, R, C, h, w) = size, g.shape
+    (kh, kw), (C, h, w) = size, g.shape[2:]
     if slope is None or slope.shape[1:] != (C, h * kh, w * kw):
         return None
-    slope = (slope * (1.0 / (kh * kw))).view(N, 1, C, h, kh, w, kw)
-    return (g[..., :, None, :, None] * slope).view(N, R, C, h * kh, w * kw)
+    return _upsampled(g, size).mul_((slope * (1.0 / (kh * kw))).unsqueeze(1))
 
 
 def _pool_size(layer: nn.Module) -> tuple[int, int] | None:
