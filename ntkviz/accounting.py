@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
+from ntkviz.checks import class_index, real_number
 from ntkviz.decomposition import Decomposition
 from ntkviz.kernel import (
     _as_batch,
@@ -263,9 +263,14 @@ def _check_optimizer(model: nn.Module, optimizer) -> str:
 
 
 def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+    """``lr`` (a Python, numpy or 0-d tensor number) as a float; ValueError unless finite, ≥ 0."""
+    try:
+        value = real_number(lr, "lr")
+    except ValueError:
+        value = -1.0
+    if value < 0:
         raise ValueError(f"lr must be a finite number ≥ 0 or None, got {lr!r}")
-    return float(lr)
+    return value
 
 
 def _depends_on_mode(model: nn.Module) -> bool:
@@ -1273,9 +1278,6 @@ def account_step(
             )
             x_batch = step.check_batch(x_batch)
             y = _labels(y_batch, step.num_classes, x_batch)
-            if lr is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             flags = [(m, m.training) for m in model.modules()]
             model.train()
@@ -1284,6 +1286,9 @@ def account_step(
             finally:
                 for m, flag in flags:
                     m.training = flag
+            if lr is not None:  # once the forward has worked: a failing call leaves lr alone
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             ce = F.cross_entropy(logits, y)
             return step.step(ce if loss == "ce" else -ce, y)
     finally:
@@ -1471,6 +1476,12 @@ class StepDecomposition(Decomposition):
     step_scale: float = 1.0
     optimizer: str = "sgd"
 
+    FORMULA = (
+        "gradient_term = -step_scale * A @ K @ G with K = J P J^T, the optimizer's kernel ; "
+        "predicted = gradient_term + momentum + weight_decay ; residual = actual - predicted"
+    )
+    SCALARS = ("optimizer", "step_scale")
+
 
 def decompose_step(
     model: nn.Module,
@@ -1496,6 +1507,7 @@ def decompose_step(
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
     with torch.no_grad(), eval_mode(model):
         z = model(both).double()
+    y_u = class_index(y_u, "y_u", z.shape[-1])
     a = account_step(
         model, optimizer, both[1:], torch.tensor([int(y_u)]), both, lr, classes=[y_u, y_u],
         top_kernels=True, loss=loss, commit=False,

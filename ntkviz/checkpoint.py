@@ -106,15 +106,17 @@ def save_checkpoint(
     *,
     input_shape: tuple[int, int, int] | None = None,
     custom: bool = False,
+    num_classes: int | None = None,
 ) -> Path:
     """Write ``model``'s weights with its config and ``metadata`` (plain values) to ``path``.
 
     ``input_shape``: the ``(C, H, W)`` the model was built for (for a registry model it is
     recognised when omitted among 1×28×28, 3×32×32, 1×32×32 and 3×28×28). ``custom``: the model
     is the user's own, not from the registry; ``model_name`` names it (e.g. its factory spec)
-    and the file holds its weights for ``--model … --weights FILE``. Raises ``ValueError`` for
-    an unknown registry name and :class:`~ntkviz.errors.FileWriteError` (an ``OSError``) when
-    the file cannot be written."""
+    and the file holds its weights for ``--model … --weights FILE``. ``num_classes``: V, the
+    model's outputs (default: the length of the last bias vector, right for registry models; give
+    it for your own). Raises ``ValueError`` for an unknown registry name and
+    :class:`~ntkviz.errors.FileWriteError` (an ``OSError``) when the file cannot be written."""
     from ntkviz import __version__
 
     if not isinstance(model_name, str) or not model_name:
@@ -133,7 +135,7 @@ def save_checkpoint(
         "version": VERSION,
         "model": model_name,
         "custom": bool(custom),
-        "num_classes": num_classes_of(state),
+        "num_classes": int(num_classes) if num_classes is not None else num_classes_of(state),
         "config": config.to_dict(),
         "metadata": metadata,
         "state_dict": state,
@@ -144,9 +146,12 @@ def save_checkpoint(
 
 
 def num_classes_of(state: dict) -> int:
-    """The number of outputs of a state dict: the length of its last bias."""
-    last_bias = [v for k, v in state.items() if k.endswith("bias")][-1]
-    return int(last_bias.shape[0])
+    """The number of outputs of a registry model's state dict: the length of its last bias
+    vector (ValueError when it has none)."""
+    biases = [v for k, v in state.items() if str(k).endswith("bias") and getattr(v, "ndim", 0) == 1]
+    if not biases:
+        raise ValueError("the weights hold no bias vector to tell the number of classes by")
+    return int(biases[-1].shape[0])
 
 
 # --------------------------------------------------------------------------- reading
@@ -276,8 +281,9 @@ def check_state_dict(state, model: nn.Module, where: str = "state_dict") -> dict
     return dict(state)
 
 
-def _num_classes(payload: dict) -> int:
-    n = payload.get("num_classes", 10)
+def stored_num_classes(payload: dict, default=10) -> int:
+    """The file's recorded number of classes (``default`` when absent); ValueError if bad."""
+    n = payload.get("num_classes", default)
     if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 100_000:
         raise ValueError(f"num_classes must be an int ≥ 2, got {n!r}")
     return n
@@ -290,7 +296,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     payload, name = read_payload(path, FORMAT, VERSION, "checkpoint")
     try:
-        num_classes = _num_classes(payload)
+        num_classes = stored_num_classes(payload)
         config = config_from(payload)
         metadata = metadata_from(payload)
         shape = input_shape_value(payload.get("input_shape", list(DEFAULT_INPUT_SHAPE)))

@@ -237,8 +237,12 @@ def _check_outputs(args) -> None:
         raise _UsageError("give --out (a checkpoint), --accounts (with --watch), or both")
     if bool(args.watch) != bool(args.accounts):
         raise _UsageError("--watch and --accounts go together")
-    for path in [Path(p) for p in [args.out, *(args.accounts or [])] if p]:
-        _check_out(path)
+    paths = [("--out", Path(args.out))] if args.out else []
+    paths += [("--accounts", Path(p)) for p in args.accounts or []]
+    if len({p.resolve() for _, p in paths}) < len(paths):
+        raise _UsageError("--out and --accounts must name different files")
+    for option, path in paths:
+        _check_out(path, option)
     for path in map(Path, args.accounts or []):
         if path.suffix.lower() not in (".npz", ".csv"):
             raise _UsageError(f"--accounts {path}: use .npz or .csv")
@@ -256,14 +260,14 @@ def _print_run(run, indices, split) -> None:
         )
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, option: str = "--out") -> None:
     """Refuse an output file that cannot be written (exit code 2) before any work is done."""
     from ntkviz.files import check_writable
 
     try:
         check_writable(out)
     except OSError as e:
-        raise _UsageError(f"{e}; choose another --out") from None
+        raise _UsageError(f"{e}; choose another {option}") from None
 
 
 def _fallback_paths(out: Path) -> list[Path]:
@@ -348,6 +352,7 @@ def _check_on_data(model, data, name: str) -> None:
 
 def cmd_train(args) -> int:
     from ntkviz.checkpoint import save_checkpoint
+    from ntkviz.errors import TrainingDiverged
     from ntkviz.models import MODELS
     from ntkviz.training import accuracy, resolve_device, run_health, train
 
@@ -399,32 +404,52 @@ def cmd_train(args) -> int:
         run = RunAccount(labels, len(data.train), data.num_classes, keep_steps=True, meta=meta)
     model = model.to(device)
     progress = _Progress()
-    last = None
+    last = failure = None
     losses = []
-    for record in train(model, data, config, watch=watch):
-        last = record
-        losses.append(record.loss)
-        if run is not None:
-            run.add(record.account, record.batch_indices, record.step)
-        if not args.quiet:
-            progress(record)
+    try:
+        for record in train(model, data, config, watch=watch):
+            last = record
+            losses.append(record.loss)
+            if run is not None:
+                run.add(record.account, record.batch_indices, record.step)
+            if not args.quiet:
+                progress(record)
+    except (TrainingDiverged, RuntimeError) as e:  # e.g. out of memory, or the model failed
+        steps = last.step if last else 0
+        failure = str(e) if isinstance(e, TrainingDiverged) else (
+            f"training stopped at step {steps + 1}: {type(e).__name__}: {e}"
+        )  # fmt: skip
+        kept = f"the {steps} steps before it are kept" if last else "no step was completed"
+        print(f"ntkviz train: {failure}; {kept}", file=sys.stderr)
+        if last is None:
+            return 1
     model.cpu()
-    test_acc = accuracy(model, data.test.x, data.test.y)
+    try:
+        test_acc = accuracy(model, data.test.x, data.test.y)
+    except RuntimeError as e:
+        test_acc = None
+        print(f"ntkviz train: the test accuracy could not be computed: {e}", file=sys.stderr)
     steps = last.step if last else 0
     meta = {"step": steps, "test_accuracy": test_acc, "dataset": data.name}
+    if failure:
+        meta["stopped"] = failure
     health = run_health(losses, test_acc, data.num_classes) if losses else None
-    if health is not None and not health.ok:
+    if failure is None and health is not None and not health.ok:
         print(f"ntkviz train: warning: {health.warning}", file=sys.stderr)
-    print(f"test accuracy {test_acc:.4f} after {steps} steps")
-    code = 0
+    acc_text = "unknown" if test_acc is None else f"{test_acc:.4f}"
+    print(f"test accuracy {acc_text} after {steps} steps")
+    code = 0 if failure is None else 1
     if run is not None:
+        if failure:
+            run.meta["stopped"] = failure
         _print_run(run, indices, args.watch_split)
     saves = [(Path(p), run.save) for p in args.accounts or []]
     if args.out:
 
         def save_model(path):
             save_checkpoint(path, model, config.model, config, meta,
-                            input_shape=data.input_shape, custom=custom)  # fmt: skip
+                            input_shape=data.input_shape, custom=custom,
+                            num_classes=data.num_classes)  # fmt: skip
 
         saves.append((Path(args.out), save_model))
     for path, save in saves:  # a write that fails keeps the run beside it (exit code 1)
@@ -473,6 +498,11 @@ def _pair_from_args(args):
     from ntkviz.models import MODELS
 
     registry = args.model in MODELS
+    if args.model and not registry and ":" not in args.model:
+        raise _UsageError(
+            f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}, or give your own "
+            "as PATH_OR_MODULE:FACTORY (e.g. my_models.py:build)"
+        )
     if args.model:
         from ntkviz.modelspec import load_model_spec
 
@@ -545,6 +575,8 @@ def cmd_decompose(args) -> int:
 
     if args.out and Path(args.out).suffix.lower() not in FORMATS:
         raise _UsageError(f"--out must end in one of {', '.join(FORMATS)}")
+    if args.out:
+        _check_out(Path(args.out))
     from ntkviz.decomposition import decompose
 
     model, x_o, x_u, y_u, meta = _pair_from_args(args)
@@ -565,6 +597,8 @@ def cmd_export(args) -> int:
             raise _UsageError(f"--out {out}: use .png, .svg, .json, .npz or .csv")
     if args.steps < 1:
         raise _UsageError(f"--steps must be ≥ 1, got {args.steps}")
+    for out in args.out:
+        _check_out(Path(out))
     from ntkviz.decomposition import decompose, step_trajectory
 
     model, x_o, x_u, y_u, meta = _pair_from_args(args)

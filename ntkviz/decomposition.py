@@ -71,6 +71,8 @@ def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor
                 f"{name} must hold floating-point inputs such as a normalised image "
                 f"(ImageDataset.normalize), got {x.dtype}"
             )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} holds NaN or infinite values")
     if x_o.shape != x_u.shape:
         raise ValueError(
             f"x_o and x_u must be single examples of the same shape, got {tuple(x_o.shape)} "
@@ -147,6 +149,11 @@ class Decomposition:
     loss: str
     y_u: int
     meta: dict = field(default_factory=dict, compare=False)
+
+    #: How the numbers relate (exports state it).
+    FORMULA = "predicted = -lr * A @ K @ G ; residual = actual - predicted"
+    #: Scalars beside ``lr``, ``loss`` and ``y_u`` that exports carry.
+    SCALARS: tuple[str, ...] = ()
 
     @property
     def relative_residual(self) -> float:

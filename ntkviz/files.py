@@ -115,7 +115,7 @@ def load_torch_file(path: str | Path, what: str, error: type[NtkvizError]):
 
     path = Path(path)
     if not path.is_file():
-        raise error(f"{what} {path} does not exist")
+        raise error(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 …"

@@ -136,6 +136,19 @@ def _taken_by_model(x: Tensor, name: str) -> Iterator[None]:
         ) from None
 
 
+def _check_logits(model: nn.Module, x: Tensor) -> None:
+    """ValueError unless the model maps the batch ``x[:1]`` to logits ``(1, V)`` (call in eval
+    mode)."""
+    with torch.no_grad(), _taken_by_model(x, "x2"):
+        z = model(x[:1])
+    if not isinstance(z, Tensor) or z.ndim != 2 or len(z) != 1:
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(
+            f"the model must map a batch of examples (N, ...) to logits (N, V); it maps "
+            f"{tuple(x[:1].shape)} to {got}"
+        )
+
+
 # --------------------------------------------------------------------------- structured path
 
 
@@ -1066,6 +1079,7 @@ def _kernels(
                     raise ValueError(
                         f"the structured path does not apply to this model: {e}"
                     ) from None
+        _check_logits(model, x2)
         groups: dict[str, list[str]] = {}
         for n in params:
             groups.setdefault(layer_of(n) if split else "total", []).append(n)

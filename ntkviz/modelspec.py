@@ -128,7 +128,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     :class:`ModelError`."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ModelError(f"the weights file {path} does not exist")
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise ModelError(f"the weights file {path} {why}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:

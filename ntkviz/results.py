@@ -21,11 +21,12 @@ def decomposition_record(dec: Decomposition, meta: dict | None = None) -> dict:
     from ntkviz import __version__
 
     return {
-        "formula": "predicted = -lr * A @ K @ G ; residual = actual - predicted",
+        "formula": dec.FORMULA,
         "lr": dec.lr,
         "loss": dec.loss,
         "y_u": dec.y_u,
         "relative_residual": dec.relative_residual,
+        **{name: getattr(dec, name) for name in dec.SCALARS},
         **{name: array.tolist() for name, array in dec.arrays().items()},
         "meta": {"ntkviz_version": __version__, **(meta or {})},
     }
@@ -37,7 +38,8 @@ def _csv_text(dec: Decomposition, record: dict) -> str:
     V = len(dec.G)
     out = io.StringIO()
     out.write("# ntkviz decomposition, one row per output class i (read with comment='#')\n")
-    top = {k: record[k] for k in ("formula", "lr", "loss", "y_u", "relative_residual")}
+    scalars = ("formula", "lr", "loss", "y_u", "relative_residual", *dec.SCALARS)
+    top = {k: record[k] for k in scalars}
     for key, value in top.items():
         out.write(f"# {key}: {json.dumps(value, allow_nan=False)}\n")
     for key, value in record["meta"].items():  # a metadata key that repeats a scalar: once
@@ -83,6 +85,9 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
     arrays["lr"] = np.array(dec.lr)
     arrays["y_u"] = np.array(dec.y_u)
     arrays["loss"] = np.array(dec.loss)
+    arrays["formula"] = np.array(dec.FORMULA)
+    for name in dec.SCALARS:
+        arrays[name] = np.array(getattr(dec, name))
     arrays["meta_json"] = np.array(json.dumps(record["meta"], allow_nan=False))
     return write_npz(path, arrays)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +316,7 @@ class RunAccount:
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"{path} is not a readable ntkviz run account ({e})") from None
         if str(arrays.get("format", "")) != FORMAT:
             raise ValueError(f"{path} is not an ntkviz run account")
@@ -324,6 +325,14 @@ class RunAccount:
                 f"{path} has run-account format version {int(arrays['version'])}; this ntkviz "
                 f"reads up to {VERSION} — upgrade it"
             )
+        try:
+            return cls._from_arrays(arrays)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            what = f"no {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path} is a damaged ntkviz run account: {what}") from None
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict) -> RunAccount:
         timeline = {k[len("step_") :]: v for k, v in arrays.items() if k.startswith("step_")}
         run = cls(
             arrays["classes"],

@@ -29,6 +29,7 @@ from ntkviz.checkpoint import (
     input_shape_value,
     num_classes_of,
     read_payload,
+    stored_num_classes,
 )
 from ntkviz.checks import class_index, plain_values, positive_int, real_number
 from ntkviz.errors import CheckpointError
@@ -67,7 +68,8 @@ class Session:
     a state dict of the model, and ``"lr"``, a finite number);
     ``kernel_maps``: ``[(training step, (C, C) array)]``;
     ``input_shape``: ``(C, H, W)`` of the data; ``custom``: the model is the user's own
-    (``model_name`` then names it, e.g. by its factory spec).
+    (``model_name`` then names it, e.g. by its factory spec); ``num_classes``: V, the model's
+    outputs (None: the length of the state dict's last bias vector, right for registry models).
     """
 
     model_name: str
@@ -80,6 +82,12 @@ class Session:
     kernel_maps: list[tuple[int, np.ndarray]] = field(default_factory=list)
     input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE
     custom: bool = False
+    num_classes: int | None = None
+
+    @property
+    def classes(self) -> int:
+        """V, the number of the model's outputs."""
+        return self.num_classes if self.num_classes is not None else num_classes_of(self.state_dict)
 
     def build_model(self, template: torch.nn.Module | None = None) -> torch.nn.Module:
         """The session's model with its weights: a registry model built for ``input_shape``, or
@@ -90,7 +98,7 @@ class Session:
                 raise SessionError(_needs_model(self.model_name))
             model = copy.deepcopy(template)
         else:
-            model = build_for(self.model_name, num_classes_of(self.state_dict), self.input_shape)
+            model = build_for(self.model_name, self.classes, self.input_shape)
         model.load_state_dict(self.state_dict)
         return model
 
@@ -112,6 +120,7 @@ def save_session(path: str | Path, session: Session) -> Path:
         "ntkviz_version": __version__,
         "model": session.model_name,
         "custom": bool(session.custom),
+        "num_classes": session.classes,
         "input_shape": list(input_shape_value(tuple(session.input_shape))),
         "state_dict": {k: v.detach().cpu().clone() for k, v in session.state_dict.items()},
         "config": session.config.to_dict(),
@@ -141,8 +150,10 @@ def _outputs(state) -> int:
     biases = (
         [v for k, v in state.items() if str(k).endswith("bias")] if isinstance(state, dict) else []
     )
-    if not biases or not isinstance(biases[-1], torch.Tensor) or biases[-1].ndim != 1:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("state_dict must be a dict of the model's tensors")
+    if not biases or biases[-1].ndim != 1:
+        raise ValueError("it records no number of classes and its weights hold no bias vector")
     return len(biases[-1])
 
 
@@ -219,7 +230,7 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
         if version is not None and not isinstance(version, str):
             raise ValueError(f"ntkviz_version must be a string, got {version!r}")
         state = payload.get("state_dict")
-        num_classes = _outputs(state)
+        num_classes = stored_num_classes(payload) if "num_classes" in payload else _outputs(state)
         shape = input_shape_value(payload.get("input_shape", list(DEFAULT_INPUT_SHAPE)))
         if custom:
             if not isinstance(model, torch.nn.Module):
@@ -239,6 +250,7 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
             kernel_maps=_kernel_maps(payload.get("kernel_maps", []), num_classes),
             input_shape=shape,
             custom=custom,
+            num_classes=num_classes,
         )
     except ValueError as e:
         raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None

@@ -207,6 +207,14 @@ def train(
             raise ValueError(f"watched classes must be in [0, {data.num_classes})")
         x_watch = watch.x.to(device)
     idx = subset_indices(len(data.train), config.train_size, config.seed)
+    if len(idx) % config.batch_size == 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ValueError(
+            f"batch norm cannot train on a batch of one example, and with {len(idx)} training "
+            f"examples in batches of {config.batch_size} the last batch of every epoch holds one: "
+            "choose another training-set size or batch size"
+        )
     x_all, y_all = data.train.x[idx], data.train.y[idx]
     eval_idx = subset_indices(len(data.test), config.eval_size, config.seed)
     x_eval, y_eval = data.test.x[eval_idx], data.test.y[eval_idx]
@@ -219,7 +227,7 @@ def train(
     model.train()
     accounting = None
     log.info(
-        "training %s on %d images: %d steps from step %d, %s",
+        "training %s on %d images: %d steps (its schedule from step %d), %s",
         type(model).__name__,
         len(idx),
         total,
@@ -282,22 +290,26 @@ class RunHealth:
     its first and last losses (cross-entropy, nats; see :func:`run_health`); ``accuracy``: the
     final test accuracy (None if unknown); ``chance``: 1/C.
 
-    A run ends *far worse than it started* when its final loss exceeds its initial loss (the
-    steps made the model worse overall: a learning rate that diverges without overflowing), or
-    when its accuracy is at chance level, at most 1.25/C (12.5 % for 10 classes)."""
+    A run ends *far worse than it started* when its final loss exceeds its initial loss by more
+    than 10 % (the steps made the model worse overall: a learning rate that diverges without
+    overflowing), or when after ``steps`` ≥ 50 steps its accuracy is at chance level, at most
+    1.25/C (12.5 % for 10 classes); a shorter run may not have learnt anything yet."""
 
     initial_loss: float
     final_loss: float
     accuracy: float | None
     chance: float
+    steps: int = 0
 
     @property
     def loss_rose(self) -> bool:
-        return self.final_loss > self.initial_loss
+        return self.final_loss > 1.1 * self.initial_loss
 
     @property
     def at_chance(self) -> bool:
-        return self.accuracy is not None and self.accuracy <= 1.25 * self.chance
+        return (
+            self.steps >= 50 and self.accuracy is not None and self.accuracy <= 1.25 * self.chance
+        )
 
     @property
     def ok(self) -> bool:
@@ -338,4 +350,5 @@ def run_health(
         final_loss=float(sum(losses[-k:]) / k),
         accuracy=None if accuracy is None else float(accuracy),
         chance=1.0 / num_classes,
+        steps=len(losses),
     )

@@ -573,6 +573,20 @@ def test_bad_inputs_raise_clear_errors():
             Watch(XW, (1, 2), focus=focus)
     unchanged = twin(make("tiny_cnn"), torch.optim.SGD(make("tiny_cnn").parameters(), lr=0.1))
     assert_same_state(model, sgd, *unchanged)  # nothing moved
+    with pytest.raises(ValueError, match="same shape"):  # fails before its step: lr untouched
+        account_step(model, sgd, X[:, :, :20], Y, XW, lr=0.7)
+    assert sgd.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.05), np.int64(0), torch.tensor(0.05)])
+def test_any_real_scalar_is_a_learning_rate(lr):
+    runs = []
+    for rate in (lr, float(lr)):
+        model = make("tiny_cnn")
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        runs.append(account_step(model, sgd, X, Y, XW, lr=rate))
+    assert runs[0].lr == float(lr)
+    np.testing.assert_array_equal(runs[0].predicted, runs[1].predicted)
 
 
 # --------------------------------------------------------------------------- training
@@ -716,6 +730,16 @@ def test_run_account_files_round_trip(tmp_path, mnist):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable"):
         RunAccount.load(tmp_path / "bad.npz")
+    good = (tmp_path / "run.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"cut\.npz is not a readable ntkviz run account"):
+        RunAccount.load(tmp_path / "cut.npz")
+    with np.load(tmp_path / "run.npz") as f:
+        np.savez(tmp_path / "bare.npz", format=f["format"], version=f["version"])
+    with pytest.raises(
+        ValueError, match=r"bare\.npz is a damaged ntkviz run account: no 'classes'"
+    ):
+        RunAccount.load(tmp_path / "bare.npz")
     with pytest.raises(ValueError, match="keeps no timeline"):
         RunAccount([1], 10).save(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="watched examples"):

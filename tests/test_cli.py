@@ -389,3 +389,58 @@ def test_bad_data_and_models_exit_with_one_line(
     for key, value in subs.items():
         message = message.replace(key, value)
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+MODELS_PY = str(Path(__file__).with_name("user_models.py"))
+
+
+@pytest.mark.parametrize("factory", ["no_bias", "HeadFirst"])
+def test_your_model_is_saved_with_the_datas_number_of_classes(factory, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    args = ["train", "--model", f"{MODELS_PY}:{factory}", "--train-size", "128", "--epochs", "1"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    payload = torch.load(out, weights_only=True)
+    assert payload["num_classes"] == 10 and payload["custom"]
+    dec = ["decompose", "--model", f"{MODELS_PY}:{factory}", "--weights", str(out), "--xo", "3",
+           "--xu", "0"]  # fmt: skip
+    assert main(dec) == 0, capsys.readouterr().err
+
+
+def test_a_run_that_fails_midway_keeps_its_steps(tmp_path, capsys):
+    out, accounts = tmp_path / "f.pt", tmp_path / "f.npz"
+    args = ["train", "--model", f"{MODELS_PY}:Flaky", "--train-size", "640", "--epochs", "1",
+            "--watch", "0", "--accounts", str(accounts), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "training stopped at step 3: RuntimeError: out of memory (simulated)" in err
+    assert "the 2 steps before it are kept" in err and "Traceback" not in err
+    assert torch.load(out, weights_only=True)["metadata"]["step"] == 2
+    from ntkviz.run_account import RunAccount
+
+    run = RunAccount.load(accounts)
+    assert run.steps == 2 and "out of memory" in run.meta["stopped"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--watch", "1", "--accounts", "SAME", "--out", "SAME"],
+         "--out and --accounts must name different files"),
+        (["train", "--model", "BN", "--train-size", "65", "--out", "OUT"],
+         "batch norm cannot train on a batch of one example, and with 65 training examples"),
+        (["decompose", "--model", "user_models.py", "--xu", "0", "--xo", "0"],
+         "give your own as PATH_OR_MODULE:FACTORY"),
+        (["decompose", "--model", "lenet", "--out", "DJSON", "--xu", "0", "--xo", "0"],
+         "it is a directory; choose another --out"),
+        (["train", "--watch", "1", "--accounts", "DIR"], "it is a directory; choose another --accounts"),
+    ],
+)  # fmt: skip
+def test_more_bad_arguments_exit_2_before_any_work(args, message, tmp_path, capsys):
+    subs = {"SAME": str(tmp_path / "same.npz"), "BN": f"{MODELS_PY}:batch_norm",
+            "OUT": str(tmp_path / "m.pt"), "DIR": str(tmp_path),
+            "DJSON": str(tmp_path / "d.json")}  # fmt: skip
+    (tmp_path / "d.json").mkdir()
+    assert main([subs.get(a, a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "same.npz").exists() and not (tmp_path / "m.pt").exists()

@@ -141,6 +141,8 @@ def test_iter_influence_reports_progress_and_can_stop_early():
         ({"x_o": torch.zeros(1, 1, 28, 28)}, "same shape"),
         ({"x_o": torch.zeros(1, 1, 28, 28), "x_u": torch.zeros(1, 1, 28, 28)}, "as one example"),
         ({"x_o": torch.zeros(1, 5, 5), "x_u": torch.zeros(1, 5, 5)}, "cannot take"),
+        ({"x_o": torch.full((1, 28, 28), float("nan"))}, "x_o holds NaN or infinite values"),
+        ({"x_u": torch.full((1, 28, 28), float("inf"))}, "x_u holds NaN or infinite values"),
     ],
 )
 def test_bad_arguments_say_what_was_expected(kwargs, match):

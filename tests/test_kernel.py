@@ -166,6 +166,27 @@ def test_bad_arguments_raise_value_error():
         empirical_ntk(model, inputs(1), inputs(1), method="magic")
 
 
+class _Reshaped(torch.nn.Module):
+    """Logits of a small MLP reshaped by ``how``: not ``(N, V)``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 3))
+        self.how = how
+
+    def forward(self, x):
+        return self.how(self.net(x))
+
+
+@pytest.mark.parametrize(
+    ("how", "got"),
+    [(lambda z: z.sum(1), r"\(1,\)"), (lambda z: z.T, r"\(3, 1\)"), (lambda z: z[..., None], r"\(1, 3, 1\)")],
+)  # fmt: skip
+def test_a_model_that_gives_no_logits_is_refused(how, got):
+    with pytest.raises(ValueError, match=rf"to logits \(N, V\); it maps \(1, 1, 28, 28\) to {got}"):
+        empirical_ntk(_Reshaped(how), inputs(2), inputs(2))
+
+
 @pytest.mark.parametrize("name", ["lenet", "residual"])
 @pytest.mark.parametrize(
     ("x1", "x2", "match"),

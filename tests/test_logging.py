@@ -29,7 +29,7 @@ def test_training_datasets_and_files_are_logged(mnist, tmp_path, caplog):
     text = "\n".join(m for _, _, m in messages)
     assert all(level == logging.INFO and name.startswith("ntkviz.") for name, level, _ in messages)
     assert f"loaded MNIST from {mnist.root / 'MNIST' / 'raw'}: 60000 training" in text
-    assert "training LeNet on 128 images: 2 steps from step 0" in text
+    assert "training LeNet on 128 images: 2 steps (its schedule from step 0)" in text
     accuracy = records[-1].test_accuracy
     assert f"training ended after 2 steps, test accuracy {accuracy}" in text
     for path in (ckpt, session, tmp_path / "r.json"):

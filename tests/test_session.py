@@ -128,6 +128,17 @@ def test_a_cifar_resnet_session_round_trips(tmp_path):
     torch.testing.assert_close(t.build_model().eval()(x), model(x), rtol=0, atol=0)
 
 
+def test_your_models_session_keeps_its_number_of_classes(tmp_path):
+    from user_models import HeadFirst, no_bias
+
+    for model in (no_bias(), HeadFirst()):  # no bias vector; the last one is not the output's
+        maps = [(5, np.ones((10, 10)))]
+        s = Session("m.py:f", model.state_dict(), TrainConfig(), custom=True, num_classes=10,
+                    kernel_maps=maps, selection={"y_u": 9})  # fmt: skip
+        t = load_session(save_session(tmp_path / "s.ntkviz", s), model=model)
+        assert t.classes == 10 and t.kernel_maps[0][1].shape == (10, 10)
+
+
 def test_a_session_of_your_own_model_needs_that_model(tmp_path):
     from pathlib import Path
 

@@ -91,6 +91,7 @@ def test_run_health_flags_a_run_that_ends_far_worse_than_it_started():
     assert "test accuracy 11.3% is at chance level (10%)" in stuck.warning
     assert run_health([2.3] * 100, accuracy=0.30, num_classes=4).at_chance
     assert run_health([5.0], accuracy=None).ok  # one step: nothing to compare
+    assert run_health([2.31, 2.312], accuracy=0.1).ok  # two steps: too short to judge
     # the windows: the first and last 20 steps (a quarter of a short run)
     assert run_health([9.0] * 20 + [1.0] * 60 + [2.0] * 20).final_loss == 2.0
     with pytest.raises(ValueError, match="at least one step"):

@@ -60,3 +60,46 @@ def tiny_rgb() -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, 3),
     )
+
+
+def no_bias() -> nn.Module:
+    """No bias anywhere: the number of classes shows only in the output."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 32, bias=False), nn.ReLU(), nn.Linear(32, 10, bias=False)
+    )
+
+
+class HeadFirst(nn.Module):
+    """Its head is registered before its body: the last bias of its state dict is the body's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(32, 10)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Flaky(nn.Module):
+    """Raises a RuntimeError (as an out-of-memory would) in its third training-mode forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("out of memory (simulated)")
+        return self.net(x)
+
+
+def batch_norm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
