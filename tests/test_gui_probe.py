@@ -206,11 +206,47 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
         spec.eigenvalues, ntk_spectrum(model, test.x[spec.indices.copy()]), rtol=1e-6, atol=1e-9
     )
     assert len(spec.indices) == 20
+    (x0, x1), (y0, y1) = lv.spec_plot.viewRange()  # every eigenvalue in view (log10 on y)
+    eig = np.log10(np.clip(spec.eigenvalues, 1e-12, None))
+    assert x0 <= 1 and x1 >= 20 and y0 <= eig.min() and y1 >= eig.max()
     for name, view in (("sq", sv), ("layers", lv)):
         for suffix in (".png", ".svg", ".csv", ".npz"):
             path = view.export(tmp_path / f"{name}{suffix}", width=400)
             assert path.stat().st_size > 0
     assert np.load(tmp_path / "sq.npz")["neg_probs"].shape == (4, 10)
+
+
+def test_views_forget_the_old_model_when_another_replaces_it(qtbot, window, tmp_path):
+    views = window.views
+    views["influence"].set_probe_size(50)
+    views["squeeze"].steps_box.setValue(2)
+    views["layers"].n_box.setValue(10)
+    for topic, start in (
+        ("influence", views["influence"].run),
+        ("squeeze", views["squeeze"].run),
+        ("layers", views["layers"].run),
+        ("spectrum", views["layers"].run_spectrum),
+    ):
+        wait_shown(qtbot, window, topic, start)
+    training = views["training"]
+    assert training.run_curves.steps and "test accuracy" in training.accuracy.text()
+    path = tmp_path / "c.ntkc"
+    wait_event(
+        qtbot, window, "checkpoint_saved", lambda: window.controller.save_checkpoint(str(path))
+    )
+    number = window.state.model.number
+    wait_event(qtbot, window, "model", lambda: window.controller.open_checkpoint(str(path)))
+    assert window.state.model.number != number
+    assert training.run_curves.steps == [] and training.accuracy.text() == "test accuracy: –"
+    assert training.eta.text() == "trained for 2 steps"
+    assert views["influence"].result is None and views["influence"].heatmap.image is None
+    assert not any(b.isVisible() for b in views["influence"].raised.buttons)
+    assert views["squeeze"].result is None
+    assert views["squeeze"].curves["neg"][1].getData()[0] is None  # no curve
+    assert views["layers"].result is None and len(views["layers"].bars.opts["height"]) == 0
+    assert views["layers"].spectra == [] and views["layers"].spec_curves == []
+    assert views["kernel_maps"].history.maps(10).steps.size == 0
+    wait_current(qtbot, window)  # the pair is decomposed again on the loaded model
 
 
 def test_probe_views_run_no_torch_op_on_the_gui_thread(qtbot, window, tmp_path):

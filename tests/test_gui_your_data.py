@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.datasets import FakeData
 from torchvision.transforms import ToTensor
 
+from ntkviz.app.state import Example
 from ntkviz.decomposition import decompose
 from ntkviz.gui.widgets import image_pixmap
 from ntkviz.training import TrainConfig
@@ -156,6 +157,10 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
                 Image.fromarray(pixels).save(folder / f"{k}.png")
     window = show_window(None, None)
     assert window.state.dataset.name == "mnist"
+    # an x_u and a y_u the new data does not have: they give way to its own, without an error
+    window.controller.select(x_u=Example("train", 28480), x_o=Example("test", 9000))
+    wait_current(qtbot, window)
+    assert window.state.y_u == 8
     wait_event(
         qtbot, window, "model",
         lambda: window.controller.open_dataset(str(tmp_path / "pets")),
@@ -164,6 +169,14 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     wait_current(qtbot, window)
     d = window.state.dataset
     assert d.images["train"].shape == (36, 20, 20, 3) and d.size("test") == 18
+    assert window.last_error is None
+    s, examples = window.state, window.views["examples"]
+    assert s.x_u.index < 36 and s.x_o.index < 18 and s.y_u == s.label(s.x_u)
+    assert (
+        examples.x_u_picker.example == s.x_u
+        and examples.x_u_picker.index_box.value() == s.x_u.index
+    )
+    assert examples.x_o_picker.example == s.x_o
     assert window.views["training"].train_size.maximum() == 36
     assert window.views["pair"].last_result.decomposition.K.shape == (3, 3)
     # a folder that is not a dataset: one message, the data and model kept

@@ -135,7 +135,9 @@ class AppController:
         if s.dataset is None:
             return
         label = s.label(example)
-        if s.y_u == s.label(old) or not 0 <= s.y_u < len(s.dataset.classes):
+        # other data may have come since ``old`` was chosen: it need not be one of theirs
+        old_label = s.label(old) if 0 <= old.index < s.dataset.size(old.split) else None
+        if s.y_u == old_label or not 0 <= s.y_u < len(s.dataset.classes):
             s.y_u = label
         elif s.y_u != label:
             c = s.dataset.classes
@@ -271,6 +273,9 @@ class AppController:
         old = self.state.model
         if old is None or info.number != old.number:
             self.dirty = False  # a new model: fresh, or as loaded from a file
+            self.results.clear()
+            if old is not None:  # the views forget what they showed of the old one
+                self._dispatch("model_replaced", Event("model_replaced", info))
         elif info.applied_steps != old.applied_steps:
             self.dirty = True
         self.state.model = info

@@ -99,6 +99,7 @@ def let_wrap(label: pg.LabelItem) -> pg.LabelItem:
         width = label.size().width()
         if width > 1:
             label.item.setTextWidth(width)
+            label.item.setPos(0, 0)  # the lines fill the width: no centring (it lags a resize)
             height = label.item.boundingRect().height()
             if abs(height - label.minimumHeight()) > 0.5:
                 label.setMinimumHeight(height)
@@ -238,6 +239,10 @@ class HeatmapView(pg.PlotItem):
     def image(self) -> np.ndarray | None:
         return self.image_item.image
 
+    def clear_matrix(self) -> None:
+        """Show no matrix (the frame and ticks stay)."""
+        self.image_item.clear()
+
     def set_matrix(
         self,
         matrix: np.ndarray,
@@ -268,15 +273,17 @@ class HeatmapView(pg.PlotItem):
 
     def _set_ticks(self) -> None:
         rows, cols, classes = self._layout
-        width = self.size().width()
+        width, height = self.size().width(), self.size().height()
         named = cols > 1 and width >= self.NAMED_WIDTH
-        # a column label needs about 14 px: fewer labels on a narrow matrix
+        # a column label needs about 14 px, a row label 12: fewer labels (every k-th index) on a
+        # small matrix, rather than labels drawn over each other
         cells = width - 80  # less the left axis and the colour bar
         columns = max(2, min(5 if cols > NAMED_CLASSES else 10, int(cells // 14)))
+        room = max(2, min(10 if rows > NAMED_CLASSES else 20, int((height - 40) // 12)))
         ticks = (
-            class_ticks(classes[:rows], n_max=10 if rows > NAMED_CLASSES else 20,
-                        width=7 if named else 4),
-            class_ticks(classes[:cols], n_max=columns, width=4) if cols > 1 else [(0, "")],
+            class_ticks(classes[:rows], n_max=room, width=(7 if named else 4) if rows <= room else 0),
+            class_ticks(classes[:cols], n_max=columns, width=4 if cols <= columns else 0)
+            if cols > 1 else [(0, "")],
         )  # fmt: skip
         if ticks != self._ticks:
             self._ticks = ticks
@@ -295,6 +302,12 @@ def _operator(text: str, size: str = "18pt") -> pg.LabelItem:
         pg.QtWidgets.QSizePolicy.Policy.Fixed, pg.QtWidgets.QSizePolicy.Policy.Preferred
     )
     return label
+
+
+LOGIT_PLAIN = "logit level:<br>Δz(x<sub>o</sub>) =<br>−η · K · G"
+LOGIT_OPTIMIZER = (
+    "logit level:<br>Δz(x<sub>o</sub>) =<br>−s · K<sub>P</sub> · G<br>+ momentum<br>+ decay"
+)
 
 
 class DecompositionView(pg.GraphicsLayoutWidget):
@@ -340,7 +353,8 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             top.addItem(view, 0, col)
         for col, stretch in enumerate([0, 8, 0, 8, 0, 2, 0, 2]):
             top.layout.setColumnStretchFactor(col, stretch)
-        bottom.addItem(_operator("logit level:<br>Δz(x<sub>o</sub>) =<br>−η · K · G", "11pt"), 0, 0)
+        self.logit_label = _operator(LOGIT_PLAIN, "11pt")
+        bottom.addItem(self.logit_label, 0, 0)
         lower = [
             ("delta_logits_predicted", "Δz predicted"),
             ("delta_logits_actual", "Δz actual"),
@@ -404,6 +418,9 @@ class DecompositionView(pg.GraphicsLayoutWidget):
                 f"−{factor} ·<br><span style='font-size:10pt'>{factor} = {scale:.3g}</span>"
             )
             self.info.setText(f"{info}<br>{text}" if info else text, size="11pt")
+            logit = LOGIT_PLAIN if term is None else LOGIT_OPTIMIZER
+            if self.logit_label.text != logit:
+                self.logit_label.setText(logit, size="11pt")
             for name, title in titles.items():
                 if h[name].titleLabel.text != title:
                     h[name].titleLabel.setText(title, size="11pt")
@@ -510,7 +527,7 @@ class PreviewBars(pg.PlotWidget):
         self.setBackground("w")
         # the legend is in the title: inside the plot it would cover the tallest bars
         self.setTitle(TITLE_PLAIN, size="10pt")
-        let_shrink(self.getPlotItem().titleLabel)  # a narrow plot cuts its legend, not the window
+        let_wrap(self.getPlotItem().titleLabel)  # a narrow plot wraps its legend
         self.setMenuEnabled(False)
         self.predicted = pg.BarGraphItem(
             x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush=PREDICTED

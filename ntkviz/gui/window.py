@@ -343,7 +343,7 @@ class MainWindow(QMainWindow):
         if not self.show_message_boxes:
             return True
         box = QMessageBox(QMessageBox.Question, title, text, QMessageBox.Cancel, self)
-        yes = box.addButton("Discard and start", QMessageBox.AcceptRole)
+        yes = box.addButton("Discard it", QMessageBox.AcceptRole)
         box.setDefaultButton(QMessageBox.Cancel)
         box.exec()
         return box.clickedButton() is yes

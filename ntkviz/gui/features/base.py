@@ -62,6 +62,11 @@ class FeatureView(QWidget):
         super().__init__()
         self.ctx = ctx
         self.controller, self.state = ctx.controller, ctx.state
+        self.controller.on("model_replaced", lambda event: self.model_replaced(event.payload))
+
+    def model_replaced(self, info) -> None:
+        """Another model is current (``info``, a ``ModelInfo``: a new run's, from a file, for
+        other data): forget what was shown of the old one."""
 
     def plots(self) -> dict[str, Callable[[], object]]:
         """Exportable plots: name -> a callable giving the pyqtgraph item."""
@@ -124,6 +129,15 @@ class ProbeView(FeatureView):
         return {self.title: lambda: self.graphics.ci}
 
     def request(self):
+        raise NotImplementedError
+
+    def model_replaced(self, info) -> None:
+        self.result = None
+        self.job.set_running(False)
+        self.clear()
+
+    def clear(self) -> None:
+        """Show no result."""
         raise NotImplementedError
 
     def run(self) -> None:

@@ -11,7 +11,7 @@ from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_ticks, let_shrink
+from ntkviz.gui.plots import HeatmapView, class_ticks, elide, let_shrink
 from ntkviz.gui.widgets import ThumbnailRow, spin
 
 QUANTITIES = (
@@ -20,6 +20,7 @@ QUANTITIES = (
     ("delta_probs_actual", "mean Δπ (actual step)"),
 )
 THUMBS = 8
+COMPUTE = "Compute to see one update's effect"
 
 
 class InfluenceView(ProbeView):
@@ -52,7 +53,7 @@ class InfluenceView(ProbeView):
         )  # fmt: skip
         self.finish_controls()
         g = self.graphics
-        self.caption = let_shrink(g.addLabel("Compute to see one update's effect", 0, 0, 1, 2))
+        self.caption = let_shrink(g.addLabel(COMPUTE, 0, 0, 1, 2))
         self.heatmap = HeatmapView(
             "mean Δπ per true class of x<sub>o</sub>", self._describe, "true class of x_o",
             "output class",
@@ -128,6 +129,14 @@ class InfluenceView(ProbeView):
         c = self.rank_box.currentData()
         return self.result.request.pair.y_u if c is None or c < 0 else int(c)
 
+    def clear(self) -> None:
+        self.heatmap.clear_matrix()
+        self.caption.setText(COMPUTE, size="11pt")
+        for row, title in ((self.raised, "most raised"), (self.lowered, "most lowered")):
+            row.set_items([])
+            row.title.setText(title)
+        self._draw_norms()
+
     def redraw(self) -> None:
         r = self.result
         if r is None:
@@ -146,6 +155,9 @@ class InfluenceView(ProbeView):
         )
         col = self.rank_class()
         score = r.influence.predicted[:, col]
+        ranked = f"by predicted Δlog π of class {elide(c[col], 16)}, not the map's quantity"
+        self.raised.title.setText(f"most raised, {ranked}")
+        self.lowered.title.setText("most lowered")
         order = np.argsort(score, kind="stable")
         for row, picks in ((self.raised, order[::-1]), (self.lowered, order)):
             items = []
@@ -159,12 +171,12 @@ class InfluenceView(ProbeView):
 
     def _draw_norms(self) -> None:
         r = self.result
-        if r.kernel_norm is None:
+        if r is None or r.kernel_norm is None:
             self.norm_means = self.norm_stds = np.zeros(0)
             self.norm_bars.setOpts(x=[], height=[])
             self.norm_err.setData(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
             self.norm_strip.setData([], [])
-            self.norm_plot.setTitle("‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F: off")
+            self.norm_plot.setTitle("‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F" + (": off" if r else ""))
             return
         C = len(self.classes)
         labels, norms = r.norm_labels, r.kernel_norm

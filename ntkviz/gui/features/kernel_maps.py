@@ -127,6 +127,9 @@ class KernelMapView(ProbeView):
     def show_result(self, record) -> None:
         self.history.add(record)
 
+    def clear(self) -> None:
+        self.history.clear()
+
     def _history_changed(self) -> None:
         dataset = self.state.dataset
         if dataset is not None:

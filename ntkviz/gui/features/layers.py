@@ -14,6 +14,8 @@ from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import let_shrink
 from ntkviz.gui.widgets import JobControls, spin
 
+BAR_TITLE = "‖K<sub>layer</sub>(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>"
+
 
 class LayersView(ProbeView):
     """Split K by layer (the main job) and the spectrum (a second job)."""
@@ -32,8 +34,7 @@ class LayersView(ProbeView):
         self.clear_button = QPushButton("Clear old spectra")
         self.add_controls(self.job, QLabel("spectrum of N ="), self.n_box, self.spectrum_job,
                           self.clear_button, self.export_button)  # fmt: skip
-        self.bar_plot = self.graphics.addPlot(0, 0, title="‖K<sub>layer</sub>(x<sub>o</sub>, "
-                                              "x<sub>u</sub>)‖<sub>F</sub>")  # fmt: skip
+        self.bar_plot = self.graphics.addPlot(0, 0, title=BAR_TITLE)
         self.bar_plot.setMenuEnabled(False)
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#4c72b0")
         self.bar_plot.addItem(self.bars)
@@ -41,6 +42,7 @@ class LayersView(ProbeView):
         self.bar_plot.addItem(self.total_line)
         self.total_label = pg.TextItem("", color="#d62728", anchor=(0, 1))
         self.bar_plot.addItem(self.total_label)
+        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))  # until the first split
         self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
         self.spec_plot.setLogMode(x=False, y=True)
         self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))  # until the first spectrum
@@ -85,7 +87,18 @@ class LayersView(ProbeView):
             f"‖K<sub>layer</sub>‖<sub>F</sub>: x<sub>o</sub> = {r.x_o}, "
             f"x<sub>u</sub> = {r.x_u}, step {result.step}"
         )
+        self.bar_plot.setXRange(-0.6, len(x) - 0.4)
         self.bar_plot.setYRange(0, max(result.total_norm, float(result.norms.max())) * 1.12)
+
+    def clear(self) -> None:
+        self.bars.setOpts(x=[], height=[])
+        self.bar_plot.getAxis("bottom").setTicks(None)
+        self.total_line.setPos(0)
+        self.total_label.setText("")
+        self.bar_plot.setTitle(BAR_TITLE)
+        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))
+        self.spectra = []
+        self._draw_spectra()
 
     def set_spectrum(self, result) -> None:
         """``result``: a ``SpectrumResult``; earlier ones fade."""
@@ -114,6 +127,10 @@ class LayersView(ProbeView):
             curve = self.spec_plot.plot(np.arange(1, len(eig) + 1), eig, pen=pen,
                                         name=f"step {s.step} (N = {len(s.indices)})")  # fmt: skip
             self.spec_curves.append(curve)
+        if self.spectra:  # every eigenvalue of every spectrum in view
+            self.spec_plot.enableAutoRange()
+        else:
+            self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))
 
     def data(self) -> dict[str, np.ndarray]:
         out = {}

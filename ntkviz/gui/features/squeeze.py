@@ -33,7 +33,7 @@ class SqueezeView(ProbeView):
         self.lr_box.setDecimals(4)
         self.lr_box.setRange(1e-4, 10.0)
         self.lr_box.setSingleStep(0.05)
-        self.lr_box.setValue(0.5)
+        self.lr_box.setValue(0.05)  # small: the first-order guarantees hold step by step
         self.log_box = QCheckBox("log scale")
         self.add_controls(
             QLabel("x = x_u, ȳ"), self.label_box, QLabel("steps S"), self.steps_box,
@@ -115,6 +115,19 @@ class SqueezeView(ProbeView):
     def show_result(self, result) -> None:
         self.classes = self.state.dataset.classes
         self.redraw()
+
+    def clear(self) -> None:
+        for key, p in self.run_plots.items():
+            for curve in self.curves[key]:
+                curve.setData([], [])
+            for item in self.marks[key]:
+                p.removeItem(item)
+            self.marks[key] = []
+        self.sweep_curve.setData([], [])
+        for points in self.survey_points.values():
+            points.setData([], [])
+        self.checks.setText("")
+        self.caption.setText("Run to compare", size="11pt")
 
     def redraw(self) -> None:
         r = self.result

@@ -137,6 +137,15 @@ class TrainingView(FeatureView):
     def restore_session(self, part: dict) -> None:
         self.run_curves.restore(part["curves"])
         self.controller.records_received = len(self.run_curves.steps)
+        self.curves.flush()
+        self._show_accuracy()
+
+    def model_replaced(self, info) -> None:
+        """The curves and progress were of the old model's run."""
+        self._on_new_run(None)
+        self._pending_progress = None
+        self.progress.reset()
+        self.eta.setText("not started" if info.step == 0 else f"trained for {info.step} steps")
 
     # ------------------------------------------------------------------ settings
     def _on_engine(self, info) -> None:
@@ -225,13 +234,8 @@ class TrainingView(FeatureView):
     def _on_records(self, event) -> None:
         records = event.payload
         self.run_curves.add(records)
-        tested = [r for r in records if r.test_accuracy is not None]
-        if tested:
-            r, size = tested[-1], self.state.model.config.eval_size
-            images = "all test images" if size is None else f"{size:,} test images"
-            self.accuracy.setText(
-                f"test accuracy {100 * r.test_accuracy:.1f} % at step {r.step} ({images})"
-            )
+        if any(r.test_accuracy is not None for r in records):
+            self._show_accuracy()
         self._pending_progress = self.run_progress.update(records, time.perf_counter())
         if self.state.run_state != "training":  # a last batch or one step: show it now
             self.curves.flush()
@@ -239,6 +243,18 @@ class TrainingView(FeatureView):
         elif not self._progress_timer.isActive():
             self._progress_timer.start()
         self.ctx.shown("records", self.controller.records_received)
+
+    def _show_accuracy(self) -> None:
+        """The run's latest test accuracy."""
+        c = self.run_curves
+        if not c.accuracies:
+            self.accuracy.setText("test accuracy: –")
+            return
+        size = self.state.model.config.eval_size
+        images = "all test images" if size is None else f"{size:,} test images"
+        self.accuracy.setText(
+            f"test accuracy {100 * c.accuracies[-1]:.1f} % at step {c.acc_steps[-1]} ({images})"
+        )
 
     def _show_progress(self) -> None:
         self._progress_timer.stop()

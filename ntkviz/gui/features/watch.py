@@ -24,7 +24,7 @@ from ntkviz.app.features.watch import (
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_color, let_shrink
+from ntkviz.gui.plots import HeatmapView, class_color, let_wrap
 from ntkviz.gui.widgets import ThumbnailRow, fit_text
 
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
@@ -35,6 +35,7 @@ OTHER_TERMS = (
 )
 
 
+BATCH_TITLE = "the step's batch, largest contributions first"
 NOT_WATCHING = (
     'Check "watch runs", then start or continue a run: every step it takes is accounted '
     "for on the watched examples"
@@ -79,7 +80,7 @@ class WatchView(ProbeView):
         )  # fmt: skip
         self.finish_controls()
         g = self.graphics
-        self.caption = let_shrink(g.addLabel(NOT_WATCHING, 0, 0, 1, 4))
+        self.caption = let_wrap(g.addLabel(NOT_WATCHING, 0, 0, 1, 4))
         self.timeline = g.addPlot(1, 0, 1, 3)
         self.timeline.setLabel("bottom", "training step")
         self.timeline.setLabel("left", "Δlog π(class) since the run began (nats)")
@@ -88,23 +89,27 @@ class WatchView(ProbeView):
         self.timeline.setMenuEnabled(False)
         self.timeline.getAxis("bottom").enableAutoSIPrefix(False)
         self.marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", width=1))
+        self.marker.setVisible(False)  # until a step is clicked
         self.timeline.addItem(self.marker)
         self.timeline.scene().sigMouseClicked.connect(self._clicked)
         self.curves: dict = {}
         d = self._describe
         self.factors = {}
+        row = g.addLayout(2, 0, 1, 4)  # its own columns: the legend above does not set them
         for col, (key, title) in enumerate((
             ("A", "A(x<sub>o</sub>)"), ("K", "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)"),
             ("G", "G(x<sub>top</sub>)"), ("term", "its Δlog π(x<sub>o</sub>)"),
         )):  # fmt: skip
             view = HeatmapView(title, lambda i, j, k=key: d(k, i, j), "i", "")
+            if key in ("G", "term"):  # vectors stay narrow; the matrices get the room
+                view.setMaximumWidth(140)
             self.factors[key] = view
-            g.addItem(view, 2, col)
+            row.addItem(view, 0, col)
         for col, stretch in enumerate((3, 3, 1, 1)):
-            g.ci.layout.setColumnStretchFactor(col, stretch)
+            row.layout.setColumnStretchFactor(col, stretch)
         g.ci.layout.setRowStretchFactor(1, 3)
         g.ci.layout.setRowStretchFactor(2, 2)
-        self.batch = ThumbnailRow("the step's batch, largest contributions first", 12)
+        self.batch = ThumbnailRow(BATCH_TITLE, 12)
         self.helpful = ThumbnailRow("who raised log π(class) most over the run", 10)
         self.harmful = ThumbnailRow("who lowered it most", 10)
         for row in (self.batch, self.helpful, self.harmful):
@@ -170,7 +175,8 @@ class WatchView(ProbeView):
 
     # ------------------------------------------------------------------ the run
     def _run_started(self, event) -> None:
-        self.run_examples, self.rows, self.detail, self.ranking = self.examples, [], None, None
+        self.clear()
+        self.run_examples = self.examples
         c = self.state.dataset.classes
         self.which.blockSignals(True)
         self.which.clear()
@@ -178,6 +184,17 @@ class WatchView(ProbeView):
             self.which.addItem(f"{e} ({c[self.state.label(e)]})")
         self.which.blockSignals(False)
         self._note()
+        self.redraw()
+
+    def clear(self) -> None:
+        """No run's steps, step details or ranking."""
+        self.rows, self.detail, self.ranking = [], None, None
+        self.marker.setVisible(False)
+        for row in (self.batch, self.helpful, self.harmful):
+            row.set_items([])
+        self.batch.title.setText(BATCH_TITLE)
+        for view in self.factors.values():
+            view.clear_matrix()
         self.redraw()
 
     def _steps(self, event) -> None:
@@ -277,6 +294,7 @@ class WatchView(ProbeView):
     def show_step(self, step: int) -> None:
         """Ask for the details of training step ``step``."""
         self.marker.setPos(step)
+        self.marker.setVisible(True)
         self.controller.submit("watch_detail", WatchDetailRequest(step))
 
     # ------------------------------------------------------------------ a step
@@ -313,8 +331,7 @@ class WatchView(ProbeView):
                 self.factors[key].image_item.clear()
         self.factors["K"].titleLabel.setText(
             "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)" if d.has_kernel[w] else
-            "K<sub>P</sub>: recorded for the focused x<sub>o</sub><br>(the one shown when the run "
-            "began)", size="10pt",
+            "K<sub>P</sub>: focused x<sub>o</sub> only", size="10pt",
         )  # fmt: skip
 
     def _describe(self, key: str, i: int, j: int) -> str:
