@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -153,7 +154,7 @@ class Decomposition:
     #: How the numbers relate (exports state it).
     FORMULA = "predicted = -lr * A @ K @ G ; residual = actual - predicted"
     #: Scalars beside ``lr``, ``loss`` and ``y_u`` that exports carry.
-    SCALARS: tuple[str, ...] = ()
+    SCALARS: ClassVar[tuple[str, ...]] = ()
 
     @property
     def relative_residual(self) -> float:

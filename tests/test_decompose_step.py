@@ -69,3 +69,30 @@ def test_optimizer_terms_against_an_explicit_step(kind):
     # the gradient term is −s·A·K_P·G
     np.testing.assert_allclose(d.gradient_term, -d.step_scale * d.A @ d.K @ d.G, rtol=1e-9,
                                atol=1e-14)  # fmt: skip
+
+
+def test_exports_state_the_optimizer_steps_formula(tmp_path):
+    import json
+
+    from ntkviz.results import write_decomposition
+
+    model = make("lenet")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x = inputs(2, seed=3)
+    step = decompose_step(model, opt, x[0], x[1], 3, 0.1)
+    record = json.loads(write_decomposition(step, tmp_path / "s.json").read_text())
+    assert record["formula"].startswith("gradient_term = -step_scale * A @ K @ G")
+    assert "predicted = gradient_term + momentum + weight_decay" in record["formula"]
+    assert record["optimizer"] == "sgd" and record["step_scale"] == pytest.approx(0.1)
+    np.testing.assert_allclose(
+        np.array(record["predicted"]),
+        np.array(record["gradient_term"]) + record["momentum"] + np.array(record["weight_decay"]),
+    )
+    with np.load(write_decomposition(step, tmp_path / "s.npz")) as f:
+        assert str(f["formula"]) == record["formula"] and str(f["optimizer"]) == "sgd"
+    csv = write_decomposition(step, tmp_path / "s.csv").read_text()
+    assert '# optimizer: "sgd"' in csv and '# formula: "gradient_term' in csv
+    plain = json.loads(
+        write_decomposition(decompose(model, x[0], x[1], 3, 0.1), tmp_path / "p.json").read_text()
+    )
+    assert plain["formula"] == "predicted = -lr * A @ K @ G ; residual = actual - predicted"
