@@ -89,10 +89,15 @@ def let_shrink(label: pg.LabelItem) -> pg.LabelItem:
     return label
 
 
-def let_wrap(label: pg.LabelItem) -> pg.LabelItem:
-    """Let a pyqtgraph label break its text into lines at its width (left-aligned) instead of
-    widening its layout or being cut; its height follows the lines."""
+def let_wrap(label: pg.LabelItem, center: bool = False, on_height=None) -> pg.LabelItem:
+    """Let a pyqtgraph label break its text into lines at its width (left-aligned, or each line
+    centred) instead of widening its layout or being cut; its height follows the lines
+    (``on_height(height)`` is called when it changes)."""
     let_shrink(label)
+    if center:
+        option = label.item.document().defaultTextOption()
+        option.setAlignment(Qt.AlignmentFlag.AlignHCenter)
+        label.item.document().setDefaultTextOption(option)
     update, resize = label.updateMin, type(label).resizeEvent
 
     def fit() -> None:
@@ -106,6 +111,8 @@ def let_wrap(label: pg.LabelItem) -> pg.LabelItem:
                 label._sizeHint[Qt.SizeHint.MinimumSize] = (1, height)
                 label._sizeHint[Qt.SizeHint.PreferredSize] = (width, height)
                 label.updateGeometry()
+                if on_height is not None:
+                    on_height(height)
 
     def update_min():
         label.item.setTextWidth(-1)
@@ -119,6 +126,18 @@ def let_wrap(label: pg.LabelItem) -> pg.LabelItem:
     label.updateMin = update_min
     label.resizeEvent = resize_event
     return label
+
+
+def wrap_title(plot: pg.PlotItem) -> None:
+    """Let ``plot``'s title break into centred lines at the plot's width; the title's row (30 px
+    in pyqtgraph) grows with them."""
+
+    def fit_row(height: float) -> None:
+        h = max(30.0, height)
+        plot.titleLabel.setMaximumHeight(h)
+        plot.layout.setRowFixedHeight(0, h)
+
+    let_wrap(plot.titleLabel, center=True, on_height=fit_row)
 
 
 def relative_residual_text(dec) -> str:

@@ -219,6 +219,16 @@ class WheelScrolls(QObject):
         return True
 
 
+def labelled(*parts) -> QWidget:
+    """Texts (as labels) and widgets in one row that a :class:`FlowLayout` keeps together."""
+    box = QWidget()
+    row = QHBoxLayout(box)
+    row.setContentsMargins(0, 0, 0, 0)
+    for part in parts:
+        row.addWidget(QLabel(part) if isinstance(part, str) else part)
+    return box
+
+
 class FlowLayout(QLayout):
     """Lays widgets out left to right and wraps them onto the next line when the width runs
     out (control rows that must not set a tab's minimum width)."""

@@ -5,14 +5,14 @@ class."""
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel
+from PySide6.QtWidgets import QCheckBox, QComboBox
 
 from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_ticks, elide, let_shrink
-from ntkviz.gui.widgets import ThumbnailRow, spin
+from ntkviz.gui.plots import HeatmapView, class_ticks, elide, let_wrap, wrap_title
+from ntkviz.gui.widgets import ThumbnailRow, labelled, spin
 
 QUANTITIES = (
     ("delta_probs", "mean Δπ (predicted)"),
@@ -48,20 +48,20 @@ class InfluenceView(ProbeView):
         self.rank_box.addItem("y_u", -1)
         self.rank_box.setToolTip("rank x_o by the predicted Δlog π of this output class")
         self.add_controls(
-            QLabel("probe"), self.size_box, self.actual_box, QLabel("‖K‖ on"), self.norm_box,
-            QLabel("show"), self.quantity_box, QLabel("rank by"), self.rank_box,
+            labelled("probe", self.size_box), self.actual_box, labelled("‖K‖ on", self.norm_box),
+            labelled("show", self.quantity_box), labelled("rank by", self.rank_box),
         )  # fmt: skip
         self.finish_controls()
         g = self.graphics
-        self.caption = let_shrink(g.addLabel(COMPUTE, 0, 0, 1, 2))
+        self.caption = let_wrap(g.addLabel(COMPUTE, 0, 0, 1, 2))
         self.heatmap = HeatmapView(
-            "mean Δπ per true class of x<sub>o</sub>", self._describe, "true class of x_o",
+            "mean Δπ per true class of x<sub>o</sub>", self._describe, "true class of x<sub>o</sub>",
             "output class",
         )  # fmt: skip
         g.addItem(self.heatmap, 1, 0)
         self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
-        let_shrink(self.norm_plot.titleLabel)
-        self.norm_plot.setLabel("bottom", "true class of x_o")
+        wrap_title(self.norm_plot)
+        self.norm_plot.setLabel("bottom", "true class of x<sub>o</sub>")
 
         self.norm_plot.setMenuEnabled(False)
         self.norm_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#9ecae1")

@@ -11,8 +11,8 @@ from PySide6.QtWidgets import QCheckBox, QLabel, QSlider
 from ntkviz.app.features.kernel_maps import KernelMapHistory, KernelMapRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, let_shrink, nice_ceiling
-from ntkviz.gui.widgets import spin
+from ntkviz.gui.plots import HeatmapView, nice_ceiling, wrap_title
+from ntkviz.gui.widgets import labelled, spin
 
 SEQUENTIAL = pg.colormap.get("viridis")
 PROBE_IMAGES = 100  #: images in a recorded map by default (per class: this over the classes)
@@ -41,8 +41,8 @@ class KernelMapView(ProbeView):
         self.slider.setMinimumWidth(200)
         self.slider_label = QLabel("no maps yet")
         self.add_controls(
-            self.record_box, QLabel("every"), self.every_box, QLabel("steps,"),
-            self.per_class_box, QLabel("per class"), self.slider, self.slider_label,
+            labelled(self.record_box, "every", self.every_box, "steps,"),
+            labelled(self.per_class_box, "per class"), self.slider, self.slider_label,
         )  # fmt: skip
         self.finish_controls()
         self.heatmap = HeatmapView(
@@ -57,7 +57,7 @@ class KernelMapView(ProbeView):
         self.corr_plot.setLabel("bottom", "training step")
         self.corr_plot.getAxis("bottom").enableAutoSIPrefix(False)
         self.corr_plot.setRange(xRange=(0, 1), yRange=(-0.05, 1.05))
-        let_shrink(self.corr_plot.titleLabel)
+        wrap_title(self.corr_plot)
         self.corr_curve = self.corr_plot.plot(
             pen=pg.mkPen("#1f77b4", width=2), symbol="o", symbolSize=6, symbolBrush="#1f77b4"
         )

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QPushButton
+from PySide6.QtWidgets import QPushButton
 
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import let_shrink
-from ntkviz.gui.widgets import JobControls, spin
+from ntkviz.gui.plots import wrap_title
+from ntkviz.gui.widgets import JobControls, labelled, spin
 
 BAR_TITLE = "‖K<sub>layer</sub>(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>"
 
@@ -32,7 +32,7 @@ class LayersView(ProbeView):
         self.n_box = spin(10, 500, 50, 10)
         self.spectrum_job = JobControls("Compute spectrum")
         self.clear_button = QPushButton("Clear old spectra")
-        self.add_controls(self.job, QLabel("spectrum of N ="), self.n_box, self.spectrum_job,
+        self.add_controls(self.job, labelled("spectrum of N =", self.n_box), self.spectrum_job,
                           self.clear_button, self.export_button)  # fmt: skip
         self.bar_plot = self.graphics.addPlot(0, 0, title=BAR_TITLE)
         self.bar_plot.setMenuEnabled(False)
@@ -47,7 +47,7 @@ class LayersView(ProbeView):
         self.spec_plot.setLogMode(x=False, y=True)
         self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))  # until the first spectrum
         for plot in (self.bar_plot, self.spec_plot):
-            let_shrink(plot.titleLabel)
+            wrap_title(plot)
         self.spec_plot.setLabel("bottom", "rank")
         self.spec_plot.setLabel("left", "eigenvalue")
         self.spec_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")

@@ -10,8 +10,8 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 from ntkviz.app.features.squeeze import SURVEY_SIZE, SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import class_ticks, let_shrink
-from ntkviz.gui.widgets import spin
+from ntkviz.gui.plots import class_ticks, let_wrap, wrap_title
+from ntkviz.gui.widgets import labelled, spin
 
 
 class SqueezeView(ProbeView):
@@ -36,11 +36,11 @@ class SqueezeView(ProbeView):
         self.lr_box.setValue(0.05)  # small: the first-order guarantees hold step by step
         self.log_box = QCheckBox("log scale")
         self.add_controls(
-            QLabel("x = x_u, ȳ"), self.label_box, QLabel("steps S"), self.steps_box,
-            QLabel("η"), self.lr_box, self.log_box,
+            labelled("x = x_u, ȳ", self.label_box), labelled("steps S", self.steps_box),
+            labelled("η", self.lr_box), self.log_box,
         )  # fmt: skip
         self.finish_controls()
-        self.caption = let_shrink(self.graphics.addLabel("Run to compare", 0, 0, 1, 3))
+        self.caption = let_wrap(self.graphics.addLabel("Run to compare", 0, 0, 1, 3))
         self.run_plots, self.curves, self.marks = {}, {}, {}
         for col, (key, title, color) in enumerate(
             (("neg", "negative gradient on ȳ", "#d62728"),
@@ -51,7 +51,7 @@ class SqueezeView(ProbeView):
                 f"{title}<br><span style='color:#7f7f7f'>━</span> before  "
                 f"<span style='color:{color}'>━</span> after S steps"
             ))  # fmt: skip
-            let_shrink(p.titleLabel)
+            wrap_title(p)
             p.setLabel("bottom", "class")
             p.setMenuEnabled(False)
             before = p.plot(stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None)
@@ -62,7 +62,7 @@ class SqueezeView(ProbeView):
             1, 2, title="squeezed mass against η: π gain of the<br>top other class after one "
             "negative step",
         )  # fmt: skip
-        let_shrink(self.sweep_plot.titleLabel)
+        wrap_title(self.sweep_plot)
         self.sweep_plot.setLogMode(x=True, y=False)
         self.sweep_plot.setLabel("bottom", "η")
         self.sweep_plot.getAxis("bottom").enableAutoSIPrefix(False)
@@ -80,7 +80,7 @@ class SqueezeView(ProbeView):
             )  # fmt: skip
             for axis in ("left", "bottom"):
                 p.getAxis(axis).enableAutoSIPrefix(False)
-            let_shrink(p.titleLabel)
+            wrap_title(p)
             p.setLabel("bottom", xlabel)
             p.setLabel("left", "π gain of the top other class")
             p.setMenuEnabled(False)

@@ -25,7 +25,7 @@ from ntkviz.app.state import Example
 from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
 from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import HeatmapView, class_color, let_wrap
-from ntkviz.gui.widgets import ThumbnailRow, fit_text
+from ntkviz.gui.widgets import ThumbnailRow, fit_text, labelled
 
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
 OTHER_TERMS = (
@@ -75,7 +75,7 @@ class WatchView(ProbeView):
         fit_text(self.add_button, self.reset_button)
         self.note = QLabel("")
         self.add_controls(
-            self.watching, QLabel("show"), self.which, self.add_button, self.reset_button,
+            self.watching, labelled("show", self.which), self.add_button, self.reset_button,
             self.note,
         )  # fmt: skip
         self.finish_controls()
