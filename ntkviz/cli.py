@@ -406,15 +406,16 @@ def cmd_train(args) -> int:
     progress = _Progress()
     last = failure = None
     losses = []
+    records = train(model, data, config, watch=watch)  # bad settings raise here: exit code 2
     try:
-        for record in train(model, data, config, watch=watch):
+        for record in records:
             last = record
             losses.append(record.loss)
             if run is not None:
                 run.add(record.account, record.batch_indices, record.step)
             if not args.quiet:
                 progress(record)
-    except (TrainingDiverged, RuntimeError) as e:  # e.g. out of memory, or the model failed
+    except Exception as e:  # it diverged, ran out of memory, or the model raised
         steps = last.step if last else 0
         failure = str(e) if isinstance(e, TrainingDiverged) else (
             f"training stopped at step {steps + 1}: {type(e).__name__}: {e}"

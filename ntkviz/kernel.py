@@ -407,7 +407,7 @@ def _input_cotangent(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -
         # Non-overlapping average: the adjoint spreads each cotangent evenly over its window.
         k = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
         h, w = g.shape[-2:]
-        gi = _upsampled(g, k).mul_(1.0 / (k[0] * k[1]))
+        gi = _upsampled(g, k) * (1.0 / (k[0] * k[1]))
         H, W = a_in.shape[-2:]
         return F.pad(gi, (0, W - w * k[1], 0, H - h * k[0])) if gi.shape[-2:] != (H, W) else gi
     if kind == "linear_pool" and _global_average(layer):
@@ -502,9 +502,10 @@ def _node_trainable(node) -> bool:
 
 
 def _upsampled(g: Tensor, k: tuple[int, int]) -> Tensor:
-    """``g (..., h, w)`` repeated ``k = (kh, kw)`` times along each of its last two axes, a new
-    ``(..., h·kh, w·kw)`` tensor (nearest-neighbour upsampling; one axis at a time, which is
-    faster on CPU than one copy of a 7-d broadcast)."""
+    """``g (..., h, w)`` repeated ``k = (kh, kw)`` times along each of its last two axes,
+    ``(..., h·kh, w·kw)`` (nearest-neighbour upsampling; one axis at a time, which is faster on
+    CPU than one copy of a 7-d broadcast). It may be a view of ``g`` (with repeated elements):
+    do not write into it."""
     (kh, kw), (h, w) = k, g.shape[-2:]
     g = g.unsqueeze(-1).expand(*g.shape, kw).reshape(*g.shape[:-1], w * kw)
     return g.unsqueeze(-2).expand(*g.shape[:-1], kh, w * kw).reshape(*g.shape[:-2], h * kh, w * kw)

@@ -191,13 +191,11 @@ def train(
     The model must already be on the config's device. Pass ``optimizer`` and ``start_step`` to
     continue a run. ``watch``: examples to account for; each record then carries the
     :class:`~ntkviz.accounting.WatchAccount` of its step (identical losses and weights as without).
-    Raises :class:`TrainingDiverged` (model restored) on a non-finite loss.
+    Raises :class:`TrainingDiverged` (model restored) on a non-finite loss, and ``ValueError``
+    for settings or watched examples that cannot work — at once, before the first step.
     """
     config.validate()
-    device = next(model.parameters()).device
     if watch is not None:
-        from ntkviz.accounting import AccountedStep
-
         if watch.x.shape[1:] != data.train.x.shape[1:]:
             raise ValueError(
                 f"watched examples must be shaped like the data's {tuple(data.train.x.shape[1:])}, "
@@ -205,16 +203,32 @@ def train(
             )
         if max(watch.classes) >= data.num_classes:
             raise ValueError(f"watched classes must be in [0, {data.num_classes})")
-        x_watch = watch.x.to(device)
     idx = subset_indices(len(data.train), config.train_size, config.seed)
-    if len(idx) % config.batch_size == 1 and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    # BatchNorm1d on (N, C) features has one value per channel in a batch of one (BatchNorm2d
+    # has the image's positions too): torch refuses to train on it
+    if (config.batch_size == 1 or len(idx) % config.batch_size == 1) and any(
+        isinstance(m, nn.BatchNorm1d) for m in model.modules()
     ):
-        raise ValueError(
-            f"batch norm cannot train on a batch of one example, and with {len(idx)} training "
-            f"examples in batches of {config.batch_size} the last batch of every epoch holds one: "
-            "choose another training-set size or batch size"
+        which = (
+            "every batch holds one"
+            if config.batch_size == 1
+            else f"with {len(idx)} training examples in batches of {config.batch_size} the last "
+            "batch of every epoch holds one"
         )
+        raise ValueError(
+            f"BatchNorm1d cannot train on a batch of one example, and {which}: choose another "
+            "training-set size or batch size"
+        )
+    return _steps(model, data, config, optimizer, start_step, watch, idx)
+
+
+def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[TrainRecord]:
+    """:func:`train`'s steps, its arguments checked."""
+    device = next(model.parameters()).device
+    if watch is not None:
+        from ntkviz.accounting import AccountedStep
+
+        x_watch = watch.x.to(device)
     x_all, y_all = data.train.x[idx], data.train.y[idx]
     eval_idx = subset_indices(len(data.test), config.eval_size, config.seed)
     x_eval, y_eval = data.test.x[eval_idx], data.test.y[eval_idx]

@@ -406,13 +406,16 @@ def test_your_model_is_saved_with_the_datas_number_of_classes(factory, tmp_path,
     assert main(dec) == 0, capsys.readouterr().err
 
 
-def test_a_run_that_fails_midway_keeps_its_steps(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("factory", "error"), [("Flaky", "RuntimeError"), ("FlakyIndex", "IndexError")]
+)
+def test_a_run_that_fails_midway_keeps_its_steps(factory, error, tmp_path, capsys):
     out, accounts = tmp_path / "f.pt", tmp_path / "f.npz"
-    args = ["train", "--model", f"{MODELS_PY}:Flaky", "--train-size", "640", "--epochs", "1",
+    args = ["train", "--model", f"{MODELS_PY}:{factory}", "--train-size", "640", "--epochs", "1",
             "--watch", "0", "--accounts", str(accounts), "--out", str(out), "--quiet"]  # fmt: skip
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "training stopped at step 3: RuntimeError: out of memory (simulated)" in err
+    assert f"training stopped at step 3: {error}: out of memory (simulated)" in err
     assert "the 2 steps before it are kept" in err and "Traceback" not in err
     assert torch.load(out, weights_only=True)["metadata"]["step"] == 2
     from ntkviz.run_account import RunAccount
@@ -427,7 +430,7 @@ def test_a_run_that_fails_midway_keeps_its_steps(tmp_path, capsys):
         (["train", "--watch", "1", "--accounts", "SAME", "--out", "SAME"],
          "--out and --accounts must name different files"),
         (["train", "--model", "BN", "--train-size", "65", "--out", "OUT"],
-         "batch norm cannot train on a batch of one example, and with 65 training examples"),
+         "BatchNorm1d cannot train on a batch of one example, and with 65 training examples"),
         (["decompose", "--model", "user_models.py", "--xu", "0", "--xo", "0"],
          "give your own as PATH_OR_MODULE:FACTORY"),
         (["decompose", "--model", "lenet", "--out", "DJSON", "--xu", "0", "--xo", "0"],

@@ -277,3 +277,49 @@ def test_kernel_memory_beyond_the_result_is_bounded_by_the_chunk_budget(
         assert max(record.storages.values()) <= budget, n1
     expected = reference_kernel(model.double(), x1[:2].double(), x2.double())
     torch.testing.assert_close(K[:2].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def _pooled(kind: str) -> torch.nn.Module:
+    """Average pools whose output is one pixel high (or 1×1), or follows a global pool."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    if kind == "pool to 1×1":
+        layers = [nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(8), nn.Flatten(),
+                  nn.Linear(4, 3)]  # fmt: skip
+    elif kind == "tanh and pool, three times":
+        layers = [nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
+                  nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Tanh(),
+                  nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 3)]  # fmt: skip
+    elif kind == "pool then global pool":
+        layers = [nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]  # fmt: skip
+    else:  # one pixel high
+        layers = [nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                  nn.Linear(8, 3)]  # fmt: skip
+    return nn.Sequential(*layers).double()
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"),
+    [("pool to 1×1", (1, 8, 8)), ("tanh and pool, three times", (1, 8, 8)),
+     ("pool then global pool", (1, 8, 8)), ("one pixel high", (1, 2, 8))],
+)  # fmt: skip
+def test_pools_to_one_pixel_high_are_exact(kind, shape):
+    from ntkviz.accounting import account_step
+
+    model = _pooled(kind)
+    x1, x2 = inputs(3, seed=1, shape=shape), inputs(2, seed=2, shape=shape)
+    expected = reference_kernel(model, x1, x2)
+    for method in ("auto", "structured"):
+        torch.testing.assert_close(
+            empirical_ntk(model, x1, x2, method=method), expected, rtol=1e-10, atol=1e-12
+        )
+    # the step's gradient terms: −(η/B)·J(x_o)·J(x_b)ᵀ·G_b, with G_b = π(x_b) − e_{y_b}
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        G = torch.softmax(model(x2), -1) - torch.nn.functional.one_hot(y, 3)
+    acc = account_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x2, y, x1)
+    want = -0.1 / 2 * torch.einsum("wbij,bj->wbi", expected, G)
+    torch.testing.assert_close(
+        torch.from_numpy(acc.dz_gradient.copy()), want, rtol=1e-9, atol=1e-12
+    )

@@ -96,3 +96,18 @@ def test_run_health_flags_a_run_that_ends_far_worse_than_it_started():
     assert run_health([9.0] * 20 + [1.0] * 60 + [2.0] * 20).final_loss == 2.0
     with pytest.raises(ValueError, match="at least one step"):
         run_health([])
+
+
+def test_batch_norm1d_with_a_batch_of_one_is_refused_before_training(mnist):
+    from torch import nn
+
+    bn1d = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
+    for size, batch, why in ((65, 64, "the last batch of every epoch"), (8, 1, "every batch")):
+        with pytest.raises(ValueError, match=f"BatchNorm1d cannot train .* {why} holds one"):
+            train(bn1d, mnist, TrainConfig(train_size=size, batch_size=batch))  # at once
+    # BatchNorm2d also normalises over the image's positions: a batch of one trains
+    resnet = build_model("resnet8", 10, 0, in_channels=1, image_size=28)
+    records = list(
+        train(resnet, mnist, TrainConfig(model="resnet8", train_size=3, batch_size=2, epochs=1))
+    )
+    assert len(records) == 2

@@ -86,6 +86,8 @@ class HeadFirst(nn.Module):
 class Flaky(nn.Module):
     """Raises a RuntimeError (as an out-of-memory would) in its third training-mode forward."""
 
+    error = RuntimeError
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -96,8 +98,12 @@ class Flaky(nn.Module):
         if self.training:
             self.calls += 1
             if self.calls == 3:
-                raise RuntimeError("out of memory (simulated)")
+                raise self.error("out of memory (simulated)")
         return self.net(x)
+
+
+class FlakyIndex(Flaky):
+    error = IndexError
 
 
 def batch_norm() -> nn.Module:

@@ -263,9 +263,10 @@ class AppController:
             for split, label in (("train", 4), ("test", 9)):
                 hits = (info.labels[split] == label).nonzero()[0]
                 first[split] = int(hits[0]) if len(hits) else 0
+            x_u = Example("train", first["train"])
+            self.state.y_u = info.label("train", x_u.index)  # first: x_u's label, not kept
             self.state.x_o = Example("test", first["test"])
-            self.state.x_u = Example("train", first["train"])
-            self.state.y_u = self.state.label(self.state.x_u)
+            self.state.x_u = x_u
         finally:
             self._hold -= 1
 
