@@ -731,7 +731,7 @@ def _pull_back(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -> Tens
     pool = _pool_size(layer)
     if pool is not None:  # each output's cotangent spread evenly over its window
         (kh, kw), (h, w) = pool, g.shape[-2:]
-        gi = _upsampled(g, pool) * (1.0 / (kh * kw))
+        gi = _upsampled(g, pool).mul_(1.0 / (kh * kw))
         # rows and columns the windows left out get no cotangent
         left_h, left_w = a_in.shape[-2] - h * kh, a_in.shape[-1] - w * kw
         return F.pad(gi, (0, left_w, 0, left_h)) if left_h or left_w else gi
@@ -759,7 +759,7 @@ def _pull_back_pooled(act: nn.Module, pool: nn.Module, acts: list[Tensor], g: Te
     (kh, kw), (C, h, w) = size, g.shape[2:]
     if slope is None or slope.shape[1:] != (C, h * kh, w * kw):
         return None
-    return _upsampled(g, size) * (slope * (1.0 / (kh * kw))).unsqueeze(1)
+    return _upsampled(g, size).mul_((slope * (1.0 / (kh * kw))).unsqueeze(1))
 
 
 def _pool_size(layer: nn.Module) -> tuple[int, int] | None:

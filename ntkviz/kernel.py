@@ -407,7 +407,7 @@ def _input_cotangent(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -
         # Non-overlapping average: the adjoint spreads each cotangent evenly over its window.
         k = layer.kernel_size if isinstance(layer.kernel_size, tuple) else (layer.kernel_size,) * 2
         h, w = g.shape[-2:]
-        gi = _upsampled(g, k) * (1.0 / (k[0] * k[1]))
+        gi = _upsampled(g, k).mul_(1.0 / (k[0] * k[1]))
         H, W = a_in.shape[-2:]
         return F.pad(gi, (0, W - w * k[1], 0, H - h * k[0])) if gi.shape[-2:] != (H, W) else gi
     if kind == "linear_pool" and _global_average(layer):
@@ -503,12 +503,18 @@ def _node_trainable(node) -> bool:
 
 def _upsampled(g: Tensor, k: tuple[int, int]) -> Tensor:
     """``g (..., h, w)`` repeated ``k = (kh, kw)`` times along each of its last two axes,
-    ``(..., h·kh, w·kw)`` (nearest-neighbour upsampling; one axis at a time, which is faster on
-    CPU than one copy of a 7-d broadcast). It may be a view of ``g`` (with repeated elements):
-    do not write into it."""
+    ``(..., h·kh, w·kw)``: a new contiguous tensor, to write into (nearest-neighbour upsampling;
+    one axis at a time, which is faster on CPU than one copy of a 7-d broadcast)."""
     (kh, kw), (h, w) = k, g.shape[-2:]
-    g = g.unsqueeze(-1).expand(*g.shape, kw).reshape(*g.shape[:-1], w * kw)
-    return g.unsqueeze(-2).expand(*g.shape[:-1], kh, w * kw).reshape(*g.shape[:-2], h * kh, w * kw)
+    up = g.unsqueeze(-1).expand(*g.shape, kw).reshape(*g.shape[:-1], w * kw)
+    up = up.unsqueeze(-2).expand(*up.shape[:-1], kh, w * kw).reshape(*g.shape[:-2], h * kh, w * kw)
+    # where a reshape needed no copy (a factor or a side of 1) it is a view, of g or with
+    # repeated elements: copy it
+    if not up.is_contiguous():
+        return up.contiguous()
+    if up.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+        return up.clone()
+    return up
 
 
 def _pull(chain: list, trace: list, g: Tensor, need_input: bool, records: list) -> Tensor | None:

@@ -323,3 +323,19 @@ def test_pools_to_one_pixel_high_are_exact(kind, shape):
     torch.testing.assert_close(
         torch.from_numpy(acc.dz_gradient.copy()), want, rtol=1e-9, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    ("shape", "k"), [((2, 3, 4, 5), (2, 2)), ((2, 3, 1, 5), (2, 3)), ((2, 3, 4, 5), (1, 1))]
+)
+def test_upsampling_gives_fresh_memory_to_write_into(shape, k):
+    from ntkviz.kernel import _upsampled
+
+    g = torch.randn(shape)
+    for source in (g, g[:, :1].expand(shape)):  # also a broadcast cotangent (a global pool's)
+        kept = source.clone()
+        up = _upsampled(source, k)
+        want = source.repeat_interleave(k[0], -2).repeat_interleave(k[1], -1)
+        assert torch.equal(up, want)
+        up.mul_(2.0)  # allowed: no element of up is shared, nor any of source
+        assert torch.equal(up, 2 * want) and torch.equal(source, kept)
