@@ -99,6 +99,7 @@ def let_wrap(label: pg.LabelItem, center: bool = False, on_height=None) -> pg.La
         option.setAlignment(Qt.AlignmentFlag.AlignHCenter)
         label.item.document().setDefaultTextOption(option)
     update, resize = label.updateMin, type(label).resizeEvent
+    reported = [None]  # the height last given to on_height
 
     def fit() -> None:
         width = label.size().width()
@@ -111,8 +112,9 @@ def let_wrap(label: pg.LabelItem, center: bool = False, on_height=None) -> pg.La
                 label._sizeHint[Qt.SizeHint.MinimumSize] = (1, height)
                 label._sizeHint[Qt.SizeHint.PreferredSize] = (width, height)
                 label.updateGeometry()
-                if on_height is not None:
-                    on_height(height)
+            if on_height is not None and height != reported[0]:
+                reported[0] = height
+                on_height(height)
 
     def update_min():
         label.item.setTextWidth(-1)
