@@ -139,7 +139,17 @@ def wrap_title(plot: pg.PlotItem) -> None:
         plot.titleLabel.setMaximumHeight(h)
         plot.layout.setRowFixedHeight(0, h)
 
+    def set_title(title=None, **args) -> None:
+        """A new title, its row resized only when its lines need (pyqtgraph's resets it to 30
+        px each time: a relayout of the whole figure per title)."""
+        if title is None:
+            type(plot).setTitle(plot, None)
+            return
+        plot.titleLabel.setVisible(True)
+        plot.titleLabel.setText(title, **args)
+
     let_wrap(plot.titleLabel, center=True, on_height=fit_row)
+    plot.setTitle = set_title
 
 
 def relative_residual_text(dec) -> str:
