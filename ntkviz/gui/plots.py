@@ -240,7 +240,8 @@ class HeatmapView(pg.PlotItem):
         for name, label in (("left", row_label), ("bottom", col_label)):
             axis = self.getAxis(name)
             axis.setTickFont(font)
-            axis.setStyle(tickLength=0)
+            # the first and last column's labels may reach a few pixels past the matrix
+            axis.setStyle(tickLength=0, hideOverlappingLabels=8)
             if label:
                 axis.setLabel(label, **{"font-size": "9pt"})
         self._layout = None  # (rows, cols, classes) last shown
