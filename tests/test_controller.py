@@ -348,7 +348,7 @@ def with_user_model(app, label="mine"):
     return label
 
 
-def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist):
+def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist, tmp_path):
     from ntkviz.data import ImageDataset, Split
 
     def rgb(name, h, w):
@@ -375,6 +375,14 @@ def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist):
     app.drain()
     assert app.errors[-1][0] == "Model not usable" and "mine" in app.errors[-1][1]
     assert app.state.model.number == number and app.state.model.name == "lenet"
+    # a session of the registry's LeNet opens, although the user's model cannot take this data
+    app.controller.save_session(str(tmp_path / "lenet.ntks"))
+    app.drain()
+    errors = len(app.errors)
+    app.controller.open_session(str(tmp_path / "lenet.ntks"))
+    app.drain()
+    assert len(app.errors) == errors, app.errors[-1]
+    assert app.state.model.number != number and app.state.model.name == "lenet"
 
 
 def test_the_users_checkpoint_and_session_open_while_another_model_is_current(app, tmp_path):

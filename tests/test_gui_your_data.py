@@ -148,13 +148,14 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 6)):
-        for name in ("cat", "dog", "owl"):
-            folder = tmp_path / "pets" / split / name
-            folder.mkdir(parents=True)
-            for k in range(n):
-                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{k}.png")
+    for data, names in (("pets", ("cat", "dog", "owl")), ("zoo", ("ant", "bee", "cow"))):
+        for split, n in (("train", 12), ("test", 6)):
+            for name in names:
+                folder = tmp_path / data / split / name
+                folder.mkdir(parents=True)
+                for k in range(n):
+                    pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{k}.png")
     window = show_window(None, None)
     assert window.state.dataset.name == "mnist"
     # an x_u and a y_u the new data does not have: they give way to its own, without an error
@@ -180,6 +181,25 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     assert examples.x_o_picker.example == s.x_o
     assert window.views["training"].train_size.maximum() == 36
     assert window.views["pair"].last_result.decomposition.K.shape == (3, 3)
+    watch = window.views["watch_ranking"]
+    assert [watch.which.itemText(k) for k in range(watch.which.count())] == [
+        f"{e} ({d.classes[s.label(e)]})" for e in watch.examples
+    ]  # the "show" list: this data's watched examples, not the last run's
+    # other data whose first examples are again train[0] and test[0]: shown all the same
+    before = (s.x_u, s.x_o)
+    wait_event(
+        qtbot, window, "model", lambda: window.controller.open_dataset(str(tmp_path / "zoo"))
+    )
+    qtbot.waitUntil(lambda: window.state.dataset.classes == ("ant", "bee", "cow"), timeout=TIMEOUT)
+    wait_current(qtbot, window)
+    assert (s.x_u, s.x_o) == before
+    for picker, example in ((examples.x_u_picker, s.x_u), (examples.x_o_picker, s.x_o)):
+        want = image_pixmap(s.dataset.images[example.split][example.index], picker.IMAGE)
+        assert picker.image.pixmap().toImage() == want.toImage()  # the new data's image
+        assert picker.caption.text().startswith(f"{example}\nlabel ant"), picker.caption.text()
+    train_batches(qtbot, window, 2)  # evaluated at step 2 on the 18 test images there are
+    assert window.views["training"].accuracy.text().endswith("at step 2 (all test images)")
+    d = window.state.dataset
     # a folder that is not a dataset: one message, the data and model kept
     (tmp_path / "empty").mkdir()
     number = window.state.model.number

@@ -698,7 +698,10 @@ class Engine:
 
     def open_session(self, path: str) -> None:
         """Replace everything by the session in ``path``; a bad file changes nothing."""
-        template = self._user_template()
+        try:
+            template = self._user_template()
+        except ModelError:  # the user's model cannot take this data; a registry session can
+            template = None
         session = load_session(path, template)
         V = session.classes
         if not session.custom:

@@ -312,9 +312,12 @@ class HeatmapView(pg.PlotItem):
         cells = width - 80  # less the left axis and the colour bar
         columns = max(2, min(5 if cols > NAMED_CLASSES else 10, int(cells // 14)))
         room = max(2, min(10 if rows > NAMED_CLASSES else 20, int((height - 40) // 12)))
+        # a column name (elided to 4 characters) needs about 7 px a character
+        longest = min(4, max((len(str(c)) for c in classes[:cols]), default=1))
+        names_fit = cols <= columns and cells >= cols * (7 * longest + 6)
         ticks = (
             class_ticks(classes[:rows], n_max=room, width=(7 if named else 4) if rows <= room else 0),
-            class_ticks(classes[:cols], n_max=columns, width=4 if cols <= columns else 0)
+            class_ticks(classes[:cols], n_max=columns, width=4 if names_fit else 0)
             if cols > 1 else [(0, "")],
         )  # fmt: skip
         if ticks != self._ticks:

@@ -277,6 +277,7 @@ class ExamplesView(FeatureView):
         s.events.model.connect(self._on_model)
         c.on("pair", self._on_pair)
         c.on("search", self._on_search)
+        c.on("dataset", self._show_selection)  # after the new data's examples are chosen
         self._on_model(None)
 
     def plots(self):
@@ -292,6 +293,13 @@ class ExamplesView(FeatureView):
         self.y_u_box.blockSignals(False)
         for picker in (self.x_u_picker, self.x_o_picker):
             picker.set_dataset(info)
+
+    def _show_selection(self, event=None) -> None:
+        """Show the state's x_u, x_o and y_u (other data: they may equal the old ones)."""
+        s = self.state
+        self.x_u_picker.show_example(s.x_u)
+        self.x_o_picker.show_example(s.x_o)
+        _set_index(self.y_u_box, s.y_u)
 
     def _on_model(self, info) -> None:
         for w in (self.y_u_box, self.loss_box):

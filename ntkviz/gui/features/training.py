@@ -250,8 +250,8 @@ class TrainingView(FeatureView):
         if not c.accuracies:
             self.accuracy.setText("test accuracy: –")
             return
-        size = self.state.model.config.eval_size
-        images = "all test images" if size is None else f"{size:,} test images"
+        size, n = self.state.model.config.eval_size, self.state.dataset.size("test")
+        images = "all test images" if size is None or size >= n else f"{size:,} test images"
         self.accuracy.setText(
             f"test accuracy {100 * c.accuracies[-1]:.1f} % at step {c.acc_steps[-1]} ({images})"
         )

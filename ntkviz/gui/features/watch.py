@@ -87,7 +87,8 @@ class WatchView(ProbeView):
         self.legend = pg.LegendItem(labelTextSize="8pt")  # beside the plot: it covers nothing
         g.addItem(self.legend, 1, 3)
         self.timeline.setMenuEnabled(False)
-        self.timeline.getAxis("bottom").enableAutoSIPrefix(False)
+        for axis in ("bottom", "left"):  # "(x0.001)" would lengthen the title into the caption
+            self.timeline.getAxis(axis).enableAutoSIPrefix(False)
         self.marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", width=1))
         self.marker.setVisible(False)  # until a step is clicked
         self.timeline.addItem(self.marker)
@@ -177,18 +178,26 @@ class WatchView(ProbeView):
     def _run_started(self, event) -> None:
         self.clear()
         self.run_examples = self.examples
-        c = self.state.dataset.classes
-        self.which.blockSignals(True)
-        self.which.clear()
-        for e in self.run_examples:
-            self.which.addItem(f"{e} ({c[self.state.label(e)]})")
-        self.which.blockSignals(False)
+        self._list(self.run_examples)
         self._note()
         self.redraw()
 
+    def _list(self, examples) -> None:
+        """``examples`` in the "show" list (those of the current data)."""
+        d = self.state.dataset
+        self.which.blockSignals(True)
+        self.which.clear()
+        for e in examples:
+            if d is not None and e.index < d.size(e.split):
+                self.which.addItem(f"{e} ({d.classes[self.state.label(e)]})")
+        self.which.blockSignals(False)
+
     def clear(self) -> None:
-        """No run's steps, step details or ranking."""
+        """No run's steps, step details or ranking; the "show" list offers the next run's."""
         self.rows, self.detail, self.ranking = [], None, None
+        self.run_examples = ()
+        self._list(self.examples)
+        self.timeline.enableAutoRange()  # not the old run's steps
         self.marker.setVisible(False)
         for row in (self.batch, self.helpful, self.harmful):
             row.set_items([])
