@@ -342,6 +342,21 @@ def _registry_model(name: str, data, seed: int | None):
         raise _UsageError(f"{name} cannot be used on {data.name}: {e}") from None
 
 
+def _registry_name(model: str) -> bool:
+    """Whether ``model`` names a registry model (else it is the user's PATH_OR_MODULE:FACTORY;
+    a name that is neither: usage error)."""
+    from ntkviz.models import MODELS
+
+    if model in MODELS:
+        return True
+    if ":" not in model:
+        raise _UsageError(
+            f"unknown model {model!r}; choose one of {', '.join(MODELS)}, or give your own "
+            "as PATH_OR_MODULE:FACTORY (e.g. my_models.py:build)"
+        )
+    return False
+
+
 def _check_on_data(model, data, name: str) -> None:
     """One forward pass on two test examples: the model must take the data's images and return
     one logit per class (ModelError, exit code 1, otherwise)."""
@@ -353,16 +368,10 @@ def _check_on_data(model, data, name: str) -> None:
 def cmd_train(args) -> int:
     from ntkviz.checkpoint import save_checkpoint
     from ntkviz.errors import TrainingDiverged
-    from ntkviz.models import MODELS
     from ntkviz.training import accuracy, resolve_device, run_health, train
 
     config = _train_config(args)
-    custom = config.model not in MODELS
-    if custom and ":" not in config.model:
-        raise _UsageError(
-            f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}, or give your own "
-            "as PATH_OR_MODULE:FACTORY (e.g. my_models.py:build)"
-        )
+    custom = not _registry_name(config.model)
     _check_outputs(args)
     _check_dataset(args)
     indices = _watch_indices(args.watch) if args.watch else []
@@ -496,14 +505,8 @@ def _pair_from_args(args):
     _check_dataset(args)
     if args.weights and not args.model:
         raise _UsageError("--weights goes with --model (a checkpoint holds its own weights)")
-    from ntkviz.models import MODELS
 
-    registry = args.model in MODELS
-    if args.model and not registry and ":" not in args.model:
-        raise _UsageError(
-            f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}, or give your own "
-            "as PATH_OR_MODULE:FACTORY (e.g. my_models.py:build)"
-        )
+    registry = bool(args.model) and _registry_name(args.model)
     if args.model:
         from ntkviz.modelspec import load_model_spec
 

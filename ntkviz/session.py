@@ -146,15 +146,10 @@ def _step(value, name: str) -> int:
 
 
 def _outputs(state) -> int:
-    """The number of classes of a stored state dict (the length of its last bias)."""
-    biases = (
-        [v for k, v in state.items() if str(k).endswith("bias")] if isinstance(state, dict) else []
-    )
+    """The number of classes of a stored state dict, for files that record none."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("state_dict must be a dict of the model's tensors")
-    if not biases or biases[-1].ndim != 1:
-        raise ValueError("it records no number of classes and its weights hold no bias vector")
-    return len(biases[-1])
+    return num_classes_of(state)
 
 
 def _curves(raw) -> dict[str, list[float]]:

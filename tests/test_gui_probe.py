@@ -216,18 +216,27 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert np.load(tmp_path / "sq.npz")["neg_probs"].shape == (4, 10)
 
 
-def test_views_forget_the_old_model_when_another_replaces_it(qtbot, window, tmp_path):
+def run_probe_jobs(qtbot, window, kernel_map: bool = False) -> None:
+    """Every probe tab's job at a small size, each waited for until shown."""
     views = window.views
     views["influence"].set_probe_size(50)
+    views["kernel_maps"].per_class_box.setValue(2)
     views["squeeze"].steps_box.setValue(2)
     views["layers"].n_box.setValue(10)
-    for topic, start in (
+    jobs = [("kernel_maps", views["kernel_maps"].run)] if kernel_map else []
+    jobs += [
         ("influence", views["influence"].run),
         ("squeeze", views["squeeze"].run),
         ("layers", views["layers"].run),
         ("spectrum", views["layers"].run_spectrum),
-    ):
+    ]
+    for topic, start in jobs:
         wait_shown(qtbot, window, topic, start)
+
+
+def test_views_forget_the_old_model_when_another_replaces_it(qtbot, window, tmp_path):
+    views = window.views
+    run_probe_jobs(qtbot, window)
     training = views["training"]
     assert training.run_curves.steps and "test accuracy" in training.accuracy.text()
     path = tmp_path / "c.ntkc"
@@ -254,18 +263,7 @@ def test_probe_views_run_no_torch_op_on_the_gui_thread(qtbot, window, tmp_path):
     views = window.views
     calls = TorchCalls()
     with calls:
-        views["influence"].set_probe_size(50)
-        views["kernel_maps"].per_class_box.setValue(2)
-        views["squeeze"].steps_box.setValue(2)
-        views["layers"].n_box.setValue(10)
-        for topic, start in (
-            ("influence", views["influence"].run),
-            ("kernel_maps", views["kernel_maps"].run),
-            ("squeeze", views["squeeze"].run),
-            ("layers", views["layers"].run),
-            ("spectrum", views["layers"].run_spectrum),
-        ):
-            wait_shown(qtbot, window, topic, start)
+        run_probe_jobs(qtbot, window, kernel_map=True)
         for view in (views["squeeze"], views["layers"]):
             assert view.export(tmp_path / "v.npz", width=400).stat().st_size > 0
         window.close()

@@ -158,7 +158,7 @@ class KernelMapView(ProbeView):
         m = self.maps
         if m is None or not len(m.steps):
             self.slider_label.setText("no maps yet")
-            self.heatmap.image_item.clear()
+            self.heatmap.clear_matrix()
             return
         k = self.current
         top = nice_ceiling(float(m.maps.max()))  # one colour scale for every map, round top

@@ -42,10 +42,8 @@ class LayersView(ProbeView):
         self.bar_plot.addItem(self.total_line)
         self.total_label = pg.TextItem("", color="#d62728", anchor=(0, 1))
         self.bar_plot.addItem(self.total_label)
-        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))  # until the first split
         self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
         self.spec_plot.setLogMode(x=False, y=True)
-        self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))  # until the first spectrum
         for plot in (self.bar_plot, self.spec_plot):
             wrap_title(plot)
         self.spec_plot.setLabel("bottom", "rank")
@@ -56,6 +54,7 @@ class LayersView(ProbeView):
         self.spectrum_job.run_clicked.connect(self.run_spectrum)
         self.spectrum_job.cancel_clicked.connect(lambda: self.controller.cancel("spectrum"))
         self.controller.on("spectrum", self._on_spectrum)
+        self.clear()  # the empty plots' ranges until the first split and spectrum
 
     def plots(self):
         return {"Layers and spectrum": lambda: self.graphics.ci}
@@ -96,7 +95,7 @@ class LayersView(ProbeView):
         self.total_line.setPos(0)
         self.total_label.setText("")
         self.bar_plot.setTitle(BAR_TITLE)
-        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))
+        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))  # until the first split
         self.spectra = []
         self._draw_spectra()
 
@@ -129,7 +128,7 @@ class LayersView(ProbeView):
             self.spec_curves.append(curve)
         if self.spectra:  # every eigenvalue of every spectrum in view
             self.spec_plot.enableAutoRange()
-        else:
+        else:  # until the first spectrum
             self.spec_plot.setRange(xRange=(0, 50), yRange=(-2, 3))
 
     def data(self) -> dict[str, np.ndarray]:

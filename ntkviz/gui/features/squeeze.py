@@ -13,6 +13,8 @@ from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import class_ticks, let_wrap, wrap_title
 from ntkviz.gui.widgets import labelled, spin
 
+RUN = "Run to compare"
+
 
 class SqueezeView(ProbeView):
     """The squeezing lab: negative against positive steps on x_u."""
@@ -40,7 +42,7 @@ class SqueezeView(ProbeView):
             labelled("η", self.lr_box), self.log_box,
         )  # fmt: skip
         self.finish_controls()
-        self.caption = let_wrap(self.graphics.addLabel("Run to compare", 0, 0, 1, 3))
+        self.caption = let_wrap(self.graphics.addLabel(RUN, 0, 0, 1, 3))
         self.run_plots, self.curves, self.marks = {}, {}, {}
         for col, (key, title, color) in enumerate(
             (("neg", "negative gradient on ȳ", "#d62728"),
@@ -127,7 +129,7 @@ class SqueezeView(ProbeView):
         for points in self.survey_points.values():
             points.setData([], [])
         self.checks.setText("")
-        self.caption.setText("Run to compare", size="11pt")
+        self.caption.setText(RUN, size="11pt")
 
     def redraw(self) -> None:
         r = self.result

@@ -229,7 +229,7 @@ class TrainingView(FeatureView):
     def _on_new_run(self, event) -> None:
         self.run_curves.clear()
         self.run_progress.reset()
-        self.accuracy.setText("test accuracy: –")
+        self._show_accuracy()
 
     def _on_records(self, event) -> None:
         records = event.payload

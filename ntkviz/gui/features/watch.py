@@ -337,7 +337,7 @@ class WatchView(ProbeView):
             if d.has_kernel[w]:
                 self.factors[key].set_matrix(value, c)
             else:
-                self.factors[key].image_item.clear()
+                self.factors[key].clear_matrix()
         self.factors["K"].titleLabel.setText(
             "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)" if d.has_kernel[w] else
             "K<sub>P</sub>: focused x<sub>o</sub> only", size="10pt",
