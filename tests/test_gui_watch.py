@@ -1,6 +1,7 @@
 """The watch tab and the optimizer switch (issue 10): the window shows the core's numbers."""
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -104,6 +105,52 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
     view.which.setCurrentIndex(0)
     first = view.batch.buttons[0].property("payload")
     assert first == int(records[6].batch_indices[np.argmax(np.abs(account.contributions[w]))])
+
+
+def run_to_the_end(qtbot, window, button) -> None:
+    wait_event(qtbot, window, "run_started", button.click)
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+
+
+def test_continue_carries_the_watch_on_unless_the_model_was_stepped_by_hand(qtbot, window, mnist):
+    view, training = window.views["watch_ranking"], window.views["training"]
+    watched = view.examples
+    view.watching.setChecked(True)
+    training.epochs.setValue(1)
+    run_to_the_end(qtbot, window, training.start_button)
+    run_to_the_end(qtbot, window, training.continue_button)
+    ranking = wait_event(qtbot, window, "watch_ranking", lambda: None, "result").payload
+    # the core: one run, then a second with a fresh optimizer on the same model
+    config = replace(SMALL, epochs=1)
+    model = build_model(SMALL.model, 10, seed=SMALL.seed)
+    x = torch.stack([mnist.split(e.split).x[e.index] for e in watched])
+    classes = [int(mnist.split(e.split).y[e.index]) for e in watched]
+    records = []
+    for _ in range(2):
+        opt = make_optimizer(model, config)
+        watch = Watch(x, classes, focus=(0,))
+        records += [
+            replace(r, step=r.step + len(records))
+            for r in train(model, mnist, config, opt, watch=watch)
+        ]
+    t = view.timeline_arrays()
+    assert t["steps"].tolist() == list(range(1, 21)) == [r.step for r in records]
+    core = [r.account.class_actual for r in records]
+    np.testing.assert_allclose(t["actual"], core, rtol=1e-5, atol=1e-9)
+    run = RunAccount(classes, len(mnist.train), 10)
+    for r in records:
+        run.add(r.account, r.batch_indices, r.step)
+    assert ranking.steps == 20
+    for w in range(len(watched)):
+        top = run.top(w, len(view.helpful.buttons))
+        assert np.array_equal(ranking.helpful[w], top.helpful)
+        np.testing.assert_allclose(ranking.helpful_values[w], top.helpful_values, rtol=1e-5)
+    # a step applied by hand is not in the accounts: Continue starts a new watch
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    run_to_the_end(qtbot, window, training.continue_button)
+    ranking = wait_event(qtbot, window, "watch_ranking", lambda: None, "result").payload
+    assert view.timeline_arrays()["steps"].tolist() == list(range(21, 31))
+    assert ranking.steps == 10
 
 
 def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):

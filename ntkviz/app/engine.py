@@ -32,6 +32,7 @@ from ntkviz.app.messages import (
     ErrorReport,
     Event,
     ModelInfo,
+    RunStarted,
     SessionOpened,
     readonly,
 )
@@ -238,6 +239,7 @@ class Engine:
         self._models += 1
         self.runner.cancel_all("the model changed")
         self._close_run()
+        self.run_observers = {}  # their accounts were of the old model
         self.config = config
         self.model_name = config.model
         self.model = model.to(self._device(config.device))
@@ -367,29 +369,37 @@ class Engine:
         config.validate()
         self.runner.cancel_all("the model changed")
         self._close_run()
+        untouched = not self.undo_stack  # since the last run's last step
         self._forget_applied_steps(emit=False)  # they become part of the training history
         self.config, self.source = config, "trained"
         log.info("continuing to train %s from its step %d", self.model_name, self.step)
-        self._begin_run(config, offset=self.step)
+        self._begin_run(config, offset=self.step, continues=untouched)
         self.emit_model()
         self._running = True
         self._run_state("training")
 
-    def _begin_run(self, config: TrainConfig, offset: int = 0) -> None:
+    def _begin_run(self, config: TrainConfig, offset: int = 0, continues: bool = False) -> None:
+        """Start a run; ``continues``: it trains on from the last run's last step, the model
+        untouched since (its observers may carry their accounts on)."""
         self.optimizer = make_optimizer(self.model, config)
         extra = {}
+        previous = self.run_observers if continues else {}
         self.run_observers = dict(self.observers)
-        for observer in self.run_observers.values():
-            extra.update(observer.train_kwargs(self))
+        for name, observer in self.run_observers.items():
+            extra.update(observer.train_kwargs(self, previous.get(name)))
         self._iter = train(self.model, self.data, config, self.optimizer, **extra)
         self._offset = offset
-        self.emit(Event("run_started", offset))
+        continued = tuple(n for n, o in self.run_observers.items() if o.continued)
+        self.emit(Event("run_started", RunStarted(offset, continued)))
         self.emit_model()  # its optimizer now has a run's state
 
     def set_observer(self, name: str, observer) -> None:
         """Let ``observer`` ride along the training runs from the next one on (None: stop):
-        ``observer.train_kwargs(engine)`` adds arguments to ``train`` when a run begins,
-        ``observer.observe(engine, records)`` turns each slice's records into events."""
+        ``observer.train_kwargs(engine, previous)`` adds arguments to ``train`` when a run
+        begins (``previous``: the same feature's observer of the last run when this run trains
+        on from its last step, else None; ``observer.continued`` then says whether it carried
+        that run's account on), ``observer.observe(engine, records)`` turns each slice's records
+        into events."""
         if observer is None:
             self.observers.pop(name, None)
         else:

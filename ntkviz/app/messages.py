@@ -31,13 +31,23 @@ class Event:
     """Something the engine reports. ``topic``: "info" (:class:`EngineInfo`), "dataset"
     (:class:`DatasetInfo`), "model" (:class:`ModelInfo`), "records" (a tuple of the core's
     ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
-    "run_started" (the step it starts from), "message" (status text), "error"
+    "run_started" (:class:`RunStarted`), "message" (status text), "error"
     (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved" and
     "checkpoint_saved" (the path), "state_dict" (name -> numpy array), and the events of the
     engine's run observers (e.g. "watch_steps")."""
 
     topic: str
     payload: object = None
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """A training run began at the model's step ``offset`` (0 for a new model); ``continued``:
+    the run observers (by feature name) that carry the last run's account on (a Continue of an
+    untouched model)."""
+
+    offset: int
+    continued: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -103,13 +103,17 @@ class WatchObserver:
     run: object = field(default=None, repr=False)  # the RunAccount of the current run
     details: deque = field(default_factory=deque, repr=False)
     accounted: int = 0
+    continued: bool = False  # the current run carries the last run's account on
 
     def __post_init__(self):
         if not 0 < len(self.examples) <= MAX_WATCHED:
             raise ValueError(f"watch 1 to {MAX_WATCHED} examples, got {len(self.examples)}")
 
-    def train_kwargs(self, engine) -> dict:
-        """Start watching a new run: the ``watch`` argument of ``train``."""
+    def train_kwargs(self, engine, previous: WatchObserver | None = None) -> dict:
+        """Start watching a run: the ``watch`` argument of ``train``. ``previous``: the last
+        run's observer when this run trains on from its last step; its account, timeline details
+        and step count are carried on (:attr:`continued`) when it watched the same examples on
+        the same classes, and a new account begins otherwise."""
         import torch
 
         from ntkviz.accounting import Watch
@@ -119,17 +123,31 @@ class WatchObserver:
                                         for e in self.examples)  # fmt: skip
         self.classes = tuple(int(c) for c in classes)
         x = torch.stack([engine.x(e) for e in self.examples])
-        meta = {
-            "watched": [[e.split, e.index] for e in self.examples], "model": engine.model_name,
-            "dataset": engine.data.name, "seed": engine.config.seed,
-            "optimizer": engine.config.optimizer,
-        }  # fmt: skip
-        self.run = RunAccount(
-            self.classes, len(engine.data.train), len(engine.data.classes), keep_steps=True,
-            meta=meta,
-        )  # fmt: skip
-        self.details = deque(maxlen=self.history)
-        self.accounted = 0
+        self.continued = (
+            previous is not None
+            and previous.run is not None
+            and (previous.examples, previous.classes) == (self.examples, self.classes)
+        )
+        if self.continued:
+            self.run, self.details, self.accounted = (
+                previous.run,
+                previous.details,
+                previous.accounted,
+            )
+            continued_at = {"step": engine.step, "optimizer": engine.config.optimizer}
+            self.run.meta.setdefault("continued_at", []).append(continued_at)
+        else:
+            meta = {
+                "watched": [[e.split, e.index] for e in self.examples],
+                "model": engine.model_name, "dataset": engine.data.name,
+                "seed": engine.config.seed, "optimizer": engine.config.optimizer,
+            }  # fmt: skip
+            self.run = RunAccount(
+                self.classes, len(engine.data.train), len(engine.data.classes), keep_steps=True,
+                meta=meta,
+            )  # fmt: skip
+            self.details = deque(maxlen=self.history)
+            self.accounted = 0
         return {"watch": Watch(x, self.classes, focus=tuple(self.focus))}
 
     def observe(self, engine, records) -> list:

@@ -1,10 +1,11 @@
 """The watch tab (feature "watch"): what training actually did to the watched examples.
 
 For the watched x_o chosen in the tab, the timeline shows how log π of its class moved since the
-run began, split exactly into the gradient terms by class of the batch example, the momentum and
-weight-decay terms, and the residual (their sum is the actual change). Clicking the timeline shows
-that step's batch with each example's contribution and A, K_P, G of the largest contributor;
-"who moved x_o" ranks the training examples over the whole run (click one: it becomes x_u).
+run began (a Continue of the model as the run left it carries the timeline on), split exactly into
+the gradient terms by class of the batch example, the momentum and weight-decay terms, and the
+residual (their sum is the actual change). Clicking the timeline shows that step's batch with each
+example's contribution and A, K_P, G of the largest contributor; "who moved x_o" ranks the
+training examples over the whole run (click one: it becomes x_u).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class WatchView(ProbeView):
         self.caption = let_wrap(g.addLabel(NOT_WATCHING, 0, 0, 1, 4))
         self.timeline = g.addPlot(1, 0, 1, 3)
         self.timeline.setLabel("bottom", "training step")
-        self.timeline.setLabel("left", "Δlog π(class) since the run began (nats)")
+        self.timeline.setLabel("left", "Δlog π(class) since the watch began (nats)")
         self.legend = pg.LegendItem(labelTextSize="8pt")  # beside the plot: it covers nothing
         g.addItem(self.legend, 1, 3)
         self.timeline.setMenuEnabled(False)
@@ -176,6 +177,8 @@ class WatchView(ProbeView):
 
     # ------------------------------------------------------------------ the run
     def _run_started(self, event) -> None:
+        if "watch" in event.payload.continued:  # a Continue: the timeline goes on
+            return
         self.clear()
         self.run_examples = self.examples
         self._list(self.run_examples)
