@@ -59,7 +59,10 @@ from ntkviz.checks import class_index, real_number
 from ntkviz.decomposition import Decomposition
 from ntkviz.kernel import (
     _as_batch,
+    _call,
     _chain,
+    _derivative,
+    _input_cotangent,
     _kind,
     _Unsupported,
     _upsampled,
@@ -285,28 +288,33 @@ class _StepMaps:
     """How the optimizer turns this step's gradient and state into Δθ, per parameter it moves:
     Δθ_p = −(q[p] ⊙ g_p + c·u + c'·u') with ``decay[p] = (c, u)`` and ``history[p] = (c', u')``
     (a float and a tensor, so that SGD's terms need no scaled copies of θ and of its buffer);
-    q = s·P (a float for SGD, a tensor for Adam).
+    q = s·P (a float for SGD, a tensor for Adam). ``shape[p] = (lr, P)``.
     ``scale`` = s of the first parameter with s ≠ 0; :meth:`preconditioner` = q/scale."""
 
     q: dict = field(default_factory=dict)
     decay: dict = field(default_factory=dict)
     history: dict = field(default_factory=dict)
+    shape: dict = field(default_factory=dict)
     scale: float = 0.0
 
-    def add(self, p: Tensor, s: float, P, decay, history) -> None:
+    def add(self, p: Tensor, lr: float, s: float, P, decay, history) -> None:
         if self.scale == 0 and s != 0:
             self.scale = s
         self.q[p] = s * P
+        self.shape[p] = (lr, P)
         if decay is not None:
             self.decay[p] = decay
         if history is not None:
             self.history[p] = history
 
     def preconditioner(self) -> dict:
-        """P per parameter with the first parameter's scale taken out (``q/scale``)."""
-        if self.scale == 0:
-            return dict(self.q)
-        return {p: q / self.scale for p, q in self.q.items()}
+        """P per parameter with the first parameter's scale taken out (``q/scale``). Where the
+        gradient moves no parameter (η = 0, or SGD's dampening 1), P itself, times each group's
+        η relative to the first non-zero one."""
+        if self.scale != 0:
+            return {p: q / self.scale for p, q in self.q.items()}
+        lr0 = next((lr for lr, _ in self.shape.values() if lr != 0), 0.0)
+        return {p: P * (lr / lr0) if lr0 else P for p, (lr, P) in self.shape.items()}
 
 
 def _sgd_maps(optimizer, moved: list[list[Tensor]]) -> _StepMaps:
@@ -326,7 +334,7 @@ def _sgd_maps(optimizer, moved: list[list[Tensor]]) -> _StepMaps:
                 k = 1.0 + mu * (1.0 - tau) if nesterov else 1.0 - tau
                 history = (lr * (mu * mu if nesterov else mu), buf)
             decay = (lr * k * wd, p.detach()) if wd != 0 else None
-            maps.add(p, lr * k * sign, 1.0, decay, history)
+            maps.add(p, lr, lr * k * sign, 1.0, decay, history)
     return maps
 
 
@@ -367,7 +375,7 @@ def _adam_maps(optimizer, moved: list[list[Tensor]], grads: dict | None) -> _Ste
             else:
                 decay = (step_size * (1 - beta1) * wd, P * p.detach())
             history = (step_size * beta1, P * state["exp_avg"]) if state else None
-            maps.add(p, step_size * (1 - beta1) * sign, P, decay, history)
+            maps.add(p, lr, step_size * (1 - beta1) * sign, P, decay, history)
     return maps
 
 
@@ -705,47 +713,9 @@ class _LayerCapture:
         )  # fmt: skip
 
 
-def _pull_back(layer: nn.Module, a_in: Tensor, a_out: Tensor, g: Tensor) -> Tensor:
-    """R cotangents per example of a layer's output, ``g (N, R, *out)``, pulled back to its input
-    ``(N, R, *in)`` (the layer's parameters held fixed; eval mode)."""
-    N, R = g.shape[:2]
-    if isinstance(layer, nn.Linear):
-        return g @ layer.weight
-    if isinstance(layer, nn.Conv2d):  # the transposed convolution (faster than conv2d_input)
-        (s1, s2), (p1, p2), (d1, d2) = layer.stride, layer.padding, layer.dilation
-        (k1, k2), (h, w) = layer.kernel_size, g.shape[-2:]
-        extra = (
-            a_in.shape[-2] - ((h - 1) * s1 - 2 * p1 + d1 * (k1 - 1) + 1),
-            a_in.shape[-1] - ((w - 1) * s2 - 2 * p2 + d2 * (k2 - 1) + 1),
-        )
-        gi = F.conv_transpose2d(
-            g.reshape(N * R, *g.shape[2:]), layer.weight, None, layer.stride, layer.padding,
-            extra, layer.groups, layer.dilation,
-        )  # fmt: skip
-        return gi.view(N, R, *gi.shape[1:])
-    slope = _slope(layer, a_in, a_out)
-    if slope is not None:
-        return g * slope.unsqueeze(1)
-    if isinstance(layer, nn.Flatten | nn.Unflatten | nn.Identity | nn.Dropout):
-        return g.reshape(N, R, *a_in.shape[1:])
-    pool = _pool_size(layer)
-    if pool is not None:  # each output's cotangent spread evenly over its window
-        (kh, kw), (h, w) = pool, g.shape[-2:]
-        gi = _upsampled(g, pool).mul_(1.0 / (kh * kw))
-        # rows and columns the windows left out get no cotangent
-        left_h, left_w = a_in.shape[-2] - h * kh, a_in.shape[-1] - w * kw
-        return F.pad(gi, (0, left_w, 0, left_h)) if left_h or left_w else gi
-    _, pull = vjp(layer, a_in)
-    return vmap(lambda gr: pull(gr)[0], in_dims=1, out_dims=1)(g)
-
-
 def _slope(layer: nn.Module, a_in: Tensor, a_out: Tensor) -> Tensor | None:
-    """The derivative of an elementwise activation (Tanh, ReLU) at its input, else None."""
-    if isinstance(layer, nn.Tanh):
-        return 1 - a_out * a_out
-    if isinstance(layer, nn.ReLU):
-        return (a_in > 0).to(a_in.dtype)
-    return None
+    """The derivative of a Tanh or ReLU at its input, else None."""
+    return _derivative(layer, a_in, a_out) if _kind(layer) in ("tanh", "relu") else None
 
 
 def _pull_back_pooled(act: nn.Module, pool: nn.Module, acts: list[Tensor], g: Tensor):
@@ -779,7 +749,7 @@ def _chain_rows(chain, x: Tensor, cotangents=None) -> tuple[Tensor, _Factored]:
     J(x)). Raises :class:`~ntkviz.kernel._Unsupported` where the factored path does not apply."""
     acts = [x]
     for _, layer in chain:
-        acts.append(layer(acts[-1]))
+        acts.append(_call(layer, acts[-1]))
     z = acts[-1]
     if z.ndim != 2:
         raise _Unsupported
@@ -804,7 +774,7 @@ def _chain_rows(chain, x: Tensor, cotangents=None) -> tuple[Tensor, _Factored]:
                 g, k = pooled, k - 2
                 continue
         if k > first:
-            g = _pull_back(layer, acts[k], acts[k + 1], g)
+            g = _input_cotangent(layer, acts[k], acts[k + 1], g)
         k -= 1
     return z, _Factored(rows[::-1])
 
@@ -842,9 +812,22 @@ def _structured_layers(model: nn.Module):
     return (chain, layers) if layers else (None, None)
 
 
-def _stamp(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``model`` is replaced or changed in place."""
-    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+class _Stamp:
+    """The model's parameters and buffers as they are now (copies), to tell whether they are
+    still the same objects with the same values — also after a change through ``.data``, which
+    autograd's version counters do not see."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = [*model.parameters(), *model.buffers()]
+        self.values = [t.detach().clone() for t in self.tensors]
+
+    def holds(self, model: nn.Module) -> bool:
+        now = [*model.parameters(), *model.buffers()]
+        return (
+            len(now) == len(self.tensors)
+            and all(a is b for a, b in zip(now, self.tensors))
+            and all(torch.equal(a.detach(), v) for a, v in zip(now, self.values))
+        )
 
 
 @dataclass
@@ -852,14 +835,14 @@ class _Start:
     """The watched examples at the parameters a step starts from (eval mode): logits ``z (W, V)``;
     on the factored path J of the fully accounted examples (``full``, V rows each) and
     J(x_o)ᵀ·(e_c − π(x_o)) of the others (``light``, one row each); the buffers before the
-    training forward (mode-dependent models only) and the model's :func:`_stamp` (whether this
+    training forward (mode-dependent models only) and the model's :class:`_Stamp` (whether this
     start still holds)."""
 
     z: Tensor
     full: _Factored | None
     light: _Factored | None
     buffers: list
-    stamp: tuple
+    stamp: _Stamp
 
 
 class AccountedStep:
@@ -977,7 +960,7 @@ class AccountedStep:
             else:
                 z = z_light.new_empty((len(x), z_light.shape[1]))
                 z[fi], z[li] = z_full, z_light
-        return _Start(z, full, light, buffers, _stamp(model))
+        return _Start(z, full, light, buffers, _Stamp(model))
 
     # ------------------------------------------------------------------ the step
 
@@ -986,7 +969,7 @@ class AccountedStep:
         (each trainable layer's input and output gradient on the structured path)."""
         x_batch = self.check_batch(x_batch)
         start, self._next = self._next, None
-        if start is None or start.stamp != _stamp(self.model):
+        if start is None or not start.stamp.holds(self.model):
             start = self._start()
         self._current = start
         self.x_batch = x_batch
@@ -1497,7 +1480,9 @@ def decompose_step(
     momentum or Adam state as it is now, and the real change after the step. Nothing changes:
     model, ``.grad``, optimizer state and random state are restored bit-exactly (see
     :func:`account_step` with ``commit=False``). With a plain SGD optimizer (no momentum, no
-    decay) this is :func:`decompose`'s step."""
+    decay) this is :func:`decompose`'s step for models that compute alike in training and eval
+    mode; with batch norm or dropout the step's gradient comes from training mode (as a real step
+    takes it) and :func:`decompose`'s from eval mode."""
     x_o, x_u = torch.as_tensor(x_o), torch.as_tensor(x_u)
     if x_o.shape != x_u.shape:
         raise ValueError(

@@ -235,6 +235,10 @@ def _check_leaf(name: str, layer: nn.Module) -> None:
         raise _Unsupported(f"{what} has hooks")
     if kind == "batchnorm" and layer.running_mean is None:
         raise _Unsupported(f"{what} has no running statistics (it normalises by the batch)")
+    if kind == "conv2d":  # trainable or not: the pull-backs pad with zeros
+        if layer.padding_mode != "zeros":
+            raise _Unsupported(f"{what} pads with {layer.padding_mode!r}")
+        _padding(layer)
     if not _trainable(layer):
         return
     if kind not in _TRAINABLE_KINDS:
@@ -243,10 +247,8 @@ def _check_leaf(name: str, layer: nn.Module) -> None:
         )
     if any(True for _ in layer.children()):
         raise _Unsupported(f"{what} has submodules (e.g. a parametrization)")
-    if kind == "conv2d":
-        if layer.groups != 1 or layer.padding_mode != "zeros":
-            raise _Unsupported(f"{what} is grouped or pads with {layer.padding_mode!r}")
-        _padding(layer)
+    if kind == "conv2d" and layer.groups != 1:
+        raise _Unsupported(f"{what} is grouped")
 
 
 def _walk(prefix: str, module: nn.Module, trainable_seen: set[int]) -> list:

@@ -87,7 +87,12 @@ def randomise_batch_norms(model: nn.Module) -> nn.Module:
 
 
 #: name -> input shape of one example, for the models that do not take 1×28×28.
-SHAPES = {"kitchen_sink": (3, 16, 16), "resnet8_cifar": (3, 32, 32), "vit_cifar": (3, 32, 32)}
+SHAPES = {
+    "frozen_same_inplace": (1, 28, 28),
+    "kitchen_sink": (3, 16, 16),
+    "resnet8_cifar": (3, 32, 32),
+    "vit_cifar": (3, 32, 32),
+}
 
 
 class BatchNormBlocks(nn.Sequential):
@@ -102,6 +107,19 @@ class BatchNormBlocks(nn.Sequential):
         )  # fmt: skip
 
 
+class FrozenSameInplace(nn.Sequential):
+    """Frozen layers between trainable ones: a "same"-padded convolution and in-place
+    activations (ELU, ReLU6) whose inputs the pull-backs must not see overwritten."""
+
+    def __init__(self):
+        frozen = nn.Conv2d(3, 3, 3, padding="same")
+        frozen.requires_grad_(False)
+        super().__init__(
+            nn.Conv2d(1, 3, 5, stride=2), nn.ELU(inplace=True), frozen, nn.ReLU6(inplace=True),
+            nn.AvgPool2d(3), nn.Flatten(), nn.Linear(48, 10),
+        )  # fmt: skip
+
+
 def make(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "tiny_cnn":
@@ -112,6 +130,8 @@ def make(name: str, seed: int = 0) -> nn.Module:
         m.bn.running_var.uniform_(0.5, 2.0)
     elif name == "bn_blocks":
         m = randomise_batch_norms(BatchNormBlocks())
+    elif name == "frozen_same_inplace":
+        m = FrozenSameInplace()
     elif name == "kitchen_sink":
         m = randomise_batch_norms(KitchenSink())
     elif name in ("resnet8_cifar", "vit_cifar"):

@@ -21,6 +21,7 @@ from ntkviz.accounting import (
     AccountedStep,
     Watch,
     WatchAccount,
+    _structured_layers,
     account_step,
     optimizer_kernel,
     optimizer_snapshot,
@@ -218,6 +219,8 @@ CASES = [("tiny_cnn", o) for o in OPTIMIZERS] + [
     ("residual", "adam"),
     ("bn_blocks", "sgd-momentum-decay"),
     ("bn_blocks", "adamw"),
+    ("frozen_same_inplace", "sgd-nesterov"),
+    ("frozen_same_inplace", "adam"),
 ]
 
 
@@ -284,6 +287,7 @@ CLASS_CASES = [
     ("dropout_mlp", "sgd-nesterov"),
     ("residual", "sgd-momentum-decay"),
     ("bn_blocks", "sgd-nesterov"),
+    ("frozen_same_inplace", "sgd-momentum-decay"),
 ]
 
 
@@ -372,11 +376,15 @@ def test_a_continued_watch_retakes_its_start_after_changes_between_steps():
         model, optimizer, XW3, classes=CLASSES3, focus=(1,), top_kernels=True, continued=True
     )
     rows = np.arange(3)
-    for s in range(3):
-        if s == 1:
-            with torch.no_grad():
-                for m in (model, reference[0]):
+    for s in range(5):
+        for m in (model, reference[0]):
+            if s == 1:
+                with torch.no_grad():
                     m.fc1.weight.mul_(0.5)
+            if s == 2:  # through .data: no version counter moves
+                m.fc2.weight.data.mul_(0.9)
+            if s == 3:
+                m.fc3.bias.data = m.fc3.bias.data + 0.25
         x = inputs(B, seed=20 + s)
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -388,6 +396,11 @@ def test_a_continued_watch_retakes_its_start_after_changes_between_steps():
         close(acc.contributions, want.contributions)
         close(acc.class_momentum, want.momentum[rows, CLASSES3])
         close(acc.focused.gradient, want.gradient[[1]])
+
+
+def test_frozen_layers_and_in_place_activations_keep_the_factored_account():
+    """(Their terms are checked against the definitions in the tests above.)"""
+    assert _structured_layers(make("frozen_same_inplace"))[0] is not None
 
 
 @pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "sgd-nesterov", "adam", "adamw"])
@@ -454,8 +467,9 @@ def test_shared_parameters_are_refused():
 def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
     model = make("tiny_cnn")
     x1, x2 = inputs(3, seed=7), inputs(2, seed=8)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    assert torch.equal(optimizer_kernel(model, sgd, x1, x2), empirical_ntk(model, x1, x2))
+    for lr in (0.1, 0.0):  # η = 0 moves nothing, but the kernel is still the NTK
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        assert torch.equal(optimizer_kernel(model, sgd, x1, x2), empirical_ntk(model, x1, x2))
 
     adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.95), amsgrad=True)
     with pytest.raises(ValueError, match="no step yet"):
@@ -473,6 +487,8 @@ def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
     want = torch.einsum("aip,p,bjp->abij", J1, P, J2)
     close(optimizer_kernel(model, adam, x1, x2).numpy(), want)
     close(optimizer_kernel(model, adam, x2, x1).numpy(), want.permute(1, 0, 3, 2))
+    adam.param_groups[0]["lr"] = 0.0
+    close(optimizer_kernel(model, adam, x1, x2).numpy(), want)
 
     generic = make("residual")
     adam = torch.optim.Adam(generic.parameters(), lr=1e-3)

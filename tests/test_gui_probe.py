@@ -197,7 +197,8 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     )  # fmt: skip
     expected = np.array([float(parts[n][0, 0].norm()) for n in lay.names])
     assert set(lay.names) == set(parts)
-    np.testing.assert_allclose(lv.bars.opts["height"], expected, rtol=1e-5)
+    np.testing.assert_allclose(lv.bars.opts["width"], expected, rtol=1e-5)
+    assert lv.bars.names == lay.names
 
     lv.n_box.setValue(20)
     spec = wait_shown(qtbot, window, "spectrum", lv.spectrum_job.run_button.click)
@@ -252,7 +253,7 @@ def test_views_forget_the_old_model_when_another_replaces_it(qtbot, window, tmp_
     assert not any(b.isVisible() for b in views["influence"].raised.buttons)
     assert views["squeeze"].result is None
     assert views["squeeze"].curves["neg"][1].getData()[0] is None  # no curve
-    assert views["layers"].result is None and len(views["layers"].bars.opts["height"]) == 0
+    assert views["layers"].result is None and len(views["layers"].bars.opts["width"]) == 0
     assert views["layers"].spectra == [] and views["layers"].spec_curves == []
     assert views["kernel_maps"].history.maps(10).steps.size == 0
     wait_current(qtbot, window)  # the pair is decomposed again on the loaded model

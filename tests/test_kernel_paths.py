@@ -28,7 +28,7 @@ from ntkviz.kernel import (
 )
 from ntkviz.modelspec import check_model
 
-STRUCTURED = ["kitchen_sink", "resnet8_cifar"]
+STRUCTURED = ["kitchen_sink", "resnet8_cifar", "frozen_same_inplace"]
 NEW = [*STRUCTURED, "vit_cifar"]
 EXACT = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -244,6 +244,11 @@ def _small(kind: str) -> tuple[nn.Module, tuple]:
     if kind == "no running statistics":
         bn = nn.BatchNorm1d(16, track_running_stats=False)
         return nn.Sequential(nn.Flatten(), bn, nn.Linear(16, 10)), (1, 4, 4)
+    if kind == "frozen reflecting conv":
+        frozen = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect").requires_grad_(False)
+        return nn.Sequential(
+            nn.Conv2d(1, 2, 1), nn.Tanh(), frozen, nn.Flatten(), nn.Linear(32, 10)
+        ), (1, 4, 4)
     raise AssertionError(kind)
 
 
@@ -259,6 +264,7 @@ def _small(kind: str) -> tuple[nn.Module, tuple]:
         ("parameters outside its layers", "holds trainable parameters outside its layers"),
         ("parametrized", "'1' (ParametrizedLinear) has submodules"),
         ("no running statistics", "normalises by the batch"),
+        ("frozen reflecting conv", "'2' (Conv2d) pads with 'reflect'"),
     ],
 )
 def test_models_the_structured_path_refuses_take_the_generic_path_exactly(kind, why):
