@@ -3,6 +3,7 @@ training, the squeezing lab, layers and spectrum, sessions."""
 
 import copy
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -25,6 +26,7 @@ from gui_helpers import (
     wait_event,
     wait_shown,
 )
+from PySide6.QtCore import QPointF
 
 from ntkviz.analysis import (
     balanced_indices,
@@ -199,6 +201,10 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert set(lay.names) == set(parts)
     np.testing.assert_allclose(lv.bars.opts["width"], expected, rtol=1e-5)
     assert lv.bars.names == lay.names
+    assert [name for _, name in lv._ticks] == list(lay.names)  # LeNet's five fit
+    hover = SimpleNamespace(isExit=lambda: False, pos=lambda: QPointF(expected[1] / 2, 1.2))
+    lv.bars.hoverEvent(hover)
+    assert lv.bars.toolTip() == f"{lay.names[1]}: ‖K‖_F = {expected[1]:.4g}"
 
     lv.n_box.setValue(20)
     spec = wait_shown(qtbot, window, "spectrum", lv.spectrum_job.run_button.click)

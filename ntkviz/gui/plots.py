@@ -37,6 +37,25 @@ def elide(name: str, width: int) -> str:
     return name if len(name) <= width else name[: max(1, width - 1)] + "…"
 
 
+def elide_path(name: str, width: int) -> str:
+    """A dotted name (``stage1.0.add.branches.0.conv1``) cut to about ``width`` characters at
+    its dots: its first and last parts with "…" between (``stage1.0…0.conv1``)."""
+    parts = name.split(".")
+    if len(name) <= width or len(parts) == 1:
+        return elide(name, width)
+    tail = parts[-1]
+    for p in reversed(parts[1:-1]):
+        if len(p) + 1 + len(tail) > width // 2:
+            break
+        tail = f"{p}.{tail}"
+    head = parts[0]
+    for p in parts[1:]:
+        if len(head) + 1 + len(p) + 1 + len(tail) > width:
+            break
+        head = f"{head}.{p}"
+    return elide(f"{head}…{tail}", width)
+
+
 #: Up to this many classes, axes name them; beyond, they number them (names on hover).
 NAMED_CLASSES = 20
 

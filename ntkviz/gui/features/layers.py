@@ -11,10 +11,29 @@ from PySide6.QtWidgets import QPushButton
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import wrap_title
+from ntkviz.gui.plots import elide_path, wrap_title
 from ntkviz.gui.widgets import JobControls, labelled, spin
 
 BAR_TITLE = "‖K<sub>layer</sub>(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>"
+BAR_AXIS = "‖K<sub>layer</sub>‖<sub>F</sub>"
+#: Layer names on the axis are cut to this many characters (the full name on hover).
+NAME_WIDTH = 18
+#: Pixels a layer's name needs on the axis; denser rows name every k-th layer.
+ROW_PIXELS = 14
+
+
+class LayerBars(pg.BarGraphItem):
+    """Horizontal bars, one per layer (row k at y = k), whose tooltip names the hovered one."""
+
+    def __init__(self):
+        super().__init__(x0=[], y=[], width=[], height=0.6, brush="#4c72b0")
+        self.names: tuple[str, ...] = ()
+
+    def hoverEvent(self, ev):
+        widths = self.opts["width"]
+        k = -1 if ev.isExit() else int(np.floor(ev.pos().y() + 0.5))
+        inside = 0 <= k < len(self.names) and 0 <= ev.pos().x() <= widths[k]
+        self.setToolTip(f"{self.names[k]}: ‖K‖_F = {widths[k]:.4g}" if inside else "")
 
 
 class LayersView(ProbeView):
@@ -36,16 +55,21 @@ class LayersView(ProbeView):
                           self.clear_button, self.export_button)  # fmt: skip
         self.bar_plot = self.graphics.addPlot(0, 0, title=BAR_TITLE)
         self.bar_plot.setMenuEnabled(False)
-        self.bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#4c72b0")
+        self.bar_plot.invertY(True)  # the first layer on top
+        self.bar_plot.setLabel("bottom", BAR_AXIS)
+        self.bars = LayerBars()
         self.bar_plot.addItem(self.bars)
-        self.total_line = pg.InfiniteLine(angle=0, pen=pg.mkPen("#d62728", style=Qt.DashLine))
+        self.total_line = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", style=Qt.DashLine))
         self.bar_plot.addItem(self.total_line)
-        self.total_label = pg.TextItem("", color="#d62728", anchor=(0, 1))
-        self.bar_plot.addItem(self.total_label)
+        self._ticks = None
+        self.bar_plot.vb.sigResized.connect(lambda vb: self._set_ticks())
         self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
         self.spec_plot.setLogMode(x=False, y=True)
         for plot in (self.bar_plot, self.spec_plot):
             wrap_title(plot)
+        for column, (plot, stretch) in enumerate(((self.bar_plot, 3), (self.spec_plot, 2))):
+            plot.setPreferredWidth(100)  # the widths follow the stretch: room for the names
+            self.graphics.ci.layout.setColumnStretchFactor(column, stretch)
         self.spec_plot.setLabel("bottom", "rank")
         self.spec_plot.setLabel("left", "eigenvalue")
         self.spec_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")
@@ -75,27 +99,42 @@ class LayersView(ProbeView):
 
     def show_result(self, result) -> None:
         """``result``: a ``LayerResult``."""
-        x = np.arange(len(result.names))
-        self.bars.setOpts(x=x, height=result.norms)
-        self.bar_plot.getAxis("bottom").setTicks([list(zip(x, result.names, strict=True))])
+        n = len(result.names)
+        self.bars.names = result.names
+        self.bars.setOpts(x0=np.zeros(n), y=np.arange(n), width=result.norms)
+        self._set_ticks()
         self.total_line.setPos(result.total_norm)
-        self.total_label.setText(f"‖K‖_F (all layers) = {result.total_norm:.3g}")
-        self.total_label.setPos(-0.4, result.total_norm)
+        self.bar_plot.setLabel(
+            "bottom", f"{BAR_AXIS}; <span style='color:#d62728'>all layers: {result.total_norm:.3g}"
+            "</span>"
+        )  # fmt: skip
         r = result.request
         self.bar_plot.setTitle(
             f"‖K<sub>layer</sub>‖<sub>F</sub>: x<sub>o</sub> = {r.x_o}, "
             f"x<sub>u</sub> = {r.x_u}, step {result.step}"
         )
-        self.bar_plot.setXRange(-0.6, len(x) - 0.4)
-        self.bar_plot.setYRange(0, max(result.total_norm, float(result.norms.max())) * 1.12)
+        top = max(result.total_norm, float(result.norms.max())) * 1.05
+        self.bar_plot.setRange(xRange=(0, top), yRange=(-0.6, n - 0.4), padding=0)
+
+    def _set_ticks(self) -> None:
+        """Name the layers on the left axis: every one, or every k-th where rows are denser
+        than :data:`ROW_PIXELS`."""
+        names = self.bars.names
+        rows = max(1, int(self.bar_plot.vb.height() // ROW_PIXELS))
+        step = -(-len(names) // rows) if names else 1
+        ticks = [(k, elide_path(names[k], NAME_WIDTH)) for k in range(0, len(names), step)]
+        if ticks != self._ticks:
+            self._ticks = ticks
+            self.bar_plot.getAxis("left").setTicks([ticks] if names else None)
 
     def clear(self) -> None:
-        self.bars.setOpts(x=[], height=[])
-        self.bar_plot.getAxis("bottom").setTicks(None)
+        self.bars.names = ()
+        self.bars.setOpts(x0=[], y=[], width=[])
+        self._set_ticks()
         self.total_line.setPos(0)
-        self.total_label.setText("")
+        self.bar_plot.setLabel("bottom", BAR_AXIS)
         self.bar_plot.setTitle(BAR_TITLE)
-        self.bar_plot.setRange(xRange=(-0.6, 4.6), yRange=(0, 1))  # until the first split
+        self.bar_plot.setRange(xRange=(0, 1), yRange=(-0.6, 4.6), padding=0)  # until a split
         self.spectra = []
         self._draw_spectra()
 
