@@ -38,7 +38,7 @@ from ntkviz.app.jobs import JobEvent
 from ntkviz.app.state import Example
 from ntkviz.checkpoint import load_checkpoint
 from ntkviz.decomposition import decompose
-from ntkviz.gui.plots import compact_tick_strings, nice_ceiling
+from ntkviz.gui.plots import TrajectoryPlot, compact_tick_strings, nice_ceiling
 from ntkviz.gui.window import MainWindow
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
@@ -599,3 +599,14 @@ def test_thumbnails_follow_the_class_filter_and_select_on_click(qtbot, settings,
         picker.thumbnails.itemClicked.emit(target)
     assert window.state.x_o == Example("test", int(target.data(Qt.UserRole)))
     assert picker.example == window.state.x_o and picker.label == 3
+
+
+def test_trajectory_end_labels_share_one_label_where_lines_end_together(qtbot):
+    plot = TrajectoryPlot()
+    qtbot.addWidget(plot)
+    plot.classes = tuple("abcdefghij")
+    probs = np.full((2, 10), 0.001)
+    probs[:, 3], probs[:, 7] = 0.6, 0.392
+    plot.set_trajectory(probs, probs, 3)
+    shown = {label.toPlainText() for label in plot.end_labels if label.isVisible()}
+    assert shown == {"d", "h", "a +7"}  # eight lines end at π = 0.001

@@ -35,7 +35,13 @@ def rgb_sets(num_classes: int):
     common = {"image_size": (3, 16, 16), "num_classes": num_classes, "transform": ToTensor()}
     train = FakeData(size=max(96, 2 * num_classes), random_offset=0, **common)
     test = FakeData(size=max(48, num_classes), random_offset=100_000, **common)
-    kinds = ("aquarium fish", "maple tree", "pickup truck", "sweet pepper", "willow tree")
+    kinds = (
+        "aquarium fish",
+        "maple tree",
+        "pickup truck",
+        "sweet pepper",
+        "willow tree of the north",
+    )
     train.classes = test.classes = [f"{k:02d} {kinds[k % 5]}" for k in range(num_classes)]
     return train, test
 
@@ -111,12 +117,21 @@ def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_pa
         assert left == [str(k) for k in range(0, 100, 10)]
     assert "04 willow tree" in k_view.image_item.describe(4, 1)
 
-    # at 1280×800 with both docks, nothing is cut (long names elided or numbered)
+    # at 1280×800 with both docks, nothing is cut (long names elided or numbered), even with
+    # x_o of the class with the longest name
     for dock in docks:
         dock.show()
+    labels, x_o = state.dataset.labels["test"], state.x_o
+    window.controller.select(x_o=Example("test", int(np.flatnonzero(labels == 4)[0])))
+    wait_current(qtbot, window)
+    caption = window.views["examples"].x_o_picker.caption
+    assert "label 04 willow tre…" in caption.text()
+    assert "label 04 willow tree of the north" in caption.toolTip()
     window.resize(1280, 770)
     QApplication.processEvents()
     assert cut_off(window) == [] and window.width() == 1280
+    window.controller.select(x_o=x_o)
+    wait_current(qtbot, window)
 
     # colour thumbnails
     image = state.dataset.images["test"][r.request.x_o.index]

@@ -691,13 +691,23 @@ class TrajectoryPlot(pg.PlotWidget):
             self.curves.append(self.plot([], [], pen=pg.mkPen(class_color(k), width=2)))
             self.end_labels.append(pg.TextItem("", color=class_color(k), anchor=(0, 0.5)))
             self.addItem(self.end_labels[-1])
-        # the end of each line names its class: all of them for ten classes, else the top ten
-        named = set(np.argsort(-values[-1])[:10].tolist())
+        # the end of each line names its class (the top ten); ends closer than a label's height
+        # share the label of the highest, which counts the others ("cat +3")
+        low = -nice_ceiling(-min(values.min(), own.min())) if self.log_scale else 0.0
+        gap = 0.06 * ((0.0 if self.log_scale else 1.0) - low)
+        shown: dict[int, int] = {}  # class -> how many ends its label stands for
+        for i in np.argsort(-values[-1], kind="stable")[:10].tolist():
+            near = [j for j in shown if abs(values[-1, j] - values[-1, i]) < gap]
+            if near:
+                shown[near[0]] += 1
+            else:
+                shown[i] = 1
         for i, (curve, label) in enumerate(zip(self.curves, self.end_labels, strict=True)):
             curve.setData(steps, values[:, i]) if i < classes else curve.setData([], [])
-            label.setVisible(i in named)
-            if i in named:
-                label.setText(elide(str(self.classes[i]) if i < len(self.classes) else str(i), 8))
+            label.setVisible(i in shown)
+            if i in shown:
+                name = elide(str(self.classes[i]) if i < len(self.classes) else str(i), 8)
+                label.setText(name + (f" +{shown[i] - 1}" if shown[i] > 1 else ""))
                 label.setPos(steps[-1] + 0.05, values[-1, i])
         brushes = [pg.mkBrush(class_color(i)) for i in range(classes)]
         self.markers.setData(
@@ -707,7 +717,6 @@ class TrajectoryPlot(pg.PlotWidget):
         )
         self.own.setData(steps, own)
         # fixed axes: π in [0, 1]; log π from a round number below its minimum to 0
-        low = -nice_ceiling(-min(values.min(), own.min())) if self.log_scale else 0.0
         view = (len(steps), self.log_scale, low)
         if view != self._view:
             self._view = view

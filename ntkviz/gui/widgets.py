@@ -63,6 +63,10 @@ def image_pixmap(image: np.ndarray, size: int) -> QPixmap:
     return QPixmap.fromImage(q).scaled(size, size, Qt.KeepAspectRatio, mode)
 
 
+#: Class names under thumbnails are cut to this many characters.
+THUMB_NAME = 10
+
+
 class ThumbnailRow(QWidget):
     """A titled row of clickable example thumbnails, wrapping when narrow: ``set_items`` takes
     ``(image, text, tooltip, payload)`` tuples; a click emits ``clicked(payload)``."""

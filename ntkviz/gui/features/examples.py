@@ -25,8 +25,17 @@ from PySide6.QtWidgets import (
 from ntkviz.app.features.pair import FindConfidentlyWrong
 from ntkviz.app.state import LOSSES, Example
 from ntkviz.gui.features.base import FeatureView
-from ntkviz.gui.plots import ProbabilityBars
+from ntkviz.gui.plots import ProbabilityBars, elide
 from ntkviz.gui.widgets import fit_text, image_pixmap
+
+#: Class names in captions are cut to this many characters (the dock keeps its width).
+NAME_WIDTH = 14
+
+
+def narrow(box: QComboBox) -> None:
+    """A combo box that elides long entries rather than widen the dock."""
+    box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(8)
 
 
 class SamplePicker(QGroupBox):
@@ -47,6 +56,7 @@ class SamplePicker(QGroupBox):
         self.split_box = QComboBox()
         self.split_box.addItems(["train", "test"])
         self.class_box = QComboBox()
+        narrow(self.class_box)
         self.index_box = QSpinBox()
         self.index_box.setRange(0, 0)
         self.index_box.setKeyboardTracking(False)
@@ -186,7 +196,7 @@ class SamplePicker(QGroupBox):
         self.image.setPixmap(
             image_pixmap(self.dataset.images[example.split][example.index], self.IMAGE)
         )
-        self.caption.setText(f"{example}\nlabel {self.dataset.classes[self.label]}")
+        self._caption(f"{example}", ("label", self.label))
 
     def thumbnail_indices(self) -> list[int]:
         """The examples the thumbnail strip shows: up to :attr:`THUMBS` of the split that pass
@@ -221,10 +231,19 @@ class SamplePicker(QGroupBox):
         """Show π ``(V,)``; the caption gains the prediction."""
         self.bars.set_probs(probs, self.label, target)
         k = int(np.argmax(probs))
-        c = self.dataset.classes
-        self.caption.setText(
-            f"{self.example}\nlabel {c[self.label]}\npredicted {c[k]} ({probs[k]:.2f})"
-        )
+        self._caption(f"{self.example}", ("label", self.label), ("predicted", k, probs[k]))
+
+    def _caption(self, first: str, *lines) -> None:
+        """The caption under the image: ``first``, then a line per ``(what, class[, π])``, class
+        names elided to :data:`NAME_WIDTH` characters (the full ones in the tooltip)."""
+        full, short = [first], [first]
+        for what, k, *p in lines:
+            name = self.dataset.classes[k]
+            tail = f" ({p[0]:.2f})" if p else ""
+            full.append(f"{what} {name}{tail}")
+            short.append(f"{what} {elide(name, NAME_WIDTH)}{tail}")
+        self.caption.setText("\n".join(short))
+        self.caption.setToolTip("\n".join(full) if full != short else "")
 
 
 class ExamplesView(FeatureView):
@@ -239,6 +258,7 @@ class ExamplesView(FeatureView):
         s, c = self.state, self.controller
         self.x_u_picker = SamplePicker("x_u: the example the step learns from")
         self.y_u_box = QComboBox()
+        narrow(self.y_u_box)
         self.loss_box = QComboBox()
         for key, text in LOSSES:
             self.loss_box.addItem(text, key)

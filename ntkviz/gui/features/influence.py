@@ -12,7 +12,7 @@ from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
 from ntkviz.gui.plots import HeatmapView, class_ticks, elide, let_wrap, wrap_title
-from ntkviz.gui.widgets import ThumbnailRow, labelled, spin
+from ntkviz.gui.widgets import THUMB_NAME, ThumbnailRow, labelled, spin
 
 QUANTITIES = (
     ("delta_probs", "mean Δπ (predicted)"),
@@ -165,7 +165,9 @@ class InfluenceView(ProbeView):
                 idx, label = int(r.indices[k]), c[int(r.labels[k])]
                 tip = (f"test[{idx}], label {label}: predicted Δlog π_{c[col]} = {score[k]:+.4g}; "
                        "click to make it x_o")  # fmt: skip
-                items.append((images[idx], f"{label}: {score[k]:+.2g}", tip, idx))
+                items.append(
+                    (images[idx], f"{elide(label, THUMB_NAME)}: {score[k]:+.2g}", tip, idx)
+                )
             row.set_items(items)
         self._draw_norms()
 

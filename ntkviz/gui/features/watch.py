@@ -25,8 +25,8 @@ from ntkviz.app.features.watch import (
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_color, let_wrap
-from ntkviz.gui.widgets import ThumbnailRow, fit_text, labelled
+from ntkviz.gui.plots import HeatmapView, class_color, elide, let_wrap
+from ntkviz.gui.widgets import THUMB_NAME, ThumbnailRow, fit_text, labelled
 
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
 OTHER_TERMS = (
@@ -325,7 +325,8 @@ class WatchView(ProbeView):
             idx, value = int(d.batch_indices[b]), d.contributions[w, b]
             tip = (f"train[{idx}], label {c[int(d.batch_labels[b])]}: its gradient term moved "
                    f"log π of x_o's class by {value:+.4g} at step {d.step}; click: x_u")  # fmt: skip
-            items.append((images[idx], f"{c[int(d.batch_labels[b])]}: {value:+.2g}", tip, idx))
+            name = elide(c[int(d.batch_labels[b])], THUMB_NAME)
+            items.append((images[idx], f"{name}: {value:+.2g}", tip, idx))
         self.batch.set_items(items)
         top = int(d.top_index[w])
         self.batch.title.setText(
@@ -371,7 +372,7 @@ class WatchView(ProbeView):
             (self.harmful, ranking.harmful[w], ranking.harmful_values[w]),
         ):
             row.set_items([
-                (images[i], f"{c[data.label('train', i)]}: {v:+.2g}",
+                (images[i], f"{elide(c[data.label('train', i)], THUMB_NAME)}: {v:+.2g}",
                  f"train[{i}]: summed contribution {v:+.4g} over {ranking.steps} steps; click: x_u",
                  int(i))
                 for i, v in zip(idx, values, strict=True)
