@@ -4,6 +4,7 @@ decomposition (against the core), export, a session saved and reopened, class na
 colour thumbnails — and File ▸ Open dataset on a folder of class folders."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,39 @@ def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_pa
     for k, v in model_state(qtbot, other).items():
         assert torch.equal(v, saved[k]), k
     assert other.state.model.applied_steps == 1 and other.state.y_u == 2
+
+
+def test_open_dataset_builds_the_model_box_kind_and_says_how_to_leave_your_model(
+    show_window, qtbot, tmp_path
+):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / "pets" / split / name).mkdir(parents=True)
+            for k in range(4):
+                pixels = np.full((20, 20, 3), 40 * k, dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "pets" / split / name / f"{k}.png")
+    window = show_window(None, None)
+    spec = f"{Path(__file__).parent / 'user_models.py'}:small_cnn"
+    wait_event(qtbot, window, "model", lambda: window.controller.open_model(spec))
+    number, training = window.state.model.number, window.views["training"]
+    error = wait_event(
+        qtbot, window, "error",
+        lambda: window.controller.open_dataset(str(tmp_path / "pets"), model=spec),
+    ).payload  # fmt: skip
+    assert "choose a registry model in the Model box first" in error.message
+    assert "pets (3×20×20, 2 classes)" in error.message
+    assert window.state.dataset.name == "mnist" and window.state.model.number == number
+    training.model_box.setCurrentIndex(training.model_box.findData("lenet"))
+    wait_event(
+        qtbot, window, "model",
+        lambda: window.controller.open_dataset(
+            str(tmp_path / "pets"), model=training.config().model
+        ),
+    )  # fmt: skip
+    qtbot.waitUntil(lambda: window.state.dataset.classes == ("cat", "dog"), timeout=TIMEOUT)
+    assert window.state.model.config.model == "lenet"
 
 
 def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path):

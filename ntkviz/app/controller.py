@@ -347,10 +347,13 @@ class AppController:
         """The user's model ``spec`` ("file.py:factory") with optional ``weights``."""
         return self._replace_model("Open a model", "open_model", spec, weights)
 
-    def open_dataset(self, source, root: str | None = None, download: bool = False) -> bool:
+    def open_dataset(
+        self, source, root: str | None = None, download: bool = False, model: str | None = None
+    ) -> bool:
         """Other data (a dataset name with its files in ``root``, a directory of class folders
-        or an ``ImageDataset``) with a fresh model for it."""
-        return self._replace_model("Open a dataset", "open_dataset", source, root, download)
+        or an ``ImageDataset``) with a fresh model of the kind ``model`` (default: the current
+        one) for it."""
+        return self._replace_model("Open a dataset", "open_dataset", source, root, download, model)
 
     def _replace_model(self, action: str, command: str, *args) -> bool:
         """Send ``command`` that replaces the model, asking first when that loses unsaved

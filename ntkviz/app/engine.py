@@ -191,12 +191,14 @@ class Engine:
             )
         )
 
-    def open_dataset(self, source, root: str | None = None, download: bool = False) -> None:
+    def open_dataset(
+        self, source, root: str | None = None, download: bool = False, model: str | None = None
+    ) -> None:
         """Replace the data by ``source`` (a dataset name whose files are in ``root``, default
         the cache; a directory of class folders; or an ``ImageDataset``; ``download``: let
-        torchvision fetch a named set) and the model by a fresh one of the current kind built
-        for it. Data that cannot be read, or that the user's model does not fit, changes
-        nothing."""
+        torchvision fetch a named set) and the model by a fresh one of the kind ``model`` (a
+        registry name or the user's model's label; default the current kind) built for it. Data
+        that cannot be read, or that the user's model does not fit, changes nothing."""
         from ntkviz.data import as_image_dataset
 
         data = (
@@ -204,10 +206,21 @@ class Engine:
             if isinstance(source, str)
             else as_image_dataset(source)
         )
-        model = self._fresh_model(self.config, data)
+        config = replace(self.config, model=model or self.config.model)
+        try:
+            fresh = self._fresh_model(config, data)
+        except ModelError as e:
+            if self.user_model is None or config.model != self.user_model.label:
+                raise
+            raise ModelError(
+                f"{str(e).rstrip('.')}. Your model is built for other data: to open {data.name} "
+                f"({'×'.join(map(str, data.input_shape))}, {data.num_classes} classes), choose a "
+                "registry model in the Model box first (e.g. lenet)."
+            ) from None
+        self.config = config
         self.data = data
         self._emit_dataset()
-        self._set_model(model, self.config, "fresh weights")
+        self._set_model(fresh, config, "fresh weights")
         self._run_state("ready")
         C, H, W = data.test.x.shape[1:]
         self.message(

@@ -84,7 +84,9 @@ class FileMenu(QObject):
             if not source:
                 self.window.show_error("No dataset", "choose a folder of class folders")
                 return
-            self.controller.open_dataset(source, root, download)
+            training = self.window.views["training"]  # the Model box's choice
+            kind = training.config().model if self.controller.state.model else None
+            self.controller.open_dataset(source, root, download, kind)
 
     def export_plot_dialog(self, name: str) -> None:
         path = self.ask_path(f"Export {name}", "PNG image (*.png);;SVG vector image (*.svg)")
