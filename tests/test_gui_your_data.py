@@ -229,6 +229,11 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     )
     assert examples.x_o_picker.example == s.x_o
     assert window.views["training"].train_size.maximum() == 36
+    sizes = window.views["influence"].size_box
+    assert [sizes.itemText(k) for k in range(sizes.count())] == ["all 18 test examples"]
+    squeeze = window.views["squeeze"]
+    assert squeeze.label_box.currentIndex() == s.y_u  # ȳ = y_u on the new classes
+    assert "over 18 test images" in squeeze.survey_plots["peak"].titleLabel.text
     assert window.views["pair"].last_result.decomposition.K.shape == (3, 3)
     watch = window.views["watch_ranking"]
     assert [watch.which.itemText(k) for k in range(watch.which.count())] == [

@@ -23,6 +23,10 @@ THUMBS = 8
 COMPUTE = "Compute to see one update's effect"
 
 
+#: Probe sizes offered (test examples), each cut to the data's test split.
+PROBE_SIZES = (200, 1000, 10000)
+
+
 class InfluenceView(ProbeView):
     """The class map, the thumbnails and the kernel norms of one update."""
 
@@ -34,9 +38,8 @@ class InfluenceView(ProbeView):
         super().__init__(ctx)
         self.classes = tuple(str(i) for i in range(10))
         self.size_box = QComboBox()
-        for n in (1000, 10000, 200):
-            self.size_box.addItem(f"{n} test examples", n)
-        self.size_box.setCurrentIndex(1)
+        self.test_size = max(PROBE_SIZES)
+        self._fill_sizes(max(PROBE_SIZES))
         self.actual_box = QCheckBox("actual change")
         self.actual_box.setToolTip("also take the real step and measure the change")
         self.norm_box = spin(0, 10000, 1000, 100)
@@ -82,7 +85,23 @@ class InfluenceView(ProbeView):
         self.quantity_box.currentIndexChanged.connect(self.redraw)
         self.rank_box.currentIndexChanged.connect(self.redraw)
 
+    def _fill_sizes(self, chosen: int) -> None:
+        """The probe sizes this data has (:data:`PROBE_SIZES` up to its test split), ``chosen``
+        (cut to the split) selected."""
+        N = self.test_size
+        sizes = sorted({min(n, N) for n in (*PROBE_SIZES, chosen)})
+        self.size_box.blockSignals(True)
+        self.size_box.clear()
+        for n in sizes:
+            self.size_box.addItem(f"all {n} test examples" if n == N else f"{n} test examples", n)
+        self.size_box.setCurrentIndex(sizes.index(min(chosen, N)))
+        self.size_box.blockSignals(False)
+
     def _on_dataset(self, info) -> None:
+        chosen = self.probe_size
+        self.test_size = len(info.labels["test"])
+        keep = chosen in PROBE_SIZES and chosen <= self.test_size  # else the largest there is
+        self._fill_sizes(chosen if keep else max(PROBE_SIZES))
         self.rank_box.blockSignals(True)
         self.rank_box.clear()
         self.rank_box.addItem("y_u", -1)
@@ -103,11 +122,8 @@ class InfluenceView(ProbeView):
         return int(self.size_box.currentData())
 
     def set_probe_size(self, n: int) -> None:
-        i = self.size_box.findData(n)
-        if i < 0:
-            self.size_box.addItem(f"{n} test examples", n)
-            i = self.size_box.count() - 1
-        self.size_box.setCurrentIndex(i)
+        """Probe ``n`` test examples (at most the split's)."""
+        self._fill_sizes(n)
 
     def request(self) -> InfluenceRequest:
         return InfluenceRequest(

@@ -76,10 +76,7 @@ class SqueezeView(ProbeView):
         for col, (key, xlabel) in enumerate(
             (("peak", "max π before (how peaked π is)"), ("p_label", "π(ȳ) before"))
         ):
-            p = survey_row.addPlot(
-                0, col, title=f"squeezed mass against {xlabel.split(' (')[0]}<br>over "
-                f"{SURVEY_SIZE} test images, ȳ = each one's label",
-            )  # fmt: skip
+            p = survey_row.addPlot(0, col, title=self._survey_title(key, SURVEY_SIZE))
             for axis in ("left", "bottom"):
                 p.getAxis(axis).enableAutoSIPrefix(False)
             wrap_title(p)
@@ -97,11 +94,20 @@ class SqueezeView(ProbeView):
         self.log_box.toggled.connect(self.redraw)
         self.state.events.y_u.connect(lambda y: self.label_box.setCurrentIndex(y))  # ȳ = y_u
 
+    @staticmethod
+    def _survey_title(key: str, n: int) -> str:
+        what = "max π before" if key == "peak" else "π(ȳ) before"
+        return f"squeezed mass against {what}<br>over {n} test images, ȳ = each one's label"
+
     def _on_dataset(self, info) -> None:
         self.label_box.blockSignals(True)
         self.label_box.clear()
         self.label_box.addItems(list(info.classes))
+        self.label_box.setCurrentIndex(min(self.state.y_u, len(info.classes) - 1))  # ȳ = y_u
         self.label_box.blockSignals(False)
+        n = min(SURVEY_SIZE, len(info.labels["test"]))
+        for key, p in self.survey_plots.items():
+            p.setTitle(self._survey_title(key, n))
         for p in self.run_plots.values():
             p.getAxis("bottom").setTicks([class_ticks(info.classes, width=5)])
 
