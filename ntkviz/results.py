@@ -92,16 +92,22 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
     return write_npz(path, arrays)
 
 
-def write_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Write named arrays atomically: ``.npz`` (all of them) or ``.csv`` (one section per array,
-    ``# name shape`` then its rows); None values are left out."""
+def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
+    """Write named arrays atomically: ``.npz`` (all of them, ``meta`` as JSON in
+    ``meta_json``) or ``.csv`` (``# meta.key: <JSON>`` lines, then one section per array, ``#
+    name shape`` then its rows); None values are left out."""
     path = Path(path)
     suffix = path.suffix.lower()
+    from ntkviz import __version__
+
     arrays = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+    meta = {"ntkviz_version": __version__, **(meta or {})}
     if suffix == ".npz":
-        return write_npz(path, arrays)
+        return write_npz(path, {**arrays, "meta_json": np.array(json.dumps(meta, allow_nan=False))})
     if suffix == ".csv":
         buf = io.StringIO()
+        for key, value in meta.items():
+            buf.write(f"# meta.{key}: {json.dumps(value, allow_nan=False)}\n")
         w = csv.writer(buf, lineterminator="\n")
         for name, a in arrays.items():
             w.writerow([f"# {name}", *a.shape])

@@ -2,6 +2,7 @@
 training, the squeezing lab, layers and spectrum, sessions."""
 
 import copy
+import json
 import os
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from gui_helpers import (
 )
 from PySide6.QtCore import QPointF
 
+import ntkviz
 from ntkviz.analysis import (
     balanced_indices,
     class_influence,
@@ -221,6 +223,13 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
             path = view.export(tmp_path / f"{name}{suffix}", width=400)
             assert path.stat().st_size > 0
     assert np.load(tmp_path / "sq.npz")["neg_probs"].shape == (4, 10)
+    meta = json.loads(str(np.load(tmp_path / "layers.npz")["meta_json"]))
+    assert meta["view"] == "layers" and meta["training_step"] == lay.step
+    assert meta["request"]["x_u"] == [r.x_u.split, r.x_u.index] and meta["request"]["lr"] == r.lr
+    assert meta["classes"] == [str(k) for k in range(10)] and meta["dataset"] == "mnist"
+    lines = (tmp_path / "layers.csv").read_text().splitlines()
+    assert json.loads(lines[0].removeprefix("# meta.ntkviz_version: ")) == ntkviz.__version__
+    assert f"# meta.model: {json.dumps(window.state.model.name)}" in lines
 
 
 def run_probe_jobs(qtbot, window, kernel_map: bool = False) -> None:

@@ -3,6 +3,7 @@ the menus and a part of the session."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 from PySide6.QtWidgets import QPushButton, QVBoxLayout, QWidget
 
 from ntkviz.app.controller import AppController
-from ntkviz.app.state import AppState
+from ntkviz.app.state import AppState, Example
 from ntkviz.gui.export import ask_save_path, export_graphics
 from ntkviz.gui.graphics import pg
 from ntkviz.gui.widgets import FlowLayout, JobControls
@@ -89,6 +90,26 @@ class FeatureView(QWidget):
         pass
 
 
+def plain(value):
+    """``value`` as JSON-ready values: a dataclass (a request) as a dict of its fields, an
+    ``Example`` as ``[split, index]``, numbers as Python numbers, anything else as text."""
+    if isinstance(value, Example):
+        return [value.split, value.index]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist()) if value.size <= 10_000 else f"array of shape {value.shape}"
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if np.isfinite(value) else str(value)
+    return str(value)
+
+
 class ProbeView(FeatureView):
     """A tab that runs one job of its feature (``name``) on request: a control row ending in
     the job's Run / Cancel / progress and an Export button, above a pyqtgraph layout
@@ -160,15 +181,29 @@ class ProbeView(FeatureView):
         """The shown numbers (for CSV/NPZ export)."""
         return {}
 
+    def export_meta(self) -> dict:
+        """What the exported numbers are of: the view, the request of the result shown (its
+        pair, η, sizes …), the model and its step, the data and its class names."""
+        s, m = self.state, self.state.model
+        meta = {"view": self.name, "dataset": s.dataset.name, "classes": list(s.dataset.classes)}
+        if m is not None:
+            meta.update(model=m.name, seed=m.config.seed, applied_steps=m.applied_steps)
+        meta["training_step"] = getattr(self.result, "step", m.step if m is not None else None)
+        request = getattr(self.result, "request", None)
+        if request is not None:
+            meta["request"] = plain(request)
+        return meta
+
     def export(self, path: str | Path, width: int = 1600) -> Path:
-        """Figure (.png, .svg) or numbers (.csv, .npz) by suffix; raises OSError/ValueError."""
+        """Figure (.png, .svg) or numbers (.csv, .npz, with :meth:`export_meta`) by suffix;
+        raises OSError/ValueError."""
         from ntkviz.results import write_arrays
 
         if Path(path).suffix.lower() in VIEW_DATA_FORMATS:
             data = self.data()
             if not data:
                 raise ValueError("nothing computed yet")
-            return write_arrays(path, data)
+            return write_arrays(path, data, self.export_meta())
         return export_graphics(self.graphics.ci, path, width)
 
     def _export_dialog(self) -> None:
