@@ -27,7 +27,6 @@ buffers, train/eval flags). Only parameters with ``requires_grad`` count.
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1336,7 +1335,8 @@ def _describe(chain: list) -> str:
 
 def pair_cost_seconds(model: nn.Module, x: Tensor, repeats: int = 3) -> float:
     """Measured wall time in seconds of one pair's kernel ``K(x[0], x[-1])`` on this machine
-    (the median of ``repeats`` calls after one warm-up call), on the model's device and path.
+    (the best of ``repeats`` calls after one warm-up call: other work only adds time), on the
+    model's device and path.
     ``x (N, ...)``: one or two examples the model takes. The model is left unchanged."""
     x = _as_batch(model, x, "x")
     pair = (x[:1], x[-1:])
@@ -1348,4 +1348,4 @@ def pair_cost_seconds(model: nn.Module, x: Tensor, repeats: int = 3) -> float:
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)

@@ -610,3 +610,23 @@ def test_trajectory_end_labels_share_one_label_where_lines_end_together(qtbot):
     plot.set_trajectory(probs, probs, 3)
     shown = {label.toPlainText() for label in plot.end_labels if label.isVisible()}
     assert shown == {"d", "h", "a +7"}  # eight lines end at π = 0.001
+
+
+def test_the_status_bar_gives_the_kernel_path_and_a_measured_pair_cost(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    label = window.status_labels["path"]
+    qtbot.waitUntil(lambda: label.text().endswith(" ms a pair"), timeout=TIMEOUT)
+    assert label.text().startswith("structured path · ") and window._path_of == 1
+    assert 0 < float(label.text().split(" · ")[1].split(" ms")[0]) < 1000
+    assert label.toolTip().startswith("structured kernel path: a chain of known layers")
+
+
+def test_the_training_dock_chooses_the_optimizer(qtbot, settings, mnist):
+    window = open_window(qtbot, settings, mnist)
+    training = window.views["training"]
+    assert training.optimizer.currentData() == "sgd" and training.momentum.isEnabled()
+    training.optimizer.setCurrentIndex(training.optimizer.findData("adamw"))
+    assert not training.momentum.isEnabled() and training.config().optimizer == "adamw"
+    train_batches(qtbot, window, 1)
+    assert window.state.model.optimizer.startswith("AdamW, β = (0.9, 0.999)")
+    assert window.state.model.config.optimizer == "adamw"

@@ -156,9 +156,9 @@ def test_continue_carries_the_watch_on_unless_the_model_was_stepped_by_hand(qtbo
 def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):
     train_batches(qtbot, window, 2)  # momentum has a state now
     pair = window.views["pair"]
+    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer, at first with its η
+    assert window.state.step_kind == "optimizer" and window.state.lr == SMALL.lr
     window.state.lr = 0.1
-    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer
-    assert window.state.step_kind == "optimizer"
     wait_current(qtbot, window)
     dec = pair.last_result.decomposition
     model, opt, _, _ = core_run(mnist, [window.state.x_o], steps=2)

@@ -33,8 +33,8 @@ class Event:
     ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
     "run_started" (:class:`RunStarted`), "message" (status text), "error"
     (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved" and
-    "checkpoint_saved" (the path), "state_dict" (name -> numpy array), and the events of the
-    engine's run observers (e.g. "watch_steps")."""
+    "checkpoint_saved" (the path), "state_dict" (name -> numpy array), "kernel_path"
+    (:class:`KernelPath`), and the events of the engine's run observers (e.g. "watch_steps")."""
 
     topic: str
     payload: object = None
@@ -99,8 +99,17 @@ class ModelInfo:
     applied_steps: int = 0
     number: int = 0
     optimizer: str = ""  #: what "this run's optimizer" steps with (its settings and state)
-    kernel_path: str = ""  #: which kernel algorithm the model takes, and why
-    pair_cost: float = float("nan")  #: seconds one pair's kernel takes here (measured)
+    run_lr: float = float("nan")  #: the run's η (its config's; the cosine schedule lowers it)
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """Model ``number``'s kernel algorithm (``description``: which path, and why) and one pair's
+    measured cost ``pair_cost`` (s), measured once the engine is idle after a model change."""
+
+    number: int
+    description: str
+    pair_cost: float
 
 
 @dataclass(frozen=True)

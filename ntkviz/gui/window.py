@@ -97,6 +97,7 @@ class MainWindow(QMainWindow):
             ("step", "step: 0"), ("state", "loading…"))}  # fmt: skip
         for label in self.status_labels.values():
             self.statusBar().addPermanentWidget(label)
+        self._path_of = -1  # the model number whose kernel path the status bar shows
         self.statusBar().showMessage("Loading PyTorch and the dataset…")
         self.error_raised.connect(self.show_error)  # queued when emitted off the GUI thread
         for event_filter in (StepKeys(self), WheelScrolls(self)):
@@ -105,6 +106,7 @@ class MainWindow(QMainWindow):
         s.events.model.connect(self._on_model)
         s.events.run_state.connect(lambda state: self.status_labels["state"].setText(state))
         self.controller.on("records", self._on_records)
+        self.controller.on("kernel_path", self._on_kernel_path)
         self.controller.on("message", lambda event: self._status(event.payload, 5000))
         self._enable_model_actions(False)
 
@@ -292,17 +294,25 @@ class MainWindow(QMainWindow):
                 self.controller.save_session(path)
         return False
 
+    def _on_kernel_path(self, event) -> None:
+        """The kernel path and one pair's cost of the model now held (earlier models' dropped)."""
+        k, info = event.payload, self.state.model
+        if info is None or k.number != info.number:
+            return
+        self._path_of = k.number
+        label = self.status_labels["path"]
+        label.setText(f"{k.description.split(' ')[0]} path · {1000 * k.pair_cost:.3g} ms a pair")
+        label.setToolTip(f"{k.description}; one pair's K measured at {k.pair_cost:.3g} s")
+
     def _on_model(self, info) -> None:
         if info is None:
             return
         first = not self.menu_actions["&Save checkpoint…"].isEnabled()
         self.status_labels["device"].setText(f"device: {info.device}")
         self.status_labels["params"].setText(f"parameters: {info.num_parameters:,}")
-        path = self.status_labels["path"]
-        path.setText(
-            f"{info.kernel_path.split(' ')[0]} path · {1000 * info.pair_cost:.3g} ms a pair"
-        )
-        path.setToolTip(f"{info.kernel_path}; one pair's K measured at {info.pair_cost:.3g} s")
+        if info.number != self._path_of:
+            self.status_labels["path"].setText("kernel path: measuring…")
+            self.status_labels["path"].setToolTip("")
         self.status_labels["step"].setText(f"step: {info.step}")
         self._enable_model_actions(True)
         if first:

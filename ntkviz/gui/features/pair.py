@@ -163,9 +163,7 @@ class PairView(FeatureView):
         sp.reset_button.clicked.connect(c.reset_steps)
         self.state.events.lr.connect(sp.show_lr)
         self.state.events.dataset.connect(self._on_dataset)
-        sp.step_box.currentIndexChanged.connect(
-            lambda i: setattr(self.state, "step_kind", sp.step_box.itemData(i))
-        )
+        sp.step_box.currentIndexChanged.connect(self._step_kind_chosen)
         self.state.events.step_kind.connect(self._show_step_kind)
         self.state.events.model.connect(self._show_step_kind)
         self.state.events.model.connect(lambda info: sp.setEnabled(info is not None))
@@ -177,6 +175,13 @@ class PairView(FeatureView):
         self.decomposition_view.classes = tuple(info.classes)
         self.step_panel.preview.classes = tuple(info.classes)
         self.step_panel.trajectory.classes = tuple(info.classes)
+
+    def _step_kind_chosen(self, i: int) -> None:
+        """The user's choice of step; the run's optimizer steps with the run's η at first."""
+        kind, info = self.step_panel.step_box.itemData(i), self.state.model
+        self.state.step_kind = kind
+        if kind == "optimizer" and info is not None and math.isfinite(info.run_lr):
+            self.state.lr = info.run_lr
 
     def _show_step_kind(self, *args) -> None:
         box, info = self.step_panel.step_box, self.state.model

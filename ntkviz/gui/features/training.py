@@ -30,6 +30,14 @@ NO_CUDA = (
 )
 
 
+#: The optimizers a run can take: (TrainConfig.optimizer, shown name, tooltip).
+OPTIMIZERS = (
+    ("sgd", "SGD", "torch.optim.SGD with the momentum and weight decay below"),
+    ("adam", "Adam", "torch.optim.Adam (β = (0.9, 0.999), ε = 1e-8); weight decay as L2"),
+    ("adamw", "AdamW", "torch.optim.AdamW (β = (0.9, 0.999), ε = 1e-8); decoupled weight decay"),
+)
+
+
 class TrainingView(FeatureView):
     """Settings, Start / Pause / Resume / Stop / One batch, progress and curves."""
 
@@ -46,7 +54,14 @@ class TrainingView(FeatureView):
         self.train_size.setSpecialValueText("all")
         self.train_size.setToolTip("examples drawn (seeded) from the training split; 0 = all")
         self.lr = double_spin(1e-6, 1000, 5, 0.01)
+        self.optimizer = QComboBox()
+        for key, text, tip in OPTIMIZERS:
+            self.optimizer.addItem(text, key)
+            self.optimizer.setItemData(self.optimizer.count() - 1, tip, Qt.ToolTipRole)
         self.momentum = double_spin(0, 0.999, 3, 0.05)
+        self.optimizer.currentIndexChanged.connect(
+            lambda: self.momentum.setEnabled(self.optimizer.currentData() == "sgd")
+        )
         self.weight_decay = double_spin(0, 1, 6, 1e-4)
         self.batch_size = QSpinBox()
         self.batch_size.setRange(1, 4096)
@@ -61,7 +76,8 @@ class TrainingView(FeatureView):
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         for label, widget in (
             ("Model", self.model_box), ("Training set", self.train_size),
-            ("Learning rate", self.lr), ("Momentum", self.momentum),
+            ("Learning rate", self.lr), ("Optimizer", self.optimizer),
+            ("Momentum", self.momentum),
             ("Weight decay", self.weight_decay), ("Batch size", self.batch_size),
             ("Epochs", self.epochs), ("Seed", self.seed), ("Device", self.device),
         ):  # fmt: skip
@@ -180,6 +196,7 @@ class TrainingView(FeatureView):
         self.model_box.setCurrentIndex(max(self.model_box.findData(c.model), 0))
         self.train_size.setValue(c.train_size or 0)
         self.lr.setValue(c.lr)
+        self.optimizer.setCurrentIndex(max(self.optimizer.findData(c.optimizer), 0))
         self.momentum.setValue(c.momentum)
         self.weight_decay.setValue(c.weight_decay)
         self.batch_size.setValue(c.batch_size)
@@ -196,6 +213,7 @@ class TrainingView(FeatureView):
             model=self.model_box.currentData() or base.model,
             train_size=self.train_size.value() or None,
             lr=self.lr.value(),
+            optimizer=self.optimizer.currentData(),
             momentum=self.momentum.value(),
             weight_decay=self.weight_decay.value(),
             batch_size=self.batch_size.value(),
