@@ -60,7 +60,7 @@ import math
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -217,7 +217,9 @@ def _normalized(chw: torch.Tensor, mean, std) -> torch.Tensor:
 @dataclass(frozen=True)
 class ImageDataset:
     """A train/test pair of splits with its per-channel normalisation (``mean``, ``std``: tuples
-    of C floats), class names and the directory it was read from (None for in-memory data)."""
+    of C floats), class names and the directory it was read from (None for in-memory data);
+    ``source``: what :func:`load_dataset` takes to read it again (a dataset name, with ``root``,
+    or a folder), None for in-memory data."""
 
     name: str
     train: Split
@@ -226,6 +228,7 @@ class ImageDataset:
     std: tuple[float, ...]
     classes: tuple[str, ...]
     root: Path | None
+    source: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -591,7 +594,9 @@ def load_dataset(
         "loaded %s from %s: %d training and %d test images",
         spec.cls_name, where, len(splits["train"]), len(splits["test"]),
     )  # fmt: skip
-    return ImageDataset(key, splits["train"], splits["test"], spec.mean, spec.std, classes, root)
+    return ImageDataset(
+        key, splits["train"], splits["test"], spec.mean, spec.std, classes, root, source=key
+    )
 
 
 # --------------------------------------------------------------------------- images in memory
@@ -727,7 +732,8 @@ def load_image_folder(directory: str | Path) -> ImageDataset:
         raise DatasetError(
             f"{directory} has {len(classes)} class folder(s); a classifier needs at least 2"
         )
-    data = _pixel_dataset(directory.name, train, test, classes, directory)
+    data = replace(_pixel_dataset(directory.name, train, test, classes, directory),
+                   source=str(directory.resolve()))  # fmt: skip
     log.info(
         "loaded %s: %d training and %d test images of shape %s, %d classes",
         directory, len(data.train), len(data.test), data.input_shape, data.num_classes,

@@ -54,7 +54,8 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise FileWriteError(f"cannot write {path}: directory {directory} does not exist")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise FileWriteError(f"cannot write {path}: {directory} {what}")
     if path.is_dir():
         raise FileWriteError(f"cannot write {path}: it is a directory")
     try:

@@ -69,7 +69,10 @@ class Session:
     ``kernel_maps``: ``[(training step, (C, C) array)]``;
     ``input_shape``: ``(C, H, W)`` of the data; ``custom``: the model is the user's own
     (``model_name`` then names it, e.g. by its factory spec); ``num_classes``: V, the model's
-    outputs (None: the length of the state dict's last bias vector, right for registry models).
+    outputs (None: the length of the state dict's last bias vector, right for registry models);
+    ``dataset``: the data it was made on, ``{"name", "source", "root"}`` (strings or None;
+    ``source`` and ``root`` as :func:`~ntkviz.data.load_dataset` takes them, ``source`` None for
+    data given from Python); empty in sessions of older versions.
     """
 
     model_name: str
@@ -83,6 +86,7 @@ class Session:
     input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE
     custom: bool = False
     num_classes: int | None = None
+    dataset: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> int:
@@ -129,10 +133,21 @@ def save_session(path: str | Path, session: Session) -> Path:
         "selection": dict(session.selection),
         "history": [dict(h) for h in session.history],
         "kernel_maps": [(int(s), torch.from_numpy(np.array(m))) for s, m in session.kernel_maps],
+        "dataset": _dataset_source(session.dataset),
     }
     plain_values(payload["selection"], "selection")
     plain_values(payload["history"], "history", tensors=True)
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _dataset_source(value) -> dict:
+    """A session's ``dataset`` entry checked: a dict of "name", "source" and "root", each a
+    string or None (ValueError otherwise)."""
+    if not isinstance(value, dict) or not set(value) <= {"name", "source", "root"}:
+        raise ValueError(f"dataset must be a dict of name, source and root, got {value!r}")
+    if any(v is not None and not isinstance(v, str) for v in value.values()):
+        raise ValueError(f"dataset entries must be strings or None, got {value!r}")
+    return dict(value)
 
 
 def _choice(value, name: str, choices: tuple[str, ...]) -> str:
@@ -246,6 +261,7 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
             input_shape=shape,
             custom=custom,
             num_classes=num_classes,
+            dataset=_dataset_source(payload.get("dataset", {})),
         )
     except ValueError as e:
         raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None

@@ -88,8 +88,10 @@ def test_a_directory_or_a_file_in_the_way_is_refused(tmp_path):
     with pytest.raises(FileWriteError, match="is a directory"):
         atomic_write(tmp_path / "d", lambda tmp: None)
     (tmp_path / "f").write_text("")
-    with pytest.raises(FileWriteError, match="does not exist"):
+    with pytest.raises(FileWriteError, match=r"f is a file, not a directory"):
         atomic_write(tmp_path / "f" / "x.json", lambda tmp: None)
+    with pytest.raises(FileWriteError, match=r"nowhere does not exist"):
+        atomic_write(tmp_path / "nowhere" / "x.json", lambda tmp: None)
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["d", "f"])
 
 

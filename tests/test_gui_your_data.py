@@ -193,6 +193,44 @@ def test_open_dataset_builds_the_model_box_kind_and_says_how_to_leave_your_model
     assert window.state.model.config.model == "lenet"
 
 
+def test_a_session_reopens_the_folder_it_was_made_on(show_window, qtbot, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 6), ("test", 3)):
+        for name in ("cat", "dog"):
+            (tmp_path / "pets" / split / name).mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "pets" / split / name / f"{k}.png")
+    window = show_window(None, None)
+    wait_event(
+        qtbot, window, "model", lambda: window.controller.open_dataset(str(tmp_path / "pets"))
+    )
+    wait_current(qtbot, window)
+    train_batches(qtbot, window, 1)
+    path = tmp_path / "pets.ntks"
+    wait_event(qtbot, window, "session_saved", lambda: window.controller.save_session(str(path)))
+    saved = model_state(qtbot, window)
+    other = show_window(None, None)  # on MNIST
+    wait_event(qtbot, other, "session_opened", lambda: other.controller.open_session(str(path)))
+    wait_current(qtbot, other)
+    assert other.state.dataset.classes == ("cat", "dog") and other.state.dataset.name == "pets"
+    for k, v in model_state(qtbot, other).items():
+        assert torch.equal(v, saved[k]), k
+    # its folder gone: on data the model does not fit, a message that names the folder
+    shutil.rmtree(tmp_path / "pets")
+    third = show_window(None, None)
+    error = wait_event(
+        qtbot, third, "error", lambda: third.controller.open_session(str(path))
+    ).payload
+    assert error.title == "Session not readable"
+    assert f"was made on pets ({tmp_path / 'pets'}), which cannot be read here" in error.message
+    assert third.state.dataset.name == "mnist"
+
+
 def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path):
     from PIL import Image
 

@@ -690,16 +690,40 @@ class Engine:
             return None
         return self._fresh_model(replace(self.config, model=self.user_model.label))
 
-    def _check_fits(self, input_shape, num_classes: int, what: str) -> None:
-        """Refuse a model built for other images or another number of classes than the data's."""
-        d = self.data
-        if tuple(input_shape) != tuple(d.input_shape) or num_classes != d.num_classes:
+    def _check_fits(
+        self, input_shape, num_classes: int, what: str, data=None, error=CheckpointError
+    ) -> None:
+        """Refuse a model built for other images or another number of classes than the data's
+        (``data``, default the engine's), with an ``error``."""
+        d = data or self.data
+        if not self._fits(input_shape, num_classes, d):
             have = "×".join(map(str, input_shape))
             want = "×".join(map(str, d.input_shape))
-            raise CheckpointError(
+            raise error(
                 f"{what} for {have} images and {num_classes} classes; {d.name}'s images are "
                 f"{want} with {d.num_classes} classes (File ▸ Open dataset… first)"
             )
+
+    @staticmethod
+    def _fits(input_shape, num_classes: int, data) -> bool:
+        return tuple(input_shape) == tuple(data.input_shape) and num_classes == data.num_classes
+
+    def _session_data(self, session: Session, path: str) -> tuple[ImageDataset, str]:
+        """The data ``session`` was made on: the engine's when it is that data (or the session
+        names none it can read again), else that data read again; with a note for the user when
+        the session's data could not be read but the current data fits."""
+        want, d = session.dataset, self.data
+        source = want.get("source")
+        if not source or (want.get("name"), source) == (d.name, d.source):
+            return d, ""
+        try:
+            return load_dataset(source, want.get("root")), ""
+        except NtkvizError as e:
+            if self._fits(session.input_shape, session.classes, d):
+                return d, f"; its data ({source}) could not be read again, so it is on {d.name}"
+            raise SessionError(
+                f"{path} was made on {want.get('name')} ({source}), which cannot be read here: {e}"
+            ) from None
 
     def save_session(self, path: str, parts: dict) -> None:
         """Write weights, config, the undo stack and the features' ``parts`` (plain values) to
@@ -724,7 +748,11 @@ class Engine:
             input_shape=self.data.input_shape,
             custom=self._user_model_current,
             num_classes=self.data.num_classes,
-        )
+            dataset={
+                "name": self.data.name, "source": self.data.source,
+                "root": None if self.data.root is None else str(self.data.root),
+            },
+        )  # fmt: skip
         save_session(path, session)
         self.emit(Event("session_saved", str(path)))
         self.message(f"saved session {path}")
@@ -737,8 +765,11 @@ class Engine:
             template = None
         session = load_session(path, template)
         V = session.classes
+        data, note = self._session_data(session, path)
         if not session.custom:
-            self._check_fits(session.input_shape, V, f"{path} holds a model")
+            self._check_fits(
+                session.input_shape, V, f"{path} holds a model", data, error=SessionError
+            )
         model = session.build_model(template)
         from ntkviz.app.features.pair import PairRequest, example_from
 
@@ -753,8 +784,8 @@ class Engine:
             watched = parts.get("watch_ranking", {}).get("watched", [])
             examples += [example_from(w, f"watched example {k}") for k, w in enumerate(watched)]
             for example in examples:
-                if example.index >= len(self.data.split(example.split).y):
-                    raise ValueError(f"{example} is not an example of {self.data.name}")
+                if example.index >= len(data.split(example.split).y):
+                    raise ValueError(f"{example} is not an example of {data.name}")
         except (ValueError, AttributeError) as e:
             raise SessionError(f"{path}: its selection is damaged: {e}") from None
         for k, h in enumerate(session.history):
@@ -775,6 +806,9 @@ class Engine:
         config = session.config
         if session.custom:
             config = replace(config, model=self.user_model.label)
+        if data is not self.data:
+            self.data = data
+            self._emit_dataset()
         self._set_model(model, config, str(path), session.step, emit=False)
         self.undo_stack = [
             Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack
@@ -783,7 +817,7 @@ class Engine:
         self.emit_model()
         self.emit(Event("session_opened", SessionOpened(str(path), parts)))
         self._run_state("ready")
-        self.message(f"opened session {path}")
+        self.message(f"opened session {path}{note}")
 
     def shutdown(self) -> None:
         """Stop everything (the caller then ends the engine's thread)."""

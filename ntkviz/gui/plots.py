@@ -326,11 +326,11 @@ class HeatmapView(pg.PlotItem):
         rows, cols, classes = self._layout
         width, height = self.size().width(), self.size().height()
         named = cols > 1 and width >= self.NAMED_WIDTH
-        # a column label needs about 14 px, a row label 12: fewer labels (every k-th index) on a
+        # a column label needs about 14 px, a row label 14: fewer labels (every k-th index) on a
         # small matrix, rather than labels drawn over each other
         cells = width - 80  # less the left axis and the colour bar
         columns = max(2, min(5 if cols > NAMED_CLASSES else 10, int(cells // 14)))
-        room = max(2, min(10 if rows > NAMED_CLASSES else 20, int((height - 40) // 12)))
+        room = max(2, min(10 if rows > NAMED_CLASSES else 20, int((height - 40) // 14)))
         # a column name (elided to 4 characters) needs about 7 px a character
         longest = min(4, max((len(str(c)) for c in classes[:cols]), default=1))
         names_fit = cols <= columns and cells >= cols * (7 * longest + 6)

@@ -61,12 +61,15 @@ class SqueezeView(ProbeView):
             self.run_plots[key], self.curves[key] = p, (before, after)
             self.marks[key] = []
         self.sweep_plot = self.graphics.addPlot(
-            1, 2, title="squeezed mass against η: π gain of the<br>top other class after one "
-            "negative step",
+            1, 2, title="squeezed mass against η (one negative step)"
         )  # fmt: skip
+        for col, plot in enumerate((*self.run_plots.values(), self.sweep_plot)):
+            plot.setPreferredWidth(100)  # the columns share the width evenly
+            self.graphics.ci.layout.setColumnStretchFactor(col, 1)
         wrap_title(self.sweep_plot)
         self.sweep_plot.setLogMode(x=True, y=False)
         self.sweep_plot.setLabel("bottom", "η")
+        self.sweep_plot.setLabel("left", "π gain of the top other class")
         self.sweep_plot.getAxis("bottom").enableAutoSIPrefix(False)
         self.sweep_curve = self.sweep_plot.plot(
             pen=pg.mkPen("#9467bd", width=2), symbol="o", symbolSize=7, symbolBrush="#9467bd"
@@ -166,7 +169,9 @@ class SqueezeView(ProbeView):
                  "#2ca02c"),
             ):  # fmt: skip
                 y = max(run.probs[0, cls], run.probs[-1, cls])
-                label = pg.TextItem(text, color=color, anchor=(0.5, 1.0))
+                # centred over its class; towards the middle at the edges (else cut off there)
+                side = 0.0 if cls < 2 else 1.0 if cls >= len(c) - 2 else 0.5
+                label = pg.TextItem(text, color=color, anchor=(side, 1.0))
                 label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
                 p.addItem(label)
                 self.marks[key].append(label)

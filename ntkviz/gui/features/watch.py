@@ -84,7 +84,7 @@ class WatchView(ProbeView):
         self.caption = let_wrap(g.addLabel(NOT_WATCHING, 0, 0, 1, 4))
         self.timeline = g.addPlot(1, 0, 1, 3)
         self.timeline.setLabel("bottom", "training step")
-        self.timeline.setLabel("left", "Δlog π(class) since the watch began (nats)")
+        self.timeline.setLabel("left", "Δlog π(class) (nats)")
         self.legend = pg.LegendItem(labelTextSize="8pt")  # beside the plot: it covers nothing
         g.addItem(self.legend, 1, 3)
         self.timeline.setMenuEnabled(False)
@@ -273,9 +273,10 @@ class WatchView(ProbeView):
         self._set_curves(steps, series)
         e = self.run_examples[w]
         self.caption.setText(
-            f"x<sub>o</sub> = {e} (label {c[self.state.label(e)]}): log π of its class went "
+            f"x<sub>o</sub> = {e} (label {elide(c[self.state.label(e)], 20)}): log π of its class went "
             f"{t['log_prob'][0, w]:.3g} → {t['log_prob'][-1, w] + t['actual'][-1, w]:.3g} in "
-            f"{len(steps)} steps<br>the terms of every step, added up, sum to the actual change; "
+            f"{len(steps)} steps<br>the terms of every step since the watch began, added up, sum "
+            "to the actual change; "
             "click a step for its batch",
             size="10pt",
         )
