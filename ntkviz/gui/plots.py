@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PySide6.QtCore import QRectF, Qt, QTimer
+from PySide6.QtCore import QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
@@ -759,6 +759,8 @@ class TrainingCurves(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.loss_plot, 3)
         lay.addWidget(self.acc_plot, 2)
+        self.loss_plot.setMinimumHeight(120)
+        self.acc_plot.setMinimumHeight(90)
         # Records arrive many times a second; redrawing the curves each time costs the main
         # thread tens of ms a repaint. Redraw at most every REDRAW_MS instead (flush() forces it).
         self._redraw_timer = QTimer(self)
@@ -767,6 +769,11 @@ class TrainingCurves(QWidget):
         self._redraw_timer.timeout.connect(self._redraw)
         curves.changed.connect(self._changed)
         self._redraw()
+
+    def sizeHint(self) -> QSize:
+        """Modest: the dock's scroll area sizes its content by preferred heights (its labels wrap),
+        and pyqtgraph's plots prefer 960 px between them; the curves take the height left."""
+        return QSize(240, 300)
 
     def _changed(self) -> None:
         if not self.model.steps:  # cleared: show it at once
