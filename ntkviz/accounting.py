@@ -1251,6 +1251,9 @@ def account_step(
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if lr is not None:
         lr = _check_lr(lr)
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        if params and lr > torch.finfo(params[0].dtype).max:
+            raise ValueError(f"lr = {lr:g} overflows the parameters' {params[0].dtype}")
     _check_optimizer(model, optimizer)
     snapshot = None if commit else optimizer_snapshot(model, optimizer)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
@@ -1269,11 +1272,17 @@ def account_step(
             finally:
                 for m, flag in flags:
                     m.training = flag
+            old_lrs = [group["lr"] for group in optimizer.param_groups]
             if lr is not None:  # once the forward has worked: a failing call leaves lr alone
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             ce = F.cross_entropy(logits, y)
-            return step.step(ce if loss == "ce" else -ce, y)
+            try:
+                return step.step(ce if loss == "ce" else -ce, y)
+            except BaseException:
+                for group, old in zip(optimizer.param_groups, old_lrs):
+                    group["lr"] = old
+                raise
     finally:
         if snapshot is not None:
             snapshot.restore(model, optimizer)

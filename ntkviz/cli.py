@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -661,9 +662,12 @@ def cmd_gui(argv: list[str]) -> int:
     thread has stopped and every file is written; what is left is Python's teardown of PyTorch
     (1–2 s of unloading its libraries), which the user need not wait for."""
     try:
-        from ntkviz.gui.app import run
+        from ntkviz.gui.app import no_display, run
     except ImportError as e:
         print(f"ntkviz: the desktop app is not available ({e})", file=sys.stderr)
+        return 1
+    if why := no_display():  # Qt would abort the process
+        print(f"ntkviz: the desktop app cannot start: {why}", file=sys.stderr)
         return 1
     code = run(argv)
     import logging
@@ -698,4 +702,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, or a model that fails in a way no check foresaw
+        if os.environ.get("NTKVIZ_DEBUG"):
+            raise
+        print(
+            f"ntkviz {args.command}: unexpected error: {type(e).__name__}: {e} "
+            "(NTKVIZ_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -322,16 +322,23 @@ def _damage(path: Path, size: int, digest: str) -> str | None:
     return None
 
 
-def _prepare_shipped_mnist(root: Path, source: Path) -> None:
+def _prepare_shipped_mnist(root: Path, source: Path, repair: bool = True) -> None:
     """Make ``root/MNIST/raw`` hold the four original MNIST files: check each one and extract it
-    from the shipped copies in ``source`` when it is missing or damaged (atomically per file).
-    Raises :class:`DatasetError` naming the file when a damaged file cannot be repaired."""
+    from the shipped copies in ``source`` when it is missing, or damaged and ``repair`` (ntkviz's
+    own cache; in a directory of the user's a damaged file is theirs to replace, not ours)
+    (atomically per file). Raises :class:`DatasetError` naming the file when a damaged file is
+    not repaired."""
     raw = root / "MNIST" / "raw"
     for name, (size, digest) in MNIST_FILES.items():
         target = raw / name
         damage = _damage(target, size, digest)
         if damage is None:
             continue
+        if damage != "missing" and not repair:
+            raise DatasetError(
+                f"MNIST: {target} is not the original file ({damage}); ntkviz does not overwrite "
+                "files in a directory you chose: replace or delete it, or use another directory"
+            )
         gz_path = source / f"{name}.gz"
         if not gz_path.is_file():
             if damage == "missing":
@@ -578,9 +585,10 @@ def load_dataset(
         return load_image_folder(where)
     key = where
     spec = DATASETS[key]
+    cache = root is None
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
     if key == "mnist":
-        _prepare_shipped_mnist(root, SHIPPED_MNIST)
+        _prepare_shipped_mnist(root, SHIPPED_MNIST, repair=cache)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -196,7 +196,8 @@ def check_model(
     gradients; the model is left unchanged) and raise one :class:`ModelError` naming the model
     (``name``, default its class), the data shape and what went wrong: no trainable parameters,
     the model raises on the batch (e.g. a wrong input shape), the output is not logits ``(N, V)``,
-    V differs from ``num_classes``, or the logits are not finite. Returns V."""
+    V differs from ``num_classes``, the logits are not finite floating-point numbers, or they do
+    not depend on the parameters (detached). Returns V."""
     label = f"{name!r} ({type(model).__name__})" if name else type(model).__name__
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {label} is not a torch.nn.Module")
@@ -228,6 +229,16 @@ def check_model(
         )
     if z.shape[1] < 2:
         raise ModelError(f"model {label} returns {z.shape[1]} logit per example; need ≥ 2 classes")
+    if not z.is_floating_point():
+        raise ModelError(
+            f"model {label} returns {z.dtype} logits on {data}; logits must be floating point"
+        )
     if not torch.isfinite(z).all():
         raise ModelError(f"model {label} returns non-finite logits (NaN or ±inf) on {data}")
+    with eval_mode(model), torch.enable_grad():
+        if not model(x[:1]).requires_grad:
+            raise ModelError(
+                f"model {label} returns logits that do not depend on its trainable parameters "
+                f"(detached, or computed without autograd) on {data}: they have no kernel"
+            )
     return int(z.shape[1])

@@ -592,6 +592,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="same shape"):  # fails before its step: lr untouched
         account_step(model, sgd, X[:, :, :20], Y, XW, lr=0.7)
     assert sgd.param_groups[0]["lr"] == 0.1
+    m32 = make("tiny_cnn").float()
+    opt32 = torch.optim.SGD(m32.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"lr = 1e\+39 overflows the parameters' torch.float32"):
+        account_step(m32, opt32, X.float(), Y, XW.float(), lr=1e39)
+    assert opt32.param_groups[0]["lr"] == 0.1 and not opt32.state
 
 
 @pytest.mark.parametrize("lr", [np.float32(0.05), np.int64(0), torch.tensor(0.05)])

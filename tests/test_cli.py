@@ -366,6 +366,11 @@ def test_registry_models_are_built_for_the_datas_shape(image_folder, tmp_path, c
         (["demo", "--dataset", "emnist", "--data-dir", "EMPTY"], 1, "EMNIST letters: dataset "
          "files not found in EMPTY/EMNIST/raw: emnist-letters-train-images-idx3-ubyte"),
         (["train", "--dataset", "ODD"], 1, "all images must have one size"),
+        (["decompose", "--model", f"{USER_MODELS}:int_logits", "--xu", "0", "--xo", "1"], 1,
+         "returns torch.int64 logits on a batch of shape (2, 1, 28, 28) (examples (1, 28, 28)); "
+         "logits must be floating point"),
+        (["decompose", "--model", f"{USER_MODELS}:detached", "--xu", "0", "--xo", "1"], 1,
+         "returns logits that do not depend on its trainable parameters"),
     ],
 )  # fmt: skip
 def test_bad_data_and_models_exit_with_one_line(
@@ -447,3 +452,25 @@ def test_more_bad_arguments_exit_2_before_any_work(args, message, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "same.npz").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_no_display_and_unexpected_errors_give_one_line(monkeypatch, capsys):
+    import ntkviz.cli as cli
+
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert main([]) == 1  # Qt would abort the process with its own five lines
+    err = capsys.readouterr().err
+    assert err.startswith("ntkviz: the desktop app cannot start: no display") and "xvfb-run" in err
+
+    def broken(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_decompose", broken)
+    assert main(["decompose", "--model", "lenet", "--xu", "0", "--xo", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "ntkviz decompose: unexpected error: ZeroDivisionError: a bug (NTKVIZ_DEBUG=1 shows the "
+        "traceback)"
+    )

@@ -36,10 +36,12 @@ def test_seeded_subset_is_reproducible_and_distinct():
 
 
 @pytest.fixture
-def cache(mnist, tmp_path):
-    """A copy of the verified MNIST cache that a test may damage: its raw directory."""
-    raw = tmp_path / "MNIST" / "raw"
+def cache(mnist, tmp_path, monkeypatch):
+    """A copy of the verified MNIST cache, ntkviz's cache for the test (``$NTKVIZ_CACHE``), that
+    a test may damage: its raw directory."""
+    raw = tmp_path / "datasets" / "MNIST" / "raw"
     shutil.copytree(mnist.root / "MNIST" / "raw", raw)
+    monkeypatch.setenv("NTKVIZ_CACHE", str(tmp_path))
     return raw
 
 
@@ -57,7 +59,7 @@ def damage(raw):
 def test_a_damaged_cache_is_repaired_from_the_shipped_copies(cache, caplog):
     damage(cache)
     with caplog.at_level("WARNING", logger="ntkviz.data"):
-        data = load_dataset("mnist", root=cache.parent.parent)
+        data = load_dataset("mnist")
     assert data.test.y.bincount().tolist()[:3] == [980, 1135, 1032]
     assert data.train.y.bincount().tolist()[:3] == [5923, 6742, 5958]
     assert len(data.test) == 10000
@@ -74,13 +76,26 @@ def test_without_shipped_copies_a_damaged_file_is_named(cache, tmp_path, monkeyp
         f.seek(8)
         f.write(bytes([255]))
     with pytest.raises(DatasetError, match="sha256 mismatch") as info:
-        load_dataset("mnist", root=cache.parent.parent)
+        load_dataset("mnist")
     assert str(cache / "t10k-labels-idx1-ubyte") in str(info.value)
     target = cache / "t10k-images-idx3-ubyte"
     target.write_bytes(target.read_bytes()[:100000])
     with pytest.raises(DatasetError, match="100,000 bytes instead of 7,840,016") as info:
-        load_dataset("mnist", root=cache.parent.parent)
+        load_dataset("mnist")
     assert str(target) in str(info.value)
+
+
+def test_a_damaged_file_in_a_directory_of_the_users_is_named_not_replaced(cache):
+    """--data-dir / root=: the user's files; a missing one is extracted, a changed one refused."""
+    mine = cache.parent.parent.parent / "mine"
+    shutil.copytree(cache, mine / "MNIST" / "raw")
+    (mine / "MNIST" / "raw" / "t10k-images-idx3-ubyte").unlink()
+    target = mine / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    target.write_bytes(target.read_bytes()[:-1] + b"\x07")
+    edited = target.read_bytes()
+    with pytest.raises(DatasetError, match="ntkviz does not overwrite files in a directory you"):
+        load_dataset("mnist", root=mine)
+    assert target.read_bytes() == edited
 
 
 def write_idx(path, array: np.ndarray) -> None:

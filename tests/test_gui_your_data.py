@@ -312,3 +312,12 @@ def test_the_dataset_dialog_gives_a_name_with_its_directory_or_a_folder(qtbot):
     assert dialog.values() == ("kmnist", "/data/sets", True)
     dialog.source.setCurrentText(IMAGE_FOLDER)
     assert not dialog.download.isEnabled() and dialog.values() == ("/data/sets", None, False)
+
+
+def test_show_refuses_what_is_not_a_model_or_a_config():
+    from ntkviz import show
+
+    with pytest.raises(TypeError, match=r"config must be a ntkviz\.TrainConfig, got int"):
+        show(None, None, config=5, block=False)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        show("lenet", None, block=False)

@@ -39,6 +39,26 @@ def five_classes() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 5))
 
 
+class _Rounded(nn.Module):
+    """Integer logits (argmax of a linear layer's output, one-hot): no kernel to take."""
+
+    def __init__(self, detach: bool):
+        super().__init__()
+        self.fc, self.detach = nn.Linear(784, 10), detach
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        return z.detach() if self.detach else z.round().long()
+
+
+def int_logits() -> nn.Module:
+    return _Rounded(detach=False)
+
+
+def detached() -> nn.Module:
+    return _Rounded(detach=True)
+
+
 def raises() -> nn.Module:
     raise RuntimeError("no GPU here (raised by the factory)")
 

@@ -56,6 +56,27 @@ def excepthook_for(window):
     return excepthook
 
 
+def _qt_running() -> bool:
+    """A Qt application runs already in this process (it found its display)."""
+    from PySide6.QtWidgets import QApplication
+
+    return QApplication.instance() is not None
+
+
+def no_display() -> str | None:
+    """Why Qt would find no display here (Linux without X11 or Wayland and no platform chosen),
+    else None: Qt aborts the process in that case instead of raising."""
+    env = os.environ
+    if not sys.platform.startswith("linux") or env.get("QT_QPA_PLATFORM"):
+        return None
+    if env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"):
+        return None
+    return (
+        "no display (neither DISPLAY nor WAYLAND_DISPLAY is set): run it with "
+        "`xvfb-run -a`, or set QT_QPA_PLATFORM=offscreen to draw without a screen"
+    )
+
+
 def run(argv: list[str] | None = None) -> int:
     """Open the ntkviz main window; return the application's exit code."""
     from PySide6.QtWidgets import QApplication
@@ -123,6 +144,17 @@ def show(model=None, data=None, *, config=None, block: bool = True, train: bool 
     """
     import copy
 
+    import torch
+
+    from ntkviz.training import TrainConfig
+
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a ntkviz.TrainConfig, got {type(config).__name__}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if (why := no_display()) and not _qt_running():
+        raise RuntimeError(f"the desktop app cannot start: {why}")
+
     from PySide6.QtWidgets import QApplication
 
     from ntkviz.gui.window import APPLICATION, ORGANIZATION, MainWindow
@@ -135,7 +167,6 @@ def show(model=None, data=None, *, config=None, block: bool = True, train: bool 
         from dataclasses import replace
 
         from ntkviz.app.engine import UserModel, reinitialised
-        from ntkviz.training import TrainConfig
 
         template = copy.deepcopy(model)
         user = UserModel(type(model).__name__, lambda: reinitialised(template))
