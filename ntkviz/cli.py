@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -35,6 +36,17 @@ def _add_data_args(p) -> None:
     p.add_argument(
         "--download", action="store_true", help="let torchvision download a named dataset"
     )
+
+
+def _step_size(text: str) -> float:
+    """``--lr`` of decompose, export and demo: a finite number > 0 (argparse: exit code 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def _add_train(sub) -> None:
@@ -111,7 +123,7 @@ def _add_pair_args(p) -> None:
     p.add_argument("--xo", type=int, required=True, help="index of x_o")
     p.add_argument("--xo-split", default="test", choices=("train", "test"))
     p.add_argument("--yu", type=int, help="class to update on (default: x_u's label)")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate η of the step")
+    p.add_argument("--lr", type=_step_size, default=0.1, help="learning rate η of the step")
     p.add_argument("--loss", default="ce", choices=("ce", "neg"), help="ce: learn y_u; neg: ascent")
     _add_data_args(p)
 
@@ -148,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="train briefly, then decompose a 4→9 update (other data: class 0→last; no GUI)"
     )
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=_step_size, default=0.5, help="η of the step decomposed")
     _add_data_args(p)
     return parser
 
@@ -464,6 +476,8 @@ def cmd_train(args) -> int:
 
         saves.append((Path(args.out), save_model))
     for path, save in saves:  # a write that fails keeps the run beside it (exit code 1)
+        if failure and path.exists():  # a stopped run does not replace an earlier file
+            path = path.with_name(f"{path.stem}.stopped{path.suffix}")
         failed = _save_run(path, save)
         code = max(code, failed)
         if not failed:

@@ -60,6 +60,7 @@ import math
 import os
 import shutil
 import struct
+import urllib.error
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -418,6 +419,11 @@ def _construct(make, where: Path, download: bool, label: str):
             hint = "" if download else " (pass download=True / --download to fetch it online)"
             raise DatasetError(f"{label}: dataset files not found in {where}{hint}") from None
         raise DatasetError(f"{label}: files in {where} are truncated or corrupt ({e})") from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # before OSError
+        raise DatasetError(
+            f"{label}: could not download it into {where}: {getattr(e, 'reason', e)} (is this "
+            "machine online?)"
+        ) from None
     except (AssertionError, ValueError, OSError, EOFError) as e:
         raise DatasetError(
             f"{label}: files in {where} are truncated or corrupt ({type(e).__name__}: {e})"

@@ -140,6 +140,12 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
             "does not exist",
         ),
         (["train", "--out", "x.pt", "--lr", "-1"], 2, "learning rate"),
+        (["demo", "--lr", "nan"], 2, "argument --lr: must be a finite number > 0, got 'nan'"),
+        (
+            ["decompose", "--checkpoint", "CKPT", "--xu", "0", "--xo", "0", "--lr", "-1"],
+            2,
+            "argument --lr: must be a finite number > 0, got '-1'",
+        ),
         (["train", "--out", "no/such/dir/x.pt"], 2, "does not exist"),
         (["decompose", "--bogus"], 2, "usage"),
     ],
@@ -427,6 +433,14 @@ def test_a_run_that_fails_midway_keeps_its_steps(factory, error, tmp_path, capsy
 
     run = RunAccount.load(accounts)
     assert run.steps == 2 and "out of memory" in run.meta["stopped"]
+    # again, onto those files: they are kept, the stopped run goes beside them
+    kept = b"an earlier model", b"earlier accounts"
+    out.write_bytes(kept[0]), accounts.write_bytes(kept[1])
+    assert main(args) == 1
+    assert f"wrote {tmp_path / 'f.stopped.pt'}" in capsys.readouterr().out
+    assert (out.read_bytes(), accounts.read_bytes()) == kept
+    assert torch.load(tmp_path / "f.stopped.pt", weights_only=True)["metadata"]["step"] == 2
+    assert RunAccount.load(tmp_path / "f.stopped.npz").steps == 2
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ import os
 import shutil
 import stat
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -489,3 +490,19 @@ def test_svhn_without_scipy_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_scipy)
     with pytest.raises(DatasetError, match=r"SVHN needs scipy.*pip install scipy"):
         load_dataset("svhn", root=tmp_path)
+
+
+def test_a_download_without_a_network_says_so_not_that_files_are_corrupt():
+    import urllib.error
+
+    from ntkviz.data import _construct
+
+    def make():
+        raise urllib.error.URLError("Name or service not known")
+
+    with pytest.raises(DatasetError) as info:
+        _construct(make, Path("/data/cifar-10-batches-py"), True, "CIFAR10")
+    assert str(info.value) == (
+        "CIFAR10: could not download it into /data/cifar-10-batches-py: Name or service not known "
+        "(is this machine online?)"
+    )
