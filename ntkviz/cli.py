@@ -38,6 +38,10 @@ def _add_data_args(p) -> None:
     )
 
 
+#: Most steps of an exported trajectory (each is a real step on a copy of the model).
+MAX_STEPS = 1000
+
+
 def _step_size(text: str) -> float:
     """``--lr`` of decompose, export and demo: a finite number > 0 (argparse: exit code 2)."""
     try:
@@ -253,7 +257,7 @@ def _check_outputs(args) -> None:
     paths = [("--out", Path(args.out))] if args.out else []
     paths += [("--accounts", Path(p)) for p in args.accounts or []]
     if len({p.resolve() for _, p in paths}) < len(paths):
-        raise _UsageError("--out and --accounts must name different files")
+        raise _UsageError("--out and each --accounts must name different files")
     for option, path in paths:
         _check_out(path, option)
     for path in map(Path, args.accounts or []):
@@ -614,8 +618,8 @@ def cmd_export(args) -> int:
     for out in args.out:
         if Path(out).suffix.lower() not in FORMATS + figure:
             raise _UsageError(f"--out {out}: use .png, .svg, .json, .npz or .csv")
-    if args.steps < 1:
-        raise _UsageError(f"--steps must be ≥ 1, got {args.steps}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise _UsageError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
     for out in args.out:
         _check_out(Path(out))
     from ntkviz.decomposition import decompose, step_trajectory

@@ -586,6 +586,10 @@ def load_dataset(
     (default: ``<cache>/datasets``). ``download``: let torchvision fetch missing files from the
     internet. Raises :class:`DatasetError` naming the set, the directory and the files.
     """
+    if not isinstance(name_or_dir, str | os.PathLike) or not str(name_or_dir).strip():
+        raise DatasetError(
+            f"a dataset is given by a name (such as 'mnist') or a directory, got {name_or_dir!r}"
+        )
     where = resolve_dataset(name_or_dir)
     if isinstance(where, Path):
         return load_image_folder(where)

@@ -63,6 +63,10 @@ def _validate(model: nn.Module, x_o, x_u, y_u, lr, loss) -> tuple[Tensor, Tensor
     Returns ``x_o``, ``x_u`` as tensors, ``y_u`` as an int and ``lr`` as a float."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)} (got {loss!r})")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters: there is no step to decompose")
     lr = real_number(lr, "lr")
     x_o = torch.as_tensor(x_o)
     x_u = torch.as_tensor(x_u)
@@ -92,8 +96,16 @@ def _forward(model: nn.Module, x: Tensor, y_u: int, what: str = "x_u") -> Tensor
             f"the model cannot take {what} of shape {tuple(x.shape[1:])} as one example (expected "
             f"a dataset item such as (1, 28, 28), not a batch): {e}"
         ) from None
-    if z.ndim != 2 or z.shape[0] != len(x):
-        raise ValueError(f"the model must return logits (N, V); got shape {tuple(z.shape)}")
+    if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[0] != len(x):
+        got = f"shape {tuple(z.shape)}" if isinstance(z, Tensor) else f"a {type(z).__name__}"
+        raise ValueError(f"the model must return logits (N, V); got {got}")
+    if not z.is_floating_point():
+        raise ValueError(f"the model's logits must be floating point, got {z.dtype}")
+    if torch.is_grad_enabled() and not z.requires_grad:
+        raise ValueError(
+            "the model's logits do not depend on trainable parameters (none with requires_grad, "
+            "or the logits are detached): there is no gradient step to decompose"
+        )
     if not y_u < z.shape[1]:
         raise ValueError(f"y_u must be an int class in [0, {z.shape[1]}), got {y_u}")
     return z

@@ -100,8 +100,14 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
     """``x`` as a non-empty floating-point batch on the model's device and in its dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor):
-        x = torch.as_tensor(x)
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a tensor or array (N, ...), got {type(x).__name__}: "
+                            f"{e}") from None  # fmt: skip
     device, dtype = _device_dtype(model)
     if x.ndim < 1 or len(x) == 0:
         raise ValueError(f"{name} must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def _on_path(directory: Path) -> Iterator[None]:
 
 def _import_file(path: Path, spec: str):
     if not path.is_file():
-        raise ModelError(f"model {spec!r}: the file {path} does not exist")
+        why = "is a directory, not a .py file" if path.is_dir() else "does not exist"
+        raise ModelError(f"model {spec!r}: {path} {why}")
     resolved = path.resolve()
     name = "ntkviz_user_" + re.sub(r"\W", "_", str(resolved))
     module_spec = importlib.util.spec_from_file_location(name, resolved)
@@ -131,12 +133,21 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         why = "is a directory" if path.is_dir() else "does not exist"
         raise ModelError(f"the weights file {path} {why}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+        with warnings.catch_warnings():  # torch's advice on old pickle protocols is not ours
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights only load failed" in str(e).lower():
+            why = (
+                "it holds objects other than tensors and plain values, which are refused: "
+                "reading them could run code"
+            )
+        else:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"it is not a complete torch.save file ({type(e).__name__}: {detail})"
         raise ModelError(
-            f"{path} is not a readable weights file: expected a state dict saved with torch.save "
-            "or an ntkviz checkpoint (files holding objects other than tensors and plain values "
-            "are refused: reading them could run code)"
+            f"{path} is not a readable weights file (a state dict saved with torch.save or an "
+            f"ntkviz checkpoint): {why}"
         ) from None
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
     if (
@@ -148,6 +159,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path} holds no state dict (a dict of parameter names to tensors), "
             f"but a {type(payload).__name__}"
         )
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ModelError(f"{path}: state_dict[{key!r}] holds non-finite values (NaN or ±inf)")
     return state
 
 

@@ -75,6 +75,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an int in [0, 2⁶³), got {self.seed!r}")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size must be ≥ 1 or None, got {self.train_size}")
         if self.optimizer not in OPTIMIZERS:

@@ -121,7 +121,9 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
         image = QImage(str(out))
         assert image.width() == 500 and 100 < image.height() < 500
         assert len({image.pixel(x, y) for x in range(0, 500, 7) for y in range(0, 200, 7)}) > 5
-    assert main(["export", *pair, "--figure", "trajectory", "--steps", "0", "--out", "t.png"]) == 2
+    for steps in ("0", "1001"):
+        args = ["export", *pair, "--figure", "trajectory", "--steps", steps, "--out", "t.png"]
+        assert main(args) == 2
 
 
 @pytest.mark.parametrize(
@@ -447,7 +449,7 @@ def test_a_run_that_fails_midway_keeps_its_steps(factory, error, tmp_path, capsy
     ("args", "message"),
     [
         (["train", "--watch", "1", "--accounts", "SAME", "--out", "SAME"],
-         "--out and --accounts must name different files"),
+         "--out and each --accounts must name different files"),
         (["train", "--model", "BN", "--train-size", "65", "--out", "OUT"],
          "BatchNorm1d cannot train on a batch of one example, and with 65 training examples"),
         (["decompose", "--model", "user_models.py", "--xu", "0", "--xo", "0"],

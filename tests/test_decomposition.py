@@ -234,3 +234,33 @@ def test_step_trajectory_equals_real_sgd_steps_on_a_copy(loss):
     small = make("lenet").float()
     with pytest.raises(StepDiverged):
         step_trajectory(small, x[0].float(), x[1].float(), 3, 1e300, 1)
+
+
+def test_arguments_of_the_wrong_kind_say_what_is_wrong():
+    from torch import nn
+
+    from ntkviz.data import load_dataset
+    from ntkviz.errors import DatasetError
+    from ntkviz.kernel import empirical_ntk
+    from ntkviz.models import build_model
+
+    model, x = build_model("lenet"), torch.randn(2, 1, 28, 28)
+    with pytest.raises(TypeError, match=r"x1 must be a tensor or array \(N, \.\.\.\), got NoneType"):
+        empirical_ntk(model, None, x)
+    with pytest.raises(TypeError, match=r"the model must be a torch\.nn\.Module, got function"):
+        empirical_ntk(lambda z: z, x, x)
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)), None
+
+    with pytest.raises(ValueError, match=r"must return logits \(N, V\); got a tuple"):
+        decompose(Pair(), x[0], x[1], 1, 0.1)
+    with pytest.raises(ValueError, match="the model has no trainable parameters"):
+        decompose(nn.Sequential(nn.Flatten(), nn.Identity()), x[0], x[1], 1, 0.1)
+    with pytest.raises(DatasetError, match="a dataset is given by a name"):
+        load_dataset(None)

@@ -63,6 +63,7 @@ def test_a_weights_file_never_runs_code(tmp_path):
     with pytest.raises(ModelError, match="not a readable weights file") as info:
         load_model_spec(SPEC, tmp_path / "evil.pt")
     assert not marker.exists()
+    assert "holds objects other than tensors and plain values" in str(info.value)
     assert "weights_only=False" not in str(info.value)
 
 
@@ -74,6 +75,11 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     state = load_model_spec(SPEC).state_dict()
     state["6.weight"] = torch.zeros(10, 100)
     torch.save(state, tmp_path / "shape.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "shape.pt").read_bytes()[:300])
+    nan = load_model_spec(SPEC).state_dict()
+    nan["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    (tmp_path / "models").mkdir()
     return {"tmp": tmp_path}
 
 
@@ -96,6 +102,14 @@ def _files(tmp_path: Path) -> dict[str, Path]:
         (SPEC, "TMP/lenet.pt", "do not fit the model 'USER:small_cnn': missing: 0.weight"),
         (SPEC, "TMP/lenet.pt", "unexpected: conv1.weight, conv1.bias, conv2.weight"),
         (SPEC, "TMP/shape.pt", "shapes: 6.weight (10, 100) for (10, 196)"),
+        (
+            SPEC,
+            "TMP/cut.pt",
+            "cut.pt is not a readable weights file (a state dict saved with "
+            "torch.save or an ntkviz checkpoint): it is not a complete torch.save file",
+        ),
+        (SPEC, "TMP/nan.pt", "nan.pt: state_dict['0.weight'] holds non-finite values"),
+        ("TMP/models:build", None, "models is a directory, not a .py file"),
     ],
 )
 def test_every_failure_is_one_clear_model_error(tmp_path, spec, weights, message):
@@ -209,7 +223,7 @@ def test_cli_decomposes_a_users_model_with_its_weights(mnist, tmp_path, capsys):
     ("extra", "code", "message"),
     [
         (["--checkpoint", "c.pt", "--weights", "w.pt"], 2, "--weights goes with --model"),
-        (["--model", "nowhere.py:build"], 1, "model 'nowhere.py:build': the file nowhere.py"),
+        (["--model", "nowhere.py:build"], 1, "model 'nowhere.py:build': nowhere.py does not exist"),
         (["--model", f"{USER}:raises"], 1, "the factory raised RuntimeError"),
         (["--model", f"{USER}:five_classes"], 1, "5 logits per example but the data has 10"),
         (["--model", "ntkviz.models:ViT", "--weights", "missing.pt"], 1, "missing.pt does not"),

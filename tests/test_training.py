@@ -57,6 +57,9 @@ def test_invalid_config_and_device_give_clear_errors():
         TrainConfig(lr=float("nan")).validate()
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0).validate()
+    for seed in (2**64, -1, 1.5):
+        with pytest.raises(ValueError, match="seed must be an int in"):
+            TrainConfig(seed=seed).validate()
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda")
