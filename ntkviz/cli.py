@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 EPILOG = "Run 'ntkviz COMMAND --help' for a command's options. Without a command the app opens."
@@ -699,6 +700,8 @@ def cmd_gui(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # torch's own deprecation notice (torch.func reaches torch.jit.script), not the user's to act on
+    warnings.filterwarnings("ignore", r".*torch\.jit\.script.* is deprecated", FutureWarning)
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "decompose": cmd_decompose, "export": cmd_export}
