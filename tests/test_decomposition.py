@@ -245,7 +245,9 @@ def test_arguments_of_the_wrong_kind_say_what_is_wrong():
     from ntkviz.models import build_model
 
     model, x = build_model("lenet"), torch.randn(2, 1, 28, 28)
-    with pytest.raises(TypeError, match=r"x1 must be a tensor or array \(N, \.\.\.\), got NoneType"):
+    with pytest.raises(
+        TypeError, match=r"x1 must be a tensor or array \(N, \.\.\.\), got NoneType"
+    ):
         empirical_ntk(model, None, x)
     with pytest.raises(TypeError, match=r"the model must be a torch\.nn\.Module, got function"):
         empirical_ntk(lambda z: z, x, x)
