@@ -626,7 +626,14 @@ def test_the_training_dock_chooses_the_optimizer(qtbot, settings, mnist):
     training = window.views["training"]
     assert training.optimizer.currentData() == "sgd" and training.momentum.isEnabled()
     training.optimizer.setCurrentIndex(training.optimizer.findData("adamw"))
+    training.lr.setValue(0.002)
     assert not training.momentum.isEnabled() and training.config().optimizer == "adamw"
+    pair = window.views["pair"]
+    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer: η is the run's
+    assert window.state.lr == window.state.model.run_lr == SMALL.lr
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    assert training.config().optimizer == "adamw" and training.lr.value() == 0.002  # kept
     train_batches(qtbot, window, 1)
     assert window.state.model.optimizer.startswith("AdamW, β = (0.9, 0.999)")
     assert window.state.model.config.optimizer == "adamw"
+    assert window.state.lr == 0.002  # η follows the new run's learning rate

@@ -153,6 +153,28 @@ def test_continue_carries_the_watch_on_unless_the_model_was_stepped_by_hand(qtbo
     assert ranking.steps == 10
 
 
+def test_steps_by_hand_in_a_paused_watched_run_begin_its_account_again(qtbot, window):
+    view, training = window.views["watch_ranking"], window.views["training"]
+    view.watching.setChecked(True)
+    training.epochs.setValue(1)
+    wait_event(qtbot, window, "watch_steps", training.batch_button.click)  # paused at step 1
+    qtbot.waitUntil(lambda: window.state.run_state == "paused", timeout=TIMEOUT)
+    window.controller.select(lr=0.5)
+    wait_current(qtbot, window)
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    wait_event(qtbot, window, "watch_restarted", training.resume_button.click)
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    ranking = wait_event(qtbot, window, "watch_ranking", lambda: None, "result").payload
+    t = view.timeline_arrays()
+    assert t["steps"].tolist() == list(range(2, 11)) and ranking.steps == 9
+    # the timeline's actual change is the change of log π since its first step: no gap in it
+    log_prob, actual = t["log_prob"][:, 0], t["actual"][:, 0]
+    np.testing.assert_allclose(log_prob[1:], log_prob[:-1] + actual[:-1], atol=1e-4)
+    # Continue carries this account on: the model is as the run left it
+    run_to_the_end(qtbot, window, training.continue_button)
+    assert view.timeline_arrays()["steps"].tolist() == list(range(2, 21))
+
+
 def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):
     train_batches(qtbot, window, 2)  # momentum has a state now
     pair = window.views["pair"]

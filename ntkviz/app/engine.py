@@ -419,7 +419,8 @@ class Engine:
         begins (``previous``: the same feature's observer of the last run when this run trains
         on from its last step, else None; ``observer.continued`` then says whether it carried
         that run's account on), ``observer.observe(engine, records)`` turns each slice's records
-        into events."""
+        into events, ``observer.restart(engine)`` (events) begins its account again when a
+        paused run resumes after steps taken by hand."""
         if observer is None:
             self.observers.pop(name, None)
         else:
@@ -432,6 +433,10 @@ class Engine:
 
     def resume(self) -> None:
         if self._iter is not None and not self._running:
+            if self.undo_stack:  # steps by hand the run's observers did not see: they restart
+                for observer in self.run_observers.values():
+                    for event in observer.restart(self):
+                        self.emit(event)
             self._forget_applied_steps()  # they are part of the training history now
             self._running = True
             self._run_state("training")

@@ -720,8 +720,8 @@ class TrajectoryPlot(pg.PlotWidget):
         view = (len(steps), self.log_scale, low)
         if view != self._view:
             self._view = view
-            self.setRange(
-                xRange=(0, max(1, steps[-1]) * 1.08), yRange=(low, 0.0 if self.log_scale else 1.0),
+            self.setRange(  # room right of the last step for the end labels
+                xRange=(0, max(1, steps[-1]) * 1.3), yRange=(low, 0.0 if self.log_scale else 1.0),
                 padding=0.03,
             )  # fmt: skip
             major = max(1, len(steps) // 8 + 1)

@@ -150,6 +150,22 @@ class WatchObserver:
             self.accounted = 0
         return {"watch": Watch(x, self.classes, focus=tuple(self.focus))}
 
+    def restart(self, engine) -> list:
+        """Begin the account again (steps by hand moved the model between two of the run's
+        steps: the sums would skip them); a "watch_restarted" event with the step it starts
+        from."""
+        from ntkviz.run_account import RunAccount
+
+        if self.run is None:
+            return []
+        meta = {**self.run.meta, "restarted_at": engine.step}
+        self.run = RunAccount(
+            self.classes, self.run.num_train, self.run.num_classes, keep_steps=True, meta=meta
+        )
+        self.details = deque(maxlen=self.history)
+        self.accounted = 0
+        return [Event("watch_restarted", engine.step)]
+
     def observe(self, engine, records) -> list:
         """Account for the records of one engine tick; their timeline rows as one event."""
         accounted = [r for r in records if r.account is not None]

@@ -183,12 +183,15 @@ class ProbeView(FeatureView):
 
     def export_meta(self) -> dict:
         """What the exported numbers are of: the view, the request of the result shown (its
-        pair, η, sizes …), the model and its step, the data and its class names."""
+        pair, η, sizes …), the model, the training step of the result (else the latest), the data
+        and its class names."""
         s, m = self.state, self.state.model
         meta = {"view": self.name, "dataset": s.dataset.name, "classes": list(s.dataset.classes)}
         if m is not None:
-            meta.update(model=m.name, seed=m.config.seed, applied_steps=m.applied_steps)
-        meta["training_step"] = getattr(self.result, "step", m.step if m is not None else None)
+            meta.update(model=m.name, seed=m.config.seed)
+        meta["training_step"] = getattr(self.result, "step", self.controller.trained_steps)
+        if hasattr(self.result, "applied_steps"):
+            meta["applied_steps"] = self.result.applied_steps
         request = getattr(self.result, "request", None)
         if request is not None:
             meta["request"] = plain(request)

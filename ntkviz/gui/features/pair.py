@@ -166,6 +166,8 @@ class PairView(FeatureView):
         sp.step_box.currentIndexChanged.connect(self._step_kind_chosen)
         self.state.events.step_kind.connect(self._show_step_kind)
         self.state.events.model.connect(self._show_step_kind)
+        self._run_lr = None  # the run's η that η last followed
+        self.state.events.model.connect(self._follow_run_lr)
         self.state.events.model.connect(lambda info: sp.setEnabled(info is not None))
         sp.setEnabled(False)
         c.on("pair", self._on_pair)
@@ -178,9 +180,17 @@ class PairView(FeatureView):
 
     def _step_kind_chosen(self, i: int) -> None:
         """The user's choice of step; the run's optimizer steps with the run's η at first."""
-        kind, info = self.step_panel.step_box.itemData(i), self.state.model
-        self.state.step_kind = kind
-        if kind == "optimizer" and info is not None and math.isfinite(info.run_lr):
+        self.state.step_kind = self.step_panel.step_box.itemData(i)
+        self._run_lr = None
+        self._follow_run_lr(self.state.model)
+
+    def _follow_run_lr(self, info) -> None:
+        """With the run's optimizer chosen, η becomes the run's learning rate whenever that
+        changes (a new run, Continue with another rate); η set by hand stays until then."""
+        if self.state.step_kind != "optimizer" or info is None or not math.isfinite(info.run_lr):
+            return
+        if info.run_lr != self._run_lr:
+            self._run_lr = info.run_lr
             self.state.lr = info.run_lr
 
     def _show_step_kind(self, *args) -> None:

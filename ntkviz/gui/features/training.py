@@ -47,6 +47,7 @@ class TrainingView(FeatureView):
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        self._shown_model = -1  # the model number whose settings the dock took
         self.model_box = QComboBox()
         self.train_size = QSpinBox()
         self.train_size.setRange(0, 60000)
@@ -188,7 +189,12 @@ class TrainingView(FeatureView):
         self.train_size.setSingleStep(max(1, 10 ** (len(str(n)) - 2)))
 
     def _on_model(self, info) -> None:
-        if info is not None and info.source != "trained":  # a new model's own settings
+        """A new model (not a trained run's) shows its own settings; the same model stepped or
+        undone keeps the user's choices in the dock."""
+        if info is None or info.number == self._shown_model:
+            return
+        self._shown_model = info.number
+        if info.source != "trained":
             self.set_config(info.config)
 
     def set_config(self, c) -> None:

@@ -129,6 +129,7 @@ class WatchView(ProbeView):
         c.on("dataset", lambda event: self._one_per_class())  # once x_o is chosen
         s.events.run_state.connect(self._run_state)
         c.on("run_started", self._run_started)
+        c.on("watch_restarted", self._restarted)
         c.on("watch_steps", self._steps)
         c.on("watch_detail", self._on_detail)
         c.on("watch_save", self.job.follow)
@@ -184,6 +185,14 @@ class WatchView(ProbeView):
         self._list(self.run_examples)
         self._note()
         self.redraw()
+
+    def _restarted(self, event) -> None:
+        """Steps by hand paused the run's account: its timeline begins again (same examples)."""
+        examples = self.run_examples
+        self.clear()
+        self.run_examples = examples
+        self._list(examples)
+        self._note()
 
     def _list(self, examples) -> None:
         """``examples`` in the "show" list (those of the current data)."""
