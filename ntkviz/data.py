@@ -854,7 +854,7 @@ def _read_items(ds, which: str, kind: list) -> tuple[object, torch.Tensor]:
     return (x if x is not None else pixels), labels
 
 
-def _class_names(source, classes, labels: list[torch.Tensor]) -> tuple[str, ...]:
+def _class_names(source, classes, labels: list[tuple[str, torch.Tensor]]) -> tuple[str, ...]:
     """From ``source.classes``, else ``classes``, else ``source.num_classes``, else max label + 1;
     every label must be one of them."""
     found = getattr(source, "classes", None)
@@ -865,11 +865,11 @@ def _class_names(source, classes, labels: list[torch.Tensor]) -> tuple[str, ...]
     else:
         count = getattr(source, "num_classes", None)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            count = 1 + max(int(y.max()) for y in labels)
+            count = 1 + max(int(y.max()) for _, y in labels)
         names = tuple(str(i) for i in range(count))
     if len(names) < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {len(names)}: {names}")
-    for which, y in zip(("the training split", "the test split"), labels):
+    for which, y in labels:
         outside = (y >= len(names)).nonzero()
         if len(outside):
             k = int(outside[0, 0])
@@ -948,6 +948,11 @@ def as_image_dataset(data, *, name: str | None = None, classes=None) -> ImageDat
         if len(sizes) > 1:
             raise ValueError(f"the test and training images differ in size: {sorted(sizes)}")
         x_all = None
+    # labels checked by the datasets' own item numbers, before any test split is held out
+    named = [("the training dataset" if pair else "the dataset", train_y)]
+    names = _class_names(
+        train_ds, classes, named + ([("the test dataset", test_y)] if pair else [])
+    )
     if test is None:  # one dataset: hold out a stratified sixth
         train_idx, test_idx = holdout_indices(train_y)
         if not len(test_idx):
@@ -957,7 +962,6 @@ def as_image_dataset(data, *, name: str | None = None, classes=None) -> ImageDat
         else:
             train, test = [train[i] for i in train_idx], [train[i] for i in test_idx]
         train_y, test_y = train_y[train_idx], train_y[test_idx]
-    names = _class_names(train_ds, classes, [train_y, test_y])
     label = name or type(train_ds).__name__
     if kind[0] == "pixels":
         return _pixel_dataset(label, (_stack_pixels(train), train_y),

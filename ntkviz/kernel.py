@@ -116,6 +116,8 @@ def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
             f"{name} must hold floating-point inputs such as normalised images "
             f"(ImageDataset.normalize), got {x.dtype}"
         )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
     return x.to(device=device, dtype=dtype)
 
 

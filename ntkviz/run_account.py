@@ -349,6 +349,16 @@ class RunAccount:
                 prefix = "dz_" if logits else ""
                 for name in TERMS:
                     run._totals[prefix + name] = np.array(arrays[f"total_{prefix}{name}"])
+        W = run.watched
+        arrays_of_w = {"by_example": run._by_example, **({"by_class": run._by_class} if run.steps else {}),
+                       **{f"total_{k}": v for k, v in run._totals.items()}}  # fmt: skip
+        for key, value in arrays_of_w.items():
+            if value.ndim < 2 or len(value) != W:
+                raise ValueError(f"{key} has shape {value.shape}, not one row for each of the {W} "
+                                 "watched examples")  # fmt: skip
+        if run._by_example.shape[1] != run.num_train:
+            raise ValueError(f"by_example has {run._by_example.shape[1]} columns, not num_train = "
+                             f"{run.num_train}")  # fmt: skip
         for key, stacked in timeline.items():
             rows = list(stacked)
             if key in ("batch_indices", "batch_labels", "contributions"):

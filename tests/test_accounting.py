@@ -761,6 +761,12 @@ def test_run_account_files_round_trip(tmp_path, mnist):
         ValueError, match=r"bare\.npz is a damaged ntkviz run account: no 'classes'"
     ):
         RunAccount.load(tmp_path / "bare.npz")
+    with np.load(tmp_path / "run.npz") as f:  # its classes cut to one watched example
+        np.savez(tmp_path / "cut_classes.npz", **{**f, "classes": f["classes"][:1]})
+    with pytest.raises(
+        ValueError, match=r"by_example has shape \(\d+, \d+\), not one row for each"
+    ):
+        RunAccount.load(tmp_path / "cut_classes.npz")
     with pytest.raises(ValueError, match="keeps no timeline"):
         RunAccount([1], 10).save(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="watched examples"):

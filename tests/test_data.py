@@ -267,13 +267,22 @@ def test_dataset_classes_attribute_names_the_classes():
     assert as_image_dataset((train, test)).classes == ("cat", "dog")
 
 
+def test_a_label_outside_the_classes_is_named_by_its_item_in_the_dataset():
+    from ntkviz.data import as_image_dataset
+
+    items = [(torch.rand(1, 6, 6), k % 2) for k in range(12)]
+    items[9] = (items[9][0], 2)  # one dataset: a test split is held out, not by item order
+    with pytest.raises(ValueError, match="item 9 of the dataset has label 2, outside the 2"):
+        as_image_dataset(items, classes=["a", "b"])
+
+
 @pytest.mark.parametrize(
     ("test_items", "classes", "message"),
     [
         ([(torch.zeros(3, 8, 8), 0), (torch.zeros(3, 8, 9), 1)], None, r"item 1 of the test data"
          r"set: the image has shape \(3, 8, 9\), item 0's has \(3, 8, 8\)"),
-        ([(torch.zeros(3, 8, 8), 2)], ["a", "b"], "item 0 of the test split has label 2, outside "
-         "the 2 classes 0..1"),
+        ([(torch.zeros(3, 8, 8), 2)], ["a", "b"], "item 0 of the test dataset has label 2, "
+         "outside the 2 classes 0..1"),
         ([(torch.zeros(3, 8, 8), True)], None, "label of item 0 of the test dataset must be an int"),
         ([(torch.zeros(3, 8, 8), -1)], None, "must be an int class ≥ 0, got -1"),
         ([torch.zeros(3, 8, 8)], None, r"item 0 of the test dataset must be an \(image, label\)"),

@@ -251,6 +251,8 @@ def test_arguments_of_the_wrong_kind_say_what_is_wrong():
         empirical_ntk(model, None, x)
     with pytest.raises(TypeError, match=r"the model must be a torch\.nn\.Module, got function"):
         empirical_ntk(lambda z: z, x, x)
+    with pytest.raises(ValueError, match="x2 holds NaN or infinite values"):
+        empirical_ntk(model, x, torch.full_like(x, float("nan")))
 
     class Pair(nn.Module):
         def __init__(self):
