@@ -819,15 +819,26 @@ class _Stamp:
 
     def __init__(self, model: nn.Module):
         self.tensors = [*model.parameters(), *model.buffers()]
-        self.values = [t.detach().clone() for t in self.tensors]
+        self.values = _flat(self.tensors)
 
     def holds(self, model: nn.Module) -> bool:
         now = [*model.parameters(), *model.buffers()]
         return (
             len(now) == len(self.tensors)
             and all(a is b for a, b in zip(now, self.tensors))
-            and all(torch.equal(a.detach(), v) for a, v in zip(now, self.values))
+            and torch.equal(_flat(now), self.values)
         )
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """The values of ``tensors`` in one new vector (their bytes where their dtypes differ, e.g.
+    batch norm's int64 step count; on the CPU where their devices do)."""
+    parts = [t.detach().reshape(-1) for t in tensors]
+    if len({p.device for p in parts}) > 1:
+        parts = [p.cpu() for p in parts]
+    if len({p.dtype for p in parts}) > 1:
+        parts = [p.contiguous().view(torch.uint8) for p in parts]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 @dataclass
