@@ -559,17 +559,17 @@ class ProbabilityBars(pg.PlotWidget):
         self.bars.setOpts(x=np.arange(len(probs)), height=self.probs, brushes=brushes)
 
 
-TITLE_PLAIN = (
+TITLE_PLAIN = (  # no break between a swatch and its name
     "Δlog π(x<sub>o</sub>) after one step<br>"
-    f"<span style='color:{PREDICTED}'>■</span> predicted −η·A·K·G  "
-    f"<span style='color:{ACTUAL}'>■</span> actual"
+    f"<span style='color:{PREDICTED}'>■</span>&nbsp;predicted&nbsp;−η·A·K·G  "
+    f"<span style='color:{ACTUAL}'>■</span>&nbsp;actual"
 )
 TITLE_OPTIMIZER = (
     "Δlog π(x<sub>o</sub>) after the optimizer's step<br>"
-    f"<span style='color:{PREDICTED}'>■</span> −s·A·K<sub>P</sub>·G "
-    f"<span style='color:{MOMENTUM}'>■</span> momentum "
-    f"<span style='color:{DECAY}'>■</span> decay "
-    f"<span style='color:{ACTUAL}'>■</span> actual"
+    f"<span style='color:{PREDICTED}'>■</span>&nbsp;−s·A·K<sub>P</sub>·G "
+    f"<span style='color:{MOMENTUM}'>■</span>&nbsp;momentum "
+    f"<span style='color:{DECAY}'>■</span>&nbsp;decay "
+    f"<span style='color:{ACTUAL}'>■</span>&nbsp;actual"
 )
 
 
