@@ -134,6 +134,33 @@ def _fast_pair(model: nn.Module, both: Tensor, y_u: int, loss: str):
         raise AssertionError("unreachable") from e
 
 
+def _before_and_after(model, named, trainable, grads, lr, both, z) -> tuple[Tensor, Tensor]:
+    """The logits of ``both`` before and after the step θ → θ − lr·grads: in float64 for a model
+    of lower precision (its float32 rounding, ~1e-7·|z|, would otherwise swamp the O(η²)
+    remainder below η ≈ 1e-3), where the model computes in float64; else in its own dtype (``z``
+    as given before the step)."""
+    if all(p.dtype == torch.float64 for p in named.values()):
+        new = {n: p.detach() for n, p in named.items()}
+        for n in trainable:
+            new[n] = new[n] - lr * grads[n]
+        return z, functional_forward(model, new, both)
+    before = {n: p.detach().double() for n, p in named.items()}
+    before.update(
+        {n: b.double() for n, b in model.named_buffers() if b is not None and b.is_floating_point()}
+    )
+    after = dict(before)
+    for n in trainable:
+        after[n] = before[n] - lr * grads[n].double()
+    x = both.double()
+    try:
+        return functional_forward(model, before, x), functional_forward(model, after, x)
+    except RuntimeError:  # the model computes in its own dtype only (e.g. a float32 constant)
+        new = {n: p.detach() for n, p in named.items()}
+        for n in trainable:
+            new[n] = new[n] - lr * grads[n]
+        return z, functional_forward(model, new, both)
+
+
 @dataclass(frozen=True)
 class Decomposition:
     """The factors of one update's effect on x_o. Arrays are read-only float64.
@@ -191,9 +218,11 @@ def decompose(
 
     ``x_o``, ``x_u``: single examples shaped like a dataset item, e.g. ``(1, 28, 28)``;
     ``y_u``: a class in ``[0, V)``; ``loss``: "ce" or "neg". The model is not changed (the step is
-    taken on a functional copy of its parameters). Raises ``ValueError`` on bad arguments,
-    :class:`~ntkviz.errors.StepDiverged` when the step makes the logits, or the predicted or
-    actual change, non-finite: no result holds NaN or infinity.
+    taken on a functional copy of its parameters, in float64 for a float32 model so that its
+    rounding does not swamp the O(η²) residual; K and G in the model's precision). Raises
+    ``ValueError`` on bad arguments, :class:`~ntkviz.errors.StepDiverged` when the step makes the
+    logits, or the predicted or actual change, non-finite in the model's precision: no result
+    holds NaN or infinity.
     """
     x_o, x_u, y_u, lr = _validate(model, x_o, x_u, y_u, lr, loss)
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
@@ -220,14 +249,17 @@ def decompose(
             }
             z = z.detach()
             K = empirical_ntk(model, both[:1], both[1:])[0, 0]
-        new = {n: p.detach() for n, p in named.items()}
-        for n in trainable:
-            new[n] = new[n] - lr * grads[n]
         with torch.no_grad():
-            z_new = functional_forward(model, new, both)
-    if not torch.isfinite(z).all():
+            z, z_new = _before_and_after(model, named, trainable, grads, lr, both, z)
+    K = K.to(z.dtype)
+    dtype = named[trainable[0]].dtype  # finite means finite in the model's own precision
+
+    def finite(t: Tensor) -> bool:
+        return bool(torch.isfinite(t.to(dtype)).all())
+
+    if not finite(z):
         raise NtkvizError("the model's logits are not finite: it has diverged; reset or retrain it")
-    if not torch.isfinite(z_new).all():
+    if not finite(z_new):
         raise StepDiverged(lr)
     logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
     probs_o = logp[0].exp()
@@ -236,7 +268,7 @@ def decompose(
     dz_pred = -lr * (K @ G)
     predicted = A @ dz_pred
     actual = logp_new[0] - logp[0]
-    if not all(bool(torch.isfinite(t).all()) for t in (dz_pred, predicted, actual, K)):
+    if not all(finite(t) for t in (dz_pred, predicted, actual, K)):
         raise StepDiverged(lr, "the predicted or actual change of x_o")
     return Decomposition(
         A=_frozen(A),
