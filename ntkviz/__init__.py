@@ -16,6 +16,7 @@ _EXPORTS = {
     "empirical_ntk": "ntkviz.kernel",
     "empirical_ntk_by_layer": "ntkviz.kernel",
     "ntk_trace": "ntkviz.kernel",
+    "ntk_vector_product": "ntkviz.kernel",
     "kernel_path": "ntkviz.kernel",
     "pair_cost_seconds": "ntkviz.kernel",
     "decompose": "ntkviz.decomposition",
@@ -62,3 +63,8 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'ntkviz' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API too (loaded on first use), for ``dir()`` and tab completion."""
+    return sorted({*globals(), *__all__})

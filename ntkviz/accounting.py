@@ -1447,7 +1447,10 @@ class Watch:
         x = torch.as_tensor(self.x)
         if x.ndim < 2 or len(x) == 0:
             raise ValueError(f"watched examples must be a batch (W, ...), got {tuple(x.shape)}")
-        classes = tuple(self.classes)
+        classes = self.classes
+        if isinstance(classes, Tensor | np.ndarray):  # e.g. the dataset's labels, int64
+            classes = classes.tolist() if classes.ndim == 1 else [classes.tolist()]
+        classes = tuple(classes)
         if len(classes) != len(x) or any(
             isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0 for c in classes
         ):

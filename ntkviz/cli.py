@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train(sub)
     p = sub.add_parser("decompose", help="decompose one update; print it and write JSON/NPZ/CSV")
     _add_pair_args(p)
-    p.add_argument("--out", help="result file: .json, .npz or .csv")
+    p.add_argument("--out", action="append", help="result file: .json, .npz or .csv (repeatable)")
     p = sub.add_parser("export", help="export a figure of the app (PNG/SVG) and the data")
     _add_pair_args(p)
     p.add_argument("--out", required=True, action="append", help=".png .svg .json .npz .csv")
@@ -597,18 +597,19 @@ def format_decomposition(dec, classes=None) -> str:
 def cmd_decompose(args) -> int:
     from ntkviz.results import FORMATS, write_decomposition
 
-    if args.out and Path(args.out).suffix.lower() not in FORMATS:
-        raise _UsageError(f"--out must end in one of {', '.join(FORMATS)}")
-    if args.out:
-        _check_out(Path(args.out))
+    outs = args.out or []
+    for out in outs:
+        if Path(out).suffix.lower() not in FORMATS:
+            raise _UsageError(f"--out must end in one of {', '.join(FORMATS)}, got {out}")
+        _check_out(Path(out))
     from ntkviz.decomposition import decompose
 
     model, x_o, x_u, y_u, meta = _pair_from_args(args)
     dec = decompose(model, x_o, x_u, y_u, args.lr, args.loss)
     print(format_decomposition(dec, list(args.classes)))
-    if args.out:
-        write_decomposition(dec, args.out, meta)
-        print(f"wrote {args.out}")
+    for out in outs:
+        write_decomposition(dec, out, meta)
+        print(f"wrote {out}")
     return 0
 
 

@@ -53,26 +53,14 @@ def test_train_writes_a_loadable_checkpoint_with_progress(trained):
 
 def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
     root, ckpt_path = trained
-    for suffix in (".json", ".npz", ".csv"):
-        out = root / f"r{suffix}"
-        r = run(
-            "decompose",
-            "--checkpoint",
-            str(ckpt_path),
-            "--xu",
-            "2",
-            "--xo",
-            "7",
-            "--lr",
-            "0.3",
-            "--loss",
-            "neg",
-            "--out",
-            str(out),
-            env_cache=root,
-        )
-        assert r.returncode == 0, r.stderr
-        assert "relative residual" in r.stdout
+    outs = [
+        arg for suffix in (".json", ".npz", ".csv") for arg in ("--out", str(root / f"r{suffix}"))
+    ]
+    r = run("decompose", "--checkpoint", str(ckpt_path), "--xu", "2", "--xo", "7", "--lr", "0.3",
+            "--loss", "neg", *outs, env_cache=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "relative residual" in r.stdout
+    assert all(f"wrote {root / f'r{s}'}" in r.stdout for s in (".json", ".npz", ".csv"))
     model = load_checkpoint(ckpt_path).model
     dec = decompose(model, mnist.test.x[7], mnist.train.x[2], int(mnist.train.y[2]), 0.3, "neg")
     record = json.loads((root / "r.json").read_text())

@@ -268,3 +268,25 @@ def test_arguments_of_the_wrong_kind_say_what_is_wrong():
         decompose(nn.Sequential(nn.Flatten(), nn.Identity()), x[0], x[1], 1, 0.1)
     with pytest.raises(DatasetError, match="a dataset is given by a name"):
         load_dataset(None)
+
+
+def test_a_float32_models_residual_stays_second_order_at_small_steps():
+    """The hypothetical step is taken in float64: float32 rounding of the logits (~1e-7·|z|)
+    would otherwise be the residual below η ≈ 1e-3."""
+    model, x = make("lenet").float(), inputs(2).float()
+    res = [
+        np.linalg.norm(decompose(model, x[0], x[1], 1, lr).residual)
+        for lr in (1e-2, 1e-3, 1e-4, 1e-5)
+    ]
+    ratios = np.array(res[:-1]) / np.array(res[1:])
+    assert ((ratios > 50) & (ratios < 200)).all(), ratios
+
+
+def test_the_public_api_resolves_and_is_listed():
+    import ntkviz
+
+    names = [n for n in ntkviz.__all__ if n not in ("show", "__version__")]  # show needs Qt
+    assert all(getattr(ntkviz, n) is not None for n in names)
+    assert set(ntkviz.__all__) <= set(dir(ntkviz))  # tab completion in a notebook
+    labels = torch.tensor([7, 2])  # a dataset's labels: int64 tensors
+    assert ntkviz.Watch(torch.zeros(2, 1, 28, 28), labels).classes == (7, 2)

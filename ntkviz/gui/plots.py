@@ -175,7 +175,7 @@ def relative_residual_text(dec) -> str:
     """‖actual − predicted‖ / ‖actual‖ of a decomposition, or a dash (with the reason) when
     nothing moved: the ratio is undefined then, not 0."""
     if not np.linalg.norm(dec.actual) > 0:
-        return "— (‖actual‖ = 0: the step moved nothing in float32)"
+        return "— (‖actual‖ = 0: the step moved nothing, even in float64)"
     return f"{dec.relative_residual:.3g}"
 
 
@@ -652,7 +652,8 @@ class TrajectoryPlot(pg.PlotWidget):
         self.own = self.plot([], [], pen=pg.mkPen("k", width=2, style=Qt.PenStyle.DashLine))
         self._history = None
         self._note = ""  # what the applied steps learnt when it was not the shown update
-        self._view = None  # (steps, log scale, y low) shown
+        self._view = None  # (steps, log scale, y low, plot size) shown
+        wrap_title(self.getPlotItem())  # the title's row grows with its lines (export captions)
         self._update_labels()
 
     def _update_labels(self):
@@ -692,22 +693,26 @@ class TrajectoryPlot(pg.PlotWidget):
             self.end_labels.append(pg.TextItem("", color=class_color(k), anchor=(0, 0.5)))
             self.addItem(self.end_labels[-1])
         # the end of each line names its class (the top ten); ends closer than a label's height
-        # share the label of the highest, which counts the others ("cat +3")
+        # (16 px) share the label of the highest, which counts the others ("cat +3")
         low = -nice_ceiling(-min(values.min(), own.min())) if self.log_scale else 0.0
-        gap = 0.06 * ((0.0 if self.log_scale else 1.0) - low)
-        shown: dict[int, int] = {}  # class -> how many ends its label stands for
+        box = self.getPlotItem().vb
+        height, width = max(box.height(), 100.0), max(box.width(), 150.0)
+        gap = 16 / height * ((0.0 if self.log_scale else 1.0) - low)
+        shown: dict[int, list[int]] = {}  # class -> the classes whose ends its label names
         for i in np.argsort(-values[-1], kind="stable")[:10].tolist():
             near = [j for j in shown if abs(values[-1, j] - values[-1, i]) < gap]
-            if near:
-                shown[near[0]] += 1
-            else:
-                shown[i] = 1
+            shown.setdefault(near[0] if near else i, []).append(i)
+
+        def name(k: int) -> str:
+            return elide(str(self.classes[k]) if k < len(self.classes) else str(k), 8)
+
         for i, (curve, label) in enumerate(zip(self.curves, self.end_labels, strict=True)):
             curve.setData(steps, values[:, i]) if i < classes else curve.setData([], [])
             label.setVisible(i in shown)
             if i in shown:
-                name = elide(str(self.classes[i]) if i < len(self.classes) else str(i), 8)
-                label.setText(name + (f" +{shown[i] - 1}" if shown[i] > 1 else ""))
+                names = ", ".join(name(k) for k in shown[i])  # "2, 7"; else "cat +3"
+                short = len(shown[i]) <= 3 and len(names) <= 12
+                label.setText(names if short else f"{name(i)} +{len(shown[i]) - 1}")
                 label.setPos(steps[-1] + 0.05, values[-1, i])
         brushes = [pg.mkBrush(class_color(i)) for i in range(classes)]
         self.markers.setData(
@@ -717,13 +722,13 @@ class TrajectoryPlot(pg.PlotWidget):
         )
         self.own.setData(steps, own)
         # fixed axes: π in [0, 1]; log π from a round number below its minimum to 0
-        view = (len(steps), self.log_scale, low)
+        view = (len(steps), self.log_scale, low, round(width, -1))
         if view != self._view:
             self._view = view
-            self.setRange(  # room right of the last step for the end labels
-                xRange=(0, max(1, steps[-1]) * 1.3), yRange=(low, 0.0 if self.log_scale else 1.0),
-                padding=0.03,
-            )  # fmt: skip
+            right = max(1, steps[-1]) * (1 + min(0.35, 90 / width))  # room for the end labels
+            self.setRange(
+                xRange=(0, right), yRange=(low, 0.0 if self.log_scale else 1.0), padding=0.03
+            )
             major = max(1, len(steps) // 8 + 1)
             self.getPlotItem().getAxis("bottom").setTickSpacing(major=major, minor=major)
 

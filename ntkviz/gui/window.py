@@ -104,7 +104,7 @@ class MainWindow(QMainWindow):
             QApplication.instance().installEventFilter(event_filter)
         s = self.state
         s.events.model.connect(self._on_model)
-        s.events.run_state.connect(lambda state: self.status_labels["state"].setText(state))
+        s.events.run_state.connect(self._on_run_state)
         self.controller.on("records", self._on_records)
         self.controller.on("kernel_path", self._on_kernel_path)
         self.controller.on("message", lambda event: self._status(event.payload, 5000))
@@ -293,6 +293,11 @@ class MainWindow(QMainWindow):
                 self.controller.on("session_saved", lambda event: self.close())
                 self.controller.save_session(path)
         return False
+
+    def _on_run_state(self, state: str) -> None:
+        self.status_labels["state"].setText(state)
+        if state == "training":  # "… ready; train it" is stale once it trains
+            self.statusBar().clearMessage()
 
     def _on_kernel_path(self, event) -> None:
         """The kernel path and one pair's cost of the model now held (earlier models' dropped)."""
