@@ -139,11 +139,15 @@ def _before_and_after(model, named, trainable, grads, lr, both, z) -> tuple[Tens
     of lower precision (its float32 rounding, ~1e-7·|z|, would otherwise swamp the O(η²)
     remainder below η ≈ 1e-3), where the model computes in float64; else in its own dtype (``z``
     as given before the step)."""
-    if all(p.dtype == torch.float64 for p in named.values()):
+
+    def in_own_dtype() -> tuple[Tensor, Tensor]:
         new = {n: p.detach() for n, p in named.items()}
         for n in trainable:
             new[n] = new[n] - lr * grads[n]
         return z, functional_forward(model, new, both)
+
+    if all(p.dtype == torch.float64 for p in named.values()):
+        return in_own_dtype()
     before = {n: p.detach().double() for n, p in named.items()}
     before.update(
         {n: b.double() for n, b in model.named_buffers() if b is not None and b.is_floating_point()}
@@ -155,10 +159,7 @@ def _before_and_after(model, named, trainable, grads, lr, both, z) -> tuple[Tens
     try:
         return functional_forward(model, before, x), functional_forward(model, after, x)
     except RuntimeError:  # the model computes in its own dtype only (e.g. a float32 constant)
-        new = {n: p.detach() for n, p in named.items()}
-        for n in trainable:
-            new[n] = new[n] - lr * grads[n]
-        return z, functional_forward(model, new, both)
+        return in_own_dtype()
 
 
 @dataclass(frozen=True)
