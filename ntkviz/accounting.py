@@ -64,6 +64,7 @@ from ntkviz.kernel import (
     _derivative,
     _input_cotangent,
     _kind,
+    _plain_pool,
     _Unsupported,
     _upsampled,
     empirical_ntk,
@@ -734,12 +735,10 @@ def _pull_back_pooled(act: nn.Module, pool: nn.Module, acts: list[Tensor], g: Te
 
 def _pool_size(layer: nn.Module) -> tuple[int, int] | None:
     """The window of a non-overlapping, unpadded average pooling layer, else None."""
-    if not isinstance(layer, nn.AvgPool2d):
+    if not isinstance(layer, nn.AvgPool2d) or not _plain_pool(layer):
         return None
-    pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
-    k, s = pair(layer.kernel_size), pair(layer.stride)
-    plain = k == s and pair(layer.padding) == (0, 0) and not layer.ceil_mode
-    return k if plain and layer.divisor_override is None else None
+    k = layer.kernel_size
+    return tuple(k) if isinstance(k, tuple | list) else (k, k)
 
 
 def _chain_rows(chain, x: Tensor, cotangents=None) -> tuple[Tensor, _Factored]:

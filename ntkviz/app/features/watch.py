@@ -117,7 +117,6 @@ class WatchObserver:
         import torch
 
         from ntkviz.accounting import Watch
-        from ntkviz.run_account import RunAccount
 
         classes = self.classes or tuple(engine.data.split(e.split).y[e.index].item()
                                         for e in self.examples)  # fmt: skip
@@ -137,33 +136,29 @@ class WatchObserver:
             continued_at = {"step": engine.step, "optimizer": engine.config.optimizer}
             self.run.meta.setdefault("continued_at", []).append(continued_at)
         else:
-            meta = {
+            self._new_account(len(engine.data.train), len(engine.data.classes), {
                 "watched": [[e.split, e.index] for e in self.examples],
                 "model": engine.model_name, "dataset": engine.data.name,
                 "seed": engine.config.seed, "optimizer": engine.config.optimizer,
-            }  # fmt: skip
-            self.run = RunAccount(
-                self.classes, len(engine.data.train), len(engine.data.classes), keep_steps=True,
-                meta=meta,
-            )  # fmt: skip
-            self.details = deque(maxlen=self.history)
-            self.accounted = 0
+            })  # fmt: skip
         return {"watch": Watch(x, self.classes, focus=tuple(self.focus))}
+
+    def _new_account(self, num_train: int, num_classes: int, meta: dict) -> None:
+        """An empty run account (with its timeline) and no step details."""
+        from ntkviz.run_account import RunAccount
+
+        self.run = RunAccount(self.classes, num_train, num_classes, keep_steps=True, meta=meta)
+        self.details = deque(maxlen=self.history)
+        self.accounted = 0
 
     def restart(self, engine) -> list:
         """Begin the account again (steps by hand moved the model between two of the run's
         steps: the sums would skip them); a "watch_restarted" event with the step it starts
         from."""
-        from ntkviz.run_account import RunAccount
-
         if self.run is None:
             return []
         meta = {**self.run.meta, "restarted_at": engine.step}
-        self.run = RunAccount(
-            self.classes, self.run.num_train, self.run.num_classes, keep_steps=True, meta=meta
-        )
-        self.details = deque(maxlen=self.history)
-        self.accounted = 0
+        self._new_account(self.run.num_train, self.run.num_classes, meta)
         return [Event("watch_restarted", engine.step)]
 
     def observe(self, engine, records) -> list:
