@@ -114,6 +114,17 @@ def test_y_u_chosen_by_the_user_stays_when_x_u_changes(qtbot, window, mnist):
     assert window.views["pair"].last_result.request.y_u == 7
 
 
+def test_a_chosen_y_u_stays_through_an_x_u_of_its_own_class(qtbot, window, mnist):
+    window.views["examples"].y_u_box.setCurrentIndex(7)
+    sevens, others = (mnist.train.y == 7).nonzero()[:, 0], (mnist.train.y == 3).nonzero()[:, 0]
+    window.state.x_u = Example("train", int(sevens[0]))  # labelled as chosen
+    window.state.x_u = Example("train", int(others[0]))
+    assert window.state.y_u == 7  # still the user's choice, not x_u's label 3
+    window.views["examples"].y_u_box.setCurrentIndex(3)  # x_u's own label: follows again
+    window.state.x_u = Example("train", int(sevens[1]))
+    assert window.state.y_u == 7
+
+
 def test_applied_steps_say_which_update_they_learnt(qtbot, window):
     pair = window.views["pair"]
     wait_shown(qtbot, window, "history", window.controller.apply_step)

@@ -57,6 +57,9 @@ class AppController:
         for name in ("x_u", "y_u", "x_o", "lr", "loss", "step_kind"):
             getattr(state.events, name).connect(self._pair_changed)
         state.events.x_u.connect(self._x_u_changed)
+        state.events.y_u.connect(self._y_u_changed)
+        self._y_u_follows = True  # y_u follows x_u's label until another class is chosen
+        self._following = False  # _x_u_changed is setting y_u
         self.add_session_part("pair", self._pair_state, self._restore_pair)
 
     # ------------------------------------------------------------------ plumbing
@@ -129,16 +132,31 @@ class AppController:
     def _pair_changed(self, *args) -> None:
         self.refresh()
 
+    def _follow(self, label: int) -> None:
+        """y_u := x_u's label, and it follows x_u from now on."""
+        self._y_u_follows, self._following = True, True
+        try:
+            self.state.y_u = label
+        finally:
+            self._following = False
+
+    def _y_u_changed(self, y_u: int, *args) -> None:
+        """y_u chosen (not by following x_u): another class than x_u's label stays; x_u's own
+        label follows x_u again."""
+        s = self.state
+        if self._following or s.dataset is None:
+            return
+        x_u = s.x_u
+        self._y_u_follows = not 0 <= x_u.index < s.dataset.size(x_u.split) or y_u == s.label(x_u)
+
     def _x_u_changed(self, example: Example, old: Example) -> None:
         """y_u follows x_u's label, unless the user chose another class for it: that stays."""
         s = self.state
         if s.dataset is None:
             return
         label = s.label(example)
-        # other data may have come since ``old`` was chosen: it need not be one of theirs
-        old_label = s.label(old) if 0 <= old.index < s.dataset.size(old.split) else None
-        if s.y_u == old_label or not 0 <= s.y_u < len(s.dataset.classes):
-            s.y_u = label
+        if self._y_u_follows or not 0 <= s.y_u < len(s.dataset.classes):
+            self._follow(label)
         elif s.y_u != label:
             c = s.dataset.classes
             self.message(f"y_u stays {c[s.y_u]} (x_u = {example} is labelled {c[label]})")
@@ -264,7 +282,7 @@ class AppController:
                 hits = (info.labels[split] == label).nonzero()[0]
                 first[split] = int(hits[0]) if len(hits) else 0
             x_u = Example("train", first["train"])
-            self.state.y_u = info.label("train", x_u.index)  # first: x_u's label, not kept
+            self._follow(info.label("train", x_u.index))  # new data: y_u follows x_u's label
             self.state.x_o = Example("test", first["test"])
             self.state.x_u = x_u
         finally:
