@@ -27,6 +27,13 @@ class FileWriteError(NtkvizError, OSError):
     title = "File not written"
 
 
+class FileReadError(NtkvizError, ValueError):
+    """A result file (e.g. a run's accounts) is missing, damaged or of another kind; the message
+    names the file. Also a ``ValueError``, as such files raised before."""
+
+    title = "File not readable"
+
+
 class DeviceError(NtkvizError):
     """The requested device is not available."""
 
@@ -34,7 +41,8 @@ class DeviceError(NtkvizError):
 
 
 class TrainingDiverged(NtkvizError):
-    """Training produced a non-finite loss; the model was restored to its last finite state."""
+    """A training step's loss or updated parameters were not finite; the model was put back as
+    it was before that step."""
 
     title = "Training diverged"
 
@@ -42,7 +50,8 @@ class TrainingDiverged(NtkvizError):
         self.step, self.lr, self.loss = step, lr, loss
         super().__init__(
             f"training diverged at step {step} (learning rate {lr:.3g}, loss {loss}); "
-            "the model was restored to its last finite state — try a smaller learning rate"
+            "the model was put back as the last completed step left it — try a smaller learning "
+            "rate"
         )
 
 

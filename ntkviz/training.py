@@ -3,8 +3,9 @@ between any two batches.
 
 SGD (momentum, weight decay, optionally Nesterov), Adam or AdamW, with a cosine learning-rate
 schedule (per step, to 0 at the end). Seeded and deterministic on CPU: the same config and seed give
-identical losses. A non-finite loss stops training with :class:`~ntkviz.errors.TrainingDiverged`,
-the model restored to its last finite state. With a :class:`~ntkviz.accounting.Watch`, each record
+identical losses. A step whose loss or updated parameters are not finite stops training with
+:class:`~ntkviz.errors.TrainingDiverged`, the model put back as the last completed step left it.
+With a :class:`~ntkviz.accounting.Watch`, each record
 also carries the exact account of its step for the watched examples (the trajectory is unchanged).
 """
 
@@ -193,11 +194,23 @@ def train(
     The model must already be on the config's device. Pass ``optimizer`` and ``start_step`` to
     continue a run. ``watch``: examples to account for; each record then carries the
     :class:`~ntkviz.accounting.WatchAccount` of its step (identical losses and weights as without).
-    Raises :class:`TrainingDiverged` (model restored) on a non-finite loss, and ``ValueError``
-    for settings or watched examples that cannot work — at once, before the first step.
+    Raises :class:`TrainingDiverged` when a step's loss or updated parameters are not finite:
+    the model's parameters and buffers are put back as they were before that step (as the last
+    record left them) and, if the update was taken, the optimizer's state is cleared. Raises
+    ``ValueError`` for settings or watched examples that cannot work — at once, before the first
+    step.
     """
     config.validate()
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    if floats and config.lr > torch.finfo(floats[0].dtype).max:
+        raise ValueError(
+            f"the learning rate {config.lr:g} overflows the parameters' {floats[0].dtype}"
+        )
     if watch is not None:
+        if optimizer is not None:
+            from ntkviz.accounting import _check_optimizer
+
+            _check_optimizer(model, optimizer)
         if watch.x.shape[1:] != data.train.x.shape[1:]:
             raise ValueError(
                 f"watched examples must be shaped like the data's {tuple(data.train.x.shape[1:])}, "
@@ -239,7 +252,8 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
     opt = optimizer or make_optimizer(model, config)
     gen = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    last_good = [p.detach().clone() for p in params]
+    kept = [*params, *model.buffers()]  # as they were before the step being taken
+    last_good = [t.detach().clone() for t in kept]
     model.train()
     accounting = None
     log.info(
@@ -262,6 +276,9 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
                 group["lr"] = lr
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
             xb, yb = x_all[batch].to(device), y_all[batch].to(device)
+            with torch.no_grad():
+                for t, good in zip(kept, last_good):
+                    good.copy_(t)
             if watch is not None:
                 if accounting is None:  # set up once: each step's end starts the next one
                     accounting = AccountedStep(
@@ -271,17 +288,15 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
                 logits = accounting.forward(xb)
             else:
                 logits = model(xb)
+            if logits.ndim != 2 or len(logits) != len(yb) or logits.shape[1] < data.num_classes:
+                raise ValueError(
+                    f"in training mode the model maps a batch {tuple(xb.shape)} to logits of shape "
+                    f"{tuple(logits.shape)}, not (B, V) for the data's {data.num_classes} classes"
+                )
             loss = F.cross_entropy(logits, yb)
             value = loss.item()
-            if not math.isfinite(value) or not all(bool(p.isfinite().all()) for p in params):
-                with torch.no_grad():
-                    for p, good in zip(params, last_good):
-                        p.copy_(good)
-                log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
-                raise TrainingDiverged(step, lr, value)
-            with torch.no_grad():
-                for p, good in zip(params, last_good):
-                    good.copy_(p)
+            if not math.isfinite(value):  # no update yet: the forward's statistics go back
+                _diverged(kept, last_good, step, lr, value)
             opt.zero_grad(set_to_none=True)
             account = None
             if watch is not None:
@@ -289,6 +304,9 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             else:
                 loss.backward()
                 opt.step()
+            if not all(bool(p.isfinite().all()) for p in params):
+                opt.state.clear()  # it holds the diverged update
+                _diverged(kept, last_good, step, lr, value)
             acc = (logits.argmax(1) == yb).float().mean().item()
             test_acc = None
             if step % config.eval_every == 0 or step == total:
@@ -298,6 +316,15 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             batch_indices.flags.writeable = False
             yield TrainRecord(step, total, epoch, value, acc, lr, test_acc, batch_indices, account)
     log.info("training ended after %d steps, test accuracy %s", step, test_acc)
+
+
+def _diverged(kept: list, last_good: list, step: int, lr: float, loss: float) -> None:
+    """Put the model back as it was before ``step`` and raise :class:`TrainingDiverged`."""
+    with torch.no_grad():
+        for t, good in zip(kept, last_good):
+            t.copy_(good)
+    log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, loss)
+    raise TrainingDiverged(step, lr, loss)
 
 
 @dataclass(frozen=True)

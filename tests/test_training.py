@@ -1,11 +1,13 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from ntkviz.accounting import Watch
 from ntkviz.errors import DeviceError, TrainingDiverged
 from ntkviz.models import MODELS, build_model, count_parameters
-from ntkviz.training import TrainConfig, resolve_device, train
+from ntkviz.training import TrainConfig, make_optimizer, resolve_device, train
 
 SMALL = TrainConfig(train_size=512, epochs=1, batch_size=64, eval_every=4, eval_size=500)
 
@@ -36,20 +38,40 @@ def test_training_is_deterministic_on_cpu(mnist):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
-def test_divergence_stops_and_restores_the_last_finite_state(mnist):
+def state(model) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_divergence_puts_the_model_back_as_the_last_record_left_it(mnist, watched):
+    """A non-finite loss at step k (no update taken): the model stays as step k − 1 left it."""
     model = build_model("mlp")
-    config = TrainConfig(train_size=2000, epochs=1, lr=1e12, momentum=0.0, weight_decay=0.0)
-    gen = train(model, mnist, config)
-    seen = []
+    config = TrainConfig(train_size=2000, epochs=1, lr=30.0, momentum=0.9, weight_decay=0.0)
+    watch = Watch(mnist.test.x[:2], (7, 2)) if watched else None
+    seen, states = [], [state(model)]
     with pytest.raises(TrainingDiverged) as info:
-        for record in gen:
+        for record in train(model, mnist, config, watch=watch):
             seen.append(record)
-    assert info.value.step == len(seen) + 1
-    assert info.value.lr > 0 and "learning rate" in str(info.value)
-    assert all(bool(p.isfinite().all()) for p in model.parameters())
-    # The restored model is the one whose loss was last finite: evaluating it gives that loss.
-    if seen:
-        assert math.isfinite(seen[-1].loss)
+            states.append(state(model))
+    assert len(seen) >= 2 and info.value.step == len(seen) + 1
+    assert not math.isfinite(info.value.loss) and "learning rate" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(state(model), states[-1]))
+    assert all(math.isfinite(r.loss) for r in seen)
+
+
+def test_an_update_that_overflows_is_undone_and_the_optimizer_state_cleared(mnist):
+    """A finite loss whose update makes parameters infinite: the model goes back to before that
+    step, and the optimizer forgets the diverged momentum."""
+    loud = dataclasses.replace(mnist, train=dataclasses.replace(mnist.train, x=mnist.train.x * 1e3))
+    model = build_model("mlp")
+    before = state(model)
+    config = TrainConfig(train_size=2000, epochs=1, lr=1e37, momentum=0.9, weight_decay=0.0)
+    optimizer = make_optimizer(model, config)
+    with pytest.raises(TrainingDiverged) as info:
+        next(train(model, loud, config, optimizer))
+    assert info.value.step == 1 and math.isfinite(info.value.loss)
+    assert all(torch.equal(a, b) for a, b in zip(state(model), before))
+    assert not optimizer.state
 
 
 def test_invalid_config_and_device_give_clear_errors():
