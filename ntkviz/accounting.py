@@ -70,6 +70,7 @@ from ntkviz.kernel import (
     empirical_ntk,
     eval_mode,
 )
+from ntkviz.models import BranchSum
 
 #: Optimizer kinds the accounting understands, by ``StepAccount.optimizer`` name.
 SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -248,6 +249,8 @@ def _optimizer_kind(optimizer) -> str:
 
 
 def _check_optimizer(model: nn.Module, optimizer) -> str:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     kind = _optimizer_kind(optimizer)
     own = {id(p) for p in model.parameters()}
     for group in optimizer.param_groups:
@@ -279,6 +282,24 @@ def _check_lr(lr) -> float:
 
 def _depends_on_mode(model: nn.Module) -> bool:
     return any(isinstance(m, _MODE_DEPENDENT) for m in model.modules())
+
+
+def _same_in_both_modes(model: nn.Module) -> bool:
+    """Whether the model computes the same in training and eval mode, as far as its code shows:
+    a chain of layers of the kinds the structured path knows (no dropout, no batch norm), so
+    that the eval-mode sweeps need not switch every module's flag."""
+    if _chain(model) is None:
+        return False
+    for m in model.modules():
+        if isinstance(m, _MODE_DEPENDENT):
+            return False
+        container = isinstance(m, nn.ModuleList) or type(m).forward in _CONTAINERS
+        if not container and _kind(m) == "other":
+            return False
+    return True
+
+
+_CONTAINERS = (nn.Sequential.forward, BranchSum.forward)
 
 
 # --------------------------------------------------------------------------- the step's maps
@@ -846,13 +867,13 @@ class _Start:
     on the factored path J of the fully accounted examples (``full``, V rows each) and
     J(x_o)ᵀ·(e_c − π(x_o)) of the others (``light``, one row each); the buffers before the
     training forward (mode-dependent models only) and the model's :class:`_Stamp` (whether this
-    start still holds)."""
+    start still holds; None for a start that the next forward follows at once)."""
 
     z: Tensor
     full: _Factored | None
     light: _Factored | None
     buffers: list
-    stamp: _Stamp
+    stamp: _Stamp | None
 
 
 class AccountedStep:
@@ -870,7 +891,9 @@ class AccountedStep:
     :meth:`step` returns a :class:`WatchAccount`. ``continued``: after each step the watched
     examples' forward at the new parameters serves both that step's actual change and the next
     step's start (used when the next :meth:`forward` finds the model's parameters and buffers
-    unchanged; else that start is taken again)."""
+    unchanged; else that start is taken again). ``immediate``: the caller calls :meth:`forward`
+    right after this constructor, with the model untouched (as :func:`account_step` does), so the
+    first start skips recording the model to check that."""
 
     def __init__(
         self,
@@ -882,6 +905,7 @@ class AccountedStep:
         top_kernels: bool = False,
         focus: Sequence[int] | None = None,
         continued: bool = False,
+        immediate: bool = False,
     ):
         self.kind = _check_optimizer(model, optimizer)
         self.model, self.optimizer, self.top_kernels = model, optimizer, top_kernels
@@ -896,13 +920,14 @@ class AccountedStep:
         # The training-mode forward updates running statistics (batch norm); the Jacobians are
         # taken with the buffers as they were before it.
         self.mode_dependent = _depends_on_mode(model)
+        self.same_in_both_modes = _same_in_both_modes(model)
         start = None
         try:
             if len(self.light_index):  # their rows need the classes, which need the logits
-                with torch.no_grad(), eval_mode(model):
+                with torch.no_grad(), self._eval_mode():
                     z = model(self.x_watch)
             else:
-                start = self._start()
+                start = self._start(stamped=not immediate)
                 z = start.z
         except RuntimeError as e:
             raise ValueError(
@@ -916,6 +941,8 @@ class AccountedStep:
         V = z.shape[1]
         if classes is None:
             classes = z.argmax(1).tolist()
+        if isinstance(classes, Tensor | np.ndarray):  # e.g. labels, int64
+            classes = classes.tolist() if classes.ndim == 1 else [classes.tolist()]
         classes = list(classes)
         if len(classes) != W or any(
             isinstance(c, bool) or not isinstance(c, int | np.integer) or not 0 <= c < V
@@ -924,7 +951,7 @@ class AccountedStep:
             raise ValueError(f"classes must be {W} ints in [0, {V}), got {classes!r}")
         self.classes = torch.tensor([int(c) for c in classes])
         self.num_classes = V
-        self._next: _Start | None = start or self._start()
+        self._next: _Start | None = start or self._start(stamped=not immediate)
         self._current: _Start | None = None
         self.capture = None
         self.logit_grad = None
@@ -941,9 +968,16 @@ class AccountedStep:
             )
         return x_batch
 
+    def _eval_mode(self):
+        """Eval mode for the watched examples' sweeps: every module's flag switched, unless the
+        model computes the same in both modes."""
+        if self.same_in_both_modes:
+            return contextlib.nullcontext()
+        return eval_mode(self.model)
+
     # ------------------------------------------------------------------ the watched examples
 
-    def _start(self) -> _Start:
+    def _start(self, stamped: bool = True) -> _Start:
         """The watched examples at the current parameters, in eval mode: their logits, the full
         rows of the focused ones and the class rows of the others (factored path), or only the
         logits and u (the generic path, whose rows are materialised in :meth:`step`)."""
@@ -951,7 +985,7 @@ class AccountedStep:
         fi, li = self.full_index, self.light_index
         buffers = [b.detach().clone() for b in model.buffers()] if self.mode_dependent else []
         full = light = z_full = z_light = None
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), self._eval_mode():
             if self.chain is not None:
                 try:
                     if len(fi):
@@ -970,7 +1004,7 @@ class AccountedStep:
             else:
                 z = z_light.new_empty((len(x), z_light.shape[1]))
                 z[fi], z[li] = z_full, z_light
-        return _Start(z, full, light, buffers, _Stamp(model))
+        return _Start(z, full, light, buffers, _Stamp(model) if stamped else None)
 
     # ------------------------------------------------------------------ the step
 
@@ -979,7 +1013,7 @@ class AccountedStep:
         (each trainable layer's input and output gradient on the structured path)."""
         x_batch = self.check_batch(x_batch)
         start, self._next = self._next, None
-        if start is None or not start.stamp.holds(self.model):
+        if start is None or (start.stamp is not None and not start.stamp.holds(self.model)):
             start = self._start()
         self._current = start
         self.x_batch = x_batch
@@ -989,6 +1023,11 @@ class AccountedStep:
         else:
             self.capture = None
             logits = self.model(x_batch)
+        if logits.shape != (len(x_batch), self.num_classes):
+            raise ValueError(
+                f"in training mode the model maps x_batch {tuple(x_batch.shape)} to logits of "
+                f"shape {tuple(logits.shape)}, in eval mode to (N, {self.num_classes})"
+            )
 
         box = self.logit_grad = {}
         logits.register_hook(lambda grad: box.__setitem__("grad", grad))
@@ -1057,7 +1096,7 @@ class AccountedStep:
             self._next = self._start()
             z_after = self._next.z
         else:
-            with torch.no_grad(), eval_mode(model):
+            with torch.no_grad(), self._eval_mode():
                 z_after = model(self.x_watch)
         focused = None
         if full is not None:
@@ -1270,7 +1309,7 @@ def account_step(
     try:
         with torch.random.fork_rng(devices=devices, enabled=not commit):
             step = AccountedStep(
-                model, optimizer, x_watch, classes=classes, top_kernels=top_kernels
+                model, optimizer, x_watch, classes=classes, top_kernels=top_kernels, immediate=True
             )
             x_batch = step.check_batch(x_batch)
             y = _labels(y_batch, step.num_classes, x_batch)
@@ -1446,6 +1485,8 @@ class Watch:
         x = torch.as_tensor(self.x)
         if x.ndim < 2 or len(x) == 0:
             raise ValueError(f"watched examples must be a batch (W, ...), got {tuple(x.shape)}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("watched examples hold NaN or infinite values")
         classes = self.classes
         if isinstance(classes, Tensor | np.ndarray):  # e.g. the dataset's labels, int64
             classes = classes.tolist() if classes.ndim == 1 else [classes.tolist()]
@@ -1494,17 +1535,17 @@ def decompose_step(
     x_o: Tensor,
     x_u: Tensor,
     y_u: int,
-    lr: float,
+    lr: float | None = None,
     loss: str = "ce",
 ) -> StepDecomposition:
     """Decompose the step ``optimizer`` would take next on the single example ``(x_u, y_u)`` at
-    learning rate ``lr``, as seen from ``x_o`` (single examples, like :func:`decompose`'s): its
-    momentum or Adam state as it is now, and the real change after the step. Nothing changes:
-    model, ``.grad``, optimizer state and random state are restored bit-exactly (see
-    :func:`account_step` with ``commit=False``). With a plain SGD optimizer (no momentum, no
-    decay) this is :func:`decompose`'s step for models that compute alike in training and eval
-    mode; with batch norm or dropout the step's gradient comes from training mode (as a real step
-    takes it) and :func:`decompose`'s from eval mode."""
+    learning rate ``lr`` (None: the optimizer's own), as seen from ``x_o`` (single examples, like
+    :func:`decompose`'s): its momentum or Adam state as it is now, and the real change after the
+    step. Nothing changes: model, ``.grad``, optimizer state and random state are restored
+    bit-exactly (see :func:`account_step` with ``commit=False``). With a plain SGD optimizer (no
+    momentum, no decay) this is :func:`decompose`'s step for models that compute alike in training
+    and eval mode; with batch norm or dropout the step's gradient comes from training mode (as a
+    real step takes it) and :func:`decompose`'s from eval mode."""
     x_o, x_u = torch.as_tensor(x_o), torch.as_tensor(x_u)
     if x_o.shape != x_u.shape:
         raise ValueError(
@@ -1536,7 +1577,7 @@ def decompose_step(
         logits_after=_frozen(dz_after[0]),
         probs_u_before=p[1],
         probs_u_after=_frozen(np.exp(np.log(p[1]) + a.actual[1])),
-        lr=float(lr),
+        lr=a.lr,
         loss=loss,
         y_u=int(y_u),
         gradient_term=a.gradient[0, 0],

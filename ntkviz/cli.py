@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -54,6 +55,14 @@ def _step_size(text: str) -> float:
     return value
 
 
+def _device_name(text: str) -> str:
+    """``--device``: auto, cpu, mps, cuda or cuda:N (argparse: exit code 2; one that this machine
+    lacks is a failure later, exit code 1)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text.strip().lower()
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -92,7 +101,7 @@ def _add_train(sub) -> None:
     p.add_argument("--eps", type=float, help="Adam's ε (default 1e-8)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda or mps (default auto)")
+    p.add_argument("--device", type=_device_name, help="auto, cpu, cuda or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--watch",

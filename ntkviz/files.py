@@ -108,6 +108,20 @@ def check_writable(path: str | Path) -> None:
         raise FileWriteError(_reason(path, e)) from e
 
 
+def refused_objects(path: Path, e: Exception) -> bool:
+    """Whether ``torch.load(path, weights_only=True)`` failed with ``e`` because the file holds
+    objects other than tensors and plain values — not because it is no torch.save file at all
+    (random bytes fail the same way): torch.save writes a zip archive or a pickle (protocol ≥ 2)."""
+    if "weights only" not in str(e).lower() and "weights_only" not in str(e):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
+
+
 def load_torch_file(path: str | Path, what: str, error: type[NtkvizError]):
     """The object stored in ``path`` by ``torch.save``, read with ``weights_only=True`` (no code
     runs). Raises ``error`` naming ``path`` and ``what`` (e.g. "checkpoint") when the file is
@@ -122,7 +136,7 @@ def load_torch_file(path: str | Path, what: str, error: type[NtkvizError]):
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4 …"
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        if refused_objects(path, e):
             raise error(
                 f"{path} is not a readable ntkviz {what} (it contains objects other than tensors "
                 "and plain values; it was not opened)"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkviz.errors import ModelError
+from ntkviz.files import refused_objects
 from ntkviz.kernel import _as_batch, eval_mode
 
 EXAMPLE = "my_models.py:build or mypackage.models:build"
@@ -137,11 +138,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights only load failed" in str(e).lower():
+        if refused_objects(path, e):
             why = (
                 "it holds objects other than tensors and plain values, which are refused: "
                 "reading them could run code"
             )
+        elif "weights only" in str(e).lower():  # torch's advice to drop the check is not ours
+            why = "it is not a torch.save file (damaged, or another kind of file)"
         else:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             why = f"it is not a complete torch.save file ({type(e).__name__}: {detail})"

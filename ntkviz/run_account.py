@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkviz.accounting import StepAccount, WatchAccount
+from ntkviz.errors import FileReadError
 from ntkviz.files import atomic_write, write_npz
 
 FORMAT = "ntkviz-run-account"
@@ -311,17 +312,18 @@ class RunAccount:
 
     @classmethod
     def load(cls, path: str | Path) -> RunAccount:
-        """Read an account written by :meth:`save` (NPZ); ``ValueError`` names what is wrong."""
+        """Read an account written by :meth:`save` (NPZ); :class:`~ntkviz.errors.FileReadError`
+        (a ``ValueError``) names what is wrong."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} is not a readable ntkviz run account ({e})") from None
+            raise FileReadError(f"{path} is not a readable ntkviz run account ({e})") from None
         if str(arrays.get("format", "")) != FORMAT:
-            raise ValueError(f"{path} is not an ntkviz run account")
-        if int(arrays["version"]) > VERSION:
-            raise ValueError(
+            raise FileReadError(f"{path} is not an ntkviz run account")
+        if int(arrays.get("version", VERSION)) > VERSION:
+            raise FileReadError(
                 f"{path} has run-account format version {int(arrays['version'])}; this ntkviz "
                 f"reads up to {VERSION} — upgrade it"
             )
@@ -329,7 +331,7 @@ class RunAccount:
             return cls._from_arrays(arrays)
         except (KeyError, ValueError, TypeError, IndexError) as e:
             what = f"no {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"{path} is a damaged ntkviz run account: {what}") from None
+            raise FileReadError(f"{path} is a damaged ntkviz run account: {what}") from None
 
     @classmethod
     def _from_arrays(cls, arrays: dict) -> RunAccount:

@@ -21,12 +21,16 @@ from ntkviz.accounting import (
     AccountedStep,
     Watch,
     WatchAccount,
+    _same_in_both_modes,
     _structured_layers,
     account_step,
+    decompose_step,
     optimizer_kernel,
     optimizer_snapshot,
 )
+from ntkviz.errors import FileReadError
 from ntkviz.kernel import empirical_ntk
+from ntkviz.models import BranchSum
 from ntkviz.run_account import RunAccount
 from ntkviz.training import TrainConfig, make_optimizer, train
 
@@ -403,6 +407,36 @@ def test_frozen_layers_and_in_place_activations_keep_the_factored_account():
     assert _structured_layers(make("frozen_same_inplace"))[0] is not None
 
 
+class ShiftWhileTraining(nn.Module):
+    """A layer of the user's that computes differently in training mode."""
+
+    def forward(self, x):
+        return x + 0.5 if self.training else x
+
+
+def test_watched_examples_are_taken_in_eval_mode_unless_both_modes_agree():
+    """The sweeps skip switching every module to eval mode only for chains of layers known to
+    compute the same in both modes; a layer of unknown code keeps the switch."""
+    shifted = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 16), ShiftWhileTraining(), nn.Tanh(), nn.Linear(16, 10)
+    ).double()
+    dropout = build("dropout_mlp")
+    block = nn.Sequential(
+        nn.Flatten(), BranchSum(nn.Sequential(nn.Linear(784, 784), nn.ReLU()), nn.Identity())
+    )
+    assert _same_in_both_modes(make("lenet")) and _same_in_both_modes(block)
+    assert not _same_in_both_modes(shifted) and not _same_in_both_modes(dropout)
+    assert not _same_in_both_modes(make("residual"))  # batch norm
+    for model in (shifted, dropout):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        z0 = eval_logits(model, XW)
+        acc = account_step(model, optimizer, X, Y, XW)
+        close(acc.probs_before, F.softmax(z0, -1), 1e-12)
+        close(acc.dz_actual, eval_logits(model, XW) - z0, 1e-12)
+        assert model.training and all(m.training for m in model.modules())
+
+
 @pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "sgd-nesterov", "adam", "adamw"])
 def test_the_first_step_has_no_history(opt_name):
     """With no optimizer state yet: momentum term zero, SGD's buffer is the gradient itself."""
@@ -599,6 +633,50 @@ def test_bad_inputs_raise_clear_errors():
     assert opt32.param_groups[0]["lr"] == 0.1 and not opt32.state
 
 
+class TenInTrainingMode(nn.Sequential):
+    """Five classes in eval mode, ten in training mode: a model no label check can trust."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return z if self.training else z[:, :5]
+
+
+def test_more_bad_inputs_are_refused_before_anything_moves(mnist):
+    model = make("tiny_cnn")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module, got function"):
+        account_step(lambda x: x, sgd, X, Y, XW)
+    odd = TenInTrainingMode(nn.Flatten(), nn.Linear(784, 10)).double()
+    odd_sgd = torch.optim.SGD(odd.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"in training mode the model maps .* \(6, 10\), in eval"):
+        account_step(odd, odd_sgd, X, Y % 5, XW)
+    with pytest.raises(ValueError, match="watched examples hold NaN"):
+        Watch(XW * float("nan"), (1, 2))
+    lenet, data = make("lenet").float(), mnist
+    config = TrainConfig(train_size=256, epochs=1, batch_size=64)
+    watch = Watch(data.test.x[:2], (7, 2))
+    rmsprop = torch.optim.RMSprop(lenet.parameters())
+    with pytest.raises(ValueError, match=r"AdamW; got .*RMSprop"):  # at once, not at next()
+        train(lenet, data, config, rmsprop, watch=watch)
+    with pytest.raises(ValueError, match=r"learning rate 1e\+39 overflows"):
+        train(lenet, data, replace(config, lr=1e39))
+
+
+def test_classes_and_learning_rates_in_every_usual_form():
+    model = make("tiny_cnn")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    warm_up(model, sgd, 2)
+    runs = []
+    for classes in ([2, 7], torch.tensor([2, 7]), np.array([2, 7])):
+        reference = twin(model, sgd)
+        runs.append(account_step(*reference, X, Y, XW, classes=classes))
+    assert all(np.array_equal(r.contributions, runs[0].contributions) for r in runs)
+    assert runs[0].classes.tolist() == [2, 7]
+    own = decompose_step(model, sgd, XW[0], X[0], 3)  # lr None: the optimizer's
+    assert own.lr == 0.1
+    assert np.array_equal(own.actual, decompose_step(model, sgd, XW[0], X[0], 3, lr=0.1).actual)
+
+
 @pytest.mark.parametrize("lr", [np.float32(0.05), np.int64(0), torch.tensor(0.05)])
 def test_any_real_scalar_is_a_learning_rate(lr):
     runs = []
@@ -749,7 +827,7 @@ def test_run_account_files_round_trip(tmp_path, mnist):
     with pytest.raises(ValueError, match=r"\.npz or \.csv"):
         run.save(tmp_path / "run.json")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(FileReadError, match="not a readable"):  # also a ValueError
         RunAccount.load(tmp_path / "bad.npz")
     good = (tmp_path / "run.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])  # truncated

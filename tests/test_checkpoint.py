@@ -146,6 +146,10 @@ def test_a_file_with_foreign_objects_gets_no_advice_to_disable_weights_only(tmp_
     with pytest.raises(CheckpointError, match="not a readable ntkviz checkpoint") as info:
         load_checkpoint(path)
     assert "weights_only" not in str(info.value)
+    path.write_bytes(bytes(range(7, 256)))  # no torch.save file at all: damaged, not dangerous
+    with pytest.raises(CheckpointError, match="damaged or another kind of file") as info:
+        load_checkpoint(path)
+    assert "objects other than" not in str(info.value)
 
 
 def test_unsavable_metadata_is_refused_before_writing(tmp_path):

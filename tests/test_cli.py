@@ -138,6 +138,7 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
         ),
         (["train", "--out", "no/such/dir/x.pt"], 2, "does not exist"),
         (["decompose", "--bogus"], 2, "usage"),
+        (["train", "--device", "tpu"], 2, "argument --device: must be auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_errors_have_exit_codes_and_messages(trained, args, code, message, monkeypatch, capsys):
@@ -445,6 +446,7 @@ def test_a_run_that_fails_midway_keeps_its_steps(factory, error, tmp_path, capsy
         (["decompose", "--model", "lenet", "--out", "DJSON", "--xu", "0", "--xo", "0"],
          "it is a directory; choose another --out"),
         (["train", "--watch", "1", "--accounts", "DIR"], "it is a directory; choose another --accounts"),
+        (["train", "--lr", "1e39", "--out", "OUT"], "learning rate 1e+39 overflows"),
     ],
 )  # fmt: skip
 def test_more_bad_arguments_exit_2_before_any_work(args, message, tmp_path, capsys):
