@@ -108,10 +108,15 @@ class StepAccount:
       before this gradient); zeros for plain SGD and on the first step;
     - ``weight_decay (W, V)``: SGD's or Adam's λθ share, AdamW's decoupled −η·λ·θ;
     - ``predicted (W, V)`` = ``gradient.sum(1) + momentum + weight_decay`` (the first order);
-    - ``residual (W, V)`` = ``actual − predicted`` (second order, plus any train/eval difference).
+    - ``statistics (W, V)``: what the training forward's update of running statistics (batch
+      norm's running mean and variance) changed, exactly: log π(θ', stats') − log π(θ', stats)
+      at the new parameters θ'; zeros for models without running statistics. It does not shrink
+      with η, so it stands apart from the residual;
+    - ``residual (W, V)`` = ``actual − predicted − statistics`` (second order, plus the first-order
+      difference between training- and eval-mode gradients of batch-norm models).
 
     The same at the logit level (Δz, no A): ``dz_actual``, ``dz_gradient (W, B, V)``,
-    ``dz_momentum``, ``dz_weight_decay``, ``dz_predicted``, ``dz_residual``.
+    ``dz_momentum``, ``dz_weight_decay``, ``dz_predicted``, ``dz_statistics``, ``dz_residual``.
 
     The batch: ``G (B, V)`` = ∂ℓ_b/∂z_b of each example's own loss in training mode (π − e_y for
     "ce"); ``batch_labels (B,)`` int64. ``classes (W,)`` int64: the class each watched example's
@@ -132,12 +137,14 @@ class StepAccount:
     gradient: np.ndarray
     momentum: np.ndarray
     weight_decay: np.ndarray
+    statistics: np.ndarray
     residual: np.ndarray
     dz_actual: np.ndarray
     dz_predicted: np.ndarray
     dz_gradient: np.ndarray
     dz_momentum: np.ndarray
     dz_weight_decay: np.ndarray
+    dz_statistics: np.ndarray
     dz_residual: np.ndarray
     G: np.ndarray
     batch_labels: np.ndarray
@@ -151,7 +158,9 @@ class StepAccount:
     top_kernel: np.ndarray | None = field(default=None, compare=False)
 
     #: The (W, V) terms, by name, at the log-probability level (gradient summed over the batch).
-    TERMS = ("actual", "predicted", "gradient", "momentum", "weight_decay", "residual")
+    TERMS = (
+        "actual", "predicted", "gradient", "momentum", "weight_decay", "statistics", "residual"
+    )  # fmt: skip
 
     def terms(self, logits: bool = False) -> dict[str, np.ndarray]:
         """The (W, V) terms by name (``TERMS``; the gradient term summed over the batch), at the
@@ -173,10 +182,11 @@ class WatchAccount:
     read-only; float64 unless noted; nats.
 
     - ``contributions (W, B)``: per batch example b, −(s/B)·[A·K_P(x_o, x_b)·G_b]_c;
-    - ``class_gradient``, ``class_momentum``, ``class_weight_decay`` ``(W,)``: the terms of
-      Δlog π_c (``class_gradient`` = ``contributions.sum(1)``);
-      ``class_predicted`` = their sum; ``class_actual``: the real Δlog π_c (eval mode, before vs
-      after); ``class_residual`` = ``class_actual − class_predicted``;
+    - ``class_gradient``, ``class_momentum``, ``class_weight_decay`` ``(W,)``: the first-order
+      terms of Δlog π_c (``class_gradient`` = ``contributions.sum(1)``); ``class_predicted`` =
+      their sum; ``class_statistics``: the exact change from running statistics (see
+      :class:`StepAccount`); ``class_actual``: the real Δlog π_c (eval mode, before vs after);
+      ``class_residual`` = ``class_actual − class_predicted − class_statistics``;
     - ``probs_before (W, V)``: π(x_o) before the step; ``actual (W, V)`` and ``dz_actual (W, V)``:
       the real Δlog π and Δz of every class;
     - the batch: ``G (B, V)``, ``batch_labels (B,)`` int64; ``classes (W,)`` int64;
@@ -196,6 +206,7 @@ class WatchAccount:
     class_gradient: np.ndarray
     class_momentum: np.ndarray
     class_weight_decay: np.ndarray
+    class_statistics: np.ndarray
     class_predicted: np.ndarray
     class_actual: np.ndarray
     class_residual: np.ndarray
@@ -1098,16 +1109,23 @@ class AccountedStep:
         else:
             with torch.no_grad(), self._eval_mode():
                 z_after = model(self.x_watch)
+        z_mid = z_after  # the new parameters with the statistics before the step
+        if start.buffers and not all(
+            torch.equal(b, s) for b, s in zip(model.buffers(), start.buffers)
+        ):
+            with torch.no_grad(), self._eval_mode(), _buffers_restored(model, start.buffers):
+                z_mid = model(self.x_watch)
         focused = None
         if full is not None:
             focused = _account(
-                start.z[fi], z_after[fi], dz_gradient, dz_momentum, dz_decay, gradient,
-                probs[fi], contributions, G, labels, classes, top_index, top_kernel, **scalars,
+                start.z[fi], z_mid[fi], z_after[fi], dz_gradient, dz_momentum, dz_decay,
+                gradient, probs[fi], contributions, G, labels, classes, top_index, top_kernel,
+                **scalars,
             )  # fmt: skip
         if self.focus is None:
             return focused
         return _watch_account(
-            start.z, z_after, probs, self.classes, self.focus, focused, li,
+            start.z, z_mid, z_after, probs, self.classes, self.focus, focused, li,
             light_gradient if light is not None else None,
             light_history if light is not None else None, G, labels, **scalars,
         )  # fmt: skip
@@ -1164,6 +1182,7 @@ def _log_level(dz: Tensor, probs: Tensor) -> Tensor:
 
 def _account(
     z_before,
+    z_mid,
     z_after,
     dz_gradient,
     dz_momentum,
@@ -1178,12 +1197,16 @@ def _account(
     top_kernel,
     **scalars,
 ) -> StepAccount:
-    """Assemble the frozen float64 account; predicted and residual are sums of the frozen terms."""
-    z0, z1 = z_before.double(), z_after.double()
+    """Assemble the frozen float64 account; predicted and residual are sums of the frozen terms.
+    ``z_mid``: the watched logits at the new parameters with the old running statistics (the
+    statistics term is ``z_after`` against it)."""
+    z0, zm, z1 = z_before.double(), z_mid.double(), z_after.double()
     momentum = _log_level(dz_momentum.double(), probs)
     decay = _log_level(dz_decay.double(), probs)
     actual = _frozen(F.log_softmax(z1, -1) - F.log_softmax(z0, -1))
     dz_actual = _frozen(z1 - z0)
+    statistics = _frozen(F.log_softmax(z1, -1) - F.log_softmax(zm, -1))
+    dz_statistics = _frozen(z1 - zm)
     terms = {
         "gradient": _frozen(gradient),
         "momentum": _frozen(momentum),
@@ -1200,10 +1223,12 @@ def _account(
         probs_before=_frozen(probs),
         actual=actual,
         predicted=predicted,
-        residual=_frozen(actual - predicted),
+        statistics=statistics,
+        residual=_frozen(actual - predicted - statistics),
         dz_actual=dz_actual,
         dz_predicted=dz_predicted,
-        dz_residual=_frozen(dz_actual - dz_predicted),
+        dz_statistics=dz_statistics,
+        dz_residual=_frozen(dz_actual - dz_predicted - dz_statistics),
         G=_frozen(G),
         batch_labels=_frozen_int(labels),
         classes=_frozen_int(classes),
@@ -1216,15 +1241,16 @@ def _account(
 
 
 def _watch_account(
-    z_before, z_after, probs, classes, focus, focused, light_index, light_gradient, light_terms,
-    G, labels, **scalars,
+    z_before, z_mid, z_after, probs, classes, focus, focused, light_index, light_gradient,
+    light_terms, G, labels, **scalars,
 ) -> WatchAccount:  # fmt: skip
     """Assemble the frozen float64 :class:`WatchAccount`: the light examples' class terms from
     their ``(W_l, B)`` contributions and ``(W_l, 2)`` momentum and decay terms, the focused ones'
     from their ``focused`` :class:`StepAccount`."""
-    z0, z1 = z_before.double(), z_after.double()
+    z0, zm, z1 = z_before.double(), z_mid.double(), z_after.double()
     actual = (F.log_softmax(z1, -1) - F.log_softmax(z0, -1)).cpu().numpy()
     dz_actual = (z1 - z0).cpu().numpy()
+    statistics = (F.log_softmax(z1, -1) - F.log_softmax(zm, -1)).cpu().numpy()
     W, B = len(z0), len(G)
     classes = classes.numpy()
     contributions, terms = np.empty((W, B)), np.empty((3, W))
@@ -1241,8 +1267,10 @@ def _watch_account(
         terms[1, f] = focused.momentum[rows, c]
         terms[2, f] = focused.weight_decay[rows, c]
         actual[f], dz_actual[f] = focused.actual, focused.dz_actual
+        statistics[f] = focused.statistics
     predicted = terms[0] + terms[1] + terms[2]
     class_actual = actual[np.arange(W), classes]
+    class_statistics = statistics[np.arange(W), classes]
     return WatchAccount(
         classes=_frozen_int(classes),
         probs_before=_frozen(probs),
@@ -1252,9 +1280,10 @@ def _watch_account(
         class_gradient=_frozen(terms[0]),
         class_momentum=_frozen(terms[1]),
         class_weight_decay=_frozen(terms[2]),
+        class_statistics=_frozen(class_statistics),
         class_predicted=_frozen(predicted),
         class_actual=_frozen(class_actual),
-        class_residual=_frozen(class_actual - predicted),
+        class_residual=_frozen(class_actual - predicted - class_statistics),
         G=_frozen(G),
         batch_labels=_frozen_int(labels),
         focus=_frozen_int(np.array(focus, np.int64)),
@@ -1510,21 +1539,26 @@ class StepDecomposition(Decomposition):
     x_u's ∂L/∂z, and the gradient term is ``gradient_term`` = −s·A·K_P·G with s = ``step_scale``
     (η for plain SGD; see :class:`StepAccount`). The step's other terms stand apart:
     ``momentum`` and ``weight_decay`` ``(V,)`` (Δlog π; ``dz_momentum``, ``dz_weight_decay`` at
-    the logit level), so that ``predicted`` = gradient term + momentum + weight decay and
-    ``residual`` = actual − predicted. ``optimizer``: "sgd", "adam" or "adamw"."""
+    the logit level), so that ``predicted`` = gradient term + momentum + weight decay; and
+    ``statistics`` (``dz_statistics``), the exact change from the running statistics the step's
+    training-mode forward updated (batch norm; zeros without), so that ``residual`` = actual −
+    predicted − statistics. ``optimizer``: "sgd", "adam" or "adamw"."""
 
     gradient_term: np.ndarray = None
     momentum: np.ndarray = None
     weight_decay: np.ndarray = None
+    statistics: np.ndarray = None
     dz_gradient_term: np.ndarray = None
     dz_momentum: np.ndarray = None
     dz_weight_decay: np.ndarray = None
+    dz_statistics: np.ndarray = None
     step_scale: float = 1.0
     optimizer: str = "sgd"
 
     FORMULA = (
         "gradient_term = -step_scale * A @ K @ G with K = J P J^T, the optimizer's kernel ; "
-        "predicted = gradient_term + momentum + weight_decay ; residual = actual - predicted"
+        "predicted = gradient_term + momentum + weight_decay ; statistics = the exact change "
+        "from the running statistics ; residual = actual - predicted - statistics"
     )
     SCALARS = ("optimizer", "step_scale")
 
@@ -1583,6 +1617,8 @@ def decompose_step(
         gradient_term=a.gradient[0, 0],
         momentum=a.momentum[0],
         weight_decay=a.weight_decay[0],
+        statistics=a.statistics[0],
+        dz_statistics=a.dz_statistics[0],
         dz_gradient_term=a.dz_gradient[0, 0],
         dz_momentum=a.dz_momentum[0],
         dz_weight_decay=a.dz_weight_decay[0],

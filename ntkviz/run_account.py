@@ -350,7 +350,11 @@ class RunAccount:
             for logits in (False, True):
                 prefix = "dz_" if logits else ""
                 for name in TERMS:
-                    run._totals[prefix + name] = np.array(arrays[f"total_{prefix}{name}"])
+                    key = f"total_{prefix}{name}"
+                    if name == "statistics" and key not in arrays:  # written before that term
+                        run._totals[prefix + name] = np.zeros_like(arrays[f"total_{prefix}actual"])
+                        continue
+                    run._totals[prefix + name] = np.array(arrays[key])
         W = run.watched
         arrays_of_w = {"by_example": run._by_example, **({"by_class": run._by_class} if run.steps else {}),
                        **{f"total_{k}": v for k, v in run._totals.items()}}  # fmt: skip
@@ -361,6 +365,9 @@ class RunAccount:
         if run._by_example.shape[1] != run.num_train:
             raise ValueError(f"by_example has {run._by_example.shape[1]} columns, not num_train = "
                              f"{run.num_train}")  # fmt: skip
+        for prefix in ("", "dz_"):  # the statistics term, in a file written before it
+            if prefix + "actual" in timeline and prefix + "statistics" not in timeline:
+                timeline[prefix + "statistics"] = np.zeros_like(timeline[prefix + "actual"])
         for key, stacked in timeline.items():
             rows = list(stacked)
             if key in ("batch_indices", "batch_labels", "contributions"):

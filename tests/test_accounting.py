@@ -156,6 +156,11 @@ def expected_account(model, optimizer, x, y, x_watch):
     G = F.softmax(logits, -1) - F.one_hot(y, logits.shape[1])  # (B, V)
     g_b = torch.einsum("bvp,bv->bp", J_b, G) / len(x)  # each example's share of the gradient
     z_after = eval_logits(model2, x_watch)
+    mid = copy.deepcopy(model2)  # the new parameters with the running statistics before the step
+    with torch.no_grad():
+        for b_mid, b0 in zip(mid.buffers(), model.buffers()):
+            b_mid.copy_(b0)
+    z_mid = eval_logits(mid, x_watch)
     group = optimizer.param_groups[0]
     lr, wd, sign = group["lr"], group["weight_decay"], -1.0 if group["maximize"] else 1.0
     if isinstance(optimizer, torch.optim.SGD):
@@ -195,6 +200,7 @@ def expected_account(model, optimizer, x, y, x_watch):
         "dz_step": J_o @ (flat(p for p in model2.parameters() if p.requires_grad) - theta),
         "z_before": z_before,
         "z_after": z_after,
+        "z_mid": z_mid,
         "twin": (model2, opt2),
     }
 
@@ -253,14 +259,18 @@ def test_every_term_equals_its_definition(model_name, opt_name):
     z0, z1 = want["z_before"], want["z_after"]
     close(acc.dz_actual, z1 - z0, 1e-12)
     close(acc.actual, F.log_softmax(z1, -1) - F.log_softmax(z0, -1), 1e-12)
+    zm = want["z_mid"]  # batch norm's running statistics: an exact term of their own
+    close(acc.dz_statistics, z1 - zm, 1e-12)
+    close(acc.statistics, F.log_softmax(z1, -1) - F.log_softmax(zm, -1), 1e-12)
+    assert np.any(acc.statistics) == (model_name in ("residual", "bn_blocks"))
 
     # predicted is the sum of the terms; the residual what is left
     assert np.array_equal(acc.predicted, acc.gradient.sum(1) + acc.momentum + acc.weight_decay)
     assert np.array_equal(
         acc.dz_predicted, acc.dz_gradient.sum(1) + acc.dz_momentum + acc.dz_weight_decay
     )
-    assert np.array_equal(acc.residual, acc.actual - acc.predicted)
-    assert np.array_equal(acc.dz_residual, acc.dz_actual - acc.dz_predicted)
+    assert np.array_equal(acc.residual, acc.actual - acc.predicted - acc.statistics)
+    assert np.array_equal(acc.dz_residual, acc.dz_actual - acc.dz_predicted - acc.dz_statistics)
     if model_name not in ("dropout_mlp", "residual", "bn_blocks"):  # train = eval Jacobians
         close(acc.dz_predicted, want["dz_step"])  # = J(x_o)·Δθ of the real step
 
@@ -324,6 +334,7 @@ def test_class_accounts_equal_their_definition(model_name, opt_name):
     decay = A_times(probs, want["dz_weight_decay"].numpy())
     z0, z1 = want["z_before"], want["z_after"]
     actual = (F.log_softmax(z1, -1) - F.log_softmax(z0, -1)).numpy()
+    statistics = (F.log_softmax(z1, -1) - F.log_softmax(want["z_mid"], -1)).numpy()
     for n, focus in ((2, ()), (3, ()), (3, (1,))):
         model2, opt2 = twin(model, optimizer)
         acc = watched_step(model2, opt2, XW3[:n], CLASSES3[:n], focus)
@@ -334,6 +345,7 @@ def test_class_accounts_equal_their_definition(model_name, opt_name):
         close(acc.class_momentum, momentum[rows, c])
         close(acc.class_weight_decay, decay[rows, c])
         close(acc.class_actual, actual[rows, c], 1e-12)
+        close(acc.class_statistics, statistics[rows, c], 1e-12)
         close(acc.actual, actual[:n], 1e-12)
         close(acc.probs_before, probs[:n], 1e-12)
         close(acc.G, want["G"], 1e-12)
@@ -341,7 +353,9 @@ def test_class_accounts_equal_their_definition(model_name, opt_name):
         assert np.array_equal(
             acc.class_predicted, acc.class_gradient + acc.class_momentum + acc.class_weight_decay
         )
-        assert np.array_equal(acc.class_residual, acc.class_actual - acc.class_predicted)
+        assert np.array_equal(
+            acc.class_residual, acc.class_actual - acc.class_predicted - acc.class_statistics
+        )
         close(acc.class_gradient, acc.contributions.sum(1), 1e-12)
         assert acc.step_scale == full.step_scale and acc.optimizer == full.optimizer
         assert acc.batch_labels.tolist() == Y.tolist() and acc.lr == hyper["lr"]
@@ -466,6 +480,19 @@ def test_the_residual_is_second_order(opt_name):
     assert 60 < ratio < 160, ratio
     assert np.linalg.norm(big.predicted) / np.linalg.norm(small.predicted) == pytest.approx(10)
     assert np.linalg.norm(small.residual) < 1e-2 * np.linalg.norm(small.actual)
+
+
+def test_batch_norm_statistics_stand_apart_from_the_residual():
+    """The running statistics a step's training forward updates move eval-mode outputs by an
+    amount that does not shrink with η: their own exact term, so that the residual does."""
+    model = build("bn_blocks")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    runs = [account_step(model, optimizer, X, Y, XW, lr=lr, commit=False) for lr in (1e-3, 1e-4)]
+    big, small = (np.linalg.norm(r.statistics) for r in runs)
+    assert big > 0 and big == pytest.approx(small, rel=0.05)  # not a remainder of the step
+    assert small > 3 * np.linalg.norm(runs[1].predicted)  # in the residual it would swamp it
+    ratio = np.linalg.norm(runs[0].residual) / np.linalg.norm(runs[1].residual)
+    assert ratio > 8, ratio  # at least first order (the train/eval gradients differ)
 
 
 def test_parameters_outside_the_optimizer_and_several_groups():
@@ -725,6 +752,7 @@ def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist, tm
         )
         assert np.array_equal(a.class_actual, a.actual[rows, list(labels)])
         assert np.array_equal(a.class_residual, a.class_actual - a.class_predicted)
+        assert not np.any(a.class_statistics)  # LeNet: no running statistics
         if focus:
             f = list(focus)
             assert a.focused.top_kernel.shape == (len(f), 10, 10)

@@ -212,6 +212,37 @@ def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, w
     assert all(torch.equal(applied[k], again[k]) for k in applied)
 
 
+def test_batch_norm_statistics_are_drawn_as_their_own_term(qtbot, window):
+    """A batch-norm model's running statistics: a curve of the timeline and a bar of the
+    optimizer's preview, apart from the residual, with the core's numbers."""
+    from pathlib import Path
+
+    spec = f"{Path(__file__).parent / 'user_models.py'}:small_cnn"
+    wait_event(qtbot, window, "model", lambda: window.controller.open_model(spec))
+    view = window.views["watch_ranking"]
+    view.watching.setChecked(True)
+    train_batches(qtbot, window, 2)
+    qtbot.waitUntil(lambda: len(view.rows) > 0, timeout=TIMEOUT)
+    window.show_view(view)
+    view.redraw()
+    t, w = view.timeline_arrays(), view.w
+    assert np.all(t["statistics"][:, w] != 0)
+    curve = view.curves["running statistics (exact)"].getData()[1]
+    np.testing.assert_allclose(curve, np.cumsum(t["statistics"][:, w]), rtol=1e-12)
+    drawn = sum(view.curves[name].getData()[1] for name in view.curves if name != "actual change")
+    np.testing.assert_allclose(drawn, view.curves["actual change"].getData()[1], atol=1e-9)
+    pair = window.views["pair"]
+    window.show_view(pair)
+    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer
+    wait_current(qtbot, window)
+    dec = pair.last_result.decomposition
+    assert np.any(dec.statistics)
+    np.testing.assert_allclose(dec.residual, dec.actual - dec.predicted - dec.statistics)
+    bars = pair.step_panel.preview
+    assert bars.statistics.isVisible()
+    np.testing.assert_allclose(bars.statistics.opts["height"], dec.statistics, rtol=1e-6)
+
+
 def test_watch_runs_is_remembered_and_restores_without_an_error(qtbot, tmp_path, mnist):
     settings = settings_in(tmp_path)
     settings.setValue("watchRuns", True)  # as the last session left it

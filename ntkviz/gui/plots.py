@@ -80,6 +80,7 @@ def class_ticks(classes: Sequence[str], n_max: int = 12, width: int = 8) -> list
 
 PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
 MOMENTUM, DECAY = "#7f7f7f", "#8c564b"
+STATISTICS = "#17becf"  # batch norm's running statistics
 #: Titles of the formula's K and right-hand side for a plain step and an optimizer's step.
 TITLES_PLAIN = {
     "K": "K(x<sub>o</sub>, x<sub>u</sub>) = J<sub>o</sub>J<sub>u</sub><sup>T</sup>",
@@ -172,7 +173,7 @@ def wrap_title(plot: pg.PlotItem) -> None:
 
 
 def relative_residual_text(dec) -> str:
-    """‖actual − predicted‖ / ‖actual‖ of a decomposition, or a dash (with the reason) when
+    """‖residual‖ / ‖actual‖ of a decomposition, or a dash (with the reason) when
     nothing moved: the ratio is undefined then, not 0."""
     if not np.linalg.norm(dec.actual) > 0:
         return "— (‖actual‖ = 0: the step moved nothing, even in float64)"
@@ -459,10 +460,12 @@ class DecompositionView(pg.GraphicsLayoutWidget):
                 f"(‖·‖ = {np.linalg.norm(dec.momentum):.2g}) + weight decay "
                 f"(‖·‖ = {np.linalg.norm(dec.weight_decay):.2g})"
             )
+            if np.any(dec.statistics):
+                step += f" + running statistics, exact (‖·‖ = {np.linalg.norm(dec.statistics):.2g})"
         scale = dec.lr if term is None else dec.step_scale
         text = (
             f"{kind}, y<sub>u</sub> = {elide(c[dec.y_u], 16)}  ·  {step}<br>"
-            f"‖actual − predicted‖ / ‖actual‖ = {relative_residual_text(dec)}"
+            f"‖residual‖ / ‖actual‖ = {relative_residual_text(dec)}"
         )
         h = self.heatmaps
         titles = TITLES_PLAIN if term is None else TITLES_OPTIMIZER
@@ -571,6 +574,9 @@ TITLE_OPTIMIZER = (
     f"<span style='color:{DECAY}'>■</span>&nbsp;decay "
     f"<span style='color:{ACTUAL}'>■</span>&nbsp;actual"
 )
+TITLE_STATISTICS = TITLE_OPTIMIZER.replace(
+    "&nbsp;decay ", f"&nbsp;decay <span style='color:{STATISTICS}'>■</span>&nbsp;statistics "
+)
 
 
 class PreviewBars(pg.PlotWidget):
@@ -591,7 +597,8 @@ class PreviewBars(pg.PlotWidget):
         )  # fmt: skip
         self.momentum = pg.BarGraphItem(x=[], height=[], width=0.19, brush=MOMENTUM)
         self.decay = pg.BarGraphItem(x=[], height=[], width=0.19, brush=DECAY)
-        for item in (self.predicted, self.momentum, self.decay, self.actual):
+        self.statistics = pg.BarGraphItem(x=[], height=[], width=0.19, brush=STATISTICS)
+        for item in (self.predicted, self.momentum, self.decay, self.statistics, self.actual):
             self.addItem(item)
         self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
         self.setLabel("bottom", "class i")
@@ -602,18 +609,23 @@ class PreviewBars(pg.PlotWidget):
 
     def set_values(self, predicted: np.ndarray, actual: np.ndarray, history=None) -> None:
         """Predicted against actual Δlog π ``(V,)``; with ``history`` (an optimizer's step: its
-        ``(momentum, weight_decay)``) the predicted bar is its gradient term and the momentum
-        and weight-decay terms stand beside it."""
+        ``(momentum, weight_decay, statistics)``) the predicted bar is its gradient term and the
+        momentum and weight-decay terms stand beside it, and the running statistics' change
+        where there is one."""
         x = np.arange(len(predicted))
         bars = [(self.predicted, predicted), (self.actual, actual)]
+        stats = history is not None and bool(np.any(history[2]))
         if history is not None:
             bars[1:1] = [(self.momentum, history[0]), (self.decay, history[1])]
+            if stats:
+                bars[3:3] = [(self.statistics, history[2])]
         width = 0.76 / len(bars)
         for k, (item, values) in enumerate(bars):
             item.setOpts(x=x + (k - (len(bars) - 1) / 2) * width, height=values, width=0.95 * width)
         for item in (self.momentum, self.decay):
             item.setVisible(history is not None)
-        title = TITLE_PLAIN if history is None else TITLE_OPTIMIZER
+        self.statistics.setVisible(stats)
+        title = TITLE_PLAIN if history is None else TITLE_STATISTICS if stats else TITLE_OPTIMIZER
         if self.getPlotItem().titleLabel.text != title:
             self.setTitle(title, size="10pt")
         # the axes change only when a value leaves the round range around them: a new value

@@ -29,13 +29,15 @@ MAX_WATCHED = 16
 class WatchSteps:
     """Timeline rows of T steps for W watched examples, each on its class (nats):
     ``by_class (T, W, C)`` the gradient terms summed per class of batch example,
-    ``momentum``, ``weight_decay``, ``residual``, ``actual`` (Δlog π of the class) and
-    ``log_prob`` (log π of the class before the step), each ``(T, W)``; ``steps (T,)``."""
+    ``momentum``, ``weight_decay``, ``statistics`` (the exact change from batch norm's running
+    statistics), ``residual``, ``actual`` (Δlog π of the class) and ``log_prob`` (log π of the
+    class before the step), each ``(T, W)``; ``steps (T,)``."""
 
     steps: np.ndarray
     by_class: np.ndarray
     momentum: np.ndarray
     weight_decay: np.ndarray
+    statistics: np.ndarray
     residual: np.ndarray
     actual: np.ndarray
     log_prob: np.ndarray
@@ -167,7 +169,8 @@ class WatchObserver:
         if not accounted:
             return []
         C, W = len(engine.data.classes), len(self.examples)
-        rows = {k: [] for k in ("by_class", "momentum", "weight_decay", "residual", "actual")}
+        terms = ("momentum", "weight_decay", "statistics", "residual", "actual")
+        rows = {k: [] for k in ("by_class", *terms)}
         rows["log_prob"] = []
         w = np.arange(W)
         cls = np.asarray(self.classes)
@@ -179,7 +182,7 @@ class WatchObserver:
             for b, label in enumerate(a.batch_labels):
                 by_class[:, label] += a.contributions[:, b]
             rows["by_class"].append(by_class)
-            for name in ("momentum", "weight_decay", "residual", "actual"):
+            for name in terms:
                 rows[name].append(getattr(a, f"class_{name}"))
             rows["log_prob"].append(np.log(np.maximum(a.probs_before[w, cls], 1e-300)))
             self.details.append(self._detail(r, a))

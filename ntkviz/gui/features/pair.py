@@ -123,7 +123,8 @@ class StepPanel(QWidget):
         if term is None:
             self.preview.set_values(dec.predicted, dec.actual)
         else:
-            self.preview.set_values(term, dec.actual, (dec.momentum, dec.weight_decay))
+            history = (dec.momentum, dec.weight_decay, dec.statistics)
+            self.preview.set_values(term, dec.actual, history)
         self.summary.setText(
             f"‖predicted‖ = {np.linalg.norm(dec.predicted):.4g}   ‖actual‖ = "
             f"{np.linalg.norm(dec.actual):.4g}   ‖residual‖ = {np.linalg.norm(dec.residual):.3g}"

@@ -32,6 +32,7 @@ SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are s
 OTHER_TERMS = (
     ("momentum", "momentum", "#7f7f7f", Qt.DashLine),
     ("weight_decay", "weight decay", "#8c564b", Qt.DashLine),
+    ("statistics", "running statistics (exact)", "#17becf", Qt.DashDotDotLine),  # where nonzero
     ("residual", "residual (2nd order)", "#000000", Qt.DotLine),
 )
 
@@ -244,7 +245,7 @@ class WatchView(ProbeView):
     def timeline_arrays(self) -> dict[str, np.ndarray]:
         """The current run's rows, concatenated: ``steps (T,)``, ``by_class (T, W, C)``, the
         other terms ``(T, W)``."""
-        names = ("steps", "by_class", "momentum", "weight_decay", "residual", "actual", "log_prob")
+        names = ("steps", "by_class", *(k for k, *_ in OTHER_TERMS), "actual", "log_prob")
         return {n: np.concatenate([getattr(r, n) for r in self.rows]) for n in names}
 
     def redraw(self) -> None:
@@ -277,6 +278,8 @@ class WatchView(ProbeView):
             pen = pg.mkPen("#bcbd22", width=1.5, style=Qt.DashDotLine)
             series.append(("training examples of the other classes", by_class[:, rest].sum(1), pen))
         for key, label, color, style in OTHER_TERMS:
+            if key == "statistics" and not np.any(t[key][:, w]):
+                continue  # no batch norm
             series.append((label, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)))
         series.append(("actual change", np.cumsum(t["actual"][:, w]), pg.mkPen("#000000", width=3)))
         self._set_curves(steps, series)
