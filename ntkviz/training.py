@@ -271,7 +271,7 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             step += 1
             if step <= start_step:
                 continue
-            lr = 0.5 * config.lr * (1 + math.cos(math.pi * (step - 1) / total))
+            lr = scheduled_lr(config.lr, step, total)
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
@@ -316,6 +316,12 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             batch_indices.flags.writeable = False
             yield TrainRecord(step, total, epoch, value, acc, lr, test_acc, batch_indices, account)
     log.info("training ended after %d steps, test accuracy %s", step, test_acc)
+
+
+def scheduled_lr(base: float, step: int, total: int) -> float:
+    """η of step ``step`` (1-based) of a run of ``total`` steps: the cosine schedule from
+    ``base`` towards 0."""
+    return 0.5 * base * (1 + math.cos(math.pi * (step - 1) / total))
 
 
 def _diverged(kept: list, last_good: list, step: int, lr: float, loss: float) -> None:

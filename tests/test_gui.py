@@ -636,4 +636,6 @@ def test_the_training_dock_chooses_the_optimizer(qtbot, settings, mnist):
     train_batches(qtbot, window, 1)
     assert window.state.model.optimizer.startswith("AdamW, β = (0.9, 0.999)")
     assert window.state.model.config.optimizer == "adamw"
-    assert window.state.lr == 0.002  # η follows the new run's learning rate
+    # η follows the new run's learning rate: its schedule's for the run's next step
+    assert window.state.lr == window.state.model.run_lr == pytest.approx(0.002, rel=0.05)
+    assert window.state.lr < 0.002

@@ -27,7 +27,7 @@ from ntkviz.accounting import Watch, account_step, decompose_step
 from ntkviz.app.state import Example
 from ntkviz.models import build_model
 from ntkviz.run_account import RunAccount
-from ntkviz.training import make_optimizer, train
+from ntkviz.training import make_optimizer, scheduled_lr, train
 
 
 @pytest.fixture
@@ -178,12 +178,14 @@ def test_steps_by_hand_in_a_paused_watched_run_begin_its_account_again(qtbot, wi
 def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):
     train_batches(qtbot, window, 2)  # momentum has a state now
     pair = window.views["pair"]
-    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer, at first with its η
-    assert window.state.step_kind == "optimizer" and window.state.lr == SMALL.lr
+    pair.step_panel.step_box.setCurrentIndex(1)  # this run's optimizer, with its next step's η
+    model, opt, _, records = core_run(mnist, [window.state.x_o], steps=2)
+    total = records[-1].total_steps
+    assert window.state.step_kind == "optimizer"
+    assert window.state.lr == scheduled_lr(SMALL.lr, 3, total) < SMALL.lr
     window.state.lr = 0.1
     wait_current(qtbot, window)
     dec = pair.last_result.decomposition
-    model, opt, _, _ = core_run(mnist, [window.state.x_o], steps=2)
     r = window.controller.pair()
     x_o, x_u = mnist.split(r.x_o.split).x[r.x_o.index], mnist.split(r.x_u.split).x[r.x_u.index]
     core = decompose_step(model, opt, x_o, x_u, r.y_u, 0.1, r.loss)

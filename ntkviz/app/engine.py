@@ -50,7 +50,13 @@ from ntkviz.errors import (
 from ntkviz.kernel import eval_mode
 from ntkviz.models import MODELS, count_parameters
 from ntkviz.session import Session, SessionError, load_session, save_session
-from ntkviz.training import TrainConfig, make_optimizer, resolve_device, train
+from ntkviz.training import (
+    TrainConfig,
+    make_optimizer,
+    resolve_device,
+    scheduled_lr,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +132,7 @@ class Engine:
         self._periodic: dict[str, list] = {}  # feature -> [generation, request, every, due]
         self._models = 0  # models held so far
         self._offset = 0  # steps of the model before the current run (a continued run)
+        self._next_lr = math.nan  # η of the current run's next step (its schedule's)
         #: the model's kernel path and one pair's cost (s); None: to measure at the next tick
         self._path: tuple[str, float] | None = ("", float("nan"))
         #: features that ride along each training run (see :meth:`set_observer`), and those
@@ -331,7 +338,7 @@ class Engine:
                     len(self.undo_stack),
                     self._models,
                     self._describe_optimizer(),
-                    float(self.config.lr),
+                    self._next_lr if self._iter is not None else float(self.config.lr),
                 ),
             )
         )
@@ -409,6 +416,7 @@ class Engine:
             extra.update(observer.train_kwargs(self, previous.get(name)))
         self._iter = train(self.model, self.data, config, self.optimizer, **extra)
         self._offset = offset
+        self._next_lr = float(config.lr)
         continued = tuple(n for n, o in self.run_observers.items() if o.continued)
         self.emit(Event("run_started", RunStarted(offset, continued)))
         self.emit_model()  # its optimizer now has a run's state
@@ -430,6 +438,7 @@ class Engine:
         if self._running:
             self._running = False
             self._run_state("paused")
+            self.emit_model()  # η of the run's next step
 
     def resume(self) -> None:
         if self._iter is not None and not self._running:
@@ -492,6 +501,9 @@ class Engine:
         try:
             while True:
                 record = next(self._iter)
+                if record.step < record.total_steps:  # the schedule's η of the run's next step
+                    self._next_lr = scheduled_lr(self.config.lr, record.step + 1,
+                                                 record.total_steps)  # fmt: skip
                 if self._offset:
                     record = replace(
                         record, step=record.step + self._offset,
@@ -524,6 +536,7 @@ class Engine:
             self._single = False
             if self._iter is not None:
                 self._run_state("paused")
+                self.emit_model()  # η of the run's next step
 
     # ------------------------------------------------------------------ jobs
     def submit(self, feature: str, generation: int, request) -> None:

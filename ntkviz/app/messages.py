@@ -99,7 +99,8 @@ class ModelInfo:
     applied_steps: int = 0
     number: int = 0
     optimizer: str = ""  #: what "this run's optimizer" steps with (its settings and state)
-    run_lr: float = float("nan")  #: the run's η (its config's; the cosine schedule lowers it)
+    #: η of the current run's next step (its cosine schedule's), else the config's
+    run_lr: float = float("nan")
 
 
 @dataclass(frozen=True)
