@@ -1347,6 +1347,15 @@ def account_step(
             model.train()
             try:
                 logits = step.forward(x_batch)
+            except ValueError as e:
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError(
+                    f"a batch of {len(x_batch)} cannot pass the model's BatchNorm1d in training "
+                    "mode (it needs more than one value per channel to normalise by the batch): "
+                    "step on a larger batch, or take the plain-SGD step, whose gradient comes "
+                    "from eval mode"
+                ) from None
             finally:
                 for m, flag in flags:
                     m.training = flag

@@ -245,6 +245,28 @@ def test_batch_norm_statistics_are_drawn_as_their_own_term(qtbot, window):
     np.testing.assert_allclose(bars.statistics.opts["height"], dec.statistics, rtol=1e-6)
 
 
+def test_a_step_that_cannot_run_leaves_no_stale_numbers(qtbot, window):
+    """BatchNorm1d cannot normalise a batch of one in training mode: the optimizer's one-example
+    step is refused with a message saying so, and the previous numbers are not left shown."""
+    from pathlib import Path
+
+    spec = f"{Path(__file__).parent / 'user_models.py'}:batch_norm"
+    wait_event(qtbot, window, "model", lambda: window.controller.open_model(spec))
+    train_batches(qtbot, window, 2)
+    pair = window.views["pair"]
+    assert pair.last_result is not None  # the plain-SGD step (eval mode) works
+    title, message = wait_event(
+        qtbot, window, "pair", lambda: pair.step_panel.step_box.setCurrentIndex(1), "error"
+    ).payload  # fmt: skip
+    assert title == "Pair failed"
+    assert "cannot pass the model's BatchNorm1d in training mode" in message
+    qtbot.waitUntil(lambda: pair.last_result is None, timeout=TIMEOUT)
+    view = pair.decomposition_view
+    assert all(h.image is None for h in view.heatmaps.values())
+    assert view.info.text.startswith("Not computed: a batch of 1 cannot pass")
+    assert pair.step_panel.summary.text() == ""
+
+
 def test_watch_runs_is_remembered_and_restores_without_an_error(qtbot, tmp_path, mnist):
     settings = settings_in(tmp_path)
     settings.setValue("watchRuns", True)  # as the last session left it

@@ -171,6 +171,10 @@ class PaintQueue(QObject):
         if not self._timer.isActive():
             self._timer.start()
 
+    def clear(self) -> None:
+        """Drop the updates not applied yet."""
+        self._queue.clear()
+
     def _next(self) -> None:
         if not self._queue:
             return

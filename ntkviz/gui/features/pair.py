@@ -231,6 +231,8 @@ class PairView(FeatureView):
 
     # ------------------------------------------------------------------ results
     def _on_pair(self, event) -> None:
+        if event.kind == "error":  # reported by the controller; no stale numbers stay shown
+            self.show_failure(event.payload[1])
         if event.kind != "result":
             return
         result = event.payload
@@ -249,6 +251,18 @@ class PairView(FeatureView):
 
         steps.append((None, shown))
         self.paints.put(steps)
+
+    def show_failure(self, message: str) -> None:
+        """The request could not be decomposed: blank the factors, the bars and the summary, and
+        say why where the numbers were."""
+        view = self.decomposition_view
+        self.paints.clear()
+        for heatmap in view.heatmaps.values():
+            heatmap.clear_matrix()
+        view.info.setText(f"Not computed: {message}", size="11pt")
+        self.step_panel.preview.set_values(np.zeros(0), np.zeros(0))
+        self.step_panel.summary.setText("")
+        self.last_result = None
 
     def _on_history(self, event) -> None:
         if event.kind != "result":
