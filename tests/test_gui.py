@@ -38,7 +38,7 @@ from ntkviz.app.jobs import JobEvent
 from ntkviz.app.state import Example
 from ntkviz.checkpoint import load_checkpoint
 from ntkviz.decomposition import decompose
-from ntkviz.gui.plots import TrajectoryPlot, compact_tick_strings, nice_ceiling
+from ntkviz.gui.plots import TrajectoryPlot, class_ticks, compact_tick_strings, nice_ceiling
 from ntkviz.gui.window import MainWindow
 from ntkviz.models import build_model
 from ntkviz.training import TrainConfig
@@ -180,6 +180,16 @@ def test_heatmaps_hold_the_core_numbers(qtbot, settings, mnist):
 )
 def test_nice_ceiling(x, want):
     assert nice_ceiling(x) == pytest.approx(want)
+
+
+def test_class_names_cut_alike_are_cut_in_the_middle_or_numbered():
+    names = ["golden eagle (bird)", "golden gate bridge", "golden retriever (dog)", "cat"]
+    assert [t for _, t in class_ticks(names, width=10)][:3] == [
+        "golden ea…", "golden ga…", "golden re…"
+    ]  # fmt: skip
+    assert [t for _, t in class_ticks(names, width=7)] == ["gol…rd)", "gol…dge", "gol…og)", "cat"]
+    long = [f"class_{k}_with_a_rather_long_descriptive_name" for k in range(5)]
+    assert class_ticks(long, width=7) == [(k, str(k)) for k in range(5)]  # names on hover
 
 
 def test_colour_bar_tick_labels_are_short_and_exact():

@@ -37,6 +37,14 @@ def elide(name: str, width: int) -> str:
     return name if len(name) <= width else name[: max(1, width - 1)] + "…"
 
 
+def elide_middle(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters in its middle (``golden…(bird)``)."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return name[: width - 1 - tail] + "…" + (name[-tail:] if tail else "")
+
+
 def elide_path(name: str, width: int) -> str:
     """A dotted name (``stage1.0.add.branches.0.conv1``) cut to about ``width`` characters at
     its dots: its first and last parts with "…" between (``stage1.0…0.conv1``)."""
@@ -65,14 +73,18 @@ MIN_NAME_WIDTH = 6
 
 
 def class_ticks(classes: Sequence[str], n_max: int = 12, width: int = 8) -> list:
-    """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters; or every
-    k-th class's index, at most ``n_max`` of them, for more than :data:`NAMED_CLASSES` classes or
-    names longer than a narrow axis (``width`` < :data:`MIN_NAME_WIDTH`) takes. The full names
-    are in the tooltips."""
+    """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters (cut in
+    the middle where their starts alone would read alike); or every k-th class's index, at most
+    ``n_max`` of them, for more than :data:`NAMED_CLASSES` classes, names longer than a narrow
+    axis (``width`` < :data:`MIN_NAME_WIDTH`) takes, or names that still read alike. The full
+    names are in the tooltips."""
     names = [str(c) for c in classes]
     fits = width >= MIN_NAME_WIDTH or max(map(len, names), default=0) <= width
     if len(names) <= NAMED_CLASSES and fits:
-        return [(i, elide(name, width)) for i, name in enumerate(names)]
+        for cut in (elide, elide_middle):  # names cut alike ("golden…" thrice): their ends
+            labels = [cut(name, width) for name in names]
+            if len(set(labels)) == len(labels):
+                return list(enumerate(labels))
     step = max(1, -(-len(names) // n_max))
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, step) if s >= step)
     return [(i, str(i)) for i in range(0, len(names), step)]
