@@ -317,3 +317,13 @@ def test_kernel_maps_are_recorded_from_the_start_of_a_run_by_default(qtbot, wind
     qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
     qtbot.waitUntil(lambda: view.maps is not None and len(view.maps.steps) >= 1, timeout=TIMEOUT)
     assert view.maps.steps[0] == 0 and view.maps.per_class == 2
+
+
+def test_kernel_maps_are_recorded_while_a_run_goes_one_batch_at_a_time(qtbot, window):
+    view = window.views["kernel_maps"]
+    view.per_class_box.setValue(1)
+    view.every_box.setValue(5)
+    train_batches(qtbot, window, 11)
+    qtbot.waitUntil(
+        lambda: view.maps is not None and list(view.maps.steps) == [0, 5, 10], timeout=TIMEOUT
+    )

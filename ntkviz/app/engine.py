@@ -556,7 +556,9 @@ class Engine:
         self._periodic[feature] = [generation, request, max(1, int(every)), due]
 
     def _start_due_periodic(self) -> bool:
-        if self._iter is None or not self._running:
+        """Start the first periodic job that is due while a run is on (running, or paused
+        between single batches); True if one was."""
+        if self._iter is None:
             return False
         for feature, p in self._periodic.items():
             generation, request, every, due = p
