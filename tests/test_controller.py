@@ -318,6 +318,22 @@ def test_periodic_jobs_run_at_the_start_and_every_n_steps(app):
     assert records == [0, 3, 6]
 
 
+def test_periodic_jobs_follow_single_batches_and_a_new_period(app):
+    records = []
+    app.controller.on(
+        "kernel_maps", lambda e: records.append(e.payload.step) if e.kind == "result" else 0
+    )
+    app.controller.set_periodic("kernel_maps", KernelMapRequest(2), 2, supersede=True)
+    for _ in range(3):  # a run one batch at a time: its maps too
+        app.controller.one_batch(CONFIG)
+        app.drain()
+    assert records == [0, 2]
+    app.controller.set_periodic("kernel_maps", KernelMapRequest(2), 4)  # after the last, at 2
+    app.controller.resume()
+    app.drain()
+    assert records == [0, 2, 6]  # 8 steps
+
+
 def test_engine_errors_are_reported_not_raised(app):
     app.send("apply_step", dataclasses.replace(app.controller.pair(), x_u=Example("train", 10**6)))
     app.drain()

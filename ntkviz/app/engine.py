@@ -129,7 +129,8 @@ class Engine:
         self._iter = None  # the training generator
         self._running = False
         self._single = False
-        self._periodic: dict[str, list] = {}  # feature -> [generation, request, every, due]
+        # feature -> [generation, request, every, due step, step of the last one taken]
+        self._periodic: dict[str, list] = {}
         self._models = 0  # models held so far
         self._offset = 0  # steps of the model before the current run (a continued run)
         self._next_lr = math.nan  # η of the current run's next step (its schedule's)
@@ -275,7 +276,7 @@ class Engine:
         self._forget_applied_steps(emit=False)
         self.source = source
         for p in self._periodic.values():
-            p[3] = step  # periodic jobs start over with the new model
+            p[3], p[4] = step, None  # periodic jobs start over with the new model
         self._path = None  # measured at the next tick, once the burst of a new model is over
         if emit:
             self.emit_model()
@@ -552,8 +553,12 @@ class Engine:
         if request is None:
             self._periodic.pop(feature, None)
             return
-        due = self._periodic[feature][3] if feature in self._periodic else self.step
-        self._periodic[feature] = [generation, request, max(1, int(every)), due]
+        every = max(1, int(every))
+        due, last = self.step, None  # a new one: at once
+        if feature in self._periodic:  # the next one after the last taken, at the new period
+            *_, due, last = self._periodic[feature]
+            due = due if last is None else last + every
+        self._periodic[feature] = [generation, request, every, due, last]
 
     def _start_due_periodic(self) -> bool:
         """Start the first periodic job that is due while a run is on (running, or paused
@@ -561,9 +566,9 @@ class Engine:
         if self._iter is None:
             return False
         for feature, p in self._periodic.items():
-            generation, request, every, due = p
+            generation, request, every, due, _ = p
             if self.step >= due:
-                p[3] = self.step + every
+                p[3], p[4] = self.step + every, self.step
                 self.submit(feature, generation, request)
                 return True
         return False
