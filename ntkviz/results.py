@@ -94,8 +94,10 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
 
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
     """Write named arrays atomically: ``.npz`` (all of them, ``meta`` as JSON in
-    ``meta_json``) or ``.csv`` (``# meta.key: <JSON>`` lines, then one section per array, ``#
-    name shape`` then its rows); None values are left out."""
+    ``meta_json``) or ``.csv`` in long form, one table that CSV readers take as it is
+    (``pandas.read_csv(path, comment="#")``): ``# meta.key: <JSON>`` lines, then the header
+    ``array, i, j, …, value`` and one row per entry — the array's name, its index (empty past
+    its dimensions) and its value. None values are left out."""
     path = Path(path)
     suffix = path.suffix.lower()
     from ntkviz import __version__
@@ -109,10 +111,12 @@ def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | N
         for key, value in meta.items():
             buf.write(f"# meta.{key}: {json.dumps(value, allow_nan=False)}\n")
         w = csv.writer(buf, lineterminator="\n")
+        dims = max((a.ndim for a in arrays.values()), default=0)
+        w.writerow(["array", *("ijklmn"[k] if k < 6 else f"i{k}" for k in range(dims)), "value"])
         for name, a in arrays.items():
-            w.writerow([f"# {name}", *a.shape])
-            for row in np.atleast_2d(a) if a.ndim <= 2 else a.reshape(a.shape[0], -1):
-                w.writerow([repr(float(v)) if a.dtype.kind == "f" else v for v in row])
+            pad = [""] * (dims - a.ndim)
+            for index, v in np.ndenumerate(a):
+                w.writerow([name, *index, *pad, repr(float(v)) if a.dtype.kind == "f" else v])
         data = buf.getvalue().encode()
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     raise ValueError(f"unknown data format {path.suffix!r}; use .csv or .npz")

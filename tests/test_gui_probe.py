@@ -2,6 +2,7 @@
 training, the squeezing lab, layers and spectrum, sessions."""
 
 import copy
+import csv
 import json
 import os
 from types import SimpleNamespace
@@ -230,6 +231,20 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     lines = (tmp_path / "layers.csv").read_text().splitlines()
     assert json.loads(lines[0].removeprefix("# meta.ntkviz_version: ")) == ntkviz.__version__
     assert f"# meta.model: {json.dumps(window.state.model.name)}" in lines
+    for name in ("sq", "layers"):  # one long table: every row as wide as the header
+        text = (tmp_path / f"{name}.csv").read_text().splitlines()
+        header, *rows = csv.reader(line for line in text if not line.startswith("#"))
+        assert header[0] == "array" and header[-1] == "value"
+        assert all(len(row) == len(header) for row in rows)
+        with np.load(tmp_path / f"{name}.npz") as saved:
+            for key in saved.files:
+                if key == "meta_json" or saved[key].dtype.kind not in "fi":
+                    continue
+                got = [row for row in rows if row[0] == key]
+                values = np.array([float(row[-1]) for row in got])
+                np.testing.assert_array_equal(values, saved[key].ravel(), err_msg=key)
+                index = [tuple(int(v) for v in row[1 : 1 + saved[key].ndim]) for row in got]
+                assert index == list(np.ndindex(saved[key].shape)), key
 
 
 def run_probe_jobs(qtbot, window, kernel_map: bool = False) -> None:
