@@ -97,6 +97,8 @@ def test_influence_heatmap_equals_core_and_thumbnail_sets_x_o(qtbot, window, mni
     top = int(idx[np.argmax(core.predicted[:, r.y_u])])
     button = view.raised.buttons[0]
     assert button.property("payload") == top
+    lowest = core.predicted[:, r.y_u].min()  # a row of only raised ones says so
+    assert view.lowered.title.text() == ("most lowered" if lowest < 0 else "least raised")
     button.click()
     assert window.state.x_o == Example("test", top)
     assert window.views["examples"].x_o_picker.example == Example("test", top)

@@ -172,9 +172,12 @@ class InfluenceView(ProbeView):
         col = self.rank_class()
         score = r.influence.predicted[:, col]
         ranked = f"by predicted Δlog π of class {elide(c[col], 16)}, not the map's quantity"
-        self.raised.title.setText(f"most raised, {ranked}")
-        self.lowered.title.setText("most lowered")
         order = np.argsort(score, kind="stable")
+        # when the step raises (lowers) every one, the other row holds the least raised (lowered)
+        up = "most raised" if score[order[-1]] > 0 else "least lowered"
+        down = "most lowered" if score[order[0]] < 0 else "least raised"
+        self.raised.title.setText(f"{up}, {ranked}")
+        self.lowered.title.setText(down)
         for row, picks in ((self.raised, order[::-1]), (self.lowered, order)):
             items = []
             for k in picks[: len(row.buttons)]:
@@ -182,7 +185,7 @@ class InfluenceView(ProbeView):
                 tip = (f"test[{idx}], label {label}: predicted Δlog π_{c[col]} = {score[k]:+.4g}; "
                        "click to make it x_o")  # fmt: skip
                 items.append(
-                    (images[idx], f"{elide(label, THUMB_NAME)}: {score[k]:+.2g}", tip, idx)
+                    (images[idx], f"{elide(label, THUMB_NAME)}: {score[k]:+.3g}", tip, idx)
                 )
             row.set_items(items)
         self._draw_norms()
