@@ -72,7 +72,9 @@ class Session:
     outputs (None: the length of the state dict's last bias vector, right for registry models);
     ``dataset``: the data it was made on, ``{"name", "source", "root"}`` (strings or None;
     ``source`` and ``root`` as :func:`~ntkviz.data.load_dataset` takes them, ``source`` None for
-    data given from Python); empty in sessions of older versions.
+    data given from Python); empty in sessions of older versions. ``optimizer``: the run's
+    optimizer's ``state_dict()`` (its momentum or Adam moments, so that "this run's optimizer"
+    steps on as before), or None.
     """
 
     model_name: str
@@ -87,6 +89,7 @@ class Session:
     custom: bool = False
     num_classes: int | None = None
     dataset: dict = field(default_factory=dict)
+    optimizer: dict | None = None
 
     @property
     def classes(self) -> int:
@@ -134,7 +137,9 @@ def save_session(path: str | Path, session: Session) -> Path:
         "history": [dict(h) for h in session.history],
         "kernel_maps": [(int(s), torch.from_numpy(np.array(m))) for s, m in session.kernel_maps],
         "dataset": _dataset_source(session.dataset),
+        "optimizer": _optimizer_payload(session.optimizer),
     }
+    plain_values(payload["optimizer"], "optimizer", tensors=True)
     plain_values(payload["selection"], "selection")
     plain_values(payload["history"], "history", tensors=True)
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -148,6 +153,39 @@ def _dataset_source(value) -> dict:
     if any(v is not None and not isinstance(v, str) for v in value.values()):
         raise ValueError(f"dataset entries must be strings or None, got {value!r}")
     return dict(value)
+
+
+def _optimizer_payload(state: dict | None) -> dict | None:
+    """An optimizer's ``state_dict()`` as plain values: its per-parameter state under string
+    keys, tensors copied to the CPU."""
+    if state is None:
+        return None
+
+    def cpu(v):
+        return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+
+    return {
+        "state": {str(k): {n: cpu(v) for n, v in st.items()} for k, st in state["state"].items()},
+        "param_groups": [dict(g) for g in state["param_groups"]],
+    }
+
+
+def _optimizer_state(raw) -> dict | None:
+    """The optimizer state of a session file (None: none stored), its per-parameter keys as
+    ints again, as ``Optimizer.load_state_dict`` takes it (which checks it against the model)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"state", "param_groups"}:
+        raise ValueError("optimizer must be a dict of state and param_groups")
+    plain_values(raw, "optimizer", tensors=True)
+    state, groups = raw["state"], raw["param_groups"]
+    if not isinstance(state, dict) or not all(k.isdigit() for k in state):
+        raise ValueError("optimizer state must be keyed by parameter numbers")
+    if not isinstance(groups, list | tuple) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list | tuple) for g in groups
+    ):
+        raise ValueError("optimizer param_groups must be a list of dicts with params")
+    return {"state": {int(k): dict(v) for k, v in state.items()}, "param_groups": list(groups)}
 
 
 def _choice(value, name: str, choices: tuple[str, ...]) -> str:
@@ -262,6 +300,7 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
             custom=custom,
             num_classes=num_classes,
             dataset=_dataset_source(payload.get("dataset", {})),
+            optimizer=_optimizer_state(payload.get("optimizer")),
         )
     except ValueError as e:
         raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None

@@ -2,6 +2,7 @@
 engine's events go to the controller, the controller's commands to the engine), with recorded
 listeners standing in for the views."""
 
+import copy
 import dataclasses
 import itertools
 
@@ -419,6 +420,43 @@ def test_the_users_checkpoint_and_session_open_while_another_model_is_current(ap
         assert app.state.model.name == label, app.errors
         for k, v in app.state_dict().items():
             assert torch.equal(v, saved[k]), k
+
+
+def test_a_session_keeps_the_runs_optimizer(app, tmp_path):
+    """Its momentum comes back: "this run's optimizer" previews the same step after reopening."""
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    app.state.step_kind = "optimizer"
+    app.drain()
+    preview = app.controller.results["pair"].decomposition
+    before = copy.deepcopy(app.engine.optimizer.state_dict())
+    assert before["state"]  # a momentum buffer per parameter
+    path = str(tmp_path / "s.ntks")
+    app.controller.save_session(path)
+    app.drain()
+    app.controller.start_training(CONFIG)  # another run, another optimizer
+    app.drain()
+    app.controller.open_session(path)
+    app.drain()
+    after = app.engine.optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][k][n]) for n, v in state.items())
+    app.state.step_kind = "optimizer"
+    app.drain()
+    again = app.controller.results["pair"].decomposition
+    assert np.array_equal(again.momentum, preview.momentum) and np.any(preview.momentum)
+    assert np.array_equal(again.actual, preview.actual)
+    payload = torch.load(path, weights_only=True)  # an optimizer of another model: refused
+    payload["optimizer"]["param_groups"][0]["params"] = [0]
+    torch.save(payload, path)
+    current = app.state_dict()
+    app.controller.open_session(path)
+    app.drain()
+    assert "its optimizer's state is damaged" in app.errors[-1][1]
+    assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
 
 
 def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):

@@ -95,6 +95,10 @@ def _history_state(payload):
         (_mutation("kernel_maps", [("start", torch.eye(10))]), "kernel map 0 step"),
         (_mutation("kernel_maps", [(0, torch.full((10, 10), float("nan")))]), "non-finite"),
         (_mutation("kernel_maps", [(0, torch.eye(10), 1)]), "kernel map 0 must be a"),
+        (_mutation("optimizer", {"state": {}}), "optimizer must be a dict of state and"),
+        (_mutation("optimizer", {"state": {"w": {}}, "param_groups": []}), "keyed by parameter"),
+        (_mutation("optimizer", {"state": {}, "param_groups": [{"lr": 1}]}), "dicts with params"),
+        (_mutation("optimizer", {"state": {"0": {"b": {3: 4}}}, "param_groups": []}), "not a str"),
     ],
 )
 def test_every_field_is_validated(tmp_path, mutate, match):
@@ -108,6 +112,22 @@ def test_every_field_is_validated(tmp_path, mutate, match):
     with pytest.raises(SessionError, match=match) as info:
         load_session(path)
     assert str(path) in str(info.value)
+
+
+def test_the_runs_optimizer_round_trips(tmp_path):
+    model = build_model("lenet", seed=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    s = make_session()
+    s.state_dict, s.optimizer = model.state_dict(), opt.state_dict()
+    t = load_session(save_session(tmp_path / "s.ntkviz", s))
+    again = torch.optim.Adam(build_model("lenet", seed=2).parameters(), lr=0.5)
+    again.load_state_dict(t.optimizer)
+    assert again.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for k, state in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, again.state_dict()["state"][k][n]) for n, v in state.items())
+    assert load_session(save_session(tmp_path / "none.ntkviz", make_session())).optimizer is None
 
 
 def test_history_with_the_models_weights_round_trips(tmp_path):

@@ -777,6 +777,7 @@ class Engine:
                 "name": self.data.name, "source": self.data.source,
                 "root": None if self.data.root is None else str(self.data.root),
             },
+            optimizer=None if self.optimizer is None else self.optimizer.state_dict(),
         )  # fmt: skip
         save_session(path, session)
         self.emit(Event("session_saved", str(path)))
@@ -827,14 +828,22 @@ class Engine:
             session.config.validate()
         except ValueError as e:
             raise SessionError(f"{path}: invalid training config: {e}") from None
-        # everything checked: now replace the state
         config = session.config
         if session.custom:
             config = replace(config, model=self.user_model.label)
+        if session.optimizer is not None:  # the run's optimizer: checked on a copy of the model
+            try:
+                make_optimizer(probe, config).load_state_dict(session.optimizer)
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise SessionError(f"{path}: its optimizer's state is damaged: {e}") from None
+        # everything checked: now replace the state
         if data is not self.data:
             self.data = data
             self._emit_dataset()
         self._set_model(model, config, str(path), session.step, emit=False)
+        if session.optimizer is not None:
+            self.optimizer = make_optimizer(self.model, config)
+            self.optimizer.load_state_dict(session.optimizer)
         self.undo_stack = [
             Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack
         ]
