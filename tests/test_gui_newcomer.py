@@ -65,6 +65,11 @@ def test_every_view_is_usable_at_common_sizes_with_the_docks_shown(qtbot, window
     assert problems == {}
     # no minimum size forced the window past the screen (offscreen, nothing else would stop it)
     assert (window.width(), window.height()) == size
+    # A and K stay readable beside both docks: ≥ 5 px a column of their 10×10 cells
+    window.tabs.setCurrentIndex(0)
+    QApplication.processEvents()
+    heatmaps = views["pair"].decomposition_view.heatmaps
+    assert min(heatmaps[n].vb.width() for n in ("A", "K")) >= 50
 
 
 # ---------------------------------------------------------------------------- 2. selection

@@ -128,7 +128,7 @@ class MainWindow(QMainWindow):
         state = self.settings.value("windowState")
         if state is None:
             docks = self.findChildren(QDockWidget)
-            self.resizeDocks(docks, [300, 330][: len(docks)], Qt.Horizontal)
+            self.resizeDocks(docks, [250, 290][: len(docks)], Qt.Horizontal)  # at their least
         else:
             self.restoreState(state)
         for view in self.views.values():

@@ -45,7 +45,7 @@ class SamplePicker(QGroupBox):
     picked = Signal(object)
 
     THUMB = 30  #: thumbnail size in pixels
-    IMAGE = 96  #: size of the large image
+    IMAGE = 84  #: size of the large image
     THUMBS = 40  #: thumbnails shown
 
     def __init__(self, title: str, parent: QWidget | None = None):
@@ -265,7 +265,7 @@ class ExamplesView(FeatureView):
             self.loss_box.setItemData(self.loss_box.count() - 1, text, Qt.ToolTipRole)
         # elide the long names rather than widen the dock
         self.loss_box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.loss_box.setMinimumContentsLength(12)
+        self.loss_box.setMinimumContentsLength(9)
         form = QFormLayout()
         form.addRow("y_u", self.y_u_box)
         form.addRow("update", self.loss_box)
