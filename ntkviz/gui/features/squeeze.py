@@ -171,7 +171,14 @@ class SqueezeView(ProbeView):
                 y = max(run.probs[0, cls], run.probs[-1, cls])
                 # centred over its class; towards the middle at the edges (else cut off there)
                 side = 0.0 if cls < 2 else 1.0 if cls >= len(c) - 2 else 0.5
-                label = pg.TextItem(text, color=color, anchor=(side, 1.0))
+                # above its bar; below the bar's top where that is the top of the plot
+                shown = run.probs[[0, -1]]
+                if log:
+                    lo, hi = np.log10(np.maximum([shown.min(), shown.max()], 1e-300))
+                    high = np.log10(max(y, 1e-300)) > hi - 0.1 * (hi - lo)
+                else:
+                    high = y > 0.9 * shown.max()
+                label = pg.TextItem(text, color=color, anchor=(side, 0.0 if high else 1.0))
                 label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
                 p.addItem(label)
                 self.marks[key].append(label)
