@@ -319,15 +319,60 @@ def test_periodic_jobs_run_at_the_start_and_every_n_steps(app):
     assert records == [0, 3, 6]
 
 
+def test_a_batch_after_steps_by_hand_keeps_them_in_the_training_history(app):
+    """As on Resume: the batch trains on from the stepped model, and Undo cannot take the hand
+    step (and with it the batch) back."""
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    app.controller.apply_step()
+    app.drain()
+    assert app.state.model.applied_steps == 1
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    assert app.state.model.applied_steps == 0 and app.state.model.step == 2
+    trained = app.state_dict()
+    app.controller.undo_step()
+    app.drain()
+    assert all(torch.equal(v, trained[k]) for k, v in app.state_dict().items())
+
+
+def test_a_step_by_hand_while_training_takes_the_runs_eta_of_that_moment(mnist):
+    """η that follows the run's schedule (as the step-through does with "this run's optimizer")
+    is the schedule's next η when Apply pauses a running run, not the η of the last pause."""
+    from ntkviz.training import scheduled_lr
+
+    config = dataclasses.replace(CONFIG, epochs=4, lr=0.05)  # 16 steps
+    app = App(mnist, config)
+    app.state.events.model.connect(
+        lambda info: info is not None and setattr(app.state, "lr", info.run_lr)
+    )  # the view's rule, with the run's optimizer chosen
+    app.state.step_kind = "optimizer"
+    app.controller.start_training(config)
+    app.handle_events()
+    app.engine.tick_seconds = 0.0  # a batch a tick
+    while app.engine.step < 10:
+        app.engine.tick()
+        app.handle_events()
+    step = app.engine.step
+    assert app.state.lr == 0.05  # the view still holds the η of the run's start
+    app.controller.apply_step()
+    app.drain(ticks=0)
+    assert app.engine.applied_lrs == [scheduled_lr(0.05, step + 1, 16)]
+    assert app.state.lr == app.engine.applied_lrs[0]
+
+
 def test_periodic_jobs_follow_single_batches_and_a_new_period(app):
     records = []
     app.controller.on(
         "kernel_maps", lambda e: records.append(e.payload.step) if e.kind == "result" else 0
     )
     app.controller.set_periodic("kernel_maps", KernelMapRequest(2), 2, supersede=True)
-    for _ in range(3):  # a run one batch at a time: its maps too
+    for _ in range(2):  # a run one batch at a time: its maps too, each as soon as it is due
         app.controller.one_batch(CONFIG)
         app.drain()
+    assert records == [0, 2]
+    app.controller.one_batch(CONFIG)
+    app.drain()
     assert records == [0, 2]
     app.controller.set_periodic("kernel_maps", KernelMapRequest(2), 4)  # after the last, at 2
     app.controller.resume()
@@ -449,14 +494,20 @@ def test_a_session_keeps_the_runs_optimizer(app, tmp_path):
     again = app.controller.results["pair"].decomposition
     assert np.array_equal(again.momentum, preview.momentum) and np.any(preview.momentum)
     assert np.array_equal(again.actual, preview.actual)
-    payload = torch.load(path, weights_only=True)  # an optimizer of another model: refused
-    payload["optimizer"]["param_groups"][0]["params"] = [0]
-    torch.save(payload, path)
     current = app.state_dict()
-    app.controller.open_session(path)
-    app.drain()
-    assert "its optimizer's state is damaged" in app.errors[-1][1]
-    assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
+    for damage, message in (
+        (lambda o: o["param_groups"][0].__setitem__("params", [0]), "doesn't match the size"),
+        (lambda o: o["state"]["0"].__setitem__("momentum_buffer", torch.zeros(3)), "is (3,)"),
+        (lambda o: o["param_groups"][0].pop("momentum"), "not the state of this run's"),
+    ):
+        payload = torch.load(path, weights_only=True)  # another optimizer's state: refused
+        damage(payload["optimizer"])
+        torch.save(payload, tmp_path / "bad.ntks")
+        app.controller.open_session(str(tmp_path / "bad.ntks"))
+        app.drain()
+        assert "its optimizer's state is damaged" in app.errors[-1][1]
+        assert message in app.errors[-1][1], app.errors[-1][1]
+        assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
 
 
 def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):

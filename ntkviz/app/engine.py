@@ -134,6 +134,7 @@ class Engine:
         self._models = 0  # models held so far
         self._offset = 0  # steps of the model before the current run (a continued run)
         self._next_lr = math.nan  # η of the current run's next step (its schedule's)
+        self._emitted_run_lr = math.nan  # the run's η the view was last told
         #: the model's kernel path and one pair's cost (s); None: to measure at the next tick
         self._path: tuple[str, float] | None = ("", float("nan"))
         #: features that ride along each training run (see :meth:`set_observer`), and those
@@ -167,7 +168,13 @@ class Engine:
             self.runner.busy
             or (self._iter is not None and (self._running or self._single))
             or self._path is None
+            or self._periodic_due()
         )
+
+    def _periodic_due(self) -> bool:
+        """A periodic job is due while a run is on (also paused between single batches: it is
+        taken then, at the step it names, before anything else can change the model)."""
+        return self._iter is not None and any(self.step >= p[3] for p in self._periodic.values())
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
@@ -326,6 +333,7 @@ class Engine:
         self.message(f"opened model {spec}")
 
     def emit_model(self) -> None:
+        self._emitted_run_lr = self._next_lr if self._iter is not None else float(self.config.lr)
         self.emit(
             Event(
                 "model",
@@ -339,7 +347,7 @@ class Engine:
                     len(self.undo_stack),
                     self._models,
                     self._describe_optimizer(),
-                    self._next_lr if self._iter is not None else float(self.config.lr),
+                    self._emitted_run_lr,
                 ),
             )
         )
@@ -466,7 +474,13 @@ class Engine:
         if self._iter is None:
             self._new_model(config, "trained")
             self._begin_run(config)
-        self.runner.cancel_all("the model changed")
+        elif self.undo_stack:  # steps by hand, then a batch: as on Resume
+            for observer in self.run_observers.values():
+                for event in observer.restart(self):
+                    self.emit(event)
+            self._forget_applied_steps()
+        # a periodic job under way is of the model as it is: it finishes before the batch
+        self.runner.cancel_all("the model changed", keep=set(self._periodic))
         self._running, self._single = False, True
 
     def _forget_applied_steps(self, emit: bool = True) -> None:
@@ -563,7 +577,7 @@ class Engine:
     def _start_due_periodic(self) -> bool:
         """Start the first periodic job that is due while a run is on (running, or paused
         between single batches); True if one was."""
-        if self._iter is None:
+        if not self._periodic_due():
             return False
         for feature, p in self._periodic.items():
             generation, request, every, due, _ = p
@@ -602,7 +616,11 @@ class Engine:
         x_u = self.x(pair.x_u)[None]
         x_o = self.x(pair.x_o)[None]
         self.runner.cancel_all("the model changed")
+        # η that followed the run (the view got it at the last pause) is the run's η now
+        followed = pair.optimizer and self._iter is not None and pair.lr == self._emitted_run_lr
         self.pause()
+        if followed and math.isfinite(self._next_lr):
+            pair = replace(pair, lr=self._next_lr)
         before = self._before_step()
         model = self.model
         y = torch.tensor([pair.y_u], device=x_u.device)
@@ -833,7 +851,7 @@ class Engine:
             config = replace(config, model=self.user_model.label)
         if session.optimizer is not None:  # the run's optimizer: checked on a copy of the model
             try:
-                make_optimizer(probe, config).load_state_dict(session.optimizer)
+                _check_fits(make_optimizer(probe, config), session.optimizer)
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
                 raise SessionError(f"{path}: its optimizer's state is damaged: {e}") from None
         # everything checked: now replace the state
@@ -857,6 +875,29 @@ class Engine:
         """Stop everything (the caller then ends the engine's thread)."""
         self.runner.close()
         self._close_run()
+
+
+def _check_fits(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``saved`` (a state dict) into ``optimizer`` if it is one of that optimizer's kind, of
+    those parameters; ValueError otherwise (``load_state_dict`` checks only the group sizes)."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) or any(
+        set(g) != set(s) for g, s in zip(groups, saved["param_groups"], strict=False)
+    ):
+        raise ValueError(
+            f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
+        )
+    params = [p for g in groups for p in g["params"]]
+    for k, state in saved["state"].items():
+        if not 0 <= k < len(params):
+            raise ValueError(f"it holds state of a parameter {k} the model lacks")
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[k].shape:
+                raise ValueError(
+                    f"its {name} of parameter {k} is {tuple(value.shape)}, not "
+                    f"{tuple(params[k].shape)}"
+                )
+    optimizer.load_state_dict(saved)
 
 
 def session_parts(session: Session) -> dict:

@@ -98,9 +98,11 @@ class JobRunner:
         self._emit(JobEvent(feature, slot.generation, "cancelled", reason))
         return True
 
-    def cancel_all(self, reason: str) -> None:
+    def cancel_all(self, reason: str, keep: set[str] = frozenset()) -> None:
+        """Cancel every job but those of the features in ``keep``."""
         for feature in list(self._slots):
-            self.cancel(feature, reason)
+            if feature not in keep:
+                self.cancel(feature, reason)
 
     def step(self, budget: float) -> None:
         """Advance every job by one item in turn, and again while ``budget`` seconds last (at
