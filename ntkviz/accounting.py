@@ -1332,7 +1332,9 @@ def account_step(
         params = [p for p in model.parameters() if p.is_floating_point()]
         if params and lr > torch.finfo(params[0].dtype).max:
             raise ValueError(f"lr = {lr:g} overflows the parameters' {params[0].dtype}")
-    _check_optimizer(model, optimizer)
+    kind = _check_optimizer(model, optimizer)
+    if kind != "sgd":
+        _check_adam_step(model, optimizer, lr)
     snapshot = None if commit else optimizer_snapshot(model, optimizer)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
@@ -1373,6 +1375,25 @@ def account_step(
     finally:
         if snapshot is not None:
             snapshot.restore(model, optimizer)
+
+
+def _check_adam_step(model: nn.Module, optimizer, lr: float | None) -> None:
+    """ValueError when Adam's next step size η/(1 − β₁ᵗ) overflows the parameters' dtype (torch
+    would fail half-way through its update)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.is_floating_point()]
+    if not params:
+        return
+    biggest = torch.finfo(params[0].dtype).max
+    for group in optimizer.param_groups:
+        eta = float(group["lr"] if lr is None else lr)
+        steps = [float(optimizer.state.get(p, {}).get("step", 0)) for p in group["params"]]
+        t = max(steps, default=0.0) + 1
+        size = eta / (1 - group["betas"][0] ** t)
+        if size > biggest:
+            raise ValueError(
+                f"lr = {eta:g} overflows the parameters' {params[0].dtype} in Adam's next step "
+                f"(η/(1 − β₁ᵗ) = {size:g})"
+            )
 
 
 def _labels(y, V: int, x_batch: Tensor) -> Tensor:

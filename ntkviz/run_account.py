@@ -35,7 +35,7 @@ from ntkviz.errors import FileReadError
 from ntkviz.files import atomic_write, write_npz
 
 FORMAT = "ntkviz-run-account"
-VERSION = 1
+VERSION = 2  #: 2: the statistics term (files of version 1 read it as zeros)
 #: The (W, V) terms accumulated, at the log-probability level (and the logit level, ``dz_``).
 TERMS = StepAccount.TERMS
 #: Number of top helpful / harmful training examples written to files.

@@ -202,9 +202,12 @@ def train(
     """
     config.validate()
     floats = [p for p in model.parameters() if p.is_floating_point()]
-    if floats and config.lr > torch.finfo(floats[0].dtype).max:
+    # Adam's first step is η/(1 − β₁) per unit of its normalised gradient
+    step_size = config.lr / (1 - config.betas[0]) if config.optimizer != "sgd" else config.lr
+    if floats and step_size > torch.finfo(floats[0].dtype).max:
+        adam = f" (Adam's first step: η/(1 − β₁) = {step_size:g})" if step_size != config.lr else ""
         raise ValueError(
-            f"the learning rate {config.lr:g} overflows the parameters' {floats[0].dtype}"
+            f"the learning rate {config.lr:g} overflows the parameters' {floats[0].dtype}{adam}"
         )
     if watch is not None:
         if optimizer is not None:
@@ -279,34 +282,45 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             with torch.no_grad():
                 for t, good in zip(kept, last_good):
                     good.copy_(t)
-            if watch is not None:
-                if accounting is None:  # set up once: each step's end starts the next one
-                    accounting = AccountedStep(
-                        model, opt, x_watch, classes=watch.classes, top_kernels=True,
-                        focus=watch.focus, continued=True,
-                    )  # fmt: skip
-                logits = accounting.forward(xb)
-            else:
-                logits = model(xb)
-            if logits.ndim != 2 or len(logits) != len(yb) or logits.shape[1] < data.num_classes:
-                raise ValueError(
-                    f"in training mode the model maps a batch {tuple(xb.shape)} to logits of shape "
-                    f"{tuple(logits.shape)}, not (B, V) for the data's {data.num_classes} classes"
-                )
-            loss = F.cross_entropy(logits, yb)
-            value = loss.item()
-            if not math.isfinite(value):  # no update yet: the forward's statistics go back
-                _diverged(kept, last_good, step, lr, value)
-            opt.zero_grad(set_to_none=True)
-            account = None
-            if watch is not None:
-                account = accounting.step(loss, yb)
-            else:
-                loss.backward()
-                opt.step()
-            if not all(bool(p.isfinite().all()) for p in params):
-                opt.state.clear()  # it holds the diverged update
-                _diverged(kept, last_good, step, lr, value)
+            if watch is not None and accounting is None:  # set up once: each step starts the next
+                accounting = AccountedStep(
+                    model, opt, x_watch, classes=watch.classes, top_kernels=True,
+                    focus=watch.focus, continued=True,
+                )  # fmt: skip
+            value, updating = math.nan, False
+            try:
+                logits = accounting.forward(xb) if watch is not None else model(xb)
+                if logits.ndim != 2 or len(logits) != len(yb) or logits.shape[1] < data.num_classes:
+                    raise ValueError(
+                        f"in training mode the model maps a batch {tuple(xb.shape)} to logits of "
+                        f"shape {tuple(logits.shape)}, not (B, V) for the data's "
+                        f"{data.num_classes} classes"
+                    )
+                loss = F.cross_entropy(logits, yb)
+                value = loss.item()
+                if not math.isfinite(value):  # no update yet: the forward's statistics go back
+                    raise TrainingDiverged(step, lr, value)
+                opt.zero_grad(set_to_none=True)
+                updating = True
+                account = None
+                if watch is not None:
+                    account = accounting.step(loss, yb)
+                else:
+                    loss.backward()
+                    opt.step()
+                if not all(bool(p.isfinite().all()) for p in params):
+                    raise TrainingDiverged(step, lr, value)
+            except BaseException as e:  # the model as before this step, whatever went wrong
+                _put_back(kept, last_good)
+                if updating:
+                    opt.state.clear()  # it may hold this step's update, or part of it
+                overflow = isinstance(e, RuntimeError) and "overflow" in str(
+                    e
+                )  # Adam's η/(1 − β₁ᵗ)
+                if isinstance(e, TrainingDiverged) or overflow:
+                    log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
+                    raise TrainingDiverged(step, lr, value) from None
+                raise
             acc = (logits.argmax(1) == yb).float().mean().item()
             test_acc = None
             if step % config.eval_every == 0 or step == total:
@@ -324,13 +338,11 @@ def scheduled_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - 1) / total))
 
 
-def _diverged(kept: list, last_good: list, step: int, lr: float, loss: float) -> None:
-    """Put the model back as it was before ``step`` and raise :class:`TrainingDiverged`."""
+def _put_back(kept: list, last_good: list) -> None:
+    """The model's parameters and buffers as they were before the step being taken."""
     with torch.no_grad():
         for t, good in zip(kept, last_good):
             t.copy_(good)
-    log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, loss)
-    raise TrainingDiverged(step, lr, loss)
 
 
 @dataclass(frozen=True)

@@ -658,6 +658,10 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"lr = 1e\+39 overflows the parameters' torch.float32"):
         account_step(m32, opt32, X.float(), Y, XW.float(), lr=1e39)
     assert opt32.param_groups[0]["lr"] == 0.1 and not opt32.state
+    adam = torch.optim.Adam(m32.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"in Adam's next step \(η/\(1 − β₁ᵗ\) = 1e\+39\)"):
+        account_step(m32, adam, X.float(), Y, XW.float(), lr=1e38)
+    assert adam.param_groups[0]["lr"] == 1e-3 and not adam.state
 
 
 class TenInTrainingMode(nn.Sequential):
@@ -854,6 +858,13 @@ def test_run_account_files_round_trip(tmp_path, mnist):
     assert len(rows) == 1 + 3 * 2 and rows[1].split(",")[0] == "10"
     with pytest.raises(ValueError, match=r"\.npz or \.csv"):
         run.save(tmp_path / "run.json")
+    with np.load(tmp_path / "run.npz") as f:  # a version-1 file: no statistics term yet
+        assert int(f["version"]) == 2
+        old = {k: f[k] for k in f.files if "statistics" not in k}
+    np.savez(tmp_path / "v1.npz", **{**old, "version": np.array(1)})
+    v1 = RunAccount.load(tmp_path / "v1.npz")
+    assert not np.any(v1.totals()["statistics"]) and v1.steps == run.steps
+    np.testing.assert_array_equal(v1.totals()["residual"], run.totals()["residual"])
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(FileReadError, match="not a readable"):  # also a ValueError
         RunAccount.load(tmp_path / "bad.npz")

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from ntkviz.accounting import Watch
 from ntkviz.errors import DeviceError, TrainingDiverged
@@ -57,6 +58,43 @@ def test_divergence_puts_the_model_back_as_the_last_record_left_it(mnist, watche
     assert not math.isfinite(info.value.loss) and "learning rate" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(state(model), states[-1]))
     assert all(math.isfinite(r.loss) for r in seen)
+
+
+class RaisesOnThirdForward(nn.Module):
+    """Batch norm, then an error (as an out-of-memory) in the third training forward: after the
+    running statistics moved."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16))
+        self.head, self.calls = nn.Linear(16, 10), 0
+
+    def forward(self, x):
+        h = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("out of memory (simulated)")
+        return self.head(h)
+
+
+@pytest.mark.parametrize("watched", [False, True])
+def test_an_error_mid_step_leaves_the_model_as_the_last_record_left_it(mnist, watched):
+    model = RaisesOnThirdForward()
+    config = TrainConfig(train_size=640, epochs=1, lr=0.05)
+    watch = Watch(mnist.test.x[:2], (7, 2)) if watched else None
+    states = [state(model)]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for _ in train(model, mnist, config, watch=watch):
+            states.append(state(model))
+    assert len(states) == 3  # two records
+    assert all(torch.equal(a, b) for a, b in zip(state(model), states[-1]))  # buffers too
+
+
+def test_adams_first_step_that_overflows_is_refused_at_once(mnist):
+    with pytest.raises(ValueError, match=r"Adam's first step: η/\(1 − β₁\) = 4e\+38"):
+        train(build_model("mlp"), mnist, TrainConfig(optimizer="adam", lr=4e37))
 
 
 def test_an_update_that_overflows_is_undone_and_the_optimizer_state_cleared(mnist):

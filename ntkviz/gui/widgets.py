@@ -165,20 +165,21 @@ class PaintQueue(QObject):
         self._timer.setInterval(0)
         self._timer.timeout.connect(self._next)
 
-    def put(self, steps: list) -> None:
-        """Queue ``(widget or None, callable)`` pairs; the newest come last, so they win."""
-        self._queue.extend(steps)
+    def put(self, steps: list, tag: str = "") -> None:
+        """Queue ``(widget or None, callable)`` pairs under ``tag``; the newest come last, so
+        they win."""
+        self._queue.extend((widget, update, tag) for widget, update in steps)
         if not self._timer.isActive():
             self._timer.start()
 
-    def clear(self) -> None:
-        """Drop the updates not applied yet."""
-        self._queue.clear()
+    def clear(self, tag: str) -> None:
+        """Drop the updates queued under ``tag`` and not applied yet."""
+        self._queue = deque(item for item in self._queue if item[2] != tag)
 
     def _next(self) -> None:
         if not self._queue:
             return
-        widget, update = self._queue.popleft()
+        widget, update, _ = self._queue.popleft()
         update()
         if widget is not None and widget.isVisible():
             widget.repaint()

@@ -250,13 +250,13 @@ class PairView(FeatureView):
             self.ctx.shown("pair", result)
 
         steps.append((None, shown))
-        self.paints.put(steps)
+        self.paints.put(steps, "pair")
 
     def show_failure(self, message: str) -> None:
         """The request could not be decomposed: blank the factors, the bars and the summary, and
         say why where the numbers were."""
         view = self.decomposition_view
-        self.paints.clear()
+        self.paints.clear("pair")  # the pair's own updates (a newer history's stay)
         for heatmap in view.heatmaps.values():
             heatmap.clear_matrix()
         view.info.setText(f"Not computed: {message}", size="11pt")
