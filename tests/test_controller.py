@@ -510,6 +510,32 @@ def test_a_session_keeps_the_runs_optimizer(app, tmp_path):
         assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
 
 
+def test_undo_after_reopening_a_session_restores_the_optimizer_too(app, tmp_path):
+    for _ in range(2):
+        app.controller.one_batch(CONFIG)
+        app.drain()
+    app.state.step_kind = "optimizer"
+    app.drain()
+    before = copy.deepcopy(app.engine.optimizer.state_dict())
+    weights = app.state_dict()
+    app.controller.apply_step()  # the run's optimizer: its momentum moves on
+    app.drain()
+    path = str(tmp_path / "s.ntks")
+    app.controller.save_session(path)
+    app.drain()
+    app.controller.start_training(CONFIG)
+    app.drain()
+    app.controller.open_session(path)
+    app.drain()
+    assert app.state.model.applied_steps == 1, app.errors
+    app.controller.undo_step()
+    app.drain()
+    after = app.engine.optimizer.state_dict()
+    for k, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][k][n]) for n, v in state.items())
+    assert all(torch.equal(v, weights[k]) for k, v in app.state_dict().items())
+
+
 def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):
     from ntkviz.session import load_session
 

@@ -596,6 +596,28 @@ class Engine:
         snap = None if opt is None else optimizer_snapshot(self.model, opt)
         return Undo(self._clone_state(), opt, snap)
 
+    def _undo_of(self, state: dict, optimizer_before: dict | None) -> Undo:
+        """An undo of a session's history: the weights before that step and, where the session
+        kept it, the optimizer's state then (restored into the run's optimizer)."""
+        state = {k: v.to(self.device) for k, v in state.items()}
+        if optimizer_before is None:
+            return Undo(state, None, None)
+        from ntkviz.accounting import OptimizerSnapshot
+
+        opt = self.optimizer or make_optimizer(self.model, self.config)
+        named = dict(self.model.named_parameters())
+        params = tuple(state.get(n, p.detach()).clone() for n, p in named.items())
+        buffers = tuple(state.get(n, b.detach()).clone() for n, b in self.model.named_buffers())
+        device = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        snapshot = OptimizerSnapshot(
+            parameters=params,
+            grads=(None,) * len(params),
+            buffers=buffers,
+            state=tuple({k: device(v) for k, v in st.items()} for st in optimizer_before["state"]),
+            groups=tuple(dict(g) for g in optimizer_before["groups"]),
+        )
+        return Undo(state, opt, snapshot)
+
     def _restore(self, undo: Undo) -> None:
         self.model.load_state_dict(undo.state)
         self.optimizer = undo.optimizer
@@ -776,6 +798,7 @@ class Engine:
                 "lr": float(lr),
                 "pair": None if pair is None else pair.to_dict(),
                 "state_before": {k: v.detach().cpu() for k, v in st.state.items()},
+                "optimizer_before": _snapshot_payload(st.snapshot),
             }
             for lr, pair, st in zip(
                 self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
@@ -817,7 +840,7 @@ class Engine:
         model = session.build_model(template)
         from ntkviz.app.features.pair import PairRequest, example_from
 
-        stack, lrs, pairs = [], [], []
+        stack, lrs, pairs, optimizers = [], [], [], []
         probe = session.build_model(template)
         parts = session_parts(session)
         try:
@@ -837,11 +860,14 @@ class Engine:
                 probe.load_state_dict(h["state_before"])
                 lrs.append(float(h["lr"]))
                 pairs.append(PairRequest.from_dict(h["pair"], V) if h.get("pair") else None)
+                if h.get("optimizer_before") is not None:
+                    _check_snapshot(make_optimizer(probe, session.config), h["optimizer_before"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise SessionError(
                     f"{path}: step-through history entry {k} is damaged: {e}"
                 ) from None
             stack.append({k2: v.clone() for k2, v in h["state_before"].items()})
+            optimizers.append(h.get("optimizer_before"))
         try:
             session.config.validate()
         except ValueError as e:
@@ -862,9 +888,7 @@ class Engine:
         if session.optimizer is not None:
             self.optimizer = make_optimizer(self.model, config)
             self.optimizer.load_state_dict(session.optimizer)
-        self.undo_stack = [
-            Undo({k: v.to(self.device) for k, v in st.items()}, None, None) for st in stack
-        ]
+        self.undo_stack = [self._undo_of(st, before) for st, before in zip(stack, optimizers)]
         self.applied_lrs, self.applied_pairs = lrs, pairs
         self.emit_model()
         self.emit(Event("session_opened", SessionOpened(str(path), parts)))
@@ -875,6 +899,40 @@ class Engine:
         """Stop everything (the caller then ends the engine's thread)."""
         self.runner.close()
         self._close_run()
+
+
+def _snapshot_payload(snapshot) -> dict | None:
+    """An undo's optimizer snapshot as plain values for a session: per parameter its state, per
+    group its hyper-parameters (tensors on the CPU)."""
+    if snapshot is None:
+        return None
+
+    def cpu(v):
+        return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+
+    return {
+        "state": [{k: cpu(v) for k, v in st.items()} for st in snapshot.state],
+        "groups": [{k: cpu(v) for k, v in g.items()} for g in snapshot.groups],
+    }
+
+
+def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
+    """ValueError unless ``saved`` (see :func:`_snapshot_payload`) holds a state per parameter
+    of ``optimizer``, shaped like it, and hyper-parameters per group."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("state"), list | tuple)
+        or not isinstance(saved.get("groups"), list | tuple)
+        or len(saved["state"]) != len(params)
+        or len(saved["groups"]) != len(optimizer.param_groups)
+        or not all(isinstance(x, dict) for x in (*saved["state"], *saved["groups"]))
+    ):
+        raise ValueError("its optimizer state is not one of this model's optimizer")
+    for k, (p, state) in enumerate(zip(params, saved["state"], strict=True)):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(f"its optimizer's {name} of parameter {k} has another shape")
 
 
 def _check_fits(optimizer: torch.optim.Optimizer, saved: dict) -> None:
