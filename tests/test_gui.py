@@ -620,6 +620,8 @@ def test_trajectory_end_labels_share_one_label_where_lines_end_together(qtbot):
     plot.set_trajectory(probs, probs, 3)
     shown = {label.toPlainText() for label in plot.end_labels if label.isVisible()}
     assert shown == {"d", "h", "a +7"}  # eight lines end at π = 0.001
+    plot.set_trajectory(probs[:1], probs[:1], 3)  # no step applied: dots, no line ends to name
+    assert not any(label.isVisible() for label in plot.end_labels)
 
 
 def test_the_status_bar_gives_the_kernel_path_and_a_measured_pair_cost(qtbot, settings, mnist):

@@ -732,7 +732,7 @@ class TrajectoryPlot(pg.PlotWidget):
 
         for i, (curve, label) in enumerate(zip(self.curves, self.end_labels, strict=True)):
             curve.setData(steps, values[:, i]) if i < classes else curve.setData([], [])
-            label.setVisible(i in shown)
+            label.setVisible(i in shown and len(steps) > 1)  # no lines yet: no ends to name
             if i in shown:
                 names = ", ".join(name(k) for k in shown[i])  # "2, 7"; else "cat +3"
                 short = len(shown[i]) <= 3 and len(names) <= 12
