@@ -72,6 +72,7 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
             core = [getattr(r.account, f"class_{name}")[w] for r in records]
             np.testing.assert_allclose(t[name][:, w], core, rtol=1e-5, atol=1e-9, err_msg=name)
     # the curves drawn are the cumulative terms; they add up to the actual change
+    assert "residual (2nd order)" in view.curves  # LeNet: the same in both modes
     w = view.w
     drawn = sum(view.curves[name].getData()[1] for name in view.curves if name != "actual change")
     np.testing.assert_allclose(drawn, view.curves["actual change"].getData()[1], atol=1e-9)
@@ -229,6 +230,7 @@ def test_batch_norm_statistics_are_drawn_as_their_own_term(qtbot, window):
     view.redraw()
     t, w = view.timeline_arrays(), view.w
     assert np.all(t["statistics"][:, w] != 0)
+    assert "residual (train/eval difference + 2nd order)" in view.curves  # batch norm
     curve = view.curves["running statistics (exact)"].getData()[1]
     np.testing.assert_allclose(curve, np.cumsum(t["statistics"][:, w]), rtol=1e-12)
     drawn = sum(view.curves[name].getData()[1] for name in view.curves if name != "actual change")
@@ -240,6 +242,7 @@ def test_batch_norm_statistics_are_drawn_as_their_own_term(qtbot, window):
     dec = pair.last_result.decomposition
     assert np.any(dec.statistics)
     np.testing.assert_allclose(dec.residual, dec.actual - dec.predicted - dec.statistics)
+    assert pair.decomposition_view.heatmaps["residual"].titleLabel.text == "residual (O(η))"
     bars = pair.step_panel.preview
     assert bars.statistics.isVisible()
     np.testing.assert_allclose(bars.statistics.opts["height"], dec.statistics, rtol=1e-6)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ntkviz.accounting import optimizer_snapshot
+from ntkviz.accounting import _depends_on_mode, optimizer_snapshot
 from ntkviz.app.jobs import JobRunner, describe_error
 from ntkviz.app.messages import (
     Command,
@@ -348,6 +348,7 @@ class Engine:
                     self._models,
                     self._describe_optimizer(),
                     self._emitted_run_lr,
+                    _depends_on_mode(self.model),
                 ),
             )
         )

@@ -101,6 +101,9 @@ class ModelInfo:
     optimizer: str = ""  #: what "this run's optimizer" steps with (its settings and state)
     #: η of the current run's next step (its cosine schedule's), else the config's
     run_lr: float = float("nan")
+    #: the model computes differently in training mode (dropout, batch norm): a real step's
+    #: gradient is then not the eval-mode one its account uses, a first-order residual
+    mode_dependent: bool = False
 
 
 @dataclass(frozen=True)

@@ -444,12 +444,17 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         if need != self.minimumWidth():
             self.setMinimumSize(need, 360)
 
-    def set_decomposition(self, dec, classes: Sequence[str] | None = None, info: str = "") -> None:
-        """Show every factor of ``dec`` (a core ``Decomposition``)."""
-        for step in self.update_steps(dec, classes, info):
+    def set_decomposition(
+        self, dec, classes: Sequence[str] | None = None, info: str = "", mixed: bool = False
+    ) -> None:
+        """Show every factor of ``dec`` (a core ``Decomposition``); ``mixed``: the model computes
+        differently in training mode (dropout, batch norm)."""
+        for step in self.update_steps(dec, classes, info, mixed):
             step()
 
-    def update_steps(self, dec, classes: Sequence[str] | None = None, info: str = "") -> list:
+    def update_steps(
+        self, dec, classes: Sequence[str] | None = None, info: str = "", mixed: bool = False
+    ) -> list:
         """The updates of :meth:`set_decomposition` as three callables of about equal painting
         cost, so a caller can repaint between them and never hold the event loop for the whole
         view (each heatmap apart would cost a few ms of repaint overhead more)."""
@@ -480,7 +485,10 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             f"‖residual‖ / ‖actual‖ = {relative_residual_text(dec)}"
         )
         h = self.heatmaps
-        titles = TITLES_PLAIN if term is None else TITLES_OPTIMIZER
+        titles = dict(TITLES_PLAIN if term is None else TITLES_OPTIMIZER)
+        # the optimizer's real step on a dropout / batch-norm model takes its gradient in
+        # training mode, its account in eval mode: a first-order part in the residual
+        titles["residual"] = "residual (O(η²))" if term is None or not mixed else "residual (O(η))"
 
         def matrices():
             self.eta_label.setText(

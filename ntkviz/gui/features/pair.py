@@ -242,7 +242,9 @@ class PairView(FeatureView):
         classes = self.state.dataset.classes
         # Paint one piece at a time (the decomposition view in three), returning to the event
         # loop in between: the whole set at once is one repaint of ~40-60 ms.
-        steps = [(view, step) for step in view.update_steps(dec, classes, self.caption(result))]
+        mixed = self.state.model is not None and self.state.model.mode_dependent
+        updates = view.update_steps(dec, classes, self.caption(result), mixed)
+        steps = [(view, step) for step in updates]
         steps.append((self.step_panel.preview, lambda: self.step_panel.set_decomposition(dec)))
 
         def shown():

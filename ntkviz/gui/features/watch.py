@@ -277,9 +277,12 @@ class WatchView(ProbeView):
         if len(rest):
             pen = pg.mkPen("#bcbd22", width=1.5, style=Qt.DashDotLine)
             series.append(("training examples of the other classes", by_class[:, rest].sum(1), pen))
+        mixed = self.state.model is not None and self.state.model.mode_dependent
         for key, label, color, style in OTHER_TERMS:
             if key == "statistics" and not np.any(t[key][:, w]):
                 continue  # no batch norm
+            if key == "residual" and mixed:  # dropout or batch norm: gradients differ by mode
+                label = "residual (train/eval difference + 2nd order)"
             series.append((label, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)))
         series.append(("actual change", np.cumsum(t["actual"][:, w]), pg.mkPen("#000000", width=3)))
         self._set_curves(steps, series)
