@@ -155,18 +155,31 @@ def _dataset_source(value) -> dict:
     return dict(value)
 
 
+def _cpu(value):
+    """A tensor copied to the CPU; anything else as it is."""
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
 def _optimizer_payload(state: dict | None) -> dict | None:
     """An optimizer's ``state_dict()`` as plain values: its per-parameter state under string
     keys, tensors copied to the CPU."""
     if state is None:
         return None
-
-    def cpu(v):
-        return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-
     return {
-        "state": {str(k): {n: cpu(v) for n, v in st.items()} for k, st in state["state"].items()},
+        "state": {str(k): {n: _cpu(v) for n, v in st.items()} for k, st in state["state"].items()},
         "param_groups": [dict(g) for g in state["param_groups"]],
+    }
+
+
+def snapshot_payload(snapshot) -> dict | None:
+    """An undo's :class:`~ntkviz.accounting.OptimizerSnapshot` as plain values for a session's
+    history: per parameter its optimizer state, per group its hyper-parameters (tensors on the
+    CPU); None for None."""
+    if snapshot is None:
+        return None
+    return {
+        "state": [{k: _cpu(v) for k, v in st.items()} for st in snapshot.state],
+        "groups": [{k: _cpu(v) for k, v in g.items()} for g in snapshot.groups],
     }
 
 

@@ -314,9 +314,8 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
                 _put_back(kept, last_good)
                 if updating:
                     opt.state.clear()  # it may hold this step's update, or part of it
-                overflow = isinstance(e, RuntimeError) and "overflow" in str(
-                    e
-                )  # Adam's η/(1 − β₁ᵗ)
+                # torch's "value cannot be converted … without overflow": Adam's η/(1 − β₁ᵗ)
+                overflow = isinstance(e, RuntimeError) and "overflow" in str(e)
                 if isinstance(e, TrainingDiverged) or overflow:
                     log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
                     raise TrainingDiverged(step, lr, value) from None

@@ -49,7 +49,13 @@ from ntkviz.errors import (
 )
 from ntkviz.kernel import eval_mode
 from ntkviz.models import MODELS, count_parameters
-from ntkviz.session import Session, SessionError, load_session, save_session
+from ntkviz.session import (
+    Session,
+    SessionError,
+    load_session,
+    save_session,
+    snapshot_payload,
+)
 from ntkviz.training import (
     TrainConfig,
     make_optimizer,
@@ -452,13 +458,18 @@ class Engine:
 
     def resume(self) -> None:
         if self._iter is not None and not self._running:
-            if self.undo_stack:  # steps by hand the run's observers did not see: they restart
-                for observer in self.run_observers.values():
-                    for event in observer.restart(self):
-                        self.emit(event)
-            self._forget_applied_steps()  # they are part of the training history now
+            self._take_in_applied_steps()
             self._running = True
             self._run_state("training")
+
+    def _take_in_applied_steps(self) -> None:
+        """Steps applied by hand in a paused run become part of its training history (no undo);
+        the run's observers, which did not see them, begin their accounts again."""
+        if self.undo_stack:
+            for observer in self.run_observers.values():
+                for event in observer.restart(self):
+                    self.emit(event)
+        self._forget_applied_steps()
 
     def stop(self) -> None:
         if self._iter is not None:
@@ -475,11 +486,8 @@ class Engine:
         if self._iter is None:
             self._new_model(config, "trained")
             self._begin_run(config)
-        elif self.undo_stack:  # steps by hand, then a batch: as on Resume
-            for observer in self.run_observers.values():
-                for event in observer.restart(self):
-                    self.emit(event)
-            self._forget_applied_steps()
+        else:  # steps by hand, then a batch: as on Resume
+            self._take_in_applied_steps()
         # a periodic job under way is of the model as it is: it finishes before the batch
         self.runner.cancel_all("the model changed", keep=set(self._periodic))
         self._running, self._single = False, True
@@ -799,7 +807,7 @@ class Engine:
                 "lr": float(lr),
                 "pair": None if pair is None else pair.to_dict(),
                 "state_before": {k: v.detach().cpu() for k, v in st.state.items()},
-                "optimizer_before": _snapshot_payload(st.snapshot),
+                "optimizer_before": snapshot_payload(st.snapshot),
             }
             for lr, pair, st in zip(
                 self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
@@ -843,6 +851,7 @@ class Engine:
 
         stack, lrs, pairs, optimizers = [], [], [], []
         probe = session.build_model(template)
+        probe_optimizer = make_optimizer(probe, session.config)
         parts = session_parts(session)
         try:
             examples = []
@@ -862,7 +871,7 @@ class Engine:
                 lrs.append(float(h["lr"]))
                 pairs.append(PairRequest.from_dict(h["pair"], V) if h.get("pair") else None)
                 if h.get("optimizer_before") is not None:
-                    _check_snapshot(make_optimizer(probe, session.config), h["optimizer_before"])
+                    _check_snapshot(probe_optimizer, h["optimizer_before"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise SessionError(
                     f"{path}: step-through history entry {k} is damaged: {e}"
@@ -878,7 +887,7 @@ class Engine:
             config = replace(config, model=self.user_model.label)
         if session.optimizer is not None:  # the run's optimizer: checked on a copy of the model
             try:
-                _check_fits(make_optimizer(probe, config), session.optimizer)
+                _load_optimizer_state(probe_optimizer, session.optimizer)
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
                 raise SessionError(f"{path}: its optimizer's state is damaged: {e}") from None
         # everything checked: now replace the state
@@ -902,24 +911,21 @@ class Engine:
         self._close_run()
 
 
-def _snapshot_payload(snapshot) -> dict | None:
-    """An undo's optimizer snapshot as plain values for a session: per parameter its state, per
-    group its hyper-parameters (tensors on the CPU)."""
-    if snapshot is None:
-        return None
-
-    def cpu(v):
-        return v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-
-    return {
-        "state": [{k: cpu(v) for k, v in st.items()} for st in snapshot.state],
-        "groups": [{k: cpu(v) for k, v in g.items()} for g in snapshot.groups],
-    }
+def _check_shapes(params: list, states) -> None:
+    """ValueError unless every tensor (but scalars) of each ``(k, state)`` in ``states`` has the
+    shape of ``params[k]``."""
+    for k, state in states:
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[k].shape:
+                raise ValueError(
+                    f"its optimizer's {name} of parameter {k} is {tuple(value.shape)}, not "
+                    f"{tuple(params[k].shape)}"
+                )
 
 
 def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
-    """ValueError unless ``saved`` (see :func:`_snapshot_payload`) holds a state per parameter
-    of ``optimizer``, shaped like it, and hyper-parameters per group."""
+    """ValueError unless ``saved`` (see :func:`~ntkviz.session.snapshot_payload`) holds a state
+    per parameter of ``optimizer``, shaped like it, and hyper-parameters per group."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if (
         not isinstance(saved, dict)
@@ -930,13 +936,10 @@ def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
         or not all(isinstance(x, dict) for x in (*saved["state"], *saved["groups"]))
     ):
         raise ValueError("its optimizer state is not one of this model's optimizer")
-    for k, (p, state) in enumerate(zip(params, saved["state"], strict=True)):
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                raise ValueError(f"its optimizer's {name} of parameter {k} has another shape")
+    _check_shapes(params, enumerate(saved["state"]))
 
 
-def _check_fits(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load ``saved`` (a state dict) into ``optimizer`` if it is one of that optimizer's kind, of
     those parameters; ValueError otherwise (``load_state_dict`` checks only the group sizes)."""
     groups = optimizer.param_groups
@@ -947,15 +950,9 @@ def _check_fits(optimizer: torch.optim.Optimizer, saved: dict) -> None:
             f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
         )
     params = [p for g in groups for p in g["params"]]
-    for k, state in saved["state"].items():
-        if not 0 <= k < len(params):
-            raise ValueError(f"it holds state of a parameter {k} the model lacks")
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[k].shape:
-                raise ValueError(
-                    f"its {name} of parameter {k} is {tuple(value.shape)}, not "
-                    f"{tuple(params[k].shape)}"
-                )
+    if any(not 0 <= k < len(params) for k in saved["state"]):
+        raise ValueError("it holds state of a parameter the model lacks")
+    _check_shapes(params, saved["state"].items())
     optimizer.load_state_dict(saved)
 
 
