@@ -528,9 +528,10 @@ def _upsampled(g: Tensor, k: tuple[int, int]) -> Tensor:
     return up
 
 
-def _pull(chain: list, trace: list, g: Tensor, need_input: bool, records: list) -> Tensor | None:
-    """Pull the cotangents ``g (N, V, *out)`` back through the chain, appending a record for each
-    trainable layer (last layer first); returns the input cotangent when ``need_input``."""
+def _pull(chain: list, trace: list, g: Tensor, need_input: bool, record) -> Tensor | None:
+    """Pull the cotangents ``g (N, V, *out)`` back through the chain, calling
+    ``record(name, layer, a_in, g_out)`` for each trainable layer as the pull reaches it (last
+    layer first); returns the input cotangent when ``need_input``."""
     before = [False]
     for _, node in chain[:-1]:
         before.append(before[-1] or _node_trainable(node))
@@ -541,7 +542,7 @@ def _pull(chain: list, trace: list, g: Tensor, need_input: bool, records: list) 
         if isinstance(node, _Block):
             total = None
             for branch, branch_trace in zip(node.branches, branch_traces):
-                gb = _pull(branch, branch_trace, g, need, records)
+                gb = _pull(branch, branch_trace, g, need, record)
                 if need:
                     total = gb if total is None else total + gb
             g = total
@@ -552,7 +553,7 @@ def _pull(chain: list, trace: list, g: Tensor, need_input: bool, records: list) 
                         f"layer {name!r} (Linear) gets inputs of shape {tuple(a_in.shape)}, "
                         "not (N, features)"
                     )
-                records.append((name, node, a_in, g))
+                record(name, node, a_in, g)
             if need:
                 g = _input_cotangent(node, a_in, a_out, g)
         if not need:
@@ -567,16 +568,32 @@ def _sweep(chain: list, x: Tensor):
     in forward order (branches of a block in any order); ``layer`` is a ``Linear``, ``Conv2d``
     or ``BatchNorm`` (see :func:`parameter_jacobians` for its parameters' Jacobians). Image
     tensors may be channels-last (see :func:`_input_layout`): reshape them, do not ``view``.
+    A caller that reduces each layer's cotangents at once uses :func:`_traced` and
+    :func:`_pull_logits` instead: the cotangents are then freed layer by layer, so the sweep's
+    memory stays small and in cache (on ResNet-20 that makes one pair ~25 % faster).
     """
+    z, trace = _traced(chain, x)
+    records: list = []
+    _pull_logits(chain, trace, z, lambda *r: records.append(r))
+    records.reverse()
+    return z, records
+
+
+def _traced(chain: list, x: Tensor) -> tuple[Tensor, list]:
+    """The forward half of :func:`_sweep`: the logits ``(N, V)`` and the chain's trace."""
     z, trace = _run(chain, _input_layout(chain, x))
     if z.ndim != 2:
         raise _Unsupported(f"the model's output has shape {tuple(z.shape)}, not logits (N, V)")
+    return z, trace
+
+
+def _pull_logits(chain: list, trace: list, z: Tensor, record) -> None:
+    """The reverse half of :func:`_sweep`: the V unit cotangents of the logits ``z (N, V)``
+    pulled back, ``record(name, layer, a_in, g_out (N, V, *out))`` called for each trainable
+    layer, last layer first."""
     N, V = z.shape
     g = torch.eye(V, dtype=z.dtype, device=z.device).expand(N, V, V)
-    records: list = []
-    _pull(chain, trace, g, False, records)
-    records.reverse()
-    return z, records
+    _pull(chain, trace, g, False, record)
 
 
 def _conv_weight_jacobian(layer: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
@@ -619,10 +636,14 @@ def parameter_jacobians(layer: nn.Module, a_in: Tensor, g_out: Tensor) -> dict[s
 
 
 def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
-    """Per-layer kernels ``(N1, N2, V, V)`` of ``x1`` against the prepared small side."""
-    _, recs1 = _sweep(chain, x1)
+    """Per-layer kernels ``(N1, N2, V, V)`` of ``x1`` against the prepared small side (in the
+    chain's order), each layer's taken as the pull of x1 reaches it."""
+    z, trace = _traced(chain, x1)
     out = {}
-    for (name, layer, a1, g1), (_, _, a2, g2, jw2) in zip(recs1, small):
+    prepared = reversed(small)  # the pull meets the layers last first
+
+    def record(name, layer, a1, g1):
+        _, _, a2, g2, jw2 = next(prepared)
         w_on, b_on = _trainable_flags(layer)
         N1, V = g1.shape[:2]
         N2 = g2.shape[0]
@@ -635,7 +656,7 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
             if b_on:
                 factor = factor + 1
             out[name] = gg * factor[:, :, None, None]
-            continue
+            return
         k = torch.zeros((N1, N2, V, V), dtype=g1.dtype, device=g1.device)
         if w_on and kind == "batchnorm":
             k = k + torch.einsum("nic,mjc->nmij", _bn_weight_jacobian(layer, a1, g1), jw2)
@@ -654,7 +675,9 @@ def _structured_blocks(chain, x1: Tensor, small) -> dict[str, Tensor]:
         if b_on:
             k = k + torch.einsum("nio,mjo->nmij", _bias_jacobian(g1), _bias_jacobian(g2))
         out[name] = k
-    return out
+
+    _pull_logits(chain, trace, z, record)
+    return dict(reversed(out.items()))
 
 
 def _conv_as_filters(layer: nn.Conv2d, positions: int, n2: int, v: int) -> bool:
@@ -947,14 +970,15 @@ def _gram_factors(chain, x: Tensor) -> list[tuple]:
     as ``(kind, first, second, bias)``: Linear ``("linear", inputs (N, in) or None, output
     gradients (N, V, out), bias trainable)``; Conv2d and BatchNorm ``("jacobian", weight
     Jacobian (N, V, weights) or None, bias Jacobian (N, V, channels) or None, False)``."""
-    _, records = _sweep(chain, x)
+    z, trace = _traced(chain, x)
     factors = []
-    for _, layer, a, g in records:
+
+    def record(_, layer, a, g):  # each layer reduced as the pull reaches it, its g then freed
         w_on, b_on = _trainable_flags(layer)
         kind = _kind(layer)
         if kind == "linear":
             factors.append(("linear", a if w_on else None, g, b_on))
-            continue
+            return
         if not w_on:
             jw = None
         elif kind == "batchnorm":
@@ -962,7 +986,9 @@ def _gram_factors(chain, x: Tensor) -> list[tuple]:
         else:
             jw = _conv_weight_jacobian(layer, a, g).flatten(2)
         factors.append(("jacobian", jw, _bias_jacobian(g) if b_on else None, False))
-    return factors
+
+    _pull_logits(chain, trace, z, record)
+    return factors[::-1]
 
 
 def _concat_factors(parts: list[list[tuple]]) -> list[tuple]:
@@ -1218,48 +1244,55 @@ def pair_kernel_and_gradient(
     ``(2, V)``, ``K(x_o, x_u) (V, V)`` and ∇θL at x_u by parameter name, where
     ``G = loss_gradient(z_u) (V,)`` is ∂L/∂z (no gradients when ``loss_gradient`` is None).
     None when the model needs the generic path.
-    ``x_o``, ``x_u``: batches of one. The model must already be in eval mode."""
+    ``x_o``, ``x_u``: batches of one. The model must already be in eval mode. Each layer's
+    share is taken as the pull reaches it, so its cotangents are freed at once."""
     chain = _chain(model)
     if chain is None:
         return None
     try:
         with torch.no_grad():
-            z, records = _sweep(chain, torch.cat([x_o, x_u]))
+            z, trace = _traced(chain, torch.cat([x_o, x_u]))
     except _Unsupported:
         return None
     G = loss_gradient(z[1]) if loss_gradient is not None else None
     K = torch.zeros((z.shape[1],) * 2, dtype=z.dtype, device=z.device)
     grads = {}
-    with torch.no_grad():
-        for name, layer, a, g in records:
-            w_on, b_on = _trainable_flags(layer)
-            prefix = f"{name}." if name else ""
-            if _kind(layer) == "linear":
-                gg = g[0] @ g[1].T
-                K += gg * ((a[0] @ a[1] if w_on else 0) + (1 if b_on else 0))
-                if G is None:
-                    continue
-                gu = G @ g[1]  # (out,)
-                if w_on:
-                    grads[prefix + "weight"] = torch.outer(gu, a[1])
-                if b_on:
-                    grads[prefix + "bias"] = gu
-                continue
-            if w_on and _kind(layer) == "conv2d":
-                k, grad = _conv_pair(layer, a, g, G)
-                K += k
-                if G is not None:
-                    grads[prefix + "weight"] = grad
-            elif w_on:
-                jw = _weight_jacobian(layer, a, g).flatten(2)  # (2, V, weights)
-                K += jw[0] @ jw[1].T
-                if G is not None:
-                    grads[prefix + "weight"] = (G @ jw[1]).view_as(layer.weight)
+
+    def record(name, layer, a, g):
+        w_on, b_on = _trainable_flags(layer)
+        prefix = f"{name}." if name else ""
+        if _kind(layer) == "linear":
+            gg = g[0] @ g[1].T
+            K.add_(gg * ((a[0] @ a[1] if w_on else 0) + (1 if b_on else 0)))
+            if G is None:
+                return
+            gu = G @ g[1]  # (out,)
+            if w_on:
+                grads[prefix + "weight"] = torch.outer(gu, a[1])
             if b_on:
-                jb = _bias_jacobian(g)  # (2, V, out)
-                K += jb[0] @ jb[1].T
-                if G is not None:
-                    grads[prefix + "bias"] = G @ jb[1]
+                grads[prefix + "bias"] = gu
+            return
+        if w_on and _kind(layer) == "conv2d":
+            k, grad = _conv_pair(layer, a, g, G)
+            K.add_(k)
+            if G is not None:
+                grads[prefix + "weight"] = grad
+        elif w_on:
+            jw = _weight_jacobian(layer, a, g).flatten(2)  # (2, V, weights)
+            K.add_(jw[0] @ jw[1].T)
+            if G is not None:
+                grads[prefix + "weight"] = (G @ jw[1]).view_as(layer.weight)
+        if b_on:
+            jb = _bias_jacobian(g)  # (2, V, out)
+            K.add_(jb[0] @ jb[1].T)
+            if G is not None:
+                grads[prefix + "bias"] = G @ jb[1]
+
+    try:
+        with torch.no_grad():
+            _pull_logits(chain, trace, z, record)
+    except _Unsupported:
+        return None
     return z, K, grads
 
 

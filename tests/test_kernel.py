@@ -79,6 +79,8 @@ def test_per_layer_kernels_sum_to_the_total_and_match_per_group_jacobians(name):
     layers = empirical_ntk_by_layer(model, x1, x2)
     names = [n for n, _ in model.named_parameters()]
     assert set(layers) == {layer_of(n) for n in names}
+    if name != "residual":  # a chain's layers come in its order (a block's branches in any)
+        assert list(layers) == list(dict.fromkeys(layer_of(n) for n in names))
     torch.testing.assert_close(
         sum(layers.values()), empirical_ntk(model, x1, x2), rtol=1e-10, atol=1e-10
     )
