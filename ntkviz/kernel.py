@@ -1083,10 +1083,11 @@ def iter_kernel_norms(
 # --------------------------------------------------------------------------- public API
 
 
-def _kernels(
-    model: nn.Module, x1: Tensor, x2: Tensor, method: str, chunk_size: int | None, split: bool
-) -> dict[str, Tensor]:
-    """Kernel blocks ``(N1, N2, V, V)``: one entry ``"total"``, or one per parameter group."""
+def _checked(
+    model: nn.Module, x1, x2, method: str, chunk_size
+) -> tuple[Tensor, Tensor, int | None]:
+    """The kernel functions' arguments checked: ``x1``, ``x2`` as batches of the model's dtype and
+    device, ``chunk_size`` a positive int or None; ValueError for anything else."""
     if method not in ("auto", "structured", "generic"):
         raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
     x1 = _as_batch(model, x1, "x1")
@@ -1094,6 +1095,14 @@ def _kernels(
     _same_examples(x1, x2)
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size")
+    return x1, x2, chunk_size
+
+
+def _kernels(
+    model: nn.Module, x1: Tensor, x2: Tensor, method: str, chunk_size: int | None, split: bool
+) -> dict[str, Tensor]:
+    """Kernel blocks ``(N1, N2, V, V)``: one entry ``"total"``, or one per parameter group."""
+    x1, x2, chunk_size = _checked(model, x1, x2, method, chunk_size)
     if len(x2) > len(x1):  # keep the small side small: K(x1, x2) = K(x2, x1)ᵀ
         swapped = _kernels(model, x2, x1, method, chunk_size, split)
         return {k: v.permute(1, 0, 3, 2) for k, v in swapped.items()}
@@ -1179,13 +1188,7 @@ def ntk_vector_product(
     """``Σ_b K(x1[a], x2[b]) · vectors[b]`` ``(N1, V)`` without forming K: J(x1) times the
     parameter-space vector Σ_b J(x2[b])ᵀ vectors[b]. With ``vectors`` = ∂L/∂z at x2 this is minus
     the logit change per unit learning rate of a gradient step on x2. ``vectors (N2, V)``."""
-    if method not in ("auto", "structured", "generic"):
-        raise ValueError(f"method must be 'auto', 'structured' or 'generic', got {method!r}")
-    x1 = _as_batch(model, x1, "x1")
-    x2 = _as_batch(model, x2, "x2")
-    _same_examples(x1, x2)
-    if chunk_size is not None:
-        chunk_size = positive_int(chunk_size, "chunk_size")
+    x1, x2, chunk_size = _checked(model, x1, x2, method, chunk_size)
     vectors = torch.as_tensor(vectors).to(x2.device, x2.dtype)
     params = trainable_parameters(model)
     with eval_mode(model):
