@@ -94,6 +94,10 @@ def test_training_updates_loss_curve(qtbot, settings, mnist):
     assert list(xs) == list(range(1, 21))
     assert np.all(np.isfinite(ys)) and ys[-1] < ys[0]
     assert len(curves.ema_curve.getData()[0]) == 20
+    # the curves' legend is the title's: inside the plot it would cover a loss that stays high
+    assert curves.loss_plot.getPlotItem().legend is None
+    title = curves.loss_plot.getPlotItem().titleLabel.text
+    assert "per&nbsp;batch" in title and "EMA" in title
     acc_x, acc_y = curves.acc_curve.getData()
     assert list(acc_x) == [5, 10, 15, 20] and all(0 <= a <= 1 for a in acc_y)
     # fixed axes: every step of the run, loss from 0 to the round number above its maximum

@@ -765,6 +765,9 @@ class TrajectoryPlot(pg.PlotWidget):
             self.getPlotItem().getAxis("bottom").setTickSpacing(major=major, minor=major)
 
 
+RAW_LOSS, SMOOTHED_LOSS = "#a0a0a0", "#1f77b4"
+
+
 class TrainingCurves(QWidget):
     """Shows a :class:`~ntkviz.app.features.training.RunCurves`: loss per step (raw and
     smoothed) and test accuracy, redrawn at most every ``REDRAW_MS`` while records arrive."""
@@ -776,15 +779,23 @@ class TrainingCurves(QWidget):
         self.model = curves
         self._acc_drawn = -1  # accuracy points drawn
         self._ranges = None  # (steps, loss top) of the axes
-        self.loss_plot = pg.PlotWidget(title="training loss")
+        self.loss_plot = pg.PlotWidget()
         self.loss_plot.setBackground("w")
+        # the legend is in the title: inside the plot it covers a curve that stays high
+        self.loss_plot.setTitle(
+            f"training loss <span style='color:{RAW_LOSS}'>━</span>&nbsp;per&nbsp;batch "
+            f"<span style='color:{SMOOTHED_LOSS}'>━</span>&nbsp;EMA",
+            size="10pt",
+        )
+        let_wrap(self.loss_plot.getPlotItem().titleLabel, center=True)  # a narrow dock wraps it
         self.loss_plot.setLabel("bottom", "step")
-        self.loss_plot.addLegend(offset=(-5, 5), labelTextSize="8pt")
-        self.raw_curve = self.loss_plot.plot(pen=pg.mkPen("#b0b0b0", width=1), name="per batch")
-        self.ema_curve = self.loss_plot.plot(pen=pg.mkPen("#1f77b4", width=2), name="EMA")
-        self.acc_plot = pg.PlotWidget(title="test accuracy")
+        self.raw_curve = self.loss_plot.plot(pen=pg.mkPen(RAW_LOSS, width=1))
+        self.ema_curve = self.loss_plot.plot(pen=pg.mkPen(SMOOTHED_LOSS, width=2))
+        self.acc_plot = pg.PlotWidget()
+        self.acc_plot.setTitle("test accuracy", size="10pt")
         self.acc_plot.setBackground("w")
         self.acc_plot.setLabel("bottom", "step")
+        self.acc_plot.getAxis("left").setTickSpacing(major=0.5, minor=0.1)  # not 6 crowded labels
         for plot in (self.loss_plot, self.acc_plot):
             plot.disableAutoRange()
             for name in ("left", "bottom"):
