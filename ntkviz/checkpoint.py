@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ntkviz.checks import plain_values
+from ntkviz.checks import count, plain_values
 from ntkviz.errors import CheckpointError
 from ntkviz.files import atomic_write, load_torch_file
 from ntkviz.models import MODELS, build_model
@@ -245,12 +245,16 @@ def config_from(payload: dict) -> TrainConfig:
 
 
 def metadata_from(payload: dict, key: str = "metadata") -> dict:
-    """``payload[key]``: a dict of plain values (an empty dict when absent)."""
+    """``payload[key]``: a dict of plain values (an empty dict when absent); its training
+    ``step``, where recorded, an int ≥ 0."""
     meta = payload.get(key, {})
     if not isinstance(meta, dict):
         raise ValueError(f"{key} must be a dict, got {type(meta).__name__}")
     plain_values(meta, key)
-    return dict(meta)
+    meta = dict(meta)
+    if "step" in meta:
+        meta["step"] = count(meta["step"], f"{key}['step'] (the training step)")
+    return meta
 
 
 def check_state_dict(state, model: nn.Module, where: str = "state_dict") -> dict:

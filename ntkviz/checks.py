@@ -53,6 +53,14 @@ def class_index(value, name: str, num_classes: int | None = None) -> int:
     raise ValueError(f"{name} must be an int class ≥ 0{upper}, got {value!r}")
 
 
+def count(value, name: str) -> int:
+    """``value`` as an int ≥ 0 (a step count): a Python, numpy or 0-d tensor integer."""
+    v = _item(value)
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
+
+
 def positive_int(value, name: str) -> int:
     """``value`` as an int ≥ 1: a Python, numpy or 0-d tensor integer (not a bool)."""
     v = _item(value)

@@ -580,6 +580,7 @@ def _pair_from_args(args):
         **source,
     }
     meta["dataset"] = data.name
+    meta["classes"] = list(data.classes)
     args.classes = data.classes
     return model, x_o, x_u, y_u, meta
 

@@ -599,10 +599,13 @@ def load_dataset(
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
     if key == "mnist":
         _prepare_shipped_mnist(root, SHIPPED_MNIST, repair=cache)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"{spec.cls_name}: cannot create the data directory {root}: {e}") from e
+    if download or cache:  # a directory the user names is not created to find it empty
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(
+                f"{spec.cls_name}: cannot create the data directory {root}: {e}"
+            ) from e
     raw, classes, where = _READERS[spec.kind](spec, root, download)
     splits = {}
     for split, (images, labels) in raw.items():
@@ -737,6 +740,14 @@ def load_image_folder(directory: str | Path) -> ImageDataset:
         chw = _stack_pixels(pixels + test_pixels)
         train, test = (chw[: len(y)], y), (chw[len(y) :], test_y)
     else:
+        train = directory / "train"
+        if train.is_dir() and any(p.is_dir() for p in train.iterdir()):  # not a class "train"
+            others = sorted(p.name + "/" for p in directory.iterdir() if p.is_dir() and p != train)
+            raise DatasetError(
+                f"{directory} holds train/ with class folders but no test/ beside it (beside it: "
+                f"{', '.join(others) or 'nothing'}): name the held-out split test/, or put the "
+                f"class folders directly in {directory}"
+            )
         pixels, paths, y, classes = _read_folder(directory)
         _check_sizes(pixels, paths)
         chw = _stack_pixels(pixels)

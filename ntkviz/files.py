@@ -15,6 +15,7 @@ import pickle
 import secrets
 import stat
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def refused_objects(path: Path, e: Exception) -> bool:
             head = f.read(2)
     except OSError:
         return False
-    return head == b"PK" or head[:1] == b"\x80"
+    return (head == b"PK" and zipfile.is_zipfile(path)) or head[:1] == b"\x80"
 
 
 def load_torch_file(path: str | Path, what: str, error: type[NtkvizError]):

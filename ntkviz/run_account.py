@@ -316,16 +316,27 @@ class RunAccount:
         (a ``ValueError``) names what is wrong."""
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as f:
+            f = np.load(path, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):  # one array (.npy), not an archive
+                raise ValueError
+            with f:
                 arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise FileReadError(f"{path} is not a readable ntkviz run account ({e})") from None
+        except FileNotFoundError:
+            raise FileReadError(f"{path}: no such file") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            raise FileReadError(
+                f"{path} is not a readable ntkviz run account (damaged, or another kind of file)"
+            ) from None
         if str(arrays.get("format", "")) != FORMAT:
             raise FileReadError(f"{path} is not an ntkviz run account")
-        if int(arrays.get("version", VERSION)) > VERSION:
+        try:
+            version = _count(arrays.get("version", VERSION), "version")
+        except ValueError as e:
+            raise FileReadError(f"{path} is a damaged ntkviz run account: {e}") from None
+        if version > VERSION:
             raise FileReadError(
-                f"{path} has run-account format version {int(arrays['version'])}; this ntkviz "
-                f"reads up to {VERSION} — upgrade it"
+                f"{path} has run-account format version {version}; this ntkviz reads up to "
+                f"{VERSION} — upgrade it"
             )
         try:
             return cls._from_arrays(arrays)
@@ -335,36 +346,43 @@ class RunAccount:
 
     @classmethod
     def _from_arrays(cls, arrays: dict) -> RunAccount:
+        """The account of a file's arrays, every one checked against the others (ValueError)."""
         timeline = {k[len("step_") :]: v for k, v in arrays.items() if k.startswith("step_")}
+        classes = np.asarray(arrays["classes"])
+        if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
+            raise ValueError(f"classes must be a list of ints, got {classes.dtype} {classes.shape}")
+        meta = json.loads(str(arrays["meta_json"]))
+        if not isinstance(meta, dict):
+            raise ValueError("meta_json must hold a JSON object")
+        num_classes = _count(arrays["num_classes"], "num_classes")
         run = cls(
-            arrays["classes"],
-            int(arrays["num_train"]),
-            int(arrays["num_classes"]) or None,
+            classes,
+            _count(arrays["num_train"], "num_train"),
+            num_classes or None,
             keep_steps=bool(timeline),
-            meta=json.loads(str(arrays["meta_json"])),
+            meta=meta,
         )
-        run.steps = int(arrays["steps"])
-        run._by_example = np.array(arrays["by_example"], np.float64)
+        run.steps = _count(arrays["steps"], "steps")
+        W = run.watched
+        run._by_example = _floats(arrays["by_example"], "by_example", (W, run.num_train))
         if run.steps:
-            run._by_class = np.array(arrays["by_class"], np.float64)
-            for logits in (False, True):
-                prefix = "dz_" if logits else ""
+            totals = {}
+            for prefix in ("", "dz_"):
                 for name in TERMS:
                     key = f"total_{prefix}{name}"
                     if name == "statistics" and key not in arrays:  # written before that term
-                        run._totals[prefix + name] = np.zeros_like(arrays[f"total_{prefix}actual"])
                         continue
-                    run._totals[prefix + name] = np.array(arrays[key])
-        W = run.watched
-        arrays_of_w = {"by_example": run._by_example, **({"by_class": run._by_class} if run.steps else {}),
-                       **{f"total_{k}": v for k, v in run._totals.items()}}  # fmt: skip
-        for key, value in arrays_of_w.items():
-            if value.ndim < 2 or len(value) != W:
-                raise ValueError(f"{key} has shape {value.shape}, not one row for each of the {W} "
-                                 "watched examples")  # fmt: skip
-        if run._by_example.shape[1] != run.num_train:
-            raise ValueError(f"by_example has {run._by_example.shape[1]} columns, not num_train = "
-                             f"{run.num_train}")  # fmt: skip
+                    totals[prefix + name] = np.asarray(arrays[key])
+            V = totals["actual"].shape[-1] if totals["actual"].ndim == 2 else 0
+            for key, value in totals.items():
+                run._totals[key] = _floats(value, f"total_{key}", (W, V))
+            for prefix in ("", "dz_"):
+                run._totals.setdefault(prefix + "statistics", np.zeros((W, V)))
+            if V == 0 or classes.max() >= V:
+                raise ValueError(f"classes must be < V = {V}, got {classes.tolist()}")
+            C = run.num_classes or 0
+            run._by_class = _floats(arrays["by_class"], "by_class", (W, C, V))
+        _check_timeline(timeline, W, run._totals)
         for prefix in ("", "dz_"):  # the statistics term, in a file written before it
             if prefix + "actual" in timeline and prefix + "statistics" not in timeline:
                 timeline[prefix + "statistics"] = np.zeros_like(timeline[prefix + "actual"])
@@ -375,3 +393,48 @@ class RunAccount:
                 rows = [r[..., keep] for r, keep in zip(rows, valid)]
             run._timeline[key] = rows
         return run
+
+
+def _count(value, name: str) -> int:
+    """A file's 0-d integer array as an int ≥ 0 (ValueError otherwise)."""
+    a = np.asarray(value)
+    if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or int(a) < 0:
+        raise ValueError(f"{name} must be an int ≥ 0, got {a!r}")
+    return int(a)
+
+
+def _floats(value, name: str, shape: tuple) -> np.ndarray:
+    """A file's array as float64 if it has ``shape`` (ValueError otherwise)."""
+    a = np.asarray(value)
+    if a.shape != shape or not (np.issubdtype(a.dtype, np.floating) or a.size == 0):
+        raise ValueError(f"{name} is {a.dtype} {a.shape}, not a float array {shape}")
+    return np.array(a, np.float64)
+
+
+#: The timeline's arrays: name -> the shape of one step's row, from (W, B, V).
+_ROW_SHAPES = {"step": (), "lr": (), "loss": (), "batch_indices": ("B",), "batch_labels": ("B",),
+               "contributions": ("W", "B")}  # fmt: skip
+
+
+def _check_timeline(timeline: dict, W: int, totals: dict) -> None:
+    """ValueError unless the ``step_*`` arrays all hold the same number of steps, each of its
+    shape: ``(S,)`` for step, lr, loss; ``(S, B)`` for the batch's indices and labels; ``(S, W,
+    B)`` for contributions; ``(S, W, V)`` for probs_before and every term."""
+    if not timeline:
+        return
+    V = totals["actual"].shape[1] if totals else None
+    needed = {*_ROW_SHAPES, "probs_before", "actual", "dz_actual"}
+    missing = sorted(needed - set(timeline))
+    if missing or V is None:
+        raise ValueError(f"its timeline lacks step_{(missing or ['actual'])[0]}")
+    S = len(np.asarray(timeline["step"]))
+    B = np.asarray(timeline["batch_indices"]).shape[-1]
+    sizes = {"W": W, "B": B, "V": V}
+    for key, value in timeline.items():
+        row = _ROW_SHAPES.get(key, ("W", "V"))
+        shape = (S, *(sizes[d] for d in row))
+        a = np.asarray(value)
+        integer = key in ("step", "batch_indices", "batch_labels")
+        kind_ok = np.issubdtype(a.dtype, np.integer if integer else np.floating)
+        if a.shape != shape or not kind_ok:
+            raise ValueError(f"step_{key} is {a.dtype} {a.shape}, not {shape}")

@@ -31,7 +31,7 @@ from ntkviz.checkpoint import (
     read_payload,
     stored_num_classes,
 )
-from ntkviz.checks import class_index, plain_values, positive_int, real_number
+from ntkviz.checks import class_index, count, plain_values, positive_int, real_number
 from ntkviz.errors import CheckpointError
 from ntkviz.training import TrainConfig
 
@@ -207,10 +207,6 @@ def _choice(value, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _step(value, name: str) -> int:
-    return class_index(value, name)  # an int ≥ 0
-
-
 def _outputs(state) -> int:
     """The number of classes of a stored state dict, for files that record none."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -266,7 +262,7 @@ def _kernel_maps(raw, num_classes: int) -> list[tuple[int, np.ndarray]]:
         where = f"kernel map {k}"
         if not isinstance(item, list | tuple) or len(item) != 2:
             raise ValueError(f"{where} must be a (training step, map) pair")
-        step, m = _step(item[0], f"{where} step"), item[1]
+        step, m = count(item[0], f"{where} step"), item[1]
         shape = (num_classes, num_classes)
         if not isinstance(m, torch.Tensor) or not m.is_floating_point() or m.shape != shape:
             raise ValueError(f"{where} must be a {shape} floating-point tensor")
@@ -304,7 +300,7 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
             model_name=name,
             state_dict=check_state_dict(state, model),
             config=config_from(payload),
-            step=_step(payload.get("step", 0), "step"),
+            step=count(payload.get("step", 0), "step"),
             curves=_curves(payload.get("curves", {})),
             selection=_selection(payload.get("selection", {}), num_classes),
             history=_history(payload.get("history", []), model),

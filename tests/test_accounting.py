@@ -881,9 +881,34 @@ def test_run_account_files_round_trip(tmp_path, mnist):
     with np.load(tmp_path / "run.npz") as f:  # its classes cut to one watched example
         np.savez(tmp_path / "cut_classes.npz", **{**f, "classes": f["classes"][:1]})
     with pytest.raises(
-        ValueError, match=r"by_example has shape \(\d+, \d+\), not one row for each"
+        ValueError, match=r"by_example is float64 \(2, 100\), not a float array \(1, 100\)"
     ):
         RunAccount.load(tmp_path / "cut_classes.npz")
+    # every array is checked against the others: nothing loads that fails later
+    V = run.totals()["actual"].shape[1]
+    with np.load(tmp_path / "run.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    damages = {
+        "classes": ({"classes": np.array([99, 1])}, rf"classes must be < V = {V}"),
+        "lr": ({"step_lr": arrays["step_lr"][:1]}, r"step_lr is float64 \(1,\), not \(3,\)"),
+        "total": (
+            {"total_actual": np.zeros((2, 3))},
+            rf"float64 \(2, {V}\), not a float array \(2, 3\)",
+        ),
+        "by_class": ({"by_class": np.zeros((2, 10, 3))}, r"by_class is float64 \(2, 10, 3\)"),
+        "steps": ({"steps": np.array(-3)}, r"steps must be an int ≥ 0, got array\(-3\)"),
+        "version": ({"version": np.array("x")}, r"version must be an int ≥ 0"),
+    }
+    for name, (change, message) in damages.items():
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, **change})
+        with pytest.raises(FileReadError, match=rf"{name}\.npz is a damaged .*{message}"):
+            RunAccount.load(tmp_path / f"{name}.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "pickled.npz").write_bytes((tmp_path / "one.npy").read_bytes())
+    for bad in ("pickled.npz", "bad.npz"):
+        with pytest.raises(FileReadError, match="damaged, or another kind of file") as e:
+            RunAccount.load(tmp_path / bad)
+        assert "allow_pickle" not in str(e.value)
     with pytest.raises(ValueError, match="keeps no timeline"):
         RunAccount([1], 10).save(tmp_path / "x.csv")
     with pytest.raises(ValueError, match="watched examples"):

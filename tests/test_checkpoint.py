@@ -95,6 +95,9 @@ def _set_weight(fn):
         (_set("metadata", [1, 2]), "metadata must be a dict"),
         (_set("metadata", {"when": torch.float32}), r"metadata\['when'\] holds a dtype"),
         (_set("metadata", {1: "a"}), "not a string"),
+        (_set("metadata", {"step": None}), r"metadata\['step'\] \(the training step\) must be"),
+        (_set("metadata", {"step": "abc"}), r"must be an int ≥ 0, got 'abc'"),
+        (_set("metadata", {"step": -5}), r"must be an int ≥ 0, got -5"),
         (_set_config("lr", None), "config lr must be a number, got None"),
         (_set_config("lr", "0.1"), "config lr must be a number"),
         (_set_config("lr", -1.0), "learning rate must be a positive"),
@@ -146,10 +149,11 @@ def test_a_file_with_foreign_objects_gets_no_advice_to_disable_weights_only(tmp_
     with pytest.raises(CheckpointError, match="not a readable ntkviz checkpoint") as info:
         load_checkpoint(path)
     assert "weights_only" not in str(info.value)
-    path.write_bytes(bytes(range(7, 256)))  # no torch.save file at all: damaged, not dangerous
-    with pytest.raises(CheckpointError, match="damaged or another kind of file") as info:
-        load_checkpoint(path)
-    assert "objects other than" not in str(info.value)
+    for junk in (bytes(range(7, 256)), b"PK" + bytes(range(7, 256))):  # no torch.save file
+        path.write_bytes(junk)  # at all, even starting like a zip archive: damaged, not dangerous
+        with pytest.raises(CheckpointError, match="damaged or another kind of file") as info:
+            load_checkpoint(path)
+        assert "objects other than" not in str(info.value)
 
 
 def test_unsavable_metadata_is_refused_before_writing(tmp_path):

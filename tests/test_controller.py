@@ -496,9 +496,19 @@ def test_a_session_keeps_the_runs_optimizer(app, tmp_path):
     assert np.array_equal(again.actual, preview.actual)
     current = app.state_dict()
     for damage, message in (
-        (lambda o: o["param_groups"][0].__setitem__("params", [0]), "doesn't match the size"),
-        (lambda o: o["state"]["0"].__setitem__("momentum_buffer", torch.zeros(3)), "is (3,)"),
+        (lambda o: o["param_groups"][0].__setitem__("params", [0]), "not the state of this run's"),
+        (lambda o: o["param_groups"][0].__setitem__("params", [0] * 10), "not the state of"),
+        (lambda o: o["state"]["0"].__setitem__("momentum_buffer", torch.zeros(3)), "is a (3,)"),
+        (lambda o: o["state"]["0"].__setitem__("momentum_buffer", torch.tensor(1.0)), "is a ()"),
+        (lambda o: o["state"]["0"].__setitem__("momentum_buffer", [1.0]), "is [1.0], not"),
+        (
+            lambda o: o["state"]["0"].__setitem__(
+                "momentum_buffer", o["state"]["0"]["momentum_buffer"].double()
+            ),
+            "torch.float64 tensor, not finite",
+        ),
         (lambda o: o["param_groups"][0].pop("momentum"), "not the state of this run's"),
+        (lambda o: o["param_groups"][0].__setitem__("lr", "fast"), "its optimizer's lr is 'fast'"),
     ):
         payload = torch.load(path, weights_only=True)  # another optimizer's state: refused
         damage(payload["optimizer"])
@@ -535,6 +545,33 @@ def test_undo_after_reopening_a_session_restores_the_optimizer_too(app, tmp_path
         assert all(torch.equal(v, after["state"][k][n]) for n, v in state.items())
     assert all(torch.equal(v, weights[k]) for k, v in app.state_dict().items())
 
+    # A history entry whose optimizer snapshot does not fit is refused, nothing changed; weights
+    # stored in another float dtype are taken in the model's (the history job then works).
+    current = app.state_dict()
+    payload = torch.load(path, weights_only=True)
+    payload["history"][0]["optimizer_before"]["state"][0]["momentum_buffer"] = torch.tensor(1.0)
+    torch.save(payload, tmp_path / "bad.ntks")
+    app.controller.open_session(str(tmp_path / "bad.ntks"))
+    app.drain()
+    assert "history entry 0 is damaged" in app.errors[-1][1], app.errors[-1][1]
+    assert "momentum_buffer of parameter 0 is a ()" in app.errors[-1][1]
+    assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
+    payload = torch.load(path, weights_only=True)
+    before = payload["history"][0]["state_before"]
+    payload["history"][0]["state_before"] = {k: v.double() for k, v in before.items()}
+    torch.save(payload, tmp_path / "f64.ntks")
+    errors = len(app.errors)
+    app.controller.open_session(str(tmp_path / "f64.ntks"))
+    app.drain()
+    assert len(app.errors) == errors and app.state.model.applied_steps == 1
+    assert "history" in app.controller.results  # the trajectory over the applied step
+    app.controller.undo_step()
+    app.drain()
+    assert len(app.errors) == errors
+    restored = app.state_dict()
+    assert all(v.dtype == torch.float32 for v in restored.values())
+    assert all(torch.equal(v, before[k]) for k, v in restored.items())
+
 
 def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):
     from ntkviz.session import load_session
@@ -547,3 +584,41 @@ def test_a_session_watching_examples_the_data_lacks_is_refused(app, tmp_path):
     app.controller.open_session(str(path))
     app.drain()
     assert app.errors[-1][0] == "Session not readable" and "test[1000000]" in app.errors[-1][1]
+
+
+def test_a_session_on_data_given_from_python_is_refused_on_other_data(mnist, tmp_path):
+    from ntkviz.data import as_image_dataset
+
+    pairs = [(mnist.train.x[k], int(mnist.train.y[k])) for k in range(300)]
+    tests = [(mnist.test.x[k], int(mnist.test.y[k])) for k in range(100)]
+    mine = App(as_image_dataset((pairs, tests), name="mydigits"))
+    path = str(tmp_path / "mine.ntks")
+    mine.controller.save_session(path)
+    mine.drain()
+    again = App(as_image_dataset((pairs, tests), name="mydigits"))  # the same data: it opens
+    again.controller.open_session(path)
+    again.drain()
+    assert again.errors == [] and again.state.dataset.name == "mydigits"
+    app = App(mnist)
+    current = app.state_dict()
+    app.controller.open_session(path)
+    app.drain()
+    assert app.errors[-1][0] == "Session not readable", app.errors
+    assert (
+        "made on data given from Python (mydigits), not on the open data (mnist)"
+        in (app.errors[-1][1])
+    )
+    assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
+
+
+def test_a_session_with_a_negative_step_size_is_refused(app, tmp_path):
+    path = tmp_path / "s.ntks"
+    app.controller.save_session(str(path))
+    app.drain()
+    payload = torch.load(path, weights_only=True)
+    payload["selection"]["pair"]["lr"] = -0.5
+    torch.save(payload, path)
+    app.controller.open_session(str(path))
+    app.drain()
+    assert app.errors[-1][0] == "Session not readable", app.errors
+    assert "η must be ≥ 0, got -0.5" in app.errors[-1][1]

@@ -398,6 +398,10 @@ def test_image_folder_errors_name_the_file_or_folder(tmp_path):
     make_folder(tmp_path / "g" / "test", classes=("a", "z"), per_class=1)
     with pytest.raises(DatasetError, match=r"class folder.s. z that the training split lacks"):
         load_dataset(tmp_path / "g")
+    make_folder(tmp_path / "h" / "train", classes=("a", "b"), per_class=2)
+    make_folder(tmp_path / "h" / "valid", classes=("a", "b"), per_class=1)
+    with pytest.raises(DatasetError, match=r"train/ with class folders but no test/ beside it"):
+        load_dataset(tmp_path / "h")  # not two classes called "train" and "valid"
 
 
 # --------------------------------------------------------------------------- datasets by name
@@ -418,6 +422,9 @@ def test_missing_named_datasets_name_the_directory_and_files(tmp_path, name, whe
     message = str(info.value)
     assert f"not found in {tmp_path / where if where else tmp_path}:" in message
     assert all(f in message for f in files) and "--download" in message
+    with pytest.raises(DatasetError):
+        load_dataset(name, root=tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()  # a directory that is not there stays so
 
 
 def test_emnist_letters_are_shifted_and_stand_upright(tmp_path):

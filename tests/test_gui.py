@@ -297,6 +297,9 @@ def test_exports_decode(qtbot, settings, mnist, tmp_path):
         np.testing.assert_array_equal(data[name], array, err_msg=name)
     meta = json.loads(str(data["meta_json"]))
     assert meta["x_u"]["index"] == window.state.x_u.index and meta["training_step"] == 1
+    # classes as ints (as the CLI writes them), their names apart
+    assert meta["y_u"] == dec.y_u and meta["x_u"]["label"] == window.state.label(window.state.x_u)
+    assert meta["classes"] == list(window.state.dataset.classes)
     record = json.loads((tmp_path / "d.json").read_text())
     np.testing.assert_array_equal(np.array(record["K"]), dec.K)
     assert record["meta"]["model"] == "lenet" and record["meta"]["seed"] == 0

@@ -139,7 +139,7 @@ def test_changing_the_model_cancels_a_running_sweep(qtbot, window, monkeypatch):
     assert view.job.run_button.isEnabled()
 
 
-def test_kernel_maps_equal_core_and_record_while_training(qtbot, window, mnist):
+def test_kernel_maps_equal_core_and_record_while_training(qtbot, window, mnist, tmp_path):
     kv = window.views["kernel_maps"]
     kv.per_class_box.setValue(3)
     maps = wait_shown(qtbot, window, "kernel_map_history", kv.job.run_button.click)
@@ -149,6 +149,10 @@ def test_kernel_maps_equal_core_and_record_while_training(qtbot, window, mnist):
     expected = class_kernel_map(model, test.x[idx], test.y[idx].numpy(), 10)
     np.testing.assert_allclose(kv.heatmap.image, expected, rtol=1e-6)
     assert maps.steps.tolist() == [2]
+    with np.load(kv.export(tmp_path / "maps.npz")) as saved:  # says which images it is over
+        np.testing.assert_array_equal(saved["maps"][0], kv.heatmap.image)
+        meta = json.loads(str(saved["meta_json"]))
+    assert meta["per_class"] == 3 and "balanced_indices" in meta["probe"]
     # recording while training: a map every 2 steps
     kv.every_box.setValue(2)
     kv.record_box.setChecked(True)
@@ -226,6 +230,10 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
             path = view.export(tmp_path / f"{name}{suffix}", width=400)
             assert path.stat().st_size > 0
     assert np.load(tmp_path / "sq.npz")["neg_probs"].shape == (4, 10)
+    meta = json.loads(str(np.load(tmp_path / "sq.npz")["meta_json"]))  # what it was run on
+    assert meta["view"] == "squeeze" and meta["request"]["x"] == [res.x.split, res.x.index]
+    assert meta["request"]["y"] == res.y == 4 and meta["request"]["lr"] == 0.3
+    assert meta["request"]["steps"] == 3
     meta = json.loads(str(np.load(tmp_path / "layers.npz")["meta_json"]))
     assert meta["view"] == "layers" and meta["training_step"] == lay.step
     assert meta["request"]["x_u"] == [r.x_u.split, r.x_u.index] and meta["request"]["lr"] == r.lr

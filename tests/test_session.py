@@ -75,7 +75,7 @@ def _history_state(payload):
         (_mutation("version", "1"), "version '1' is not a positive integer"),
         (_mutation("config", "lr=0.1"), "config must be a dict"),
         (_mutation("config", fn=lambda c: {**c, "lr": None}), "config lr must be a number"),
-        (_mutation("step", "17"), "step must be an int class ≥ 0"),
+        (_mutation("step", "17"), "step must be an int ≥ 0"),
         (_mutation("step", -1), "step must be"),
         (_mutation("ntkviz_version", 1.0), "ntkviz_version must be a string"),
         (_mutation("curves", ["loss"]), "curves must be a dict"),

@@ -748,7 +748,7 @@ class Engine:
             ckpt = load_checkpoint(path)
             self._check_fits(ckpt.input_shape, ckpt.num_classes, f"{path} holds a model")
             model, config, metadata = ckpt.model, ckpt.config, ckpt.metadata
-        self._set_model(model, config, path, int(metadata.get("step", 0)))
+        self._set_model(model, config, path, metadata.get("step", 0))
         self._run_state("ready")
         self.message(f"loaded checkpoint {path}")
 
@@ -787,8 +787,14 @@ class Engine:
         names none it can read again), else that data read again; with a note for the user when
         the session's data could not be read but the current data fits."""
         want, d = session.dataset, self.data
-        source = want.get("source")
-        if not source or (want.get("name"), source) == (d.name, d.source):
+        source, name = want.get("source"), want.get("name")
+        if not source and name is not None and name != d.name:
+            raise SessionError(
+                f"{path} was made on data given from Python ({name}), not on the open data "
+                f"({d.name}): open it with that data (e.g. ntkviz.show(model, data)), since its "
+                "examples, curves and steps refer to that data"
+            )
+        if not source or (name, source) == (d.name, d.source):
             return d, ""
         try:
             return load_dataset(source, want.get("root")), ""
@@ -876,7 +882,8 @@ class Engine:
                 raise SessionError(
                     f"{path}: step-through history entry {k} is damaged: {e}"
                 ) from None
-            stack.append({k2: v.clone() for k2, v in h["state_before"].items()})
+            # as the model holds them (load_state_dict converted them to its dtypes)
+            stack.append({k2: v.detach().clone() for k2, v in probe.state_dict().items()})
             optimizers.append(h.get("optimizer_before"))
         try:
             session.config.validate()
@@ -911,21 +918,74 @@ class Engine:
         self._close_run()
 
 
-def _check_shapes(params: list, states) -> None:
-    """ValueError unless every tensor (but scalars) of each ``(k, state)`` in ``states`` has the
-    shape of ``params[k]``."""
+def _check_states(params: list, states) -> None:
+    """ValueError unless each ``(k, state)`` of ``states`` is an optimizer state that fits
+    ``params[k]``: its ``step`` a count (a number or 0-d tensor), every other entry None or a
+    finite tensor of the parameter's shape and dtype (momentum, Adam's moments)."""
     for k, state in states:
+        p = params[k]
         for name, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[k].shape:
-                raise ValueError(
-                    f"its optimizer's {name} of parameter {k} is {tuple(value.shape)}, not "
-                    f"{tuple(params[k].shape)}"
+            if name == "step":
+                v = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+                ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf
+            elif value is None:
+                ok = True
+            else:
+                ok = (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.dtype == p.dtype
+                    and bool(torch.isfinite(value).all())
                 )
+            if not ok:
+                what = (
+                    f"a {tuple(value.shape)} {value.dtype} tensor"
+                    if isinstance(value, torch.Tensor)
+                    else repr(value)
+                )
+                raise ValueError(
+                    f"its optimizer's {name} of parameter {k} is {what}, not "
+                    + ("a count" if name == "step" else f"finite {tuple(p.shape)} {p.dtype}")
+                )
+
+
+def _same_kind(saved, own) -> bool:
+    """Whether a stored hyper-parameter is of the kind of the optimizer's own value: a finite
+    number for a number, the same for bools, None and strings, element by element for tuples."""
+    if isinstance(own, bool) or own is None or isinstance(own, str):
+        return type(saved) is type(own)
+    if isinstance(own, int | float):
+        return (
+            isinstance(saved, int | float) and not isinstance(saved, bool) and math.isfinite(saved)
+        )
+    if isinstance(own, list | tuple):
+        return (
+            isinstance(saved, list | tuple)
+            and len(saved) == len(own)
+            and all(_same_kind(a, b) for a, b in zip(saved, own))
+        )
+    if isinstance(own, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and saved.shape == own.shape
+    return False
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, groups) -> None:
+    """ValueError unless each stored group holds the optimizer's own hyper-parameters, each of
+    its kind (``params`` aside)."""
+    for own, saved in zip(optimizer.param_groups, groups, strict=True):
+        keys = set(own) - {"params"}
+        if set(saved) - {"params"} != keys:
+            raise ValueError(
+                f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
+            )
+        for key in sorted(keys):
+            if not _same_kind(saved[key], own[key]):
+                raise ValueError(f"its optimizer's {key} is {saved[key]!r}")
 
 
 def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
     """ValueError unless ``saved`` (see :func:`~ntkviz.session.snapshot_payload`) holds a state
-    per parameter of ``optimizer``, shaped like it, and hyper-parameters per group."""
+    per parameter of ``optimizer`` that fits it, and its hyper-parameters per group."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if (
         not isinstance(saved, dict)
@@ -936,23 +996,25 @@ def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
         or not all(isinstance(x, dict) for x in (*saved["state"], *saved["groups"]))
     ):
         raise ValueError("its optimizer state is not one of this model's optimizer")
-    _check_shapes(params, enumerate(saved["state"]))
+    _check_groups(optimizer, saved["groups"])
+    _check_states(params, enumerate(saved["state"]))
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load ``saved`` (a state dict) into ``optimizer`` if it is one of that optimizer's kind, of
     those parameters; ValueError otherwise (``load_state_dict`` checks only the group sizes)."""
-    groups = optimizer.param_groups
-    if len(saved["param_groups"]) != len(groups) or any(
-        set(g) != set(s) for g, s in zip(groups, saved["param_groups"], strict=False)
+    own = optimizer.state_dict()["param_groups"]
+    if len(saved["param_groups"]) != len(own) or any(
+        list(s["params"]) != g["params"] for g, s in zip(own, saved["param_groups"])
     ):
         raise ValueError(
             f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
         )
-    params = [p for g in groups for p in g["params"]]
+    _check_groups(optimizer, saved["param_groups"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if any(not 0 <= k < len(params) for k in saved["state"]):
         raise ValueError("it holds state of a parameter the model lacks")
-    _check_shapes(params, saved["state"].items())
+    _check_states(params, saved["state"].items())
     optimizer.load_state_dict(saved)
 
 

@@ -62,6 +62,8 @@ class PairRequest:
             lr = real_number(d["lr"], "η")
         except KeyError as e:
             raise ValueError(f"the pair has no {e.args[0]}") from None
+        if lr < 0:
+            raise ValueError(f"η must be ≥ 0, got {lr}")
         loss, optimizer = d.get("loss", "ce"), d.get("optimizer", False)
         if loss not in ("ce", "neg"):
             raise ValueError(f"loss must be 'ce' or 'neg', got {loss!r}")

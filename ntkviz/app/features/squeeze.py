@@ -32,6 +32,7 @@ class SqueezeResult:
     survey_indices: np.ndarray
     survey: object
     p_label_float32: float  #: π(ȳ) of x by the model as it is (float32): 1.0 when saturated
+    request: SqueezeRequest | None = None  #: what was asked (x, ȳ, η, steps): for exports
 
     @property
     def saturated(self) -> bool:
@@ -93,5 +94,5 @@ class SqueezeRequest:
         )  # fmt: skip
         return SqueezeResult(
             self.x, self.y, neg, ce, readonly(lrs), readonly(mass), engine.step, readonly(idx),
-            survey, p32,
+            survey, p32, self,
         )  # fmt: skip

@@ -184,3 +184,14 @@ class KernelMapView(ProbeView):
         if m is None or not len(m.steps):
             return {}
         return {"steps": m.steps, "correlations": m.correlations, "maps": m.maps}
+
+    def export_meta(self) -> dict:
+        """The base metadata and which test images the maps are over."""
+        meta = super().export_meta()
+        if self.maps is not None:
+            meta["per_class"] = self.maps.per_class
+            meta["probe"] = (
+                f"{self.maps.per_class} test images of each class: "
+                "ntkviz.analysis.balanced_indices(test labels, per_class, seed=0)"
+            )
+        return meta

@@ -298,11 +298,11 @@ class PairView(FeatureView):
         result, d = self.last_result, self.state.dataset
         r, c = result.request, d.classes
 
-        def example(ref):
-            return {"split": ref.split, "index": ref.index, "label": c[self.state.label(ref)]}
+        def example(ref):  # classes as ints, as the CLI writes them; their names in "classes"
+            return {"split": ref.split, "index": ref.index, "label": self.state.label(ref)}
 
         return {
-            "x_u": example(r.x_u), "x_o": example(r.x_o), "y_u": c[r.y_u], "lr": r.lr,
+            "x_u": example(r.x_u), "x_o": example(r.x_o), "y_u": r.y_u, "lr": r.lr,
             "loss": r.loss, "model": result.model_name, "training_step": result.step,
             "applied_steps": result.applied_steps, "seed": result.seed, "dataset": d.name,
             "classes": list(c), "ntkviz_version": __version__,
