@@ -13,6 +13,7 @@ import re
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 EPILOG = "Run 'ntkviz COMMAND --help' for a command's options. Without a command the app opens."
@@ -166,7 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=FIGURES,
         default="decomposition",
         help="what .png/.svg outputs show: the decomposition view (A, K, G, Δ), the predicted vs "
-        "actual bars, or π(x_o) over --steps steps on (x_u, y_u) (default: decomposition)",
+        "actual bars, or π(x_o) over --steps steps on (x_u, y_u) (default: decomposition); "
+        ".json/.npz/.csv outputs hold the decomposition's numbers, or with trajectory π(x_o) and "
+        "π(x_u) at every step",
     )
     p.add_argument("--steps", type=int, default=10, help="steps of the trajectory (default 10)")
     p.add_argument("--log", action="store_true", help="trajectory of log π instead of π")
@@ -232,8 +235,6 @@ def _train_config(args):
         }.items()
         if v is not None
     }
-    from dataclasses import replace
-
     config = replace(base, **overrides)
     try:
         config.validate()
@@ -415,6 +416,14 @@ def cmd_train(args) -> int:
 
             load_weights(model, args.weights, config.model)
     _check_on_data(model, data, config.model)
+    if config.train_size is not None and config.train_size > len(data.train):
+        n = len(data.train)
+        print(
+            f"ntkviz train: note: --train-size {config.train_size} is more than {data.name}'s "
+            f"{n:,} training images; training on all {n:,} (recorded as --train-size {n})",
+            file=sys.stderr,
+        )
+        config = replace(config, train_size=n)
     watch = run = None
     if args.watch:
         from ntkviz import __version__
@@ -456,7 +465,15 @@ def cmd_train(args) -> int:
         failure = str(e) if isinstance(e, TrainingDiverged) else (
             f"training stopped at step {steps + 1}: {type(e).__name__}: {e}"
         )  # fmt: skip
-        kept = f"the {steps} steps before it are kept" if last else "no step was completed"
+        kept = (
+            (
+                "the step before it is kept"
+                if steps == 1
+                else f"the {steps} steps before it are kept"
+            )
+            if last
+            else "no step was completed"
+        )
         print(f"ntkviz train: {failure}; {kept}", file=sys.stderr)
         if last is None:
             return 1
@@ -474,7 +491,7 @@ def cmd_train(args) -> int:
     if failure is None and health is not None and not health.ok:
         print(f"ntkviz train: warning: {health.warning}", file=sys.stderr)
     acc_text = "unknown" if test_acc is None else f"{test_acc:.4f}"
-    print(f"test accuracy {acc_text} after {steps} steps")
+    print(f"test accuracy {acc_text} after {steps} step{'' if steps == 1 else 's'}")
     code = 0 if failure is None else 1
     if run is not None:
         if failure:
@@ -639,7 +656,7 @@ def cmd_export(args) -> int:
     model, x_o, x_u, y_u, meta = _pair_from_args(args)
     dec = decompose(model, x_o, x_u, y_u, args.lr, args.loss)
     trajectory = None
-    if args.figure == "trajectory" and any(Path(o).suffix.lower() in figure for o in args.out):
+    if args.figure == "trajectory":
         trajectory = step_trajectory(model, x_o, x_u, y_u, args.lr, args.steps, args.loss)
     for out in args.out:
         if Path(out).suffix.lower() in figure:
@@ -651,6 +668,10 @@ def cmd_export(args) -> int:
                 export.export_preview_figure(dec, out, width=args.width, meta=meta)
             else:
                 export.export_trajectory_figure(trajectory, out, args.width, meta, args.log)
+        elif trajectory is not None:  # the trajectory's numbers
+            from ntkviz.results import write_trajectory
+
+            write_trajectory(trajectory, out, meta)
         else:
             from ntkviz.results import write_decomposition
 

@@ -155,6 +155,10 @@ def _before_and_after(model, named, trainable, grads, lr, both, z) -> tuple[Tens
     after = dict(before)
     for n in trainable:
         after[n] = before[n] - lr * grads[n].double()
+        # a finite step to beyond the parameters' dtype's range: no model of this kind holds it
+        moved = torch.isfinite(named[n]) & torch.isfinite(grads[n])
+        if bool((moved & ~torch.isfinite(after[n].to(named[n].dtype))).any()):
+            raise StepDiverged(lr, f"the model's parameters ({named[n].dtype})")
     x = both.double()
     try:
         return functional_forward(model, before, x), functional_forward(model, after, x)

@@ -120,3 +120,29 @@ def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | N
         data = buf.getvalue().encode()
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     raise ValueError(f"unknown data format {path.suffix!r}; use .csv or .npz")
+
+
+def write_trajectory(traj, path: str | Path, meta: dict | None = None) -> Path:
+    """Write a :class:`~ntkviz.decomposition.StepTrajectory` (π of x_o and x_u before and after
+    each step, ``(steps + 1, V)``) to ``path``: ``.json`` (the arrays as nested lists, η, loss,
+    y_u and ``meta``), or ``.npz`` / ``.csv`` as :func:`write_arrays` writes them (η, loss and
+    y_u in the metadata). Raises ``ValueError`` for an unknown suffix, ``OSError`` when
+    unwritable."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"unknown output format {path.suffix!r}; use one of {', '.join(FORMATS)}")
+    from ntkviz import __version__
+
+    scalars = {"lr": traj.lr, "loss": traj.loss, "y_u": traj.y_u, "steps": len(traj.probs_o) - 1}
+    arrays = {"probs_o": traj.probs_o, "probs_u": traj.probs_u}
+    if suffix != ".json":
+        return write_arrays(path, arrays, {**scalars, **(meta or {})})
+    record = {
+        "what": "π(x_o) and π(x_u) before (row 0) and after each plain-SGD step on (x_u, y_u)",
+        **scalars,
+        **{k: v.tolist() for k, v in arrays.items()},
+        "meta": {"ntkviz_version": __version__, **(meta or {})},
+    }
+    text = json.dumps(record, indent=2, allow_nan=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -317,7 +317,7 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
                 # torch's "value cannot be converted … without overflow": Adam's η/(1 − β₁ᵗ)
                 overflow = isinstance(e, RuntimeError) and "overflow" in str(e)
                 if isinstance(e, TrainingDiverged) or overflow:
-                    log.warning("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
+                    log.info("training diverged at step %d (lr %.3g, loss %s)", step, lr, value)
                     raise TrainingDiverged(step, lr, value) from None
                 raise
             acc = (logits.argmax(1) == yb).float().mean().item()

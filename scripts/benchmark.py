@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "mode": mode_name,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads or torch.get_num_threads(),  # what the workers used
             "loadavg": [load_before, load_after],
             "results": all_res,
             "derived": all_der,

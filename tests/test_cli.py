@@ -14,7 +14,8 @@ import torch
 
 from ntkviz.checkpoint import load_checkpoint
 from ntkviz.cli import main
-from ntkviz.decomposition import decompose
+from ntkviz.data import load_dataset
+from ntkviz.decomposition import decompose, step_trajectory
 
 
 def float32_tolerance(reference: np.ndarray) -> dict:
@@ -112,6 +113,20 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
     for steps in ("0", "1001"):
         args = ["export", *pair, "--figure", "trajectory", "--steps", steps, "--out", "t.png"]
         assert main(args) == 2
+    # the trajectory's numbers: π(x_o), π(x_u) at each step, equal to the API's
+    outs = [a for s in ("json", "npz", "csv") for a in ("--out", str(root / f"t.{s}"))]
+    assert main(["export", *pair, "--figure", "trajectory", "--steps", "3", *outs]) == 0
+    model, data = load_checkpoint(ckpt_path).model, load_dataset("mnist")
+    x_u = data.train.x[2]
+    want = step_trajectory(model, data.test.x[7], x_u, int(data.train.y[2]), 0.3, 3)
+    record = json.loads((root / "t.json").read_text())
+    assert record["steps"] == 3 and record["lr"] == 0.3 and record["meta"]["x_o"]["index"] == 7
+    np.testing.assert_allclose(record["probs_o"], want.probs_o, rtol=1e-9, atol=1e-12)
+    with np.load(root / "t.npz") as saved:
+        np.testing.assert_array_equal(saved["probs_o"], np.array(record["probs_o"]))
+        np.testing.assert_array_equal(saved["probs_u"], np.array(record["probs_u"]))
+    rows = [r for r in (root / "t.csv").read_text().splitlines() if r.startswith("probs_o,")]
+    assert len(rows) == 4 * 10
 
 
 @pytest.mark.parametrize(
@@ -303,7 +318,6 @@ def image_folder(tmp_path_factory):
 
 
 def test_your_model_trains_on_an_image_folder_and_decomposes(image_folder, tmp_path, capsys):
-    from ntkviz.data import load_dataset
     from ntkviz.modelspec import load_model_spec
 
     spec = f"{USER_MODELS}:tiny_rgb"
@@ -338,7 +352,13 @@ def test_registry_models_are_built_for_the_datas_shape(image_folder, tmp_path, c
     assert main([*args, "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     ckpt = load_checkpoint(out)
     assert ckpt.input_shape == (3, 8, 8) and ckpt.model.fc1.in_features == 3 * 8 * 8
-    assert ckpt.num_classes == 3
+    assert ckpt.num_classes == 3 and ckpt.config.train_size is None
+    n = load_dataset(str(image_folder)).train.x.shape[0]
+    assert main([*args, "--out", str(out), "--quiet", "--train-size", "100000"]) == 0
+    assert f"--train-size 100000 is more than {image_folder.name}'s {n:,} training images" in (
+        capsys.readouterr().err
+    )
+    assert load_checkpoint(out).config.train_size == n  # what it trained on
     args = ["--checkpoint", str(out), "--dataset", str(image_folder), "--xu", "0", "--xo", "0"]
     assert main(["decompose", *args]) == 0
     assert "green" in capsys.readouterr().out  # rows named by the folder's classes
@@ -480,3 +500,17 @@ def test_no_display_and_unexpected_errors_give_one_line(monkeypatch, capsys):
         "ntkviz decompose: unexpected error: ZeroDivisionError: a bug (NTKVIZ_DEBUG=1 shows the "
         "traceback)"
     )
+
+
+def test_a_diverging_run_says_so_on_one_line(tmp_path, capsys):
+    out = tmp_path / "d.pt"
+    args = ["train", "--lr", "1e30", "--train-size", "256", "--epochs", "1", "--out", str(out)]
+    assert main([*args, "--quiet"]) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert (
+        line.startswith("ntkviz train: training diverged at step 2")
+        and "step before it is kept" in line
+    )
+    assert "after 1 step\n" in captured.out
+    assert torch.load(out, weights_only=True)["metadata"]["step"] == 1

@@ -201,6 +201,9 @@ def test_a_step_that_makes_the_logits_non_finite_is_reported():
     model, x = make("lenet").float(), inputs(2).float()  # η = 1e300 is inf in float32
     with pytest.raises(StepDiverged, match="η = 1e\\+300"):
         decompose(model, x[0], x[1], 1, 1e300)
+    # the step is taken in float64, but parameters beyond float32's range are no float32 model
+    with pytest.raises(StepDiverged, match=r"η = 1e\+39 makes the model's parameters \(torch"):
+        decompose(model, x[0], x[1], 1, 1e39)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(NtkvizError, match="logits are not finite"):

@@ -4,6 +4,7 @@ decomposition (against the core), export, a session saved and reopened, class na
 colour thumbnails — and File ▸ Open dataset on a folder of class folders."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,12 @@ def small_cnn(num_classes: int) -> nn.Module:
 
 @pytest.fixture
 def show_window(qtbot, tmp_path, monkeypatch):
-    """``ntkviz.show(model, data, block=False)`` with settings in ``tmp_path``, ready."""
+    """``ntkviz.show(model, data, block=False)`` with settings and its log in ``tmp_path``,
+    ready."""
     monkeypatch.setattr("ntkviz.gui.window.QSettings", lambda *a: settings_in(tmp_path))
+    monkeypatch.setenv("NTKVIZ_LOG", str(tmp_path / "ntkviz.log"))
+    logger = logging.getLogger("ntkviz")
+    handlers, level = list(logger.handlers), logger.level
 
     def open_(model, data, **kwargs):
         from ntkviz import show
@@ -70,7 +75,22 @@ def show_window(qtbot, tmp_path, monkeypatch):
         wait_current(qtbot, window)
         return window
 
-    return open_
+    yield open_
+    for handler in set(logger.handlers) - set(handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(level)
+
+
+def test_show_logs_ntkviz_to_its_file_and_leaves_the_callers_logging_alone(show_window, tmp_path):
+    root = list(logging.getLogger().handlers)
+    window = show_window(None, None)
+    assert window.log_file == tmp_path / "ntkviz.log"
+    show_window(None, None)  # a second window: no second handler
+    ours = [h for h in logging.getLogger("ntkviz").handlers if hasattr(h, "ntkviz_log")]
+    assert len(ours) == 1 and logging.getLogger().handlers == root  # nothing on stderr
+    ours[0].flush()
+    assert "ntkviz.data" in window.log_file.read_text()  # e.g. "loaded mnist …"
 
 
 @pytest.mark.parametrize("num_classes", [5, 100])

@@ -21,16 +21,23 @@ def log_path() -> Path:
     return Path(base) / "ntkviz" / "ntkviz.log"
 
 
-def setup_logging() -> Path | None:
-    """Log to stderr and to :func:`log_path` (1 MB, two old files kept); the file's path, or
-    None when it cannot be written (then stderr only, with a warning)."""
+def setup_logging(process: bool = True) -> Path | None:
+    """Log to :func:`log_path` (1 MB, two old files kept) and, for the app's own process
+    (``process``), everything to stderr too; from :func:`show` in someone else's process only
+    ntkviz's own records, to the file alone. Returns the file's path, or None when it cannot be
+    written (with a warning). Called again, it adds nothing."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(fmt)
-    root.addHandler(stderr)
+    target = logging.getLogger() if process else logging.getLogger("ntkviz")
     path = log_path()
+    ours = [getattr(h, "ntkviz_log", None) for h in target.handlers]
+    if path in ours:
+        return path
+    target.setLevel(logging.INFO)
+    if process and "stderr" not in ours:
+        stderr = logging.StreamHandler()
+        stderr.setFormatter(fmt)
+        stderr.ntkviz_log = "stderr"
+        target.addHandler(stderr)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(
@@ -40,7 +47,8 @@ def setup_logging() -> Path | None:
         log.warning("no log file (%s); logging to stderr only", e)
         return None
     handler.setFormatter(fmt)
-    root.addHandler(handler)
+    handler.ntkviz_log = path
+    target.addHandler(handler)
     return path
 
 
@@ -173,6 +181,7 @@ def show(model=None, data=None, *, config=None, block: bool = True, train: bool 
         given = model if train else copy.deepcopy(model)
         config = replace(config or TrainConfig(), model=user.label)
     window = MainWindow(config=config, dataset=data, user_model=user, model=given)
+    window.log_file = setup_logging(process=False)
     window.show()
     if block:
         app.exec()
