@@ -599,6 +599,8 @@ def load_dataset(
     root = Path(root).expanduser() if root is not None else default_cache_dir() / "datasets"
     if key == "mnist":
         _prepare_shipped_mnist(root, SHIPPED_MNIST, repair=cache)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{spec.cls_name}: the data directory {root} is a file")
     if download or cache:  # a directory the user names is not created to find it empty
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -726,6 +728,10 @@ def _check_sizes(pixels: list[torch.Tensor], paths: list[str]) -> None:
             )
 
 
+#: Folder names that mark a split layout: train/ beside one of the others and no test/ is refused.
+SPLIT_NAMES = {"train", "val", "valid", "validation", "dev", "eval"}
+
+
 def load_image_folder(directory: str | Path) -> ImageDataset:
     """The images in ``directory`` (``ImageFolder`` layout, see the module docstring) as an
     :class:`ImageDataset` named after the directory. Raises :class:`DatasetError` naming the
@@ -740,13 +746,14 @@ def load_image_folder(directory: str | Path) -> ImageDataset:
         chw = _stack_pixels(pixels + test_pixels)
         train, test = (chw[: len(y)], y), (chw[len(y) :], test_y)
     else:
-        train = directory / "train"
-        if train.is_dir() and any(p.is_dir() for p in train.iterdir()):  # not a class "train"
-            others = sorted(p.name + "/" for p in directory.iterdir() if p.is_dir() and p != train)
+        # train/ beside val/ or valid/ (each of class folders) is a split layout, not two
+        # classes "train" and "valid" of nested images, as ImageFolder would read it
+        folders = {p.name for p in directory.iterdir() if p.is_dir()}
+        if "train" in folders and folders <= SPLIT_NAMES and len(folders) > 1:
             raise DatasetError(
-                f"{directory} holds train/ with class folders but no test/ beside it (beside it: "
-                f"{', '.join(others) or 'nothing'}): name the held-out split test/, or put the "
-                f"class folders directly in {directory}"
+                f"{directory} holds {', '.join(sorted(f + '/' for f in folders))}: a training "
+                "split but no test/ beside it; name the held-out split test/, or put the class "
+                f"folders directly in {directory}"
             )
         pixels, paths, y, classes = _read_folder(directory)
         _check_sizes(pixels, paths)

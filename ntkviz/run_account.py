@@ -382,7 +382,7 @@ class RunAccount:
                 raise ValueError(f"classes must be < V = {V}, got {classes.tolist()}")
             C = run.num_classes or 0
             run._by_class = _floats(arrays["by_class"], "by_class", (W, C, V))
-        _check_timeline(timeline, W, run._totals)
+        _check_timeline(timeline, run)
         for prefix in ("", "dz_"):  # the statistics term, in a file written before it
             if prefix + "actual" in timeline and prefix + "statistics" not in timeline:
                 timeline[prefix + "statistics"] = np.zeros_like(timeline[prefix + "actual"])
@@ -416,19 +416,21 @@ _ROW_SHAPES = {"step": (), "lr": (), "loss": (), "batch_indices": ("B",), "batch
                "contributions": ("W", "B")}  # fmt: skip
 
 
-def _check_timeline(timeline: dict, W: int, totals: dict) -> None:
-    """ValueError unless the ``step_*`` arrays all hold the same number of steps, each of its
-    shape: ``(S,)`` for step, lr, loss; ``(S, B)`` for the batch's indices and labels; ``(S, W,
-    B)`` for contributions; ``(S, W, V)`` for probs_before and every term."""
+def _check_timeline(timeline: dict, run: RunAccount) -> None:
+    """ValueError unless the ``step_*`` arrays hold one row for each of the run's steps, each of
+    its shape: ``(S,)`` for step, lr, loss; ``(S, B)`` for the batch's indices (into the
+    training split; −1 pads a short batch) and labels (classes; −1 where padded); ``(S, W, B)``
+    for contributions; ``(S, W, V)`` for probs_before and every term (the statistics term may
+    be absent: files written before it)."""
     if not timeline:
         return
+    W, totals = run.watched, run._totals
     V = totals["actual"].shape[1] if totals else None
-    needed = {*_ROW_SHAPES, "probs_before", "actual", "dz_actual"}
-    missing = sorted(needed - set(timeline))
+    terms = {prefix + name for prefix in ("", "dz_") for name in TERMS if name != "statistics"}
+    missing = sorted({*_ROW_SHAPES, "probs_before", *terms} - set(timeline))
     if missing or V is None:
         raise ValueError(f"its timeline lacks step_{(missing or ['actual'])[0]}")
-    S = len(np.asarray(timeline["step"]))
-    B = np.asarray(timeline["batch_indices"]).shape[-1]
+    S, B = run.steps, np.asarray(timeline["batch_indices"]).shape[-1]
     sizes = {"W": W, "B": B, "V": V}
     for key, value in timeline.items():
         row = _ROW_SHAPES.get(key, ("W", "V"))
@@ -437,4 +439,11 @@ def _check_timeline(timeline: dict, W: int, totals: dict) -> None:
         integer = key in ("step", "batch_indices", "batch_labels")
         kind_ok = np.issubdtype(a.dtype, np.integer if integer else np.floating)
         if a.shape != shape or not kind_ok:
-            raise ValueError(f"step_{key} is {a.dtype} {a.shape}, not {shape}")
+            raise ValueError(f"step_{key} is {a.dtype} {a.shape}, not {shape} (steps = {S})")
+    index, labels = np.asarray(timeline["batch_indices"]), np.asarray(timeline["batch_labels"])
+    padded = index == -1
+    if ((index < -1) | (index >= run.num_train)).any():
+        raise ValueError(f"step_batch_indices must be in [0, {run.num_train}) (−1: padding)")
+    C = run.num_classes or 0
+    if ((labels != -1) == padded).any() or ((labels < -1) | (labels >= C)).any():
+        raise ValueError(f"step_batch_labels must be classes in [0, {C}) (−1 where padded)")

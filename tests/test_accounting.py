@@ -898,7 +898,22 @@ def test_run_account_files_round_trip(tmp_path, mnist):
         "by_class": ({"by_class": np.zeros((2, 10, 3))}, r"by_class is float64 \(2, 10, 3\)"),
         "steps": ({"steps": np.array(-3)}, r"steps must be an int ≥ 0, got array\(-3\)"),
         "version": ({"version": np.array("x")}, r"version must be an int ≥ 0"),
+        "steps7": ({"steps": np.array(7)}, r"step_\w+ is \S+ \(3,\), not \(7,\) \(steps = 7\)"),
+        "index": (
+            {"step_batch_indices": arrays["step_batch_indices"] + 100},
+            r"step_batch_indices must be in \[0, 100\)",
+        ),
+        "labels": (
+            {"step_batch_labels": np.where(arrays["step_batch_labels"] >= 0, 12, -1)},
+            r"step_batch_labels must be classes in \[0, \d+\)",
+        ),
     }
+    del arrays["step_gradient"]
+    np.savez(tmp_path / "nogradient.npz", **arrays)
+    with pytest.raises(FileReadError, match=r"nogradient\.npz is a damaged .*lacks step_gradient"):
+        RunAccount.load(tmp_path / "nogradient.npz")
+    with np.load(tmp_path / "run.npz") as f:
+        arrays = {k: f[k] for k in f.files}
     for name, (change, message) in damages.items():
         np.savez(tmp_path / f"{name}.npz", **{**arrays, **change})
         with pytest.raises(FileReadError, match=rf"{name}\.npz is a damaged .*{message}"):

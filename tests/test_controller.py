@@ -509,6 +509,9 @@ def test_a_session_keeps_the_runs_optimizer(app, tmp_path):
         ),
         (lambda o: o["param_groups"][0].pop("momentum"), "not the state of this run's"),
         (lambda o: o["param_groups"][0].__setitem__("lr", "fast"), "its optimizer's lr is 'fast'"),
+        (lambda o: o["param_groups"][0].__setitem__("lr", -0.1), "its optimizer's lr is -0.1"),
+        (lambda o: o["param_groups"][0].__setitem__("momentum", 1.5), "momentum is 1.5"),
+        (lambda o: o["state"]["0"].__setitem__("step", torch.tensor(1.0)), "has step (SGD holds"),
     ):
         payload = torch.load(path, weights_only=True)  # another optimizer's state: refused
         damage(payload["optimizer"])
@@ -622,3 +625,46 @@ def test_a_session_with_a_negative_step_size_is_refused(app, tmp_path):
     app.drain()
     assert app.errors[-1][0] == "Session not readable", app.errors
     assert "η must be ≥ 0, got -0.5" in app.errors[-1][1]
+
+
+def test_a_session_with_a_damaged_adam_state_is_refused(mnist, tmp_path):
+    adam = dataclasses.replace(CONFIG, optimizer="adam", lr=1e-3)
+    app = App(mnist, adam)
+    app.controller.one_batch(adam)
+    app.drain()
+    app.state.step_kind = "optimizer"
+    app.drain()
+    app.controller.apply_step()  # an undo snapshot of Adam's state
+    app.drain()
+    path = tmp_path / "s.ntks"
+    app.controller.save_session(str(path))
+    app.drain()
+    app.controller.open_session(str(path))  # as saved: it opens
+    app.drain()
+    assert app.errors == [] and app.state.model.applied_steps == 1
+    current = app.state_dict()
+    for damage, message in (
+        (lambda p: p["optimizer"]["state"]["0"].pop("exp_avg_sq"), "lacks exp_avg_sq (Adam"),
+        (lambda p: p["optimizer"]["param_groups"][0].__setitem__("betas", (1.5, 0.999)), "betas"),
+        (lambda p: p["optimizer"]["param_groups"][0].__setitem__("eps", -1.0), "eps is -1.0"),
+        (
+            lambda p: p["history"][0]["optimizer_before"]["state"][0].__setitem__("step", 5),
+            "step of parameter 0 is 5, not a 0-d float tensor",
+        ),
+        (
+            lambda p: p["history"][0]["optimizer_before"]["state"][0].pop("exp_avg"),
+            "history entry 0 is damaged: its optimizer's state of parameter 0 lacks exp_avg",
+        ),
+        (
+            lambda p: p["history"][0]["optimizer_before"]["groups"][0].__setitem__("lr", -1.0),
+            "lr is -1.0",
+        ),
+    ):
+        payload = torch.load(path, weights_only=True)
+        damage(payload)
+        torch.save(payload, tmp_path / "bad.ntks")
+        app.controller.open_session(str(tmp_path / "bad.ntks"))
+        app.drain()
+        assert app.errors[-1][0] == "Session not readable", app.errors
+        assert message in app.errors[-1][1], app.errors[-1][1]
+        assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())

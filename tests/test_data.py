@@ -400,8 +400,11 @@ def test_image_folder_errors_name_the_file_or_folder(tmp_path):
         load_dataset(tmp_path / "g")
     make_folder(tmp_path / "h" / "train", classes=("a", "b"), per_class=2)
     make_folder(tmp_path / "h" / "valid", classes=("a", "b"), per_class=1)
-    with pytest.raises(DatasetError, match=r"train/ with class folders but no test/ beside it"):
+    with pytest.raises(DatasetError, match=r"holds train/, valid/: a training split but no test"):
         load_dataset(tmp_path / "h")  # not two classes called "train" and "valid"
+    make_folder(tmp_path / "k" / "train" / "x", classes=("a",), per_class=2)  # a class "train"
+    make_folder(tmp_path / "k" / "plane" / "x", classes=("a",), per_class=2)  # of nested images
+    assert load_dataset(tmp_path / "k").classes == ("plane", "train")
 
 
 # --------------------------------------------------------------------------- datasets by name
@@ -425,6 +428,9 @@ def test_missing_named_datasets_name_the_directory_and_files(tmp_path, name, whe
     with pytest.raises(DatasetError):
         load_dataset(name, root=tmp_path / "nowhere")
     assert not (tmp_path / "nowhere").exists()  # a directory that is not there stays so
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match=r"the data directory .*afile is a file"):
+        load_dataset(name, root=tmp_path / "afile")
 
 
 def test_emnist_letters_are_shifted_and_stand_upright(tmp_path):

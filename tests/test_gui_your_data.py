@@ -63,7 +63,7 @@ def show_window(qtbot, tmp_path, monkeypatch):
     monkeypatch.setattr("ntkviz.gui.window.QSettings", lambda *a: settings_in(tmp_path))
     monkeypatch.setenv("NTKVIZ_LOG", str(tmp_path / "ntkviz.log"))
     logger = logging.getLogger("ntkviz")
-    handlers, level = list(logger.handlers), logger.level
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
 
     def open_(model, data, **kwargs):
         from ntkviz import show
@@ -80,17 +80,42 @@ def show_window(qtbot, tmp_path, monkeypatch):
         logger.removeHandler(handler)
         handler.close()
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
 def test_show_logs_ntkviz_to_its_file_and_leaves_the_callers_logging_alone(show_window, tmp_path):
-    root = list(logging.getLogger().handlers)
-    window = show_window(None, None)
-    assert window.log_file == tmp_path / "ntkviz.log"
-    show_window(None, None)  # a second window: no second handler
-    ours = [h for h in logging.getLogger("ntkviz").handlers if hasattr(h, "ntkviz_log")]
-    assert len(ours) == 1 and logging.getLogger().handlers == root  # nothing on stderr
-    ours[0].flush()
-    assert "ntkviz.data" in window.log_file.read_text()  # e.g. "loaded mnist …"
+    class Seen(logging.Handler):  # the caller's own handler on the root logger, at WARNING
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    root = logging.getLogger()
+    seen = Seen()
+    root.addHandler(seen)
+    try:
+        window = show_window(None, None)
+        assert window.log_file == tmp_path / "ntkviz.log"
+        show_window(None, None)  # a second window: no second file handler
+        files = [
+            h for h in logging.getLogger("ntkviz").handlers if isinstance(h, logging.FileHandler)
+        ]
+        assert len(files) == 1 and all(
+            getattr(h, "ntkviz_log", None) is None for h in root.handlers
+        )
+        logging.getLogger("ntkviz.training").info("an info record")
+        logging.getLogger("ntkviz.training").warning("a warning record")
+        files[0].flush()
+        text = window.log_file.read_text()
+        assert "ntkviz.data" in text and "an info record" in text and "a warning record" in text
+        # the caller's handler sees what it saw before: ntkviz's warnings, not its info
+        assert [r.getMessage() for r in seen.records if r.name.startswith("ntkviz")] == [
+            "a warning record"
+        ]
+    finally:
+        root.removeHandler(seen)
 
 
 @pytest.mark.parametrize("num_classes", [5, 100])

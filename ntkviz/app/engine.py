@@ -918,35 +918,59 @@ class Engine:
         self._close_run()
 
 
-def _check_states(params: list, states) -> None:
-    """ValueError unless each ``(k, state)`` of ``states`` is an optimizer state that fits
-    ``params[k]``: its ``step`` a count (a number or 0-d tensor), every other entry None or a
-    finite tensor of the parameter's shape and dtype (momentum, Adam's moments)."""
+def _state_keys(optimizer: torch.optim.Optimizer, group: dict) -> set[str]:
+    """The entries a parameter's state holds once the optimizer has stepped it: SGD its momentum
+    buffer (none without momentum), Adam and AdamW their step and moments."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return {"momentum_buffer"} if group["momentum"] != 0 else set()
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
+
+
+def _check_states(optimizer: torch.optim.Optimizer, states) -> None:
+    """ValueError unless each ``(k, state)`` of ``states`` is a state the optimizer could hold
+    for its k-th parameter: empty (not stepped yet) or exactly its entries (:func:`_state_keys`),
+    ``step`` a finite 0-d float tensor ≥ 0, the others finite tensors of the parameter's shape
+    and dtype (a momentum buffer may be None)."""
+    owned = [(p, g) for g in optimizer.param_groups for p in g["params"]]
     for k, state in states:
-        p = params[k]
+        p, group = owned[k]
+        want = _state_keys(optimizer, group)
+        if state and set(state) != want:
+            missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+            raise ValueError(
+                f"its optimizer's state of parameter {k} "
+                + (f"lacks {', '.join(missing)}" if missing else f"has {', '.join(extra)}")
+                + f" ({type(optimizer).__name__} holds {', '.join(sorted(want)) or 'nothing'})"
+            )
         for name, value in state.items():
+            tensor = isinstance(value, torch.Tensor)
             if name == "step":
-                v = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
-                ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf
+                ok = tensor and value.dim() == 0 and value.is_floating_point()
+                ok = ok and math.isfinite(value.item()) and value.item() >= 0
             elif value is None:
-                ok = True
+                ok = name == "momentum_buffer"
             else:
                 ok = (
-                    isinstance(value, torch.Tensor)
+                    tensor
                     and value.shape == p.shape
                     and value.dtype == p.dtype
                     and bool(torch.isfinite(value).all())
                 )
             if not ok:
-                what = (
-                    f"a {tuple(value.shape)} {value.dtype} tensor"
-                    if isinstance(value, torch.Tensor)
-                    else repr(value)
-                )
+                what = f"a {tuple(value.shape)} {value.dtype} tensor" if tensor else repr(value)
                 raise ValueError(
                     f"its optimizer's {name} of parameter {k} is {what}, not "
-                    + ("a count" if name == "step" else f"finite {tuple(p.shape)} {p.dtype}")
+                    + (
+                        "a 0-d float tensor ≥ 0"
+                        if name == "step"
+                        else f"finite {tuple(p.shape)} {p.dtype}"
+                    )
                 )
+
+
+#: Hyper-parameters with a range: name -> (least, bound, whether the bound is excluded).
+_RANGES = {"lr": (0, math.inf, True), "weight_decay": (0, math.inf, True),
+           "momentum": (0, 1, True), "dampening": (0, 1, False), "eps": (0, math.inf, True)}  # fmt: skip
 
 
 def _same_kind(saved, own) -> bool:
@@ -979,8 +1003,15 @@ def _check_groups(optimizer: torch.optim.Optimizer, groups) -> None:
                 f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
             )
         for key in sorted(keys):
-            if not _same_kind(saved[key], own[key]):
-                raise ValueError(f"its optimizer's {key} is {saved[key]!r}")
+            value = saved[key]
+            ok = _same_kind(value, own[key])
+            if ok and key in _RANGES:
+                low, high, open_above = _RANGES[key]
+                ok = low <= value and (value < high if open_above else value <= high)
+            if ok and key == "betas":
+                ok = all(0 <= b < 1 for b in value)
+            if not ok:
+                raise ValueError(f"its optimizer's {key} is {value!r}")
 
 
 def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
@@ -997,7 +1028,7 @@ def _check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
     ):
         raise ValueError("its optimizer state is not one of this model's optimizer")
     _check_groups(optimizer, saved["groups"])
-    _check_states(params, enumerate(saved["state"]))
+    _check_states(optimizer, enumerate(saved["state"]))
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -1014,7 +1045,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if any(not 0 <= k < len(params) for k in saved["state"]):
         raise ValueError("it holds state of a parameter the model lacks")
-    _check_states(params, saved["state"].items())
+    _check_states(optimizer, saved["state"].items())
     optimizer.load_state_dict(saved)
 
 

@@ -21,23 +21,36 @@ def log_path() -> Path:
     return Path(base) / "ntkviz" / "ntkviz.log"
 
 
+class _Onward(logging.Handler):
+    """Passes ntkviz's records on to the root logger's handlers (but ntkviz's own file) from
+    ``level`` up: what they received before ntkviz began logging at info level to its file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "ntkviz_log", None) is None and record.levelno >= handler.level:
+                handler.handle(record)
+
+
 def setup_logging(process: bool = True) -> Path | None:
     """Log to :func:`log_path` (1 MB, two old files kept) and, for the app's own process
-    (``process``), everything to stderr too; from :func:`show` in someone else's process only
-    ntkviz's own records, to the file alone. Returns the file's path, or None when it cannot be
-    written (with a warning). Called again, it adds nothing."""
+    (``process``), everything to stderr too. From :func:`show` in someone else's process
+    (``process=False``) only ntkviz's own records go to the file, at info level, and the caller's
+    handlers receive ntkviz's records exactly as before (its level for ntkviz is kept for them).
+    Returns the file's path, or None when it cannot be written (with a warning). Called again,
+    it adds nothing."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    target = logging.getLogger() if process else logging.getLogger("ntkviz")
+    root, ours = logging.getLogger(), logging.getLogger("ntkviz")
     path = log_path()
-    ours = [getattr(h, "ntkviz_log", None) for h in target.handlers]
-    if path in ours:
+    marks = [getattr(h, "ntkviz_log", None) for h in (*root.handlers, *ours.handlers)]
+    if path in marks:
         return path
-    target.setLevel(logging.INFO)
-    if process and "stderr" not in ours:
-        stderr = logging.StreamHandler()
-        stderr.setFormatter(fmt)
-        stderr.ntkviz_log = "stderr"
-        target.addHandler(stderr)
+    if process:
+        root.setLevel(logging.INFO)
+        if "stderr" not in marks:
+            stderr = logging.StreamHandler()
+            stderr.setFormatter(fmt)
+            stderr.ntkviz_log = "stderr"
+            root.addHandler(stderr)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(
@@ -48,7 +61,15 @@ def setup_logging(process: bool = True) -> Path | None:
         return None
     handler.setFormatter(fmt)
     handler.ntkviz_log = path
-    target.addHandler(handler)
+    if process:
+        root.addHandler(handler)
+        return path
+    onward = _Onward(ours.getEffectiveLevel())
+    onward.ntkviz_log = "onward"
+    ours.setLevel(logging.INFO)
+    ours.propagate = False  # the onward handler passes on what the caller's handlers saw
+    ours.addHandler(onward)
+    ours.addHandler(handler)
     return path
 
 
