@@ -567,7 +567,7 @@ def test_errors_go_to_a_log_file(qtbot, settings, tmp_path, monkeypatch):
     from ntkviz.gui import app as app_module
 
     root = logging.getLogger()
-    handlers = list(root.handlers)
+    handlers, level = list(root.handlers), root.level
     monkeypatch.setenv("NTKVIZ_LOG", str(tmp_path / "logs" / "ntkviz.log"))
     try:
         path = app_module.setup_logging()
@@ -600,6 +600,7 @@ def test_errors_go_to_a_log_file(qtbot, settings, tmp_path, monkeypatch):
         for handler in set(root.handlers) - set(handlers):
             root.removeHandler(handler)
             handler.close()
+        root.setLevel(level)
 
 
 def test_thumbnails_follow_the_class_filter_and_select_on_click(qtbot, settings, mnist):

@@ -93,8 +93,9 @@ def test_show_logs_ntkviz_to_its_file_and_leaves_the_callers_logging_alone(show_
             self.records.append(record)
 
     root = logging.getLogger()
-    seen = Seen()
+    seen, level = Seen(), root.level
     root.addHandler(seen)
+    root.setLevel(logging.WARNING)  # the caller's logging: warnings and up
     try:
         window = show_window(None, None)
         assert window.log_file == tmp_path / "ntkviz.log"
@@ -116,6 +117,7 @@ def test_show_logs_ntkviz_to_its_file_and_leaves_the_callers_logging_alone(show_
         ]
     finally:
         root.removeHandler(seen)
+        root.setLevel(level)
 
 
 @pytest.mark.parametrize("num_classes", [5, 100])
