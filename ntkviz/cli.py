@@ -465,15 +465,12 @@ def cmd_train(args) -> int:
         failure = str(e) if isinstance(e, TrainingDiverged) else (
             f"training stopped at step {steps + 1}: {type(e).__name__}: {e}"
         )  # fmt: skip
-        kept = (
-            (
-                "the step before it is kept"
-                if steps == 1
-                else f"the {steps} steps before it are kept"
-            )
-            if last
-            else "no step was completed"
-        )
+        if last is None:
+            kept = "no step was completed"
+        elif steps == 1:
+            kept = "the step before it is kept"
+        else:
+            kept = f"the {steps} steps before it are kept"
         print(f"ntkviz train: {failure}; {kept}", file=sys.stderr)
         if last is None:
             return 1

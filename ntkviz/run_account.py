@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkviz.accounting import StepAccount, WatchAccount
+from ntkviz.checks import count
 from ntkviz.errors import FileReadError
 from ntkviz.files import atomic_write, write_npz
 
@@ -330,7 +331,7 @@ class RunAccount:
         if str(arrays.get("format", "")) != FORMAT:
             raise FileReadError(f"{path} is not an ntkviz run account")
         try:
-            version = _count(arrays.get("version", VERSION), "version")
+            version = count(arrays.get("version", VERSION), "version")
         except ValueError as e:
             raise FileReadError(f"{path} is a damaged ntkviz run account: {e}") from None
         if version > VERSION:
@@ -354,15 +355,15 @@ class RunAccount:
         meta = json.loads(str(arrays["meta_json"]))
         if not isinstance(meta, dict):
             raise ValueError("meta_json must hold a JSON object")
-        num_classes = _count(arrays["num_classes"], "num_classes")
+        num_classes = count(arrays["num_classes"], "num_classes")
         run = cls(
             classes,
-            _count(arrays["num_train"], "num_train"),
+            count(arrays["num_train"], "num_train"),
             num_classes or None,
             keep_steps=bool(timeline),
             meta=meta,
         )
-        run.steps = _count(arrays["steps"], "steps")
+        run.steps = count(arrays["steps"], "steps")
         W = run.watched
         run._by_example = _floats(arrays["by_example"], "by_example", (W, run.num_train))
         if run.steps:
@@ -393,14 +394,6 @@ class RunAccount:
                 rows = [r[..., keep] for r, keep in zip(rows, valid)]
             run._timeline[key] = rows
         return run
-
-
-def _count(value, name: str) -> int:
-    """A file's 0-d integer array as an int ≥ 0 (ValueError otherwise)."""
-    a = np.asarray(value)
-    if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or int(a) < 0:
-        raise ValueError(f"{name} must be an int ≥ 0, got {a!r}")
-    return int(a)
 
 
 def _floats(value, name: str, shape: tuple) -> np.ndarray:

@@ -968,9 +968,15 @@ def _check_states(optimizer: torch.optim.Optimizer, states) -> None:
                 )
 
 
-#: Hyper-parameters with a range: name -> (least, bound, whether the bound is excluded).
-_RANGES = {"lr": (0, math.inf, True), "weight_decay": (0, math.inf, True),
-           "momentum": (0, 1, True), "dampening": (0, 1, False), "eps": (0, math.inf, True)}  # fmt: skip
+#: Hyper-parameters with a range: name -> whether a (finite) value is in it.
+_IN_RANGE = {
+    "lr": lambda v: v >= 0,
+    "weight_decay": lambda v: v >= 0,
+    "eps": lambda v: v >= 0,
+    "momentum": lambda v: 0 <= v < 1,
+    "dampening": lambda v: 0 <= v <= 1,
+    "betas": lambda v: all(0 <= b < 1 for b in v),
+}
 
 
 def _same_kind(saved, own) -> bool:
@@ -1004,12 +1010,7 @@ def _check_groups(optimizer: torch.optim.Optimizer, groups) -> None:
             )
         for key in sorted(keys):
             value = saved[key]
-            ok = _same_kind(value, own[key])
-            if ok and key in _RANGES:
-                low, high, open_above = _RANGES[key]
-                ok = low <= value and (value < high if open_above else value <= high)
-            if ok and key == "betas":
-                ok = all(0 <= b < 1 for b in value)
+            ok = _same_kind(value, own[key]) and _IN_RANGE.get(key, lambda v: True)(value)
             if not ok:
                 raise ValueError(f"its optimizer's {key} is {value!r}")
 
