@@ -53,11 +53,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vjp, vmap
+from torch.func import jacrev, vjp, vmap
 
 from ntkviz.checks import class_index, real_number
 from ntkviz.decomposition import Decomposition
 from ntkviz.kernel import (
+    _BACKWARD_HOOKS,
     _as_batch,
     _call,
     _chain,
@@ -65,10 +66,12 @@ from ntkviz.kernel import (
     _input_cotangent,
     _kind,
     _plain_pool,
+    _through_torch_func,
     _Unsupported,
     _upsampled,
     empirical_ntk,
     eval_mode,
+    functional_forward,
 )
 from ntkviz.models import BranchSum
 
@@ -280,6 +283,33 @@ def _check_optimizer(model: nn.Module, optimizer) -> str:
     return kind
 
 
+def _check_no_gradient_hooks(model: nn.Module) -> None:
+    """ValueError where a hook may change the gradient a step takes: the account's terms are built
+    from J(x)ᵀ·∂L/∂z, which such a hook does not see (kernels, being about the function, ignore
+    backward hooks)."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = [
+        f"parameter {name!r}"
+        for name, p in model.named_parameters()
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+    ]
+    hooked += [
+        f"module {name!r} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if any(getattr(m, n, None) for n in _BACKWARD_HOOKS)
+    ]
+    if any(getattr(torch_module, f"_global{n}", None) for n in _BACKWARD_HOOKS):
+        hooked.append("every module (global module backward hooks)")
+    if hooked:
+        raise ValueError(
+            f"step accounting cannot follow gradient hooks: {', '.join(hooked[:3])}"
+            f"{' and more' if len(hooked) > 3 else ''} may change the gradient the step takes, "
+            "which the account's terms (built from J(x)ᵀ·∂L/∂z) would not see; remove the hooks "
+            "to account for steps (kernels and decompose ignore backward hooks)"
+        )
+
+
 def _check_lr(lr) -> float:
     """``lr`` (a Python, numpy or 0-d tensor number) as a float; ValueError unless finite, ≥ 0."""
     try:
@@ -390,11 +420,8 @@ def _adam_maps(optimizer, moved: list[list[Tensor]], grads: dict | None) -> _Ste
                 v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
             elif state:  # the next step without its own gradient's share
                 v = state["exp_avg_sq"].mul(beta2)
-            else:
-                raise ValueError(
-                    "Adam has taken no step yet: its first preconditioner depends on the first "
-                    "gradient; take a step first (or use account_step, which includes it)"
-                )
+            else:  # no gradient yet: no preconditioner to apply (checked: some have one)
+                continue
             if group["amsgrad"] and "max_exp_avg_sq" in state:
                 v = torch.maximum(state["max_exp_avg_sq"], v)
             bias1, bias2 = 1 - beta1**t, 1 - beta2**t
@@ -422,6 +449,11 @@ def _step_maps(optimizer, kind: str, grads: dict | None) -> _StepMaps:
     ]
     if kind == "sgd":
         return _sgd_maps(optimizer, moved)
+    if grads is None and not any(optimizer.state.get(p) for ps in moved for p in ps):
+        raise ValueError(
+            "Adam has taken no step yet: its first preconditioner depends on the first gradient; "
+            "take a step first (or use account_step, which includes it)"
+        )
     return _adam_maps(optimizer, moved, grads)
 
 
@@ -599,9 +631,10 @@ class _Materialised:
     def jacobian(cls, model: nn.Module, x: Tensor) -> _Materialised:
         """J(x) ``(N, V, n)`` per trainable parameter, in the model's current mode."""
         named, f = _functional(model)
-        jac = vmap(jacrev(f), (None, 0))(named, x)
+        with _through_torch_func():
+            jac = vmap(jacrev(f), (None, 0))(named, x)
         params = dict(model.named_parameters())
-        return cls({params[n]: j.flatten(2) for n, j in jac.items()})
+        return cls({params[n]: j.reshape(*j.shape[:2], -1) for n, j in jac.items()})
 
     @classmethod
     def gradients(cls, model: nn.Module, x: Tensor, cotangents: Tensor) -> _Materialised:
@@ -611,9 +644,10 @@ class _Materialised:
         def row(xb, c):
             return vjp(lambda p: f(p, xb), named)[1](c)[0]
 
-        grads = vmap(row)(x, cotangents)
+        with _through_torch_func():
+            grads = vmap(row)(x, cotangents)
         params = dict(model.named_parameters())
-        return cls({params[n]: g.flatten(1).unsqueeze(1) for n, g in grads.items()})
+        return cls({params[n]: g.reshape(len(g), 1, -1) for n, g in grads.items()})
 
     def pairs(self, other: _Materialised, maps: dict) -> Tensor:
         r1, r2 = next(iter(self.rows.values())), next(iter(other.rows.values()))
@@ -642,7 +676,7 @@ def _functional(model: nn.Module):
     named = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def f(p, x):
-        return functional_call(model, {**fixed, **p}, (x.unsqueeze(0),)).squeeze(0)
+        return functional_forward(model, {**fixed, **p}, x.unsqueeze(0)).squeeze(0)
 
     return named, f
 
@@ -919,6 +953,7 @@ class AccountedStep:
         immediate: bool = False,
     ):
         self.kind = _check_optimizer(model, optimizer)
+        _check_no_gradient_hooks(model)
         self.model, self.optimizer, self.top_kernels = model, optimizer, top_kernels
         self.continued = continued
         self.x_watch = _as_batch(model, x_watch, "x_watch")
@@ -1065,7 +1100,7 @@ class AccountedStep:
                 if batch is None:  # a layer the hooks cannot follow (e.g. used twice)
                     self.chain = self.layers = None
             if batch is None:
-                with eval_mode(model):
+                with eval_mode(model), _step_not_taken():
                     x, u = self.x_watch, _class_cotangents(self.classes[li])(start.z[li])
                     full = _Materialised.jacobian(model, x[fi]) if len(fi) else None
                     light = _Materialised.gradients(model, x[li], u[:, 0]) if len(li) else None
@@ -1144,6 +1179,17 @@ class AccountedStep:
         with torch.no_grad():
             K = watched.pairs(rows, P)  # (W, T, V, V)
         return K[torch.arange(len(K)), pick.to(K.device)]
+
+
+@contextlib.contextmanager
+def _step_not_taken():
+    """Around the account's work between ``loss.backward()`` and ``optimizer.step()``: a
+    ValueError says that the step was not taken (the gradients of the batch are left in
+    ``.grad``)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{e} (no step was taken)") from None
 
 
 def _check_focus(focus, W: int) -> tuple[int, ...]:
@@ -1421,7 +1467,8 @@ def optimizer_kernel(
     P = I for SGD (so this is :func:`~ntkviz.kernel.empirical_ntk`), for Adam/AdamW
     1/(√v̂ + ε) from its current second moment, v̂ = β₂·v/(1 − β₂ᵗ⁺¹) (amsgrad: the running
     maximum), i.e. without the next gradient's own (1 − β₂)·g² share (unknown before it is taken).
-    Parameters the optimizer does not hold count with P = 0; with several parameter groups P is
+    Parameters the optimizer does not hold, and Adam's parameters that have no state yet (no
+    gradient so far), count with P = 0; with several parameter groups P is
     relative to the first group's step scale. Raises ``ValueError`` for an Adam that has taken no
     step (its first preconditioner depends on the first gradient) or an unsupported optimizer.
     Units: logit² per unit parameter step, like K."""

@@ -83,7 +83,51 @@ def functional_forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor) 
     for name, t in tensors.items():
         aliases = names_of[id(current[name])] if name in current else [name]
         untied.update(dict.fromkeys(aliases, t))
-    return functional_call(model, untied, (x,), tie_weights=False)
+    with _backward_hooks_off(model):
+        return functional_call(model, untied, (x,), tie_weights=False)
+
+
+_BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def _backward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """The model's module backward hooks (and the global ones) set aside for a while, then put
+    back: they change gradients, not the function, so J = ∂z/∂θ is the same without them, and
+    ``torch.func`` cannot differentiate through them."""
+    from torch.nn.modules import module as torch_module
+
+    held = [
+        (owner, name, getattr(owner, name))
+        for owner in (*model.modules(), torch_module)
+        for name in (*_BACKWARD_HOOKS, *(f"_global{n}" for n in _BACKWARD_HOOKS))
+        if getattr(owner, name, None)
+    ]
+    for owner, name, _ in held:
+        setattr(owner, name, type(getattr(owner, name))())
+    try:
+        yield
+    finally:
+        for owner, name, hooks in held:
+            setattr(owner, name, hooks)
+
+
+@contextlib.contextmanager
+def _through_torch_func() -> Iterator[None]:
+    """Around ``torch.func`` transforms of a model whose plain forward pass works: their
+    complaints (a forward that branches on values, an autograd.Function without
+    ``setup_context``) become a ``ValueError`` that says so."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            "torch.func (vmap, jacrev, jvp), which the generic path uses for models other than "
+            "chains of known layers, cannot differentiate this model, though its forward pass "
+            f"runs: {first}. A forward that reads tensor values into Python (.item(), float(z), "
+            "an if on a tensor) or a custom autograd.Function without setup_context cannot be "
+            "transformed; write it with tensor operations (torch.where) instead"
+        ) from None
 
 
 def layer_of(param_name: str) -> str:
@@ -219,8 +263,7 @@ class _Block:
         self.module, self.branches = module, branches
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+def _has_hooks(module: nn.Module, names=("_forward_hooks", "_forward_pre_hooks", *_BACKWARD_HOOKS)):
     return any(getattr(module, n, None) for n in names)
 
 
@@ -240,7 +283,9 @@ def _padding(layer: nn.Conv2d) -> tuple[int, int]:
 def _check_leaf(name: str, layer: nn.Module) -> None:
     """Raise :class:`_Unsupported` unless the structured path computes this layer exactly."""
     kind, what = _kind(layer), f"layer {name!r} ({type(layer).__name__})"
-    if kind != "other" and _has_hooks(layer):
+    if _has_hooks(layer) and (kind != "other" or _has_hooks(layer, _BACKWARD_HOOKS)):
+        # an "other" layer runs as itself (forward hooks and all), but torch.func, which
+        # differentiates it, cannot run through backward hooks
         raise _Unsupported(f"{what} has hooks")
     if kind == "batchnorm" and layer.running_mean is None:
         raise _Unsupported(f"{what} has no running statistics (it normalises by the batch)")
@@ -886,38 +931,44 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
     def f1(p, x):
         return functional_forward(model, p, x.unsqueeze(0)).squeeze(0)
 
-    with _taken_by_model(x2, "x2"):
+    with _through_torch_func():
         j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
-    N2, V = next(iter(j2.values())).shape[:2]
-    try:
-        out = {}
-        for group, names in groups.items():
-            sub = {n: params[n] for n in names}
-            tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
-
-            def ntk_vp(tangent, xc, sub=sub):
-                def f(s):
-                    return functional_forward(model, {**params, **s}, xc)
-
-                return jvp(f, (sub,), (tangent,))[1]
-
-            blocks = []
-            for xc in x1.split(chunk_size):
-                prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
-                blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
-            out[group] = torch.cat(blocks)
-        return out
-    except NotImplementedError:  # no forward-mode derivative: reverse mode on x1
-        size = _reverse_chunk_size(params, V, x1)
-        parts: dict[str, list[Tensor]] = {group: [] for group in groups}
-        for xc in x1.split(size):
-            j1 = vmap(jacrev(f1), (None, 0))(params, xc)
+        N2, V = next(iter(j2.values())).shape[:2]
+        try:
+            out = {}
             for group, names in groups.items():
-                blocks = [
-                    torch.einsum("aip,bjp->abij", j1[n].flatten(2), j2[n].flatten(2)) for n in names
-                ]
-                parts[group].append(sum(blocks))
-        return {group: torch.cat(p) for group, p in parts.items()}
+                sub = {n: params[n] for n in names}
+                tangents = {n: j2[n].reshape(N2 * V, *params[n].shape) for n in names}
+
+                def ntk_vp(tangent, xc, sub=sub):
+                    def f(s):
+                        return functional_forward(model, {**params, **s}, xc)
+
+                    return jvp(f, (sub,), (tangent,))[1]
+
+                blocks = []
+                for xc in x1.split(chunk_size):
+                    prods = vmap(ntk_vp, (0, None))(tangents, xc)  # (N2·V, n, V)
+                    blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
+                out[group] = torch.cat(blocks)
+            return out
+        except NotImplementedError:  # no forward-mode derivative: reverse mode on x1
+            size = _reverse_chunk_size(params, V, x1)
+            parts: dict[str, list[Tensor]] = {group: [] for group in groups}
+            for xc in x1.split(size):
+                j1 = vmap(jacrev(f1), (None, 0))(params, xc)
+                for group, names in groups.items():
+                    blocks = [
+                        torch.einsum("aip,bjp->abij", _rows_of(j1[n]), _rows_of(j2[n]))
+                        for n in names
+                    ]
+                    parts[group].append(sum(blocks))
+            return {group: torch.cat(p) for group, p in parts.items()}
+
+
+def _rows_of(jacobian: Tensor) -> Tensor:
+    """A parameter's Jacobian ``(N, V, *shape)`` as rows ``(N, V, n)`` (0-d parameters too)."""
+    return jacobian.reshape(*jacobian.shape[:2], -1)
 
 
 def _reverse_chunk_size(params: dict[str, Tensor], v: int, x: Tensor) -> int:
@@ -1219,24 +1270,26 @@ def ntk_vector_product(
         def f(p, x):
             return functional_forward(model, {**fixed, **p}, x)
 
-        with _taken_by_model(x2, "x2"):
+        _check_logits(model, x2)
+        with _through_torch_func():
             z2, pull = vjp(lambda p: f(p, x2), params)
-        if vectors.shape != z2.shape:
-            raise ValueError(
-                f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"
-            )
-        (tangent,) = pull(vectors)
-        try:
-            size = chunk_size or 1000
-            products = [
-                jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1] for xc in x1.split(size)
-            ]
-        except NotImplementedError:  # no forward-mode derivative: J(x1) by reverse mode
-            flat = torch.cat([tangent[n].flatten() for n in params])
-            products = []
-            for xc in x1.split(chunk_size or _reverse_chunk_size(params, z2.shape[1], x1)):
-                jac = vmap(jacrev(lambda p, x: f(p, x[None])[0]), (None, 0))(params, xc)
-                products.append(torch.cat([jac[n].flatten(2) for n in params], 2) @ flat)
+            if vectors.shape != z2.shape:
+                raise ValueError(
+                    f"vectors must have shape {tuple(z2.shape)}, got {tuple(vectors.shape)}"
+                )
+            (tangent,) = pull(vectors)
+            try:
+                size = chunk_size or 1000
+                products = [
+                    jvp(lambda p, xc=xc: f(p, xc), (params,), (tangent,))[1]
+                    for xc in x1.split(size)
+                ]
+            except NotImplementedError:  # no forward-mode derivative: J(x1) by reverse mode
+                flat = torch.cat([tangent[n].flatten() for n in params])
+                products = []
+                for xc in x1.split(chunk_size or _reverse_chunk_size(params, z2.shape[1], x1)):
+                    jac = vmap(jacrev(lambda p, x: f(p, x[None])[0]), (None, 0))(params, xc)
+                    products.append(torch.cat([_rows_of(jac[n]) for n in params], 2) @ flat)
         return torch.cat(products).detach()
 
 

@@ -564,6 +564,107 @@ def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
     )
 
 
+class Tempered(nn.Module):
+    """A CNN whose logits are divided by a learnable 0-d temperature (the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = make("tiny_cnn")
+        self.temperature = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.body(x) / self.temperature
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum-decay", "adam"])
+def test_a_zero_dim_parameter_is_accounted(opt_name):
+    model = Tempered()
+    kind, hyper = OPTIMIZERS[opt_name]
+    optimizer = kind(model.parameters(), **hyper)
+    warm_up(model, optimizer, 2)
+    want = expected_account(model, optimizer, X, Y, XW)
+    ntk = optimizer_kernel(model, torch.optim.SGD(model.parameters(), lr=0.1), X, XW)
+    close(ntk.numpy(), torch.einsum("aip,bjp->abij", want["J_b"], want["J_o"]))
+    acc = account_step(model, optimizer, X, Y, XW)
+    assert_same_state(model, optimizer, *want["twin"])
+    close(acc.dz_gradient, want["dz_gradient"])
+    close(acc.dz_momentum, want["dz_momentum"])
+    close(acc.dz_weight_decay, want["dz_weight_decay"])
+
+
+def test_adam_parameters_without_state_count_with_p_zero():
+    """A layer added to the optimizer after some steps (or a head that got no gradient) has no
+    second moment yet: the kernel of the next step leaves it out instead of refusing."""
+    model = make("tiny_cnn")
+    params = list(model.parameters())
+    adam = torch.optim.Adam(params[:-1], lr=1e-3)
+    warm_up(model, adam, 2)
+    adam.add_param_group({"params": [params[-1]]})
+    v = 0.999 * flat(adam.state[p]["exp_avg_sq"] for p in params[:-1])
+    P = torch.cat([1 / (v.sqrt() / math.sqrt(1 - 0.999**3) + 1e-8), params[-1].detach() * 0])
+    x1, x2 = inputs(3, seed=7), inputs(2, seed=8)
+    J1 = torch.stack([explicit_jacobian(model, x) for x in x1])
+    J2 = torch.stack([explicit_jacobian(model, x) for x in x2])
+    close(optimizer_kernel(model, adam, x1, x2).numpy(), torch.einsum("aip,p,bjp->abij", J1, P, J2))
+
+
+def test_gradient_hooks_are_refused_by_accounts_and_ignored_by_kernels():
+    """A hook may change the gradient a step takes, which the account's terms would not see;
+    J = ∂z/∂θ, about the function, is the same with backward hooks as without."""
+    model = make("tiny_cnn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    warm_up(model, optimizer, 1)
+    plain_ntk = empirical_ntk(model, XW, X[:2])
+    plain_kp = optimizer_kernel(model, optimizer, XW, X[:2])
+    calls = []
+    first = next(iter(model.parameters()))
+    hooks = [
+        lambda: first.register_hook(lambda g: g * 0.5),
+        lambda: first.register_post_accumulate_grad_hook(lambda p: None),
+        lambda: model[-1].register_full_backward_hook(lambda m, gi, go: calls.append(1)),
+        lambda: model[-1].register_full_backward_pre_hook(lambda m, go: None),
+        lambda: nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None),
+    ]
+    for register in hooks:
+        handle = register()
+        try:
+            model2, optimizer2 = twin(model, optimizer)
+            for account in (
+                lambda: account_step(model, optimizer, X, Y, XW),
+                lambda: decompose_step(model, optimizer, XW[0], X[0], 3),
+                lambda: AccountedStep(model, optimizer, XW),
+            ):
+                with pytest.raises(ValueError, match="cannot follow gradient hooks"):
+                    account()
+            assert_same_state(model, optimizer, model2, optimizer2)
+            close(empirical_ntk(model, XW, X[:2]).numpy(), plain_ntk)
+            close(optimizer_kernel(model, optimizer, XW, X[:2]).numpy(), plain_kp)
+            model(X.clone().requires_grad_()).sum().backward()  # set aside, not dropped
+        finally:
+            handle.remove()
+    assert calls == [1]
+
+
+class ReadsItsLogits(nn.Sequential):
+    """A forward that reads a value into Python: it runs, but torch.func cannot transform it."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return z if float(z.detach().abs().max()) < 1e6 else z / 2
+
+
+def test_a_model_torch_func_cannot_transform_gets_a_clear_error():
+    torch.manual_seed(0)
+    model = ReadsItsLogits(nn.Flatten(), nn.Linear(784, 10)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = flat(model.parameters())
+    with pytest.raises(ValueError, match=r"torch.func .* cannot differentiate this model"):
+        empirical_ntk(model, XW, X)
+    with pytest.raises(ValueError, match=r"cannot differentiate this model.*\(no step was taken\)"):
+        account_step(model, optimizer, X, Y, XW)
+    assert torch.equal(flat(model.parameters()), before)
+
+
 @pytest.mark.parametrize("opt_name", ["sgd-nesterov", "adam-amsgrad-maximize"])
 def test_preview_and_undo_restore_everything_bit_exactly(opt_name):
     model = make("lenet")
