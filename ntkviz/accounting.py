@@ -1665,7 +1665,13 @@ def decompose_step(
         )
     both = _as_batch(model, torch.stack([x_o, x_u]), "x_o, x_u")
     with torch.no_grad(), eval_mode(model):
-        z = model(both).double()
+        try:
+            z = model(both).double()
+        except RuntimeError as e:
+            raise ValueError(
+                f"the model cannot take x_o and x_u of shape {tuple(x_o.shape)} as one example "
+                f"(expected a dataset item such as (1, 28, 28), not a batch): {e}"
+            ) from None
     y_u = class_index(y_u, "y_u", z.shape[-1])
     a = account_step(
         model, optimizer, both[1:], torch.tensor([int(y_u)]), both, lr, classes=[y_u, y_u],

@@ -773,6 +773,15 @@ class TenInTrainingMode(nn.Sequential):
         return z if self.training else z[:, :5]
 
 
+@pytest.mark.parametrize("shape", [(28, 28), (3, 28, 28), (1, 1, 28, 28)])
+def test_decompose_step_refuses_examples_of_another_shape(shape):
+    model = make("lenet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.zeros(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cannot take x_o and x_u of shape .* as one example"):
+        decompose_step(model, optimizer, x, x, 3)
+
+
 def test_more_bad_inputs_are_refused_before_anything_moves(mnist):
     model = make("tiny_cnn")
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
