@@ -1084,8 +1084,9 @@ def iter_kernel_norms(
     cotangents) and its per-layer factors are kept (V·(conv weights + linear outputs) + linear
     inputs numbers per example); then chunks of ``chunk_size`` rows (default from
     :data:`MEMORY_BUDGET`) are contracted against the examples from their own on, each block
-    reduced to its norm at once. Other models take the generic path, chunk by chunk of rows.
-    Progress counts swept examples plus kernel blocks computed. The model is put in eval mode
+    reduced to its norm at once. Other models take the generic path, row by row in tiles of
+    about :data:`TILE_SECONDS` (``chunk_size`` does not apply). Progress counts swept examples
+    plus kernel blocks computed; the first ``(0, total)`` comes before any work. The model is put in eval mode
     only while a step runs, never between steps."""
     x = _as_batch(model, x, "x")
     if chunk_size is not None:
@@ -1101,33 +1102,64 @@ def iter_kernel_norms(
                 sweep_size = _structured_chunk_size(chain, x, 1, V, False)
         except _Unsupported:
             chain = None
-    per_row = 2 * N * V * V * x.element_size() if chain is not None else 1
-    rows = chunk_size or max(1, min(-(-N // 8), MEMORY_BUDGET // per_row))
-    steps = list(_chunks(N, rows))
-    total = (N if chain is not None else 0) + sum((e - s) * (N - s) for s, e in steps)
-    done, factors = 0, None
-    if chain is not None:
-        parts = []
-        for start, end in _chunks(N, sweep_size):
-            with eval_mode(model), torch.no_grad():
-                parts.append(_gram_factors(chain, x[start:end]))
-            done += end - start
-            yield done, total
-        factors = _concat_factors(parts)
-        del parts
+    if chain is None:
+        yield from _generic_norms(model, x)
+        return
+    per_row = 2 * N * V * V * x.element_size()
+    steps = list(_chunks(N, chunk_size or max(1, min(-(-N // 8), MEMORY_BUDGET // per_row))))
+    total = N + sum((e - s) * (N - s) for s, e in steps)
+    done = 0
+    yield done, total  # at once: a caller shows progress (and can stop) from the start
+    parts = []
+    for start, end in _chunks(N, sweep_size):
+        with eval_mode(model), torch.no_grad():
+            parts.append(_gram_factors(chain, x[start:end]))
+        done += end - start
+        yield done, total
+    factors = _concat_factors(parts)
+    del parts
     norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
     for start, end in steps:
-        if factors is not None:
-            with torch.no_grad():
-                block = _gram_block(factors, slice(start, end), slice(start, N))
-                nb = block.square().sum((1, 3)).sqrt()
-        else:
-            nb = _kernels(model, x[start:end], x[start:], "auto", None, False)["total"]
-            nb = nb.flatten(2).norm(dim=2)
+        with torch.no_grad():
+            block = _gram_block(factors, slice(start, end), slice(start, N))
+            nb = block.square().sum((1, 3)).sqrt()
         norms[start:end, start:] = nb
         norms[start:, start:end] = nb.T
         done += (end - start) * (N - start)
         yield done, total
+    yield norms
+
+
+#: The generic path's kernel norms are computed in tiles of one row and as many columns as take
+#: about this long (s), so that a caller that stops between two tiles stops within about that.
+TILE_SECONDS = 0.05
+
+
+def _generic_norms(model: nn.Module, x: Tensor) -> Iterator[tuple[int, int] | Tensor]:
+    """:func:`iter_kernel_norms` on the generic path: row by row, each row's columns (from the
+    diagonal on) in tiles timed to about :data:`TILE_SECONDS`."""
+    N = len(x)
+    total = N * (N + 1) // 2
+    norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
+    done, width = 0, 1
+    yield done, total
+    for row in range(N):
+        start = row
+        while start < N:
+            end = min(N, start + width)
+            began = time.perf_counter()
+            nb = _kernels(model, x[row : row + 1], x[start:end], "auto", None, False)["total"]
+            nb = nb[0].flatten(1).norm(dim=1)
+            took = time.perf_counter() - began
+            norms[row, start:end] = nb
+            norms[start:end, row] = nb
+            done += end - start
+            start = end
+            if took < TILE_SECONDS / 2:
+                width = min(N, 2 * width)
+            elif took > 2 * TILE_SECONDS:
+                width = max(1, width // 2)
+            yield done, total
     yield norms
 
 

@@ -6,6 +6,7 @@ import torch
 from conftest import assert_unchanged, explicit_jacobian, snapshot
 from models import inputs, make
 
+from ntkviz import kernel
 from ntkviz.analysis import (
     balanced_indices,
     class_influence,
@@ -106,6 +107,21 @@ def test_kernel_norms_equal_explicit_jacobian_products(name):
     assert model.training
 
 
+def test_generic_kernel_norms_come_in_short_tiles(monkeypatch):
+    """The generic path computes every pair: it yields after each tile of a row, timed to
+    TILE_SECONDS, so that a job stops promptly; first (0, total), before any work."""
+    monkeypatch.setattr(kernel, "TILE_SECONDS", 0.0)  # every tile too slow: one pair each
+    model = make("residual")
+    x = inputs(5, seed=3)
+    items = list(iter_kernel_norms(model, x))
+    N, pairs = len(x), len(x) * (len(x) + 1) // 2
+    assert items[:-1] == [(k, pairs) for k in range(pairs + 1)]
+    J = [explicit_jacobian(model, xi) for xi in x]
+    expected = np.array([[float(torch.linalg.norm(a @ b.T)) for b in J] for a in J])
+    np.testing.assert_allclose(items[-1].numpy(), expected, rtol=1e-10)
+    assert items[-1].shape == (N, N)
+
+
 @pytest.mark.parametrize("name", ["lenet", "residual"])
 def test_class_kernel_map_keeps_the_numbers_of_the_blockwise_kernel(name):
     """The map from one sweep per example equals the map reduced from the full (N, N, V, V)
@@ -131,8 +147,8 @@ def test_kernel_map_sweeps_each_example_once():
     model.conv1._conv_forward = counted
     x, labels = inputs(16, seed=5), np.arange(16) % 4
     gen = iter_class_kernel_map(model, x, labels, chunk=4)
-    first = next(gen)
-    assert isinstance(first, tuple) and first[1] > first[0] > 0
+    first, second = next(gen), next(gen)  # (0, total) before any work, then progress
+    assert first[0] == 0 and second[1] == first[1] > second[0] > 0
     M = [item for item in gen][-1]
     assert len(x) <= sum(seen) <= len(x) + 2, seen  # one sweep each, plus a probe of one
     np.testing.assert_allclose(M, class_kernel_map(model, x, labels), rtol=1e-12)

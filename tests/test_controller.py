@@ -668,3 +668,46 @@ def test_a_session_with_a_damaged_adam_state_is_refused(mnist, tmp_path):
         assert app.errors[-1][0] == "Session not readable", app.errors
         assert message in app.errors[-1][1], app.errors[-1][1]
         assert all(torch.equal(v, current[k]) for k, v in app.state_dict().items())
+
+
+def test_the_squeeze_lab_leaves_out_what_diverges_and_says_so(app, monkeypatch):
+    """The η sweep goes to 10·η and the survey steps 150 images: a step that diverges there is
+    left out with a note, not the whole result lost."""
+    import ntkviz.analysis as analysis
+    from ntkviz.errors import StepDiverged
+
+    real = analysis.squeeze_steps
+    survey, largest = set(), [float("inf")]
+
+    def steps(model, x, y, lr, n=1, loss="neg"):
+        if lr > largest[0] or (x.ndim == 3 and float(x.sum()) in survey):
+            raise StepDiverged(lr)
+        return real(model, x, y, lr, n, loss)
+
+    monkeypatch.setattr(analysis, "squeeze_steps", steps)
+    test = app.engine.data.split("test")
+    pair = app.controller.pair()
+    request = SqueezeRequest(pair.x_u, pair.y_u, 0.1, 1)
+
+    def result():
+        gen = request.run(app.engine)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    clean = result()
+    assert clean.left_out == "" and len(clean.sweep_lrs) == 7
+    diverging = clean.survey_indices[[3, 40]]
+    survey.update(float(test.x[i].double().sum()) for i in diverging)
+    largest[0] = 0.5
+    partial = result()
+    np.testing.assert_array_equal(partial.sweep_lrs, clean.sweep_lrs[:6])  # η = 10·0.1 is out
+    np.testing.assert_array_equal(partial.sweep_mass, clean.sweep_mass[:6])
+    kept = ~np.isin(clean.survey_indices, diverging)
+    np.testing.assert_array_equal(partial.survey_indices, clean.survey_indices[kept])
+    np.testing.assert_array_equal(partial.survey.gained, clean.survey.gained[kept])
+    assert partial.left_out == (
+        "the sweep's η = 1 and 2 of the 150 survey images: the step diverges, left out"
+    )

@@ -659,3 +659,49 @@ def test_the_training_dock_chooses_the_optimizer(qtbot, settings, mnist):
     # η follows the new run's learning rate: its schedule's for the run's next step
     assert window.state.lr == window.state.model.run_lr == pytest.approx(0.002, rel=0.05)
     assert window.state.lr < 0.002
+
+
+def test_the_learning_rate_box_holds_any_decade(qtbot, settings, mnist):
+    """4e-6 (Adam fine-tuning) is not rounded to 0, 0 is refused, 3e-4 can be typed."""
+    window = open_window(qtbot, settings, mnist)
+    lr = window.views["training"].lr
+    for value, shown in ((4e-6, "4e-06"), (0.05, "0.05"), (0.0, "1e-07"), (1e6, "1000")):
+        lr.setValue(value)
+        assert lr.text() == shown
+    lr.lineEdit().setText("3e-4")
+    lr.interpretText()
+    assert lr.value() == 3e-4 and window.views["training"].config().lr == 3e-4
+    lr.stepBy(1)
+    assert lr.value() == pytest.approx(6e-4)
+
+
+Record = dataclasses.make_dataclass("Record", ["step", "total_steps", "loss", "test_accuracy"])
+
+
+def test_a_run_that_ends_far_worse_than_it_started_is_reported(qtbot, settings, mnist):
+    """A learning rate that diverges without overflowing: the loss rises, the app says so (as the
+    CLI does) instead of a plain "finished"."""
+    window = open_window(qtbot, settings, mnist)
+    training = window.views["training"]
+    records = [Record(k + 1, 20, loss, None) for k, loss in enumerate([2.3] * 10 + [2e4] * 10)]
+    training.run_curves.add(records)
+    training.run_progress.update(records, 0.0)
+    training._on_run_state("finished")
+    assert training.eta.text() == "finished: 20 steps, far worse than it started"
+    title, message = window.last_error
+    assert title == "The run went wrong" and "the loss rose from 2.3 to 2e+04" in message
+
+
+def test_plots_of_views_that_computed_nothing_are_not_exported(qtbot, settings, mnist, tmp_path):
+    window = open_window(qtbot, settings, mnist)
+    for name, feature in (("Influence", "influence"), ("Watch", "watch_ranking")):
+        view = window.views[feature]
+        window.show_view(view)
+        assert not window.files.export_plot(name, str(tmp_path / f"{name}.png"))
+        assert (
+            window.last_error[0] == "Nothing to export"
+            and "nothing computed yet" in (window.last_error[1])
+        )
+        assert not (tmp_path / f"{name}.png").exists()
+        with pytest.raises(ValueError, match="nothing computed yet"):
+            view.export(tmp_path / f"{name}.svg")

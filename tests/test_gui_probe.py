@@ -43,6 +43,7 @@ from ntkviz.analysis import (
 from ntkviz.app.engine import Engine
 from ntkviz.app.features.influence import probe_indices
 from ntkviz.app.features.pair import History
+from ntkviz.app.messages import Event, KernelPath
 from ntkviz.app.state import Example
 from ntkviz.decomposition import influence
 from ntkviz.gui.window import MainWindow
@@ -165,6 +166,32 @@ def test_kernel_maps_equal_core_and_record_while_training(qtbot, window, mnist, 
     assert m.correlations[0] == pytest.approx(rank_correlation(m.maps[0], m.maps[-1]))
     kv.slider.setValue(0)
     np.testing.assert_array_equal(kv.heatmap.image, m.maps[0])
+
+
+def test_kernel_maps_that_would_hold_training_up_are_not_recorded_unless_asked(qtbot, window):
+    """A model whose map of the probe set takes long (the generic path computes every pair) has
+    recording switched off, with a note; a faster model has it back; the user's choice stands."""
+    kv = window.views["kernel_maps"]
+    number = window.state.model.number
+    n_maps = len(kv.history.records)
+    assert kv.record_box.isChecked() and n_maps >= 1  # recorded at the start of the run
+
+    def path(kind, cost):
+        kv._on_kernel_path(Event("kernel_path", KernelPath(number, f"{kind} kernel path", cost)))
+
+    path("generic", 0.01)  # 100 images: 5,050 pairs, ≈ 50 s
+    assert not kv.record_box.isChecked() and kv.estimate() == pytest.approx(50.5)
+    kv.history.clear()
+    assert "recording is off" in kv.slider_label.text() and "≈ 50 s" in kv.slider_label.text()
+    train_batches(qtbot, window, 2)
+    assert len(kv.history.records) == 0
+    path("structured", 0.01)  # 100 sweeps: ≈ 1 s
+    assert kv.record_box.isChecked()
+    path("generic", 0.01)
+    kv.record_box.setChecked(True)  # the user asks for it
+    assert not kv._switched_off
+    train_batches(qtbot, window, 1)
+    qtbot.waitUntil(lambda: len(kv.history.records) == 1, timeout=TIMEOUT)
 
 
 def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import QFileDialog, QInputDialog
 
 from ntkviz.gui.dialogs import DatasetDialog, ModelDialog
 from ntkviz.gui.export import ask_save_path, export_graphics
+from ntkviz.gui.features.base import ProbeView
 
 CHECKPOINTS = "ntkviz checkpoint (*.pt)"
 SESSIONS = "ntkviz session (*.ntks)"
@@ -106,6 +107,12 @@ class FileMenu(QObject):
         window = self.window
         if name == "Decomposition" and window.views["pair"].last_result is None:
             window.show_error("Nothing to export", "no decomposition has been computed yet")
+            return False
+        owner = next(v for v in window.views.values() if name in v.plots())
+        if isinstance(owner, ProbeView) and not owner.data():
+            window.show_error(
+                "Nothing to export", f"{owner.title}: nothing computed yet ({owner.run_text} first)"
+            )
             return False
         item = window.plots()[name]
         return window._attempt(

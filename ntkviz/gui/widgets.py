@@ -6,7 +6,7 @@ from collections import deque
 
 import numpy as np
 from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QIcon, QImage, QKeySequence, QPixmap
+from PySide6.QtGui import QIcon, QImage, QKeySequence, QPixmap, QValidator
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
     QApplication,
@@ -38,10 +38,37 @@ def spin(lo: int, hi: int, value: int, step: int = 1) -> QSpinBox:
 
 def double_spin(lo: float, hi: float, decimals: int, step: float) -> QDoubleSpinBox:
     box = QDoubleSpinBox()
+    box.setDecimals(decimals)  # first: the range is rounded to the decimals
     box.setRange(lo, hi)
-    box.setDecimals(decimals)
     box.setSingleStep(step)
     return box
+
+
+class ScientificSpinBox(QDoubleSpinBox):
+    """A spin box for a positive quantity that spans decades (a learning rate): shown with six
+    significant digits ("0.05", "4e-06"), typed in any float form ("3e-4"), stepped ×/÷ 2."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.setDecimals(15)
+        self.setRange(lo, hi)
+        self.setToolTip(f"from {lo:g} to {hi:g}; the arrows halve or double it")
+
+    def textFromValue(self, value: float) -> str:
+        return f"{value:.6g}"
+
+    def valueFromText(self, text: str) -> float:
+        return float(text)
+
+    def validate(self, text: str, pos: int):
+        try:
+            ok = self.minimum() <= float(text) <= self.maximum()
+        except ValueError:
+            ok = False
+        return (QValidator.State.Acceptable if ok else QValidator.State.Intermediate, text, pos)
+
+    def stepBy(self, steps: int) -> None:
+        self.setValue(self.value() * 2.0**steps)
 
 
 def fit_text(*buttons: QPushButton) -> None:
@@ -140,7 +167,11 @@ class JobControls(QWidget):
             self.progress.setValue(0)
 
     def follow(self, event) -> None:
-        """Show a job event of the feature: progress, or its end."""
+        """Show a job event of the feature: progress, or its end (a failure says so on the bar,
+        with the message as its tooltip)."""
+        failed = event.kind == "error"
+        self.progress.setFormat("failed" if failed else "%p%")
+        self.progress.setToolTip(": ".join(event.payload) if failed else "")
         if event.kind == "progress":
             self.set_running(True)
             self.progress.setMaximum(max(event.payload.total, 1))

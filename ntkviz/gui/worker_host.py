@@ -73,7 +73,7 @@ class EngineThread(QObject):
         self.host.moveToThread(self.thread)
         self.thread.finished.connect(self.host.deleteLater)
         self.command.connect(self.host.command)
-        QCoreApplication.instance().aboutToQuit.connect(self.stop)
+        QCoreApplication.instance().aboutToQuit.connect(self._finish)
 
     def start(self) -> None:
         self.thread.start()
@@ -95,6 +95,12 @@ class EngineThread(QObject):
                 log.warning("the engine is still finishing a step of work; it stops after it")
                 return False
         return True
+
+    def _finish(self) -> None:
+        """As the application quits: stop, and wait for the thread however long its last slice
+        of work takes (a QThread destroyed while it runs would abort the process)."""
+        if not self.stop():
+            self.thread.wait()
 
 
 def make_engine(config, dataset, dataset_name: str, user_model=None, model=None) -> Callable:

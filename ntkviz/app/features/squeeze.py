@@ -33,6 +33,7 @@ class SqueezeResult:
     survey: object
     p_label_float32: float  #: π(ȳ) of x by the model as it is (float32): 1.0 when saturated
     request: SqueezeRequest | None = None  #: what was asked (x, ȳ, η, steps): for exports
+    left_out: str = ""  #: what diverged and was left out of the sweep and the survey, if any
 
     @property
     def saturated(self) -> bool:
@@ -57,6 +58,7 @@ class SqueezeRequest:
         import torch
 
         from ntkviz.analysis import SqueezeSurvey, squeeze_steps, squeeze_survey
+        from ntkviz.errors import StepDiverged
         from ntkviz.kernel import eval_mode
 
         x32 = engine.x(self.x)
@@ -73,26 +75,48 @@ class SqueezeRequest:
         p0 = neg.probs[0].copy()
         p0[self.y] = -np.inf
         top = int(p0.argmax())
-        mass = []
+        kept, mass = [], []  # the sweep goes to 10·η: steps that diverge are left out
         for k, eta in enumerate(lrs):
-            run = squeeze_steps(model, x, self.y, float(eta), 1, "neg")
-            mass.append(run.probs[1, top] - neg.probs[0, top])
+            try:
+                run = squeeze_steps(model, x, self.y, float(eta), 1, "neg")
+                kept.append(eta)
+                mass.append(run.probs[1, top] - neg.probs[0, top])
+            except StepDiverged:
+                pass
             yield Progress(3 + k, total)
         test = engine.data.split("test")
         rng = np.random.default_rng(0)
         idx = np.sort(rng.choice(len(test), min(SURVEY_SIZE, len(test)), replace=False))
-        parts = []
+        parts, survived = [], []
         for start in range(0, len(idx), SURVEY_CHUNK):
             chunk = idx[start : start + SURVEY_CHUNK]
             xs = test.x[chunk].to(engine.device, torch.float64)
-            parts.append(squeeze_survey(model, xs, test.y[chunk].numpy(), self.lr))
+            ys = test.y[chunk].numpy()
+            try:
+                parts.append(squeeze_survey(model, xs, ys, self.lr))
+                survived.append(chunk)
+            except StepDiverged:  # image by image: those whose step diverges are left out
+                for n in range(len(chunk)):
+                    try:
+                        parts.append(squeeze_survey(model, xs[n : n + 1], ys[n : n + 1], self.lr))
+                        survived.append(chunk[n : n + 1])
+                    except StepDiverged:
+                        pass
             yield Progress(2 + SWEEP + start + len(chunk), total)
         survey = SqueezeSurvey(
-            *(readonly(np.concatenate([getattr(p, f) for p in parts])) for f in
+            *(readonly(np.concatenate([getattr(p, f) for p in parts] or [np.zeros(0)])) for f in
               ("peak", "p_label", "gained", "label_fell")),
             lr=float(self.lr),
         )  # fmt: skip
+        kept_idx = np.concatenate(survived) if survived else np.zeros(0, dtype=idx.dtype)
+        left_out = []
+        if len(kept) < len(lrs):
+            dropped = ", ".join(f"{eta:.3g}" for eta in lrs if eta not in kept)
+            left_out.append(f"the sweep's η = {dropped}")
+        if len(kept_idx) < len(idx):
+            left_out.append(f"{len(idx) - len(kept_idx)} of the {len(idx)} survey images")
+        note = f"{' and '.join(left_out)}: the step diverges, left out" if left_out else ""
         return SqueezeResult(
-            self.x, self.y, neg, ce, readonly(lrs), readonly(mass), engine.step, readonly(idx),
-            survey, p32, self,
+            self.x, self.y, neg, ce, readonly(np.array(kept)), readonly(np.array(mass)),
+            engine.step, readonly(kept_idx), survey, p32, self, note,
         )  # fmt: skip

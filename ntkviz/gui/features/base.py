@@ -202,10 +202,10 @@ class ProbeView(FeatureView):
         raises OSError/ValueError."""
         from ntkviz.results import write_arrays
 
+        data = self.data()
+        if not data:
+            raise ValueError(f"{self.title}: nothing computed yet ({self.run_text} first)")
         if Path(path).suffix.lower() in VIEW_DATA_FORMATS:
-            data = self.data()
-            if not data:
-                raise ValueError("nothing computed yet")
             return write_arrays(path, data, self.export_meta())
         return export_graphics(self.graphics.ci, path, width)
 

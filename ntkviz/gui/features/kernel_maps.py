@@ -4,6 +4,8 @@ correlation of each map with the latest."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLabel, QSlider
@@ -16,6 +18,17 @@ from ntkviz.gui.widgets import labelled, spin
 
 SEQUENTIAL = pg.colormap.get("viridis")
 PROBE_IMAGES = 100  #: images in a recorded map by default (per class: this over the classes)
+#: Maps estimated to take longer than this (s) are not recorded while training unless asked:
+#: the run would wait for each.
+MAP_SECONDS = 5.0
+
+
+def map_seconds(path: str, pair_cost: float, n: int) -> float:
+    """A map of ``n`` images, estimated from one pair's measured cost: a structured model sweeps
+    each image once (a pair is two sweeps; the block products at most as much again), a generic
+    one computes every pair."""
+    pairs = n if path == "structured" else n * (n + 1) / 2
+    return pairs * pair_cost
 
 
 class KernelMapView(ProbeView):
@@ -65,14 +78,41 @@ class KernelMapView(ProbeView):
         self.corr_plot.addItem(self.corr_marker)
         self.graphics.ci.layout.setColumnStretchFactor(0, 3)
         self.graphics.ci.layout.setColumnStretchFactor(1, 2)
-        self.record_box.toggled.connect(self._settings_changed)
+        self.record_box.toggled.connect(self._record_toggled)
         self.every_box.valueChanged.connect(self._settings_changed)
         self.per_class_box.valueChanged.connect(self._settings_changed)
         self.slider.valueChanged.connect(self.redraw)
         self.history.changed.connect(self._history_changed)
         self.state.events.dataset.connect(self._on_dataset)
+        self.controller.on("kernel_path", self._on_kernel_path)
+        self._cost = None  #: (kernel path, one pair's cost in s) of the model held
+        self._switched_off = False  #: recording was switched off here, not by the user
         self.controller.on("new_run", lambda event: self.history.clear())
         self._configure(supersede=True)
+
+    def _on_kernel_path(self, event) -> None:
+        """A model whose maps would hold training up has its recording switched off (with a
+        note); a later, faster one has it switched back on, unless the user chose."""
+        k, info = event.payload, self.state.model
+        if info is None or k.number != info.number:
+            return
+        self._cost = (k.description.split(" ")[0], k.pair_cost)
+        slow = self.estimate() > MAP_SECONDS
+        if slow == self.record_box.isChecked() and (slow or self._switched_off):
+            self.record_box.blockSignals(True)
+            self.record_box.setChecked(not slow)
+            self.record_box.blockSignals(False)
+            self._switched_off = slow
+            self._configure(supersede=False)
+        self.redraw()
+
+    def estimate(self) -> float:
+        """Seconds one map of the current probe set is estimated to take (0 if not measured)."""
+        if self._cost is None or not math.isfinite(self._cost[1]):
+            return 0.0
+        dataset = self.state.dataset
+        n = self.per_class_box.value() * len(dataset.classes if dataset else self.classes)
+        return map_seconds(self._cost[0], self._cost[1], n)
 
     def _on_dataset(self, info) -> None:
         """About :data:`PROBE_IMAGES` images in all, whatever the number of classes; maps of
@@ -110,6 +150,10 @@ class KernelMapView(ProbeView):
         if self.controller.ready:
             self.job.set_running(True)
             self.controller.submit(self.name, self.request(), supersede=False)
+
+    def _record_toggled(self) -> None:
+        self._switched_off = False  # the user's choice from now on
+        self._settings_changed()
 
     def _settings_changed(self) -> None:
         per_class = self.per_class_box.value()
@@ -157,7 +201,13 @@ class KernelMapView(ProbeView):
     def redraw(self) -> None:
         m = self.maps
         if m is None or not len(m.steps):
-            self.slider_label.setText("no maps yet")
+            text = "no maps yet"
+            if self._switched_off:
+                text += (
+                    f" — recording is off: a map of {self.per_class_box.value()} images a class "
+                    f"takes ≈ {self.estimate():.0f} s on this model; Record now makes one"
+                )
+            self.slider_label.setText(text)
             self.heatmap.clear_matrix()
             return
         k = self.current

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 from ntkviz.app.features.training import RunCurves, RunProgress
 from ntkviz.gui.features.base import FeatureView
 from ntkviz.gui.plots import TrainingCurves
-from ntkviz.gui.widgets import double_spin, fit_text
+from ntkviz.gui.widgets import ScientificSpinBox, double_spin, fit_text
 
 NO_CUDA = (
     "CUDA is not available: torch.cuda.is_available() is False (no NVIDIA GPU, driver, or CUDA "
@@ -54,7 +54,7 @@ class TrainingView(FeatureView):
         self.train_size.setSingleStep(1000)
         self.train_size.setSpecialValueText("all")
         self.train_size.setToolTip("examples drawn (seeded) from the training split; 0 = all")
-        self.lr = double_spin(1e-6, 1000, 5, 0.01)
+        self.lr = ScientificSpinBox(1e-7, 1000.0)
         self.optimizer = QComboBox()
         for key, text, tip in OPTIMIZERS:
             self.optimizer.addItem(text, key)
@@ -245,10 +245,26 @@ class TrainingView(FeatureView):
         step, total = self.run_progress.step, self.run_progress.total
         if state == "finished":
             self.eta.setText(f"finished: {step} steps")
+            self._judge_run()
         elif state == "stopped" and total:
             self.eta.setText(f"stopped at step {step} of {total}")
         elif state == "paused" and total:
             self.eta.setText(f"paused at step {step} of {total}")
+
+    def _judge_run(self) -> None:
+        """A finished run that ended far worse than it started (a learning rate that diverges
+        without overflowing) is reported, as the CLI does."""
+        from ntkviz.training import run_health
+
+        c, dataset = self.run_curves, self.state.dataset
+        if not c.losses or dataset is None:
+            return
+        accuracy = c.accuracies[-1] if c.accuracies else None
+        health = run_health(c.losses, accuracy, len(dataset.classes))
+        if not health.ok:
+            self.eta.setText(f"{self.eta.text()}, far worse than it started")
+            self.eta.setToolTip(health.warning)
+            self.ctx.error("The run went wrong", health.warning[0].upper() + health.warning[1:])
 
     def _on_new_run(self, event) -> None:
         self.run_curves.clear()
