@@ -117,6 +117,7 @@ class KernelMapView(ProbeView):
     def _on_dataset(self, info) -> None:
         """About :data:`PROBE_IMAGES` images in all, whatever the number of classes; maps of
         other data are forgotten."""
+        self.classes = info.classes
         self.per_class_box.setValue(max(2, PROBE_IMAGES // len(info.classes)))
         self.history.clear(self.per_class_box.value())
 
@@ -201,13 +202,17 @@ class KernelMapView(ProbeView):
     def redraw(self) -> None:
         m = self.maps
         if m is None or not len(m.steps):
-            text = "no maps yet"
-            if self._switched_off:
-                text += (
-                    f" — recording is off: a map of {self.per_class_box.value()} images a class "
-                    f"takes ≈ {self.estimate():.0f} s on this model; Record now makes one"
-                )
-            self.slider_label.setText(text)
+            off = self._switched_off
+            self.slider_label.setText(
+                f"no maps yet: ≈ {self.estimate():.0f} s a map here" if off else "no maps yet"
+            )
+            self.slider_label.setToolTip(
+                f"Recording while training is off: a map of {self.per_class_box.value()} images "
+                f"a class takes about {self.estimate():.0f} s on this model, and training would "
+                "wait for each. Record now makes one; tick the box to record anyway."
+                if off
+                else ""
+            )
             self.heatmap.clear_matrix()
             return
         k = self.current
