@@ -173,6 +173,8 @@ def test_kernel_maps_that_would_hold_training_up_are_not_recorded_unless_asked(q
     recording switched off, with a note; a faster model has it back; the user's choice stands."""
     kv = window.views["kernel_maps"]
     number = window.state.model.number
+    # the engine's own measurement first (LeNet's maps are cheap), so that it cannot come between
+    qtbot.waitUntil(lambda: window.status_labels["path"].text().endswith("a pair"), timeout=TIMEOUT)
     n_maps = len(kv.history.records)
     assert kv.record_box.isChecked() and n_maps >= 1  # recorded at the start of the run
 
