@@ -191,10 +191,9 @@ def test_kernel_maps_that_would_hold_training_up_are_not_recorded_unless_asked(q
     path("structured", 0.01)  # 100 sweeps: ≈ 1 s
     assert kv.record_box.isChecked()
     path("generic", 0.01)
-    kv.record_box.setChecked(True)  # the user asks for it
+    kv.record_box.setChecked(True)  # the user asks for it: a map at once, paused or not
     assert not kv._switched_off
-    train_batches(qtbot, window, 1)
-    qtbot.waitUntil(lambda: len(kv.history.records) == 1, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: len(kv.history.records) >= 1, timeout=TIMEOUT)
 
 
 def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
