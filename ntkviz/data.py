@@ -413,10 +413,16 @@ def _construct(make, where: Path, download: bool, label: str):
         if "corrupt" in text:
             raise DatasetError(
                 f"{label}: files in {where} are corrupt: they differ from the official files "
-                "(md5 mismatch); delete them and load with --download"
+                "(md5 mismatch); delete them and download them again (download=True, --download, "
+                "or Download in the dataset dialog)"
             ) from None
         if "not found" in text:
-            hint = "" if download else " (pass download=True / --download to fetch it online)"
+            hint = (
+                ""
+                if download
+                else " (download=True, --download, or Download in the dataset dialog fetches it "
+                "online)"
+            )
             raise DatasetError(f"{label}: dataset files not found in {where}{hint}") from None
         raise DatasetError(f"{label}: files in {where} are truncated or corrupt ({e})") from e
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # before OSError

@@ -329,7 +329,12 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ messages
     def _status(self, text: str, ms: int = 5000) -> None:
-        self.statusBar().showMessage(text, ms)
+        """A message in the status bar, elided to the room the permanent labels leave (the whole
+        text in its tooltip)."""
+        bar = self.statusBar()
+        room = bar.width() - sum(w.width() for w in self.status_labels.values()) - 40
+        bar.showMessage(bar.fontMetrics().elidedText(text, Qt.ElideRight, max(room, 100)), ms)
+        bar.setToolTip(text)
 
     @Slot(str, str)
     def show_error(self, title: str, message: str) -> None:
