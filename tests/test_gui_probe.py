@@ -3,6 +3,7 @@ training, the squeezing lab, layers and spectrum, sessions."""
 
 import copy
 import csv
+import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -220,6 +221,12 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert np.array_equal(res.neg.top_rose, neg.top_rose)
     assert "✓" in sv.checks.text() or "✗" in sv.checks.text()
     assert len(res.sweep_lrs) == len(res.sweep_mass) == 7
+    assert "left out" not in sv.checks.text()
+    for shown in (dataclasses.replace(res, left_out="the sweep's η = 3: diverges, left out"), res):
+        sv.result = shown
+        sv.show_result(shown)
+        note = "The sweep's η = 3: diverges, left out." in sv.checks.text()
+        assert note == bool(shown.left_out)
     test = mnist.split("test")
     idx = np.array(res.survey_indices)  # a writable copy: the result is read-only
     survey = squeeze_survey(model64, test.x[idx].double(), test.y[idx].numpy(), 0.3)

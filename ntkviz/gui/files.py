@@ -11,7 +11,6 @@ from PySide6.QtWidgets import QFileDialog, QInputDialog
 
 from ntkviz.gui.dialogs import DatasetDialog, ModelDialog
 from ntkviz.gui.export import ask_save_path, export_graphics
-from ntkviz.gui.features.base import ProbeView
 
 CHECKPOINTS = "ntkviz checkpoint (*.pt)"
 SESSIONS = "ntkviz session (*.ntks)"
@@ -108,6 +107,8 @@ class FileMenu(QObject):
         if name == "Decomposition" and window.views["pair"].last_result is None:
             window.show_error("Nothing to export", "no decomposition has been computed yet")
             return False
+        from ntkviz.gui.features.base import ProbeView  # pyqtgraph: after the first paint
+
         owner = next(v for v in window.views.values() if name in v.plots())
         if isinstance(owner, ProbeView) and not owner.data():
             window.show_error(

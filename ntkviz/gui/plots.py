@@ -5,11 +5,13 @@ Every array is shown as a matrix: row i is output class i (top to bottom), colum
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from PySide6.QtCore import QRectF, QSize, Qt, QTimer
-from PySide6.QtGui import QFont
+from PySide6.QtGui import QFont, QFontMetricsF
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 from ntkviz.gui.graphics import pg
@@ -72,25 +74,108 @@ NAMED_CLASSES = 20
 MIN_NAME_WIDTH = 6
 
 
-def class_ticks(classes: Sequence[str], n_max: int = 12, width: int = 8) -> list:
+#: Steps between numbered class ticks (every k-th class), smallest first.
+TICK_STEPS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000)
+#: Pixels at least between neighbouring tick labels along a horizontal axis.
+TICK_GAP = 4
+
+
+def _label_extent(labels: Sequence[str], font: QFont | None, vertical: bool) -> float:
+    """Pixels the widest of ``labels`` takes along an axis (a vertical axis: the text's height)."""
+    metrics = QFontMetricsF(font if font is not None else QFont())
+    if vertical:
+        return metrics.height()
+    return max((metrics.horizontalAdvance(t) for t in labels), default=0.0) + TICK_GAP
+
+
+def class_ticks(
+    classes: Sequence[str],
+    n_max: int = 12,
+    width: int = 8,
+    pixels: float | None = None,
+    font: QFont | None = None,
+    vertical: bool = False,
+) -> list:
     """Axis ticks for classes ``[(i, label)]``: names elided to ``width`` characters (cut in
     the middle where their starts alone would read alike); or every k-th class's index, at most
     ``n_max`` of them, for more than :data:`NAMED_CLASSES` classes, names longer than a narrow
     axis (``width`` < :data:`MIN_NAME_WIDTH`) takes, or names that still read alike. The full
-    names are in the tooltips."""
+    names are in the tooltips.
+
+    ``pixels``: the axis's pixels per class, where known; then no more labels than fit without
+    overlapping (in ``font``; along a ``vertical`` axis a label takes its text's height, along a
+    horizontal one its width and :data:`TICK_GAP`): names only where each fits its class, and
+    indices every k-th class with k large enough (at least the first class is labelled)."""
     names = [str(c) for c in classes]
+
+    def fit(labels: Sequence[str], step: int) -> bool:
+        return pixels is None or _label_extent(labels, font, vertical) <= step * pixels
+
     fits = width >= MIN_NAME_WIDTH or max(map(len, names), default=0) <= width
     if len(names) <= NAMED_CLASSES and fits:
         for cut in (elide, elide_middle):  # names cut alike ("golden…" thrice): their ends
             labels = [cut(name, width) for name in names]
             if len(set(labels)) == len(labels):
-                return list(enumerate(labels))
-    step = max(1, -(-len(names) // n_max))
-    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, step) if s >= step)
+                if fit(labels, 1):
+                    return list(enumerate(labels))
+                break
+    least = max(1, -(-len(names) // max(1, n_max)))
+    steps = [s for s in TICK_STEPS if s >= least] or [least]
+    for step in steps:
+        labels = [str(i) for i in range(0, len(names), step)]
+        if fit(labels, step):
+            break
+    else:
+        step = max(len(names), 1)  # not even two fit: the first alone
     return [(i, str(i)) for i in range(0, len(names), step)]
 
 
+def _plot_item(plot) -> pg.PlotItem:
+    return plot.getPlotItem() if isinstance(plot, pg.PlotWidget) else plot
+
+
+def plain_numbers(*plots) -> None:
+    """No automatic SI prefix on the axes of ``plots`` (PlotItems or PlotWidgets): pyqtgraph
+    would show π = 0.8 as "800" with "(x0.001)" in the axis label; probabilities, nats and
+    kernel values read as plain numbers."""
+    for plot in plots:
+        item = _plot_item(plot)
+        for name in ("left", "bottom", "right", "top"):
+            item.getAxis(name).enableAutoSIPrefix(False)
+
+
+def set_class_axis(plot, classes: Sequence[str], axis: str = "bottom", width: int = 5,
+                   n_max: int = 12) -> None:  # fmt: skip
+    """Label ``plot``'s ``axis`` with ``classes`` (class k at k; see :func:`class_ticks`), as
+    many as fit its pixels without overlapping: fitted again whenever the plot's size or range
+    changes."""
+    item = _plot_item(plot)
+    axes = item.__dict__.get("_class_axes")
+    if axes is None:
+        axes = item._class_axes = {}
+        item.vb.sigResized.connect(lambda *_: fit_class_axes(item))
+        item.vb.sigRangeChanged.connect(lambda *_: fit_class_axes(item))
+    axes[axis] = [tuple(str(c) for c in classes), width, n_max, None]
+    fit_class_axes(item)
+
+
+def fit_class_axes(item: pg.PlotItem) -> None:
+    """Fit the class axes :func:`set_class_axis` gave ``item`` to its view's size and range."""
+    for name, entry in item.__dict__.get("_class_axes", {}).items():
+        classes, width, n_max, shown = entry
+        vertical = name in ("left", "right")
+        low, high = item.vb.viewRange()[1 if vertical else 0]
+        length = item.vb.height() if vertical else item.vb.width()
+        pixels = length / (high - low) if length > 1 and high > low else None
+        axis = item.getAxis(name)
+        ticks = class_ticks(classes, n_max, width, pixels, axis.style["tickFont"], vertical)
+        if ticks != shown:
+            entry[3] = ticks
+            axis.setTicks([ticks])
+
+
 PREDICTED, ACTUAL = "#4c72b0", "#dd8452"
+PROBABILITY = "#8aa6c1"  # π's bars (the true label's and y_u's stand out)
 MOMENTUM, DECAY = "#7f7f7f", "#8c564b"
 STATISTICS = "#17becf"  # batch norm's running statistics
 #: Titles of the formula's K and right-hand side for a plain step and an optimizer's step.
@@ -244,6 +329,105 @@ class HeatmapImage(pg.ImageItem):
             self.setToolTip(self.describe(row, col))
 
 
+def bar_ticks(low: float, high: float, halves: bool = True) -> list[float]:
+    """Where a colour bar over ``(low, high)`` is labelled: its ends and 0 for a signed map
+    (halfway between them too with ``halves``), else its ends and middle (and quarters)."""
+    if low < 0 < high:
+        return [low, low / 2, 0.0, high / 2, high] if halves else [low, 0.0, high]
+    if halves:
+        return [low + (high - low) * k / 4 for k in range(5)]
+    return [low, (low + high) / 2, high]
+
+
+class ColorBar(pg.ColorBarItem):
+    """A colour bar labelled where :func:`bar_ticks` says (a signed map always shows a negative,
+    a zero and a positive label; halfway ones where the bar is tall enough), in short labels
+    (:func:`compact_tick_strings`, a true minus sign), its axis as wide as they need."""
+
+    #: Pixels of bar a label needs (8 pt text and a gap).
+    LABEL_PIXELS = 17
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._bar_ticks = None  # (values, labelled) shown
+        small = QFont()
+        small.setPointSize(8)
+        self.axis.setTickFont(small)
+        self.fit_ticks()
+
+    def setLevels(self, values=None, low=None, high=None, update_items=True):
+        super().setLevels(values, low, high, update_items)
+        self.fit_ticks()
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self.fit_ticks()
+
+    def labels(self) -> list[str]:
+        """The tick labels shown, top to bottom."""
+        if self._bar_ticks is None:
+            return []
+        return [text for _, text in reversed(self.axis._tickLevels[0])]
+
+    def fit_ticks(self) -> None:
+        if not hasattr(self, "_bar_ticks"):
+            return  # pyqtgraph's __init__ may set levels or resize before ours has run
+        low, high = (float(v) for v in self.values)
+        if not high > low:
+            return
+        height = self.vb.height() if self.vb.height() > 1 else 5 * self.LABEL_PIXELS
+        values = bar_ticks(low, high)
+        labelled = height >= (len(values) - 1) * self.LABEL_PIXELS + 4
+        if (values, labelled) == self._bar_ticks:
+            return
+        self._bar_ticks = (values, labelled)
+        ends = bar_ticks(low, high, halves=False)
+        shown = values if labelled else ends
+        texts = compact_tick_strings(shown, 1.0, (high - low) / 4)
+        if len(shown) > len(ends) and max(map(len, texts[1::2])) > max(map(len, texts[::2])):
+            shown, texts = shown[::2], texts[::2]  # "0.0075" between "0.015" and 0: unlabelled
+        texts = ["−" + t[1:] if t.startswith("-") else t for t in texts]
+        minor = [(v, "") for v in values if v not in shown]
+        self.axis.setTicks([list(zip(shown, texts, strict=True)), minor])
+        metrics = QFontMetricsF(self.axis.style["tickFont"])
+        need = max(metrics.horizontalAdvance(t) for t in texts)
+        offset = self.axis.style["tickTextOffset"][0] + max(0, self.axis.style["tickLength"])
+        self.axis.setWidth(math.ceil(offset + need + 3))
+
+
+def _plain(html: str) -> str:
+    return re.sub(r"<[^>]*>", "", html)
+
+
+class RowAxis(pg.AxisItem):
+    """A left axis whose label, when it is a letter or two ("i", "j"), stands upright beside
+    the ticks rather than turned a quarter (a turned "i" reads as "·–")."""
+
+    SHORT = 2
+
+    def upright(self) -> bool:
+        return self.label is not None and len(_plain(self.labelText).strip()) <= self.SHORT
+
+    def _updateLabel(self) -> None:
+        super()._updateLabel()
+        self._place_label()
+
+    def resizeEvent(self, ev=None) -> None:
+        super().resizeEvent(ev)
+        self._place_label()
+
+    def _place_label(self) -> None:
+        if self.label is None:
+            return
+        if not self.upright():
+            self.label.setRotation(-90)
+            return
+        self.label.setRotation(0)
+        br = self.label.boundingRect()
+        room = br.height() * 0.8  # the width pyqtgraph keeps for a turned label
+        self.label.setPos((room - br.width()) / 2 - 2, (self.size().height() - br.height()) / 2)
+
+
 class HeatmapView(pg.PlotItem):
     """One matrix ``(R, C)`` (a vector is shown as ``(V, 1)``) with class ticks on both axes and
     a colour bar symmetric around zero. ``image`` is exactly the array last given."""
@@ -257,7 +441,7 @@ class HeatmapView(pg.PlotItem):
         colorbar: bool = True,
         colormap=None,
     ):
-        super().__init__(title=title)
+        super().__init__(title=title, axisItems={"left": RowAxis("left")})
         self.titleLabel.setText(title, size="11pt")
         let_shrink(self.titleLabel)  # a long title must not force the plot's width
         self.image_item = HeatmapImage(describe)
@@ -267,11 +451,12 @@ class HeatmapView(pg.PlotItem):
         self.setMouseEnabled(False, False)
         self.setMenuEnabled(False)
         self.hideButtons()
-        font = QFont()
-        font.setPointSize(9)
+        plain_numbers(self)
+        self.tick_font = QFont()
+        self.tick_font.setPointSize(9)
         for name, label in (("left", row_label), ("bottom", col_label)):
             axis = self.getAxis(name)
-            axis.setTickFont(font)
+            axis.setTickFont(self.tick_font)
             # the first and last column's labels may reach a few pixels past the matrix
             axis.setStyle(tickLength=0, hideOverlappingLabels=8)
             if label:
@@ -280,7 +465,7 @@ class HeatmapView(pg.PlotItem):
         self._ticks = None  # (left, bottom) ticks shown
         self.colorbar = None
         if colorbar:
-            self.colorbar = pg.ColorBarItem(
+            self.colorbar = ColorBar(
                 values=(-1, 1),
                 colorMap=colormap or DIVERGING,
                 interactive=False,
@@ -288,16 +473,9 @@ class HeatmapView(pg.PlotItem):
                 colorMapMenu=False,
             )
             self.colorbar.setImageItem(self.image_item, insert_in=self)
-            bar_axis = self.colorbar.getAxis("right")
-            small = QFont()
-            small.setPointSize(8)
-            bar_axis.setTickFont(small)
-            bar_axis.tickStrings = compact_tick_strings  # "-0.0005" would not fit the bar
-            bar_axis.setWidth(
-                40
-            )  # room for "-0.015" and "-1.5k" at 8 pt (a label that does not fit is left out)
         # until the first matrix: the frame of a 10×10 one (not an axis around nothing)
         self.setRange(xRange=(-0.5, 9.5), yRange=(-0.5, 9.5), padding=0)
+        self.vb.sigResized.connect(lambda *_: self._set_ticks())
 
     @property
     def image(self) -> np.ndarray | None:
@@ -336,31 +514,25 @@ class HeatmapView(pg.PlotItem):
     NAMED_WIDTH = 230
 
     def _set_ticks(self) -> None:
+        """Class ticks on both axes, as many as the matrix's pixels fit without overlapping."""
+        if self._layout is None:
+            return
         rows, cols, classes = self._layout
-        width, height = self.size().width(), self.size().height()
-        named = cols > 1 and width >= self.NAMED_WIDTH
-        # a column label needs about 14 px, a row label 14: fewer labels (every k-th index) on a
-        # small matrix, rather than labels drawn over each other
-        cells = width - 80  # less the left axis and the colour bar
-        columns = max(2, min(5 if cols > NAMED_CLASSES else 10, int(cells // 14)))
-        room = max(2, min(10 if rows > NAMED_CLASSES else 20, int((height - 40) // 14)))
-        # a column name (elided to 4 characters) needs about 7 px a character
-        longest = min(4, max((len(str(c)) for c in classes[:cols]), default=1))
-        names_fit = cols <= columns and cells >= cols * (7 * longest + 6)
+        named = cols > 1 and self.size().width() >= self.NAMED_WIDTH
+        width, height = self.vb.width(), self.vb.height()
+        font = self.tick_font
         ticks = (
-            class_ticks(classes[:rows], n_max=room, width=(7 if named else 4) if rows <= room else 0),
-            class_ticks(classes[:cols], n_max=columns, width=4 if names_fit else 0)
+            class_ticks(classes[:rows], n_max=10 if rows > NAMED_CLASSES else 20,
+                        width=7 if named else 4, vertical=True, font=font,
+                        pixels=height / rows if height > 1 else None),
+            class_ticks(classes[:cols], n_max=5 if cols > NAMED_CLASSES else 10, width=4,
+                        font=font, pixels=width / cols if width > 1 else None)
             if cols > 1 else [(0, "")],
         )  # fmt: skip
         if ticks != self._ticks:
             self._ticks = ticks
             self.getAxis("left").setTicks([ticks[0]])
             self.getAxis("bottom").setTicks([ticks[1]])
-
-    def resizeEvent(self, event) -> None:
-        super().resizeEvent(event)
-        if self._layout is not None:
-            self._set_ticks()
 
 
 def _operator(text: str, size: str = "18pt") -> pg.LabelItem:
@@ -549,8 +721,14 @@ class DecompositionView(pg.GraphicsLayoutWidget):
         return f"residual_{c[i]} = actual − predicted = {dec.residual[i]:.3g}"
 
 
+def bar_pen(color) -> pg.QtGui.QPen:
+    """A bar's outline in its own colour: narrow bars (many classes) keep their colour instead
+    of turning into dark outlines, and stay at least a pixel wide."""
+    return pg.mkPen(color, width=1)
+
+
 class ProbabilityBars(pg.PlotWidget):
-    """π over classes as bars; the true label is outlined, optional ``target`` highlighted."""
+    """π over classes as bars; the true label in green, optional ``target`` in orange."""
 
     def __init__(self, title: str = "π", parent: QWidget | None = None):
         super().__init__(parent)
@@ -560,7 +738,10 @@ class ProbabilityBars(pg.PlotWidget):
         self.setMouseEnabled(False, False)
         self.setMenuEnabled(False)
         self.hideButtons()
-        self.bars = pg.BarGraphItem(x=np.arange(10), height=np.zeros(10), width=0.75)
+        plain_numbers(self)
+        self.bars = pg.BarGraphItem(
+            x=np.arange(10), height=np.zeros(10), width=0.75, pen=bar_pen(PROBABILITY)
+        )
         self.addItem(self.bars)
         self.setMinimumHeight(110)
         self.setMaximumHeight(170)
@@ -569,17 +750,20 @@ class ProbabilityBars(pg.PlotWidget):
 
     def set_classes(self, classes) -> None:
         """Name the bars (the x axis) after ``classes``."""
-        self.getPlotItem().getAxis("bottom").setTicks([class_ticks(classes, n_max=10, width=5)])
         self.setXRange(-0.6, len(classes) - 0.4, padding=0)
+        set_class_axis(self, classes, n_max=10)
 
     def set_probs(self, probs: np.ndarray, label: int | None = None, target: int | None = None):
         """``probs (V,)``; ``label`` the true class, ``target`` y_u."""
         self.probs = np.asarray(probs)
-        brushes = []
-        for i in range(len(probs)):
-            color = "#2ca02c" if i == label else "#ff7f0e" if i == target else "#8aa6c1"
-            brushes.append(pg.mkBrush(color))
-        self.bars.setOpts(x=np.arange(len(probs)), height=self.probs, brushes=brushes)
+        colors = [
+            "#2ca02c" if i == label else "#ff7f0e" if i == target else PROBABILITY
+            for i in range(len(probs))
+        ]
+        self.bars.setOpts(
+            x=np.arange(len(probs)), height=self.probs, brushes=[pg.mkBrush(c) for c in colors],
+            pens=[bar_pen(c) for c in colors],
+        )  # fmt: skip
 
 
 TITLE_PLAIN = (  # no break between a swatch and its name
@@ -609,15 +793,19 @@ class PreviewBars(pg.PlotWidget):
         self.setTitle(TITLE_PLAIN, size="10pt")
         let_wrap(self.getPlotItem().titleLabel)  # a narrow plot wraps its legend
         self.setMenuEnabled(False)
-        self.predicted = pg.BarGraphItem(
-            x=np.arange(10) - 0.2, height=np.zeros(10), width=0.38, brush=PREDICTED
-        )  # fmt: skip
-        self.actual = pg.BarGraphItem(
-            x=np.arange(10) + 0.2, height=np.zeros(10), width=0.38, brush=ACTUAL
-        )  # fmt: skip
-        self.momentum = pg.BarGraphItem(x=[], height=[], width=0.19, brush=MOMENTUM)
-        self.decay = pg.BarGraphItem(x=[], height=[], width=0.19, brush=DECAY)
-        self.statistics = pg.BarGraphItem(x=[], height=[], width=0.19, brush=STATISTICS)
+        plain_numbers(self)
+
+        def bars(color, x=(), width=0.19):
+            x = np.asarray(x, float)
+            return pg.BarGraphItem(
+                x=x, height=np.zeros(len(x)), width=width, brush=color, pen=bar_pen(color)
+            )
+
+        self.predicted = bars(PREDICTED, np.arange(10) - 0.2, 0.38)
+        self.actual = bars(ACTUAL, np.arange(10) + 0.2, 0.38)
+        self.momentum = bars(MOMENTUM)
+        self.decay = bars(DECAY)
+        self.statistics = bars(STATISTICS)
         for item in (self.predicted, self.momentum, self.decay, self.statistics, self.actual):
             self.addItem(item)
         self.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
@@ -657,9 +845,8 @@ class PreviewBars(pg.PlotWidget):
         view = (self.classes, bottom, top) if bottom < top else (self.classes, -1.0, 1.0)
         if view != self._view:
             self._view = view
-            ticks = class_ticks(self.classes[: len(x)], n_max=10, width=5)
-            self.getPlotItem().getAxis("bottom").setTicks([ticks])
             self.setRange(xRange=(-0.6, len(x) - 0.4), yRange=view[1:], padding=0.05)
+            set_class_axis(self, self.classes[: len(x)], n_max=10)
 
 
 class TrajectoryPlot(pg.PlotWidget):
@@ -671,8 +858,7 @@ class TrajectoryPlot(pg.PlotWidget):
         self.setBackground("w")
         self.setMenuEnabled(False)
         self.setLabel("bottom", "applied steps")
-        self.getPlotItem().getAxis("bottom").enableAutoSIPrefix(False)
-        self.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
+        plain_numbers(self)
         self.disableAutoRange()
         self.log_scale = False
         self.classes = tuple(str(i) for i in range(10))
@@ -798,8 +984,7 @@ class TrainingCurves(QWidget):
         self.acc_plot.getAxis("left").setTickSpacing(major=0.5, minor=0.1)  # not 6 crowded labels
         for plot in (self.loss_plot, self.acc_plot):
             plot.disableAutoRange()
-            for name in ("left", "bottom"):
-                plot.getAxis(name).enableAutoSIPrefix(False)
+            plain_numbers(plot)
         self.acc_curve = self.acc_plot.plot(
             pen=pg.mkPen("#2ca02c", width=2), symbol="o", symbolSize=5, symbolBrush="#2ca02c"
         )
@@ -845,7 +1030,12 @@ class TrainingCurves(QWidget):
         if (steps, top) != self._ranges:
             self._ranges = (steps, top)
             self.loss_plot.setRange(xRange=(0, steps), yRange=(0, top), padding=0.02)
-            self.acc_plot.setRange(xRange=(0, steps), yRange=(0, 1), padding=0.02)
+            # room around the first and last step and accuracies 0 and 1: their points (5 px)
+            # are not cut at the plot's edges
+            pad = 0.03 * steps + 0.5
+            self.acc_plot.setRange(
+                xRange=(-pad, steps + pad), yRange=(-0.06, 1.06), padding=0
+            )  # fmt: skip
         self.raw_curve.setData(m.steps, m.losses)
         self.ema_curve.setData(m.steps, m.smoothed)
         if len(m.acc_steps) != self._acc_drawn:  # accuracy arrives every eval_every steps

@@ -30,6 +30,8 @@ from ntkviz.gui.widgets import fit_text, image_pixmap
 
 #: Class names in captions are cut to this many characters (the dock keeps its width).
 NAME_WIDTH = 14
+#: The update kinds' names in the dock's narrow combo box (the full ones are its tooltips).
+SHORT_LOSSES = {"ce": "learn y_u (CE)", "neg": "neg. gradient"}
 
 
 def narrow(box: QComboBox) -> None:
@@ -260,12 +262,13 @@ class ExamplesView(FeatureView):
         self.y_u_box = QComboBox()
         narrow(self.y_u_box)
         self.loss_box = QComboBox()
-        for key, text in LOSSES:
-            self.loss_box.addItem(text, key)
+        for key, text in LOSSES:  # short names that fit the dock; the full ones as tooltips
+            self.loss_box.addItem(SHORT_LOSSES.get(key, text), key)
             self.loss_box.setItemData(self.loss_box.count() - 1, text, Qt.ToolTipRole)
-        # elide the long names rather than widen the dock
+        self.loss_box.setToolTip("; ".join(text for _, text in LOSSES))
+        # as wide as the longest short name: never cut mid-word, never widening the dock
         self.loss_box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.loss_box.setMinimumContentsLength(9)
+        self.loss_box.setMinimumContentsLength(max(len(t) for t in SHORT_LOSSES.values()))
         form = QFormLayout()
         form.addRow("y_u", self.y_u_box)
         form.addRow("update", self.loss_box)

@@ -11,7 +11,15 @@ from ntkviz.app.features.influence import InfluenceRequest
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_ticks, elide, let_wrap, wrap_title
+from ntkviz.gui.plots import (
+    HeatmapView,
+    bar_pen,
+    elide,
+    let_wrap,
+    plain_numbers,
+    set_class_axis,
+    wrap_title,
+)
 from ntkviz.gui.widgets import THUMB_NAME, ThumbnailRow, labelled, spin
 
 QUANTITIES = (
@@ -20,6 +28,7 @@ QUANTITIES = (
     ("delta_probs_actual", "mean Δπ (actual step)"),
 )
 THUMBS = 8
+NORM_BAR, NORM_BAR_Y_U = "#9ecae1", "#fdae6b"  # ‖K‖ bars: y_u's class in orange
 COMPUTE = "Compute to see one update's effect"
 
 
@@ -65,10 +74,14 @@ class InfluenceView(ProbeView):
         self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
         wrap_title(self.norm_plot)
         self.norm_plot.setLabel("bottom", "true class of x<sub>o</sub>")
-
+        plain_numbers(self.norm_plot)
         self.norm_plot.setMenuEnabled(False)
-        self.norm_bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#9ecae1")
-        self.norm_err = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
+        self.norm_bars = pg.BarGraphItem(
+            x=[], height=[], width=0.6, brush=NORM_BAR, pen=bar_pen(NORM_BAR)
+        )  # fmt: skip
+        self.norm_err = pg.ErrorBarItem(
+            x=np.zeros(0), y=np.zeros(0), height=np.zeros(0), pen=pg.mkPen("#555555", width=1)
+        )  # fmt: skip
         self.norm_strip = pg.ScatterPlotItem(size=3, pen=None, brush=pg.mkBrush(30, 30, 30, 70))
         for item in (self.norm_bars, self.norm_err, self.norm_strip):
             self.norm_plot.addItem(item)
@@ -108,8 +121,8 @@ class InfluenceView(ProbeView):
         for k, name in enumerate(info.classes):
             self.rank_box.addItem(name, k)
         self.rank_box.blockSignals(False)
-        self.norm_plot.getAxis("bottom").setTicks([class_ticks(info.classes, width=5)])
         self.norm_plot.setXRange(-0.6, len(info.classes) - 0.4)
+        set_class_axis(self.norm_plot, info.classes)
 
     def session_state(self) -> dict:
         return {"size": self.probe_size}
@@ -207,8 +220,11 @@ class InfluenceView(ProbeView):
         self.norm_means, self.norm_stds = means, stds
         x = np.arange(C)
         y_u = r.request.pair.y_u
-        brushes = [pg.mkBrush("#fdae6b" if k == y_u else "#9ecae1") for k in x]
-        self.norm_bars.setOpts(x=x, height=means, brushes=brushes)
+        colors = [NORM_BAR_Y_U if k == y_u else NORM_BAR for k in x]
+        self.norm_bars.setOpts(
+            x=x, height=means, brushes=[pg.mkBrush(c) for c in colors],
+            pens=[bar_pen(c) for c in colors],
+        )  # fmt: skip
         self.norm_err.setData(x=x, y=means, height=2 * stds, beam=0.25)
         jitter = np.random.default_rng(0).uniform(-0.22, 0.22, len(norms))
         self.norm_strip.setData(labels + jitter, norms)

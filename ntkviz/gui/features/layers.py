@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QPushButton
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import elide_path, wrap_title
+from ntkviz.gui.plots import elide_path, plain_numbers, wrap_title
 from ntkviz.gui.widgets import JobControls, labelled, spin
 
 BAR_TITLE = "‖K<sub>layer</sub>(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>"
@@ -65,6 +65,7 @@ class LayersView(ProbeView):
         self.bar_plot.vb.sigResized.connect(lambda vb: self._set_ticks())
         self.spec_plot = self.graphics.addPlot(0, 1, title="NTK spectrum (Gram matrix eigenvalues)")
         self.spec_plot.setLogMode(x=False, y=True)
+        plain_numbers(self.bar_plot, self.spec_plot)
         for plot in (self.bar_plot, self.spec_plot):
             wrap_title(plot)
         for column, (plot, stretch) in enumerate(((self.bar_plot, 3), (self.spec_plot, 2))):

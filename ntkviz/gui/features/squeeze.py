@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 from ntkviz.app.features.squeeze import SURVEY_SIZE, SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import class_ticks, let_wrap, wrap_title
+from ntkviz.gui.plots import let_wrap, plain_numbers, set_class_axis, wrap_title
 from ntkviz.gui.widgets import labelled, spin
 
 RUN = "Run to compare"
@@ -54,6 +54,7 @@ class SqueezeView(ProbeView):
                 f"<span style='color:{color}'>━</span> after S steps"
             ))  # fmt: skip
             wrap_title(p)
+            plain_numbers(p)  # π reads 0.8, not 800 with "(x0.001)" by the axis
             p.setLabel("bottom", "class")
             p.setMenuEnabled(False)
             before = p.plot(stepMode="center", pen=pg.mkPen("#7f7f7f", width=2), fillLevel=None)
@@ -70,7 +71,7 @@ class SqueezeView(ProbeView):
         self.sweep_plot.setLogMode(x=True, y=False)
         self.sweep_plot.setLabel("bottom", "η")
         self.sweep_plot.setLabel("left", "π gain of the top other class")
-        self.sweep_plot.getAxis("bottom").enableAutoSIPrefix(False)
+        plain_numbers(self.sweep_plot)
         self.sweep_curve = self.sweep_plot.plot(
             pen=pg.mkPen("#9467bd", width=2), symbol="o", symbolSize=7, symbolBrush="#9467bd"
         )
@@ -80,8 +81,7 @@ class SqueezeView(ProbeView):
             (("peak", "max π before (how peaked π is)"), ("p_label", "π(ȳ) before"))
         ):
             p = survey_row.addPlot(0, col, title=self._survey_title(key, SURVEY_SIZE))
-            for axis in ("left", "bottom"):
-                p.getAxis(axis).enableAutoSIPrefix(False)
+            plain_numbers(p)
             wrap_title(p)
             p.setLabel("bottom", xlabel)
             p.setLabel("left", "π gain of the top other class")
@@ -112,7 +112,7 @@ class SqueezeView(ProbeView):
         for key, p in self.survey_plots.items():
             p.setTitle(self._survey_title(key, n))
         for p in self.run_plots.values():
-            p.getAxis("bottom").setTicks([class_ticks(info.classes, width=5)])
+            set_class_axis(p, info.classes)
 
     def plots(self):
         return {"Squeezing": lambda: self.graphics.ci}
@@ -203,6 +203,10 @@ class SqueezeView(ProbeView):
                 f"<span style='color:#b05000'>π(ȳ) = 1 − {1 - r.neg.probs[0, r.y]:.1e}: in float32 "
                 "it is 1.0 and these moves are below its resolution, so this lab computes in "
                 "float64. A less confident x (e.g. Most confidently wrong) shows larger ones.</span>"
+            )
+        if r.left_out:  # sweep points or survey images whose step diverged
+            lines.append(
+                f"<span style='color:#b05000'>{r.left_out[0].upper()}{r.left_out[1:]}.</span>"
             )
         self.checks.setText("<br>".join(lines))
         self.sweep_curve.setData(r.sweep_lrs, r.sweep_mass)

@@ -25,19 +25,35 @@ from ntkviz.app.features.watch import (
 from ntkviz.app.state import Example
 from ntkviz.gui.features.base import VIEW_DATA_FORMATS, ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import HeatmapView, class_color, elide, let_wrap
+from ntkviz.gui.plots import (
+    HeatmapView,
+    class_color,
+    elide,
+    let_shrink,
+    let_wrap,
+    plain_numbers,
+)
 from ntkviz.gui.widgets import THUMB_NAME, ThumbnailRow, fit_text, labelled
 
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
+#: The terms that are no class's: black lines told apart by their dashes (dash and gap lengths
+#: in pen widths), so that no class's colour (Tableau 10, then spread hues) reads as one of them.
 OTHER_TERMS = (
-    ("momentum", "momentum", "#7f7f7f", Qt.DashLine),
-    ("weight_decay", "weight decay", "#8c564b", Qt.DashLine),
-    ("statistics", "running statistics (exact)", "#17becf", Qt.DashDotDotLine),  # where nonzero
-    ("residual", "residual (2nd order)", "#000000", Qt.DotLine),
+    ("momentum", "momentum", [3, 2]),  # short dashes
+    ("weight_decay", "weight decay", [7, 2, 1.5, 2]),  # dash-dot
+    ("statistics", "running statistics (exact)", [7, 3]),  # long dashes; where nonzero
+    ("residual", "residual (2nd order)", [1, 1.6]),  # dots
 )
+TERM_COLOR = "#000000"
+#: The summed classes not drawn apart: a broad light grey band, no class's colour.
+OTHER_CLASSES = pg.mkPen("#c4c4c4", width=4)
 
 
 BATCH_TITLE = "the step's batch, largest contributions first"
+FACTOR_HINT = (
+    "Click a step on the timeline:<br>A, K<sub>P</sub> and G of its largest contributor appear "
+    "here,<br>its batch below"
+)
 NOT_WATCHING = (
     'Check "watch runs", then start or continue a run: every step it takes is accounted '
     "for on the watched examples"
@@ -89,8 +105,7 @@ class WatchView(ProbeView):
         self.legend = pg.LegendItem(labelTextSize="8pt")  # beside the plot: it covers nothing
         g.addItem(self.legend, 1, 3)
         self.timeline.setMenuEnabled(False)
-        for axis in ("bottom", "left"):  # "(x0.001)" would lengthen the title into the caption
-            self.timeline.getAxis(axis).enableAutoSIPrefix(False)
+        plain_numbers(self.timeline)  # "(x0.001)" would lengthen the title into the caption
         self.marker = pg.InfiniteLine(angle=90, pen=pg.mkPen("#d62728", width=1))
         self.marker.setVisible(False)  # until a step is clicked
         self.timeline.addItem(self.marker)
@@ -110,6 +125,20 @@ class WatchView(ProbeView):
             row.addItem(view, 0, col)
         for col, stretch in enumerate((3, 3, 1, 1)):
             row.layout.setColumnStretchFactor(col, stretch)
+        # until a step is chosen: a line saying so in the factors' place (not empty axes), as
+        # tall as they are: the timeline keeps its height when they appear. (In the row's own
+        # layout: a row of the figure's that has a stretch factor keeps its room when hidden.)
+        self.factor_hint = let_shrink(pg.LabelItem(FACTOR_HINT, size="10pt", color="#555"))
+        option = self.factor_hint.item.document().defaultTextOption()
+        option.setAlignment(Qt.AlignmentFlag.AlignHCenter)  # each line centred
+        self.factor_hint.item.document().setDefaultTextOption(option)
+        self.factor_hint.item.setTextWidth(self.factor_hint.item.document().idealWidth())
+        self.factor_hint.setPreferredHeight(
+            row.effectiveSizeHint(Qt.SizeHint.PreferredSize).height()
+        )
+        row.addItem(self.factor_hint, 1, 0, 1, 4)
+        self.factor_row = row
+        self._show_factors(False)
         g.ci.layout.setRowStretchFactor(1, 3)
         g.ci.layout.setRowStretchFactor(2, 2)
         self.batch = ThumbnailRow(BATCH_TITLE, 12)
@@ -217,6 +246,7 @@ class WatchView(ProbeView):
         self.batch.title.setText(BATCH_TITLE)
         for view in self.factors.values():
             view.clear_matrix()
+        self._show_factors(False)
         self.redraw()
 
     def _steps(self, event) -> None:
@@ -275,16 +305,20 @@ class WatchView(ProbeView):
         ]
         rest = np.setdiff1d(np.arange(len(c)), shown)
         if len(rest):
-            pen = pg.mkPen("#bcbd22", width=1.5, style=Qt.DashDotLine)
-            series.append(("training examples of the other classes", by_class[:, rest].sum(1), pen))
+            series.insert(0, (
+                "training examples of the other classes", by_class[:, rest].sum(1), OTHER_CLASSES
+            ))  # fmt: skip
         mixed = self.state.model is not None and self.state.model.mode_dependent
-        for key, label, color, style in OTHER_TERMS:
+        for key, label, dashes in OTHER_TERMS:
             if key == "statistics" and not np.any(t[key][:, w]):
                 continue  # no batch norm
             if key == "residual" and mixed:  # dropout or batch norm: gradients differ by mode
                 label = "residual (train/eval difference + 2nd order)"
-            series.append((label, np.cumsum(t[key][:, w]), pg.mkPen(color, width=1.5, style=style)))
-        series.append(("actual change", np.cumsum(t["actual"][:, w]), pg.mkPen("#000000", width=3)))
+            pen = pg.mkPen(TERM_COLOR, width=1.5, dash=dashes)
+            series.append((label, np.cumsum(t[key][:, w]), pen))
+        series.append(
+            ("actual change", np.cumsum(t["actual"][:, w]), pg.mkPen(TERM_COLOR, width=3))
+        )
         self._set_curves(steps, series)
         e = self.run_examples[w]
         self.caption.setText(
@@ -332,6 +366,16 @@ class WatchView(ProbeView):
             self._show_detail()
             self.ctx.shown("watch_detail", event.payload)
 
+    def _show_factors(self, on: bool) -> None:
+        """The factor heatmaps, or (``on`` false) the line saying to click a step."""
+        if self.factor_hint.isVisible() != on and self.factors["A"].isVisible() == on:
+            return  # shown as asked
+        for view in self.factors.values():
+            view.setVisible(on)
+        self.factor_hint.setVisible(not on)
+        self.factor_row.layout.invalidate()  # its cached sizes still count the hidden items
+        self.graphics.ci.layout.invalidate()
+
     def _show_detail(self) -> None:
         d, w, data = self.detail, self.w, self.state.dataset
         c, images = data.classes, data.images["train"]
@@ -347,7 +391,7 @@ class WatchView(ProbeView):
         top = int(d.top_index[w])
         self.batch.title.setText(
             f"step {d.step} ({d.optimizer}, η = {d.lr:.3g}): its batch of {len(d.batch_indices)}, "
-            f"largest contributions first; the largest, train[{int(d.batch_indices[top])}], below"
+            f"largest contributions first; above: A, K_P, G of train[{int(d.batch_indices[top])}]"
         )
         p = d.probs_before[w]
         A = np.eye(len(p)) - p[None, :]
@@ -362,6 +406,7 @@ class WatchView(ProbeView):
             "K<sub>P</sub>(x<sub>o</sub>, x<sub>top</sub>)" if d.has_kernel[w] else
             "K<sub>P</sub>: focused x<sub>o</sub> only", size="10pt",
         )  # fmt: skip
+        self._show_factors(True)
 
     def _describe(self, key: str, i: int, j: int) -> str:
         d = self.detail
