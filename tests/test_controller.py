@@ -165,7 +165,8 @@ def test_changing_the_model_cancels_jobs_and_undo_restores_it_bit_exactly(app):
     history = app.controller.current("history")
     assert len(history.probs_o) == 2 and history.lrs == (app.state.lr,)
     app.controller.submit("influence", InfluenceRequest(app.controller.pair(), size=50))
-    app.drain()  # a job on the stepped model, then undo
+    app.drain()  # a job on the stepped model says so, then undo
+    assert seen[-1].kind == "result" and seen[-1].payload.applied_steps == 1
     app.controller.undo_step()
     app.drain()
     assert all(torch.equal(before[k], v) for k, v in app.state_dict().items())

@@ -201,3 +201,13 @@ def test_window_plots_read_plain_numbers_and_the_watch_waits_for_a_step(qtbot, t
     window.show_view(watch)
     assert watch.factor_hint.isVisible()
     assert not any(v.isVisible() for v in watch.factors.values())
+
+
+def test_probe_captions_say_when_steps_were_applied_by_hand():
+    from types import SimpleNamespace
+
+    from ntkviz.gui.plots import model_step
+
+    assert model_step(SimpleNamespace(step=47)) == "step 47"
+    assert model_step(SimpleNamespace(step=47, applied_steps=0)) == "step 47"
+    assert model_step(SimpleNamespace(step=47, applied_steps=3)) == "step 47 + 3 applied"

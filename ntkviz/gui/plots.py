@@ -34,6 +34,13 @@ def class_color(k: int) -> str:
     return pg.intColor(k, hues=23, values=2, minValue=150).name()
 
 
+def model_step(result) -> str:
+    """Which model a probe result is of: "step 47", or "step 47 + 3 applied" after step-through
+    steps applied by hand on top of training step 47."""
+    applied = getattr(result, "applied_steps", 0)
+    return f"step {result.step}" + (f" + {applied} applied" if applied else "")
+
+
 def elide(name: str, width: int) -> str:
     """``name`` cut to ``width`` characters, with "…" when it was longer."""
     return name if len(name) <= width else name[: max(1, width - 1)] + "…"

@@ -34,6 +34,7 @@ class InfluenceResult:
     norm_labels: np.ndarray | None
     kernel_norm: np.ndarray | None
     step: int
+    applied_steps: int = 0  #: step-through steps applied on top of ``step``
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,5 @@ class InfluenceRequest:
             norm_labels=None if nidx is None else readonly(s.y[nidx].numpy()),
             kernel_norm=found["norm"].kernel_norm if nidx is not None else None,
             step=engine.step,
+            applied_steps=len(engine.applied_lrs),
         )

@@ -23,6 +23,7 @@ class LayerResult:
     blocks: dict
     total_norm: float
     step: int
+    applied_steps: int = 0  #: step-through steps applied on top of ``step``
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class LayersRequest:
         names = tuple(blocks)
         norms = np.array([np.linalg.norm(blocks[n]) for n in names])
         total = float(np.linalg.norm(sum(blocks.values())))
-        return LayerResult(r, names, readonly(norms), blocks, total, engine.step)
+        return LayerResult(
+            r, names, readonly(norms), blocks, total, engine.step, len(engine.applied_lrs)
+        )
 
 
 @dataclass(frozen=True, eq=False)

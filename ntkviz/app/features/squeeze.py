@@ -34,6 +34,7 @@ class SqueezeResult:
     p_label_float32: float  #: π(ȳ) of x by the model as it is (float32): 1.0 when saturated
     request: SqueezeRequest | None = None  #: what was asked (x, ȳ, η, steps): for exports
     left_out: str = ""  #: what diverged and was left out of the sweep and the survey, if any
+    applied_steps: int = 0  #: step-through steps applied on top of ``step``
 
     @property
     def saturated(self) -> bool:
@@ -118,5 +119,5 @@ class SqueezeRequest:
         note = f"{' and '.join(left_out)}: the step diverges, left out" if left_out else ""
         return SqueezeResult(
             self.x, self.y, neg, ce, readonly(np.array(kept)), readonly(np.array(mass)),
-            engine.step, readonly(kept_idx), survey, p32, self, note,
+            engine.step, readonly(kept_idx), survey, p32, self, note, len(engine.applied_lrs),
         )  # fmt: skip

@@ -16,6 +16,7 @@ from ntkviz.gui.plots import (
     bar_pen,
     elide,
     let_wrap,
+    model_step,
     plain_numbers,
     set_class_axis,
     wrap_title,
@@ -71,7 +72,7 @@ class InfluenceView(ProbeView):
             "output class",
         )  # fmt: skip
         g.addItem(self.heatmap, 1, 0)
-        self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F")
+        self.norm_plot = g.addPlot(1, 1, title="‖K(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>")
         wrap_title(self.norm_plot)
         self.norm_plot.setLabel("bottom", "true class of x<sub>o</sub>")
         plain_numbers(self.norm_plot)
@@ -179,7 +180,7 @@ class InfluenceView(ProbeView):
         kind = "learn" if q.loss == "ce" else "negative gradient on"
         self.caption.setText(
             f"update: x<sub>u</sub> = {q.x_u}, {kind} y<sub>u</sub> = {c[q.y_u]}, η = "
-            f"{q.lr:.3g}  ·  {len(r.indices)} test examples  ·  step {r.step}",
+            f"{q.lr:.3g}  ·  {len(r.indices)} test examples  ·  {model_step(r)}",
             size="11pt",
         )
         col = self.rank_class()
@@ -210,7 +211,9 @@ class InfluenceView(ProbeView):
             self.norm_bars.setOpts(x=[], height=[])
             self.norm_err.setData(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
             self.norm_strip.setData([], [])
-            self.norm_plot.setTitle("‖K(x<sub>o</sub>, x<sub>u</sub>)‖_F" + (": off" if r else ""))
+            self.norm_plot.setTitle(
+                "‖K(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>" + (": off" if r else "")
+            )
             return
         C = len(self.classes)
         labels, norms = r.norm_labels, r.kernel_norm

@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QPushButton
 from ntkviz.app.features.layers import LayersRequest, SpectrumRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import elide_path, plain_numbers, wrap_title
+from ntkviz.gui.plots import elide_path, model_step, plain_numbers, wrap_title
 from ntkviz.gui.widgets import JobControls, labelled, spin
 
 BAR_TITLE = "‖K<sub>layer</sub>(x<sub>o</sub>, x<sub>u</sub>)‖<sub>F</sub>"
@@ -112,7 +112,7 @@ class LayersView(ProbeView):
         r = result.request
         self.bar_plot.setTitle(
             f"‖K<sub>layer</sub>‖<sub>F</sub>: x<sub>o</sub> = {r.x_o}, "
-            f"x<sub>u</sub> = {r.x_u}, step {result.step}"
+            f"x<sub>u</sub> = {r.x_u}, {model_step(result)}"
         )
         top = max(result.total_norm, float(result.norms.max())) * 1.05
         self.bar_plot.setRange(xRange=(0, top), yRange=(-0.6, n - 0.4), padding=0)

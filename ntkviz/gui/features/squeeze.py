@@ -10,7 +10,7 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 from ntkviz.app.features.squeeze import SURVEY_SIZE, SqueezeRequest
 from ntkviz.gui.features.base import ProbeView
 from ntkviz.gui.graphics import pg
-from ntkviz.gui.plots import let_wrap, plain_numbers, set_class_axis, wrap_title
+from ntkviz.gui.plots import let_wrap, model_step, plain_numbers, set_class_axis, wrap_title
 from ntkviz.gui.widgets import labelled, spin
 
 RUN = "Run to compare"
@@ -214,7 +214,7 @@ class SqueezeView(ProbeView):
             points.setData(getattr(r.survey, key), r.survey.gained)
         self.caption.setText(
             f"x = {r.x}, ȳ = {c[r.y]}, S = {len(r.neg.probs) - 1} steps of "
-            f"η = {r.neg.lr:.3g}  ·  training step {r.step}",
+            f"η = {r.neg.lr:.3g}  ·  training {model_step(r)}",
             size="11pt",
         )
 
