@@ -115,6 +115,8 @@ def refused_objects(path: Path, e: Exception) -> bool:
     (random bytes fail the same way): torch.save writes a zip archive or a pickle (protocol ≥ 2)."""
     if "weights only" not in str(e).lower() and "weights_only" not in str(e):
         return False
+    if "unsupported operand" in str(e).lower():  # not a pickle's opcode: damaged, or no pickle
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(2)
