@@ -225,7 +225,7 @@ def check_model(
         )
     x = _as_batch(model, example_batch, "example_batch")
     shape = tuple(x.shape)
-    data = f"a batch of shape {shape} (examples {shape[1:]})"
+    data = f"a batch of shape {shape}, examples of shape {shape[1:]}"
     with eval_mode(model), torch.no_grad():
         try:
             z = model(x)
@@ -242,7 +242,7 @@ def check_model(
     if num_classes is not None and z.shape[1] != num_classes:
         raise ModelError(
             f"model {label} returns {z.shape[1]} logits per example but the data has "
-            f"{num_classes} classes ({data})"
+            f"{num_classes} classes (on {data})"
         )
     if z.shape[1] < 2:
         raise ModelError(f"model {label} returns {z.shape[1]} logit per example; need ≥ 2 classes")

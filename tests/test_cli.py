@@ -384,7 +384,7 @@ def test_registry_models_are_built_for_the_datas_shape(image_folder, tmp_path, c
          "files not found in EMPTY/EMNIST/raw: emnist-letters-train-images-idx3-ubyte"),
         (["train", "--dataset", "ODD"], 1, "all images must have one size"),
         (["decompose", "--model", f"{USER_MODELS}:int_logits", "--xu", "0", "--xo", "1"], 1,
-         "returns torch.int64 logits on a batch of shape (2, 1, 28, 28) (examples (1, 28, 28)); "
+         "returns torch.int64 logits on a batch of shape (2, 1, 28, 28), examples of shape (1, 28, 28); "
          "logits must be floating point"),
         (["decompose", "--model", f"{USER_MODELS}:detached", "--xu", "0", "--xo", "1"], 1,
          "returns logits that do not depend on its trainable parameters"),

@@ -181,9 +181,12 @@ def _checked(kind: str) -> tuple[nn.Module, tuple, int]:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("wrong channels", "fails on a batch of shape (2, 3, 32, 32) (examples (3, 32, 32)): "),
+        (
+            "wrong channels",
+            "fails on a batch of shape (2, 3, 32, 32), examples of shape (3, 32, 32): ",
+        ),
         ("wrong classes", "returns 5 logits per example but the data has 10 classes"),
-        ("not (N, V)", "returns shape (2, 10, 1) on a batch of shape (2, 1, 28, 28) (examples"),
+        ("not (N, V)", "returns shape (2, 10, 1) on a batch of shape (2, 1, 28, 28), examples"),
         ("tuple", "returns a tuple on a batch of shape (2, 1, 28, 28)"),
         (
             "non-finite",
