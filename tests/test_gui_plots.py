@@ -211,3 +211,14 @@ def test_probe_captions_say_when_steps_were_applied_by_hand():
     assert model_step(SimpleNamespace(step=47)) == "step 47"
     assert model_step(SimpleNamespace(step=47, applied_steps=0)) == "step 47"
     assert model_step(SimpleNamespace(step=47, applied_steps=3)) == "step 47 + 3 applied"
+
+
+def test_an_empty_heatmap_takes_the_frame_of_the_data_it_will_show(qtbot):
+    """Before any map of 100-class data, the axes are those of a 100×100 matrix, not the 10×10
+    frame a heatmap starts with."""
+    _, view = heatmap(qtbot, size=(400, 400))
+    view.clear_matrix([f"c{k}" for k in range(100)])
+    assert view.image is None
+    assert view.viewRange()[0] == pytest.approx([-0.5, 99.5])
+    labels = [int(text) for _, text in view.getAxis("bottom")._tickLevels[0]]
+    assert labels[0] == 0 and 50 <= labels[-1] <= 99

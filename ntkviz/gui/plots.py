@@ -488,9 +488,12 @@ class HeatmapView(pg.PlotItem):
     def image(self) -> np.ndarray | None:
         return self.image_item.image
 
-    def clear_matrix(self) -> None:
-        """Show no matrix (the frame and ticks stay)."""
+    def clear_matrix(self, classes: Sequence[str] | None = None) -> None:
+        """Show no matrix: the frame and ticks stay, or become those of a square matrix of
+        ``classes`` when given (a map of other data)."""
         self.image_item.clear()
+        if classes is not None:
+            self._set_layout(len(classes), len(classes), classes)
 
     def set_matrix(
         self,
@@ -508,6 +511,9 @@ class HeatmapView(pg.PlotItem):
         self.image_item.setImage(matrix, autoLevels=False, levels=levels)
         if self.colorbar is not None:
             self.colorbar.setLevels(levels)
+        self._set_layout(rows, cols, classes)
+
+    def _set_layout(self, rows: int, cols: int, classes: Sequence[str]) -> None:
         layout = (rows, cols, tuple(classes))
         if layout != self._layout:  # axes keep their cached drawing unless the layout changes
             self._layout = layout

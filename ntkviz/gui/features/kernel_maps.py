@@ -213,7 +213,7 @@ class KernelMapView(ProbeView):
                 if off
                 else ""
             )
-            self.heatmap.clear_matrix()
+            self.heatmap.clear_matrix(self.classes)
             return
         k = self.current
         top = nice_ceiling(float(m.maps.max()))  # one colour scale for every map, round top
