@@ -66,6 +66,7 @@ from ntkviz.kernel import (
     _input_cotangent,
     _kind,
     _plain_pool,
+    _rows_of,
     _through_torch_func,
     _Unsupported,
     _upsampled,
@@ -634,7 +635,7 @@ class _Materialised:
         with _through_torch_func():
             jac = vmap(jacrev(f), (None, 0))(named, x)
         params = dict(model.named_parameters())
-        return cls({params[n]: j.reshape(*j.shape[:2], -1) for n, j in jac.items()})
+        return cls({params[n]: _rows_of(j) for n, j in jac.items()})
 
     @classmethod
     def gradients(cls, model: nn.Module, x: Tensor, cotangents: Tensor) -> _Materialised:

@@ -1086,8 +1086,8 @@ def iter_kernel_norms(
     :data:`MEMORY_BUDGET`) are contracted against the examples from their own on, each block
     reduced to its norm at once. Other models take the generic path, row by row in tiles of
     about :data:`TILE_SECONDS` (``chunk_size`` does not apply). Progress counts swept examples
-    plus kernel blocks computed; the first ``(0, total)`` comes before any work. The model is put in eval mode
-    only while a step runs, never between steps."""
+    plus kernel blocks computed; the first ``(0, total)`` comes before any work. The model is put
+    in eval mode only while a step runs, never between steps."""
     x = _as_batch(model, x, "x")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size")

@@ -110,8 +110,7 @@ class KernelMapView(ProbeView):
         """Seconds one map of the current probe set is estimated to take (0 if not measured)."""
         if self._cost is None or not math.isfinite(self._cost[1]):
             return 0.0
-        dataset = self.state.dataset
-        n = self.per_class_box.value() * len(dataset.classes if dataset else self.classes)
+        n = self.per_class_box.value() * len(self.classes)
         return map_seconds(self._cost[0], self._cost[1], n)
 
     def _on_dataset(self, info) -> None:
