@@ -690,6 +690,8 @@ def test_a_run_that_ends_far_worse_than_it_started_is_reported(qtbot, settings, 
     assert training.eta.text() == "finished: 20 steps, far worse than it started"
     title, message = window.last_error
     assert title == "The run went wrong" and "the loss rose from 2.3 to 2e+04" in message
+    training._on_run_state("training")  # the next run starts: its judgement is not this one's
+    assert training.eta.toolTip() == ""
 
 
 def test_plots_of_views_that_computed_nothing_are_not_exported(qtbot, settings, mnist, tmp_path):

@@ -243,6 +243,7 @@ class TrainingView(FeatureView):
         if state in ("finished", "stopped", "paused"):
             self.run_progress.reset()
         step, total = self.run_progress.step, self.run_progress.total
+        self.eta.setToolTip("")  # a judgement of an earlier run no longer applies
         if state == "finished":
             self.eta.setText(f"finished: {step} steps")
             self._judge_run()
