@@ -14,6 +14,7 @@ pytest.importorskip("PySide6")
 
 from gui_helpers import open_window, settings_in
 from PySide6.QtGui import QFontMetricsF, QImage, QPainter
+from PySide6.QtWidgets import QApplication
 
 from ntkviz.gui.features import watch as watch_module
 from ntkviz.gui.graphics import pg
@@ -37,6 +38,12 @@ def drawn_labels(axis: pg.AxisItem) -> list[str]:
     finally:
         painter.end()
     return [text for _, _, text in specs[2]] if specs else []
+
+
+def settle() -> None:
+    """Handle the posted layout requests, so that the axes have their final sizes."""
+    QApplication.sendPostedEvents()
+    QApplication.processEvents()
 
 
 def heatmap(qtbot, size=(260, 180), **kwargs) -> tuple[pg.GraphicsLayoutWidget, HeatmapView]:
@@ -63,7 +70,7 @@ def test_a_signed_colour_bar_draws_a_negative_a_zero_and_a_positive_label(qtbot,
     matrix = rng.uniform(-1, 1, (10, 1)) * scale
     matrix[0, 0] = scale
     view.set_matrix(matrix, [str(k) for k in range(10)])
-    qtbot.wait(20)
+    settle()
     low, high = view.colorbar.levels()
     drawn = drawn_labels(view.colorbar.axis)
     values = [number(t) for t in drawn]
@@ -78,7 +85,7 @@ def test_a_signed_colour_bar_draws_a_negative_a_zero_and_a_positive_label(qtbot,
 def test_a_sequential_colour_bar_labels_its_ends(qtbot):
     _, view = heatmap(qtbot)
     view.set_matrix(np.full((10, 10), 0.3), [str(k) for k in range(10)], levels=(0.0, 0.8))
-    qtbot.wait(20)
+    settle()
     drawn = drawn_labels(view.colorbar.axis)
     assert number(drawn[0]) == 0.0 and number(drawn[-1]) == pytest.approx(0.8)
 
@@ -118,7 +125,7 @@ def test_a_100_class_heatmap_labels_no_ticks_over_each_other(qtbot, size):
     # at 1280×800 A and K showed "0255075" under a 56 px wide matrix
     _, view = heatmap(qtbot, size)
     view.set_matrix(np.zeros((100, 100)), CIFAR100)
-    qtbot.wait(20)
+    settle()
     width, height = view.vb.width(), view.vb.height()
     assert width > 20 and height > 20
     metrics = QFontMetricsF(view.tick_font)
@@ -132,7 +139,7 @@ def test_a_100_class_heatmap_labels_no_ticks_over_each_other(qtbot, size):
 def test_the_class_ticks_follow_a_resize(qtbot):
     widget, view = heatmap(qtbot, (180, 160))
     view.set_matrix(np.zeros((100, 100)), CIFAR100)
-    qtbot.wait(20)
+    settle()
     narrow = len(view.getAxis("bottom")._tickLevels[0])
     widget.resize(700, 500)
     qtbot.waitUntil(lambda: len(view.getAxis("bottom")._tickLevels[0]) > narrow)
