@@ -712,3 +712,34 @@ def test_the_squeeze_lab_leaves_out_what_diverges_and_says_so(app, monkeypatch):
     assert partial.left_out == (
         "the sweep's η = 1 and 2 of the 150 survey images: the step diverges, left out"
     )
+
+
+def test_a_result_finished_before_the_engine_saw_the_cancel_is_dropped(app):
+    # the engine handles a cancel between slices: a job that ended in the slice running when
+    # Cancel was pressed sent its result first, and that result was shown
+    seen = app.listen("layers")
+    request = requests(app)["layers"]
+    app.controller.submit("layers", request)
+    app.drain()  # the job ran to its result
+    result = [e for e in seen if e.kind == "result"]
+    assert len(result) == 1
+    seen.clear()
+    app.controller.results.pop("layers")
+    generation = app.controller.generation["layers"]
+    app.controller.cancel("layers")  # pressed while a result was on its way
+    app.controller.handle(JobEvent("layers", generation, "result", result[0].payload))
+    assert seen == [] and app.controller.current("layers") is None
+    app.drain()  # the engine answers the cancel though nothing ran any more
+    assert [(e.kind, e.payload) for e in seen] == [("cancelled", "nothing was running")]
+    # results after the engine's answer count again, periodic ones of the same generation too
+    app.controller.submit("layers", request, supersede=False)
+    app.drain()
+    assert seen[-1].kind == "result" and app.controller.current("layers") is seen[-1].payload
+
+
+def test_a_new_request_after_a_cancel_is_not_held_back_by_it(app):
+    seen = app.listen("layers")
+    app.controller.cancel("layers")
+    app.controller.submit("layers", requests(app)["layers"])  # before the engine's answer
+    app.drain()
+    assert [e.kind for e in seen] == ["result"]  # the answer (older generation) was dropped

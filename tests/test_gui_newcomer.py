@@ -187,6 +187,25 @@ def test_closing_with_unsaved_work_asks_save_discard_or_cancel(qtbot, window, mn
     assert "moved by 1 applied step(s)" in seen[0] and not third.isVisible()
 
 
+def test_a_save_on_closing_that_fails_keeps_the_window_and_later_saves_do_not_close_it(
+    qtbot, window, tmp_path, monkeypatch
+):
+    train_batches(qtbot, window, 1)
+    window.show_message_boxes = True
+    monkeypatch.setattr(QMessageBox, "exec", lambda self: QMessageBox.Save)
+    monkeypatch.setattr(QMessageBox, "open", lambda self: None)  # the error box
+    window.files.ask_path = lambda *args, **kwargs: str(tmp_path / "no such folder" / "s.ntks")
+    errors = []
+    window.error_shown.connect(lambda title, message: errors.append(title))
+    window.close()
+    qtbot.waitUntil(lambda: bool(errors), timeout=TIMEOUT)
+    assert window.isVisible() and window.engine is not None
+    # an ordinary File ▸ Save session later does not close the window
+    path = tmp_path / "kept.ntks"
+    wait_event(qtbot, window, "session_saved", lambda: window.controller.save_session(str(path)))
+    assert path.exists() and window.isVisible() and window.engine is not None
+
+
 EXIT_PROBE = r"""
 import os, sys, time
 os.environ["QT_QPA_PLATFORM"] = "offscreen"

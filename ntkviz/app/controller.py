@@ -46,6 +46,7 @@ class AppController:
         self.report = report or (lambda title, message: log.warning("%s: %s", title, message))
         self.clock = clock
         self.generation: dict[str, int] = defaultdict(int)
+        self._cancelling: set[str] = set()  # features whose cancel the engine has not answered
         self.results: dict[str, object] = {}  #: the newest accepted result of each feature
         self.records_received = 0  #: records of the current run
         self.trained_steps = 0  #: optimizer steps of the model's training run
@@ -81,6 +82,10 @@ class AppController:
         if isinstance(event, JobEvent):
             if event.generation != self.generation[event.feature]:
                 return  # an answer to a request that has been superseded
+            if event.feature in self._cancelling:
+                if event.kind != "cancelled":
+                    return  # sent before the engine saw the cancel
+                self._cancelling.discard(event.feature)
             if event.kind == "result":
                 self.results[event.feature] = event.payload
             elif event.kind == "error":
@@ -95,17 +100,25 @@ class AppController:
         """Run ``request`` as ``feature``'s job; its results are accepted until the next request
         that ``supersede`` s it (a request that does not keeps the current generation)."""
         if supersede:
-            self.generation[feature] += 1
+            self._supersede(feature)
         self.send("submit", feature, self.generation[feature], request)
         return self.generation[feature]
 
+    def _supersede(self, feature: str) -> None:
+        """A new generation of ``feature``'s requests: everything older is dropped."""
+        self.generation[feature] += 1
+        self._cancelling.discard(feature)  # its answer is of the older generation
+
     def cancel(self, feature: str) -> None:
-        self.send("cancel", feature)
+        """Cancel ``feature``'s job: whatever it sends until the engine answers the cancel (a
+        result finished before the engine saw it) is dropped."""
+        self._cancelling.add(feature)
+        self.send("cancel", feature, self.generation[feature])
 
     def set_periodic(self, feature: str, request, every: int, *, supersede: bool = False) -> None:
         """While training, run ``request`` at once and every ``every`` steps (None: stop)."""
         if supersede:
-            self.generation[feature] += 1
+            self._supersede(feature)
         self.send("set_periodic", feature, self.generation[feature], request, every)
 
     def current(self, feature: str):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ntkviz.accounting import _depends_on_mode, optimizer_snapshot
-from ntkviz.app.jobs import JobRunner, describe_error
+from ntkviz.app.jobs import JobEvent, JobRunner, describe_error
 from ntkviz.app.messages import (
     Command,
     DatasetInfo,
@@ -567,8 +567,11 @@ class Engine:
         """Run ``request.run(self)`` as ``feature``'s job (replacing its running one)."""
         self.runner.start(feature, generation, request.run(self), getattr(request, "priority", 10))
 
-    def cancel(self, feature: str) -> None:
-        self.runner.cancel(feature)
+    def cancel(self, feature: str, generation: int) -> None:
+        """Cancel ``feature``'s job; a "cancelled" event answers even when none was running (its
+        result may be on its way), so that the controller knows what came before the cancel."""
+        if not self.runner.cancel(feature):
+            self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
 
     def set_periodic(self, feature: str, generation: int, request, every: int) -> None:
         """While training, run ``request`` as ``feature``'s job at the current step and then

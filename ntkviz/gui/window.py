@@ -66,6 +66,7 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.show_message_boxes = True
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
+        self._close_after_save = False  # the session asked for on closing is being written
         self.engine = None  # the EngineThread, once started
         self.thread: QThread | None = None
         self.state = AppState()
@@ -108,6 +109,8 @@ class MainWindow(QMainWindow):
         self.controller.on("records", self._on_records)
         self.controller.on("kernel_path", self._on_kernel_path)
         self.controller.on("message", lambda event: self._status(event.payload, 5000))
+        self.controller.on("session_saved", self._saved_before_closing)
+        self.controller.on("error", self._saved_before_closing)
         self._enable_model_actions(False)
 
     def _build_views(self) -> None:
@@ -290,9 +293,17 @@ class MainWindow(QMainWindow):
         if answer == QMessageBox.Save:
             path = self.files.ask_path("Save session", "ntkviz session (*.ntks)")
             if path:  # close once the engine has written it (an error keeps the window open)
-                self.controller.on("session_saved", lambda event: self.close())
+                self._close_after_save = True
                 self.controller.save_session(path)
         return False
+
+    def _saved_before_closing(self, event) -> None:
+        """Close once the session asked for on closing is written; an error (it could not be
+        written) keeps the window open, and later saves do not close it."""
+        if self._close_after_save:
+            self._close_after_save = False
+            if event.topic == "session_saved":
+                self.close()
 
     def _on_run_state(self, state: str) -> None:
         self.status_labels["state"].setText(state)
