@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jacrev, vjp, vmap
 
+from ntkviz.arrays import frozen, readonly
 from ntkviz.checks import class_index, real_number
 from ntkviz.decomposition import Decomposition
 from ntkviz.kernel import (
@@ -81,19 +82,6 @@ SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
 LOSSES = ("ce", "neg")
 #: Modules that compute differently in training and eval mode.
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
-
-
-def _frozen(a) -> np.ndarray:
-    out = np.array(a.detach().cpu().double().numpy() if isinstance(a, Tensor) else a, np.float64)
-    out += 0.0  # no negative zeros (−J·0)
-    out.flags.writeable = False
-    return out
-
-
-def _frozen_int(a) -> np.ndarray:
-    out = np.array(a.detach().cpu().numpy() if isinstance(a, Tensor) else a, np.int64)
-    out.flags.writeable = False
-    return out
 
 
 # --------------------------------------------------------------------------- the result
@@ -1250,38 +1238,38 @@ def _account(
     z0, zm, z1 = z_before.double(), z_mid.double(), z_after.double()
     momentum = _log_level(dz_momentum.double(), probs)
     decay = _log_level(dz_decay.double(), probs)
-    actual = _frozen(F.log_softmax(z1, -1) - F.log_softmax(z0, -1))
-    dz_actual = _frozen(z1 - z0)
-    statistics = _frozen(F.log_softmax(z1, -1) - F.log_softmax(zm, -1))
-    dz_statistics = _frozen(z1 - zm)
+    actual = frozen(F.log_softmax(z1, -1) - F.log_softmax(z0, -1))
+    dz_actual = frozen(z1 - z0)
+    statistics = frozen(F.log_softmax(z1, -1) - F.log_softmax(zm, -1))
+    dz_statistics = frozen(z1 - zm)
     terms = {
-        "gradient": _frozen(gradient),
-        "momentum": _frozen(momentum),
-        "weight_decay": _frozen(decay),
-        "dz_gradient": _frozen(dz_gradient),
-        "dz_momentum": _frozen(dz_momentum),
-        "dz_weight_decay": _frozen(dz_decay),
+        "gradient": frozen(gradient),
+        "momentum": frozen(momentum),
+        "weight_decay": frozen(decay),
+        "dz_gradient": frozen(dz_gradient),
+        "dz_momentum": frozen(dz_momentum),
+        "dz_weight_decay": frozen(dz_decay),
     }
-    predicted = _frozen(terms["gradient"].sum(1) + terms["momentum"] + terms["weight_decay"])
-    dz_predicted = _frozen(
+    predicted = frozen(terms["gradient"].sum(1) + terms["momentum"] + terms["weight_decay"])
+    dz_predicted = frozen(
         terms["dz_gradient"].sum(1) + terms["dz_momentum"] + terms["dz_weight_decay"]
     )
     return StepAccount(
-        probs_before=_frozen(probs),
+        probs_before=frozen(probs),
         actual=actual,
         predicted=predicted,
         statistics=statistics,
-        residual=_frozen(actual - predicted - statistics),
+        residual=frozen(actual - predicted - statistics),
         dz_actual=dz_actual,
         dz_predicted=dz_predicted,
         dz_statistics=dz_statistics,
-        dz_residual=_frozen(dz_actual - dz_predicted - dz_statistics),
-        G=_frozen(G),
-        batch_labels=_frozen_int(labels),
-        classes=_frozen_int(classes),
-        contributions=_frozen(contributions),
-        top_index=None if top_index is None else _frozen_int(top_index),
-        top_kernel=None if top_kernel is None else _frozen(top_kernel),
+        dz_residual=frozen(dz_actual - dz_predicted - dz_statistics),
+        G=frozen(G),
+        batch_labels=readonly(labels, np.int64),
+        classes=readonly(classes, np.int64),
+        contributions=frozen(contributions),
+        top_index=None if top_index is None else readonly(top_index, np.int64),
+        top_kernel=None if top_kernel is None else frozen(top_kernel),
         **terms,
         **scalars,
     )
@@ -1319,21 +1307,21 @@ def _watch_account(
     class_actual = actual[np.arange(W), classes]
     class_statistics = statistics[np.arange(W), classes]
     return WatchAccount(
-        classes=_frozen_int(classes),
-        probs_before=_frozen(probs),
-        actual=_frozen(actual),
-        dz_actual=_frozen(dz_actual),
-        contributions=_frozen(contributions),
-        class_gradient=_frozen(terms[0]),
-        class_momentum=_frozen(terms[1]),
-        class_weight_decay=_frozen(terms[2]),
-        class_statistics=_frozen(class_statistics),
-        class_predicted=_frozen(predicted),
-        class_actual=_frozen(class_actual),
-        class_residual=_frozen(class_actual - predicted - class_statistics),
-        G=_frozen(G),
-        batch_labels=_frozen_int(labels),
-        focus=_frozen_int(np.array(focus, np.int64)),
+        classes=readonly(classes, np.int64),
+        probs_before=frozen(probs),
+        actual=frozen(actual),
+        dz_actual=frozen(dz_actual),
+        contributions=frozen(contributions),
+        class_gradient=frozen(terms[0]),
+        class_momentum=frozen(terms[1]),
+        class_weight_decay=frozen(terms[2]),
+        class_statistics=frozen(class_statistics),
+        class_predicted=frozen(predicted),
+        class_actual=frozen(class_actual),
+        class_residual=frozen(class_actual - predicted - class_statistics),
+        G=frozen(G),
+        batch_labels=readonly(labels, np.int64),
+        focus=readonly(focus, np.int64),
         focused=focused,
         **scalars,
     )
@@ -1681,20 +1669,20 @@ def decompose_step(
     p = a.probs_before
     dz_after = z + torch.from_numpy(np.array(a.dz_actual))
     return StepDecomposition(
-        A=_frozen(np.eye(p.shape[1]) - p[0][None, :]),
-        K=_frozen(a.top_kernel[0]),
-        G=_frozen(a.G[0]),
+        A=frozen(np.eye(p.shape[1]) - p[0][None, :]),
+        K=frozen(a.top_kernel[0]),
+        G=frozen(a.G[0]),
         predicted=a.predicted[0],
         actual=a.actual[0],
         residual=a.residual[0],
         delta_logits_predicted=a.dz_predicted[0],
         delta_logits_actual=a.dz_actual[0],
         probs_before=p[0],
-        probs_after=_frozen(np.exp(np.log(p[0]) + a.actual[0])),
-        logits_before=_frozen(z[0]),
-        logits_after=_frozen(dz_after[0]),
+        probs_after=frozen(np.exp(np.log(p[0]) + a.actual[0])),
+        logits_before=frozen(z[0]),
+        logits_after=frozen(dz_after[0]),
         probs_u_before=p[1],
-        probs_u_after=_frozen(np.exp(np.log(p[1]) + a.actual[1])),
+        probs_u_after=frozen(np.exp(np.log(p[1]) + a.actual[1])),
         lr=a.lr,
         loss=loss,
         y_u=int(y_u),

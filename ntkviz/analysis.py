@@ -19,15 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntkviz.decomposition import Influence, _frozen, step_trajectory
+from ntkviz.arrays import frozen, readonly
+from ntkviz.decomposition import Influence, step_trajectory
 from ntkviz.kernel import empirical_ntk, iter_kernel_norms
-
-
-def readonly(a) -> np.ndarray:
-    """A read-only numpy copy of ``a`` (results handed across threads must not change)."""
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
 
 
 def balanced_indices(labels: Tensor, per_class: int, seed: int = 0) -> np.ndarray:
@@ -69,7 +63,7 @@ def class_influence(
     for name, values in per_example.items():
         sums = np.zeros((C, *values.shape[1:]))
         np.add.at(sums, labels, values)
-        out[name] = _frozen(sums / np.maximum(count, 1).reshape(-1, *([1] * (values.ndim - 1))))
+        out[name] = frozen(sums / np.maximum(count, 1).reshape(-1, *([1] * (values.ndim - 1))))
     out["count"] = readonly(count)
     return out
 
@@ -97,7 +91,7 @@ def iter_class_kernel_map(
     off_diagonal = 1 - np.eye(len(x))
     sums = onehot.T @ (norms * off_diagonal) @ onehot
     counts = onehot.T @ off_diagonal @ onehot
-    yield _frozen(sums / np.maximum(counts, 1))
+    yield frozen(sums / np.maximum(counts, 1))
 
 
 def class_kernel_map(
@@ -141,7 +135,7 @@ def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
     N, _, V, _ = K.shape
     gram = K.permute(0, 2, 1, 3).reshape(N * V, N * V)
     eig = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0)
-    return _frozen(eig)
+    return frozen(eig)
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ def squeeze_steps(
     masked[:, y] = -np.inf
     top = masked.argmax(1)
     rose = p[1:][np.arange(steps), top] > p[:-1][np.arange(steps), top]
-    return SqueezeRun(_frozen(p), readonly(fell), readonly(rose), float(lr), loss, y)
+    return SqueezeRun(frozen(p), readonly(fell), readonly(rose), float(lr), loss, y)
 
 
 @dataclass(frozen=True)
@@ -201,9 +195,9 @@ def squeeze_survey(model: nn.Module, x: Tensor, y, lr: float) -> SqueezeSurvey:
     top = masked.argmax(1)
     rows = np.arange(len(y))
     return SqueezeSurvey(
-        peak=_frozen(before.max(1)),
-        p_label=_frozen(before[rows, y]),
-        gained=_frozen(after[rows, top] - before[rows, top]),
+        peak=frozen(before.max(1)),
+        p_label=frozen(before[rows, y]),
+        gained=frozen(after[rows, top] - before[rows, top]),
         label_fell=readonly(after[rows, y] < before[rows, y]),
         lr=float(lr),
     )

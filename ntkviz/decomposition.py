@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ntkviz.arrays import frozen, norm
 from ntkviz.checks import class_index, positive_int, real_number
 from ntkviz.errors import NtkvizError, StepDiverged
 from ntkviz.kernel import (
@@ -35,12 +36,6 @@ LOSSES = {
     "ce": "learn y_u: cross-entropy descent, G = π(x_u) − e_y",
     "neg": "negative gradient on y_u: cross-entropy ascent, G = e_y − π(x_u)",
 }
-
-
-def _frozen(t: Tensor | np.ndarray) -> np.ndarray:
-    a = np.array(t.detach().cpu().double().numpy() if isinstance(t, Tensor) else t, np.float64)
-    a.flags.writeable = False
-    return a
 
 
 def softmax_jacobian_of_log(probs: Tensor) -> Tensor:
@@ -203,8 +198,8 @@ class Decomposition:
     @property
     def relative_residual(self) -> float:
         """‖residual‖ / ‖actual‖ (0 when nothing moved)."""
-        denom = float(np.linalg.norm(self.actual))
-        return float(np.linalg.norm(self.residual)) / denom if denom > 0 else 0.0
+        denom = norm(self.actual)
+        return norm(self.residual) / denom if denom > 0 else 0.0
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array field by name."""
@@ -276,20 +271,20 @@ def decompose(
     if not all(finite(t) for t in (dz_pred, predicted, actual, K)):
         raise StepDiverged(lr, "the predicted or actual change of x_o")
     return Decomposition(
-        A=_frozen(A),
-        K=_frozen(K),
-        G=_frozen(G),
-        predicted=_frozen(predicted),
-        actual=_frozen(actual),
-        residual=_frozen(actual - predicted),
-        delta_logits_predicted=_frozen(dz_pred),
-        delta_logits_actual=_frozen(z_new[0] - z[0]),
-        probs_before=_frozen(probs_o),
-        probs_after=_frozen(logp_new[0].exp()),
-        logits_before=_frozen(z[0]),
-        logits_after=_frozen(z_new[0]),
-        probs_u_before=_frozen(logp[1].exp()),
-        probs_u_after=_frozen(logp_new[1].exp()),
+        A=frozen(A),
+        K=frozen(K),
+        G=frozen(G),
+        predicted=frozen(predicted),
+        actual=frozen(actual),
+        residual=frozen(actual - predicted),
+        delta_logits_predicted=frozen(dz_pred),
+        delta_logits_actual=frozen(z_new[0] - z[0]),
+        probs_before=frozen(probs_o),
+        probs_after=frozen(logp_new[0].exp()),
+        logits_before=frozen(z[0]),
+        logits_after=frozen(z_new[0]),
+        probs_u_before=frozen(logp[1].exp()),
+        probs_u_after=frozen(logp_new[1].exp()),
         lr=float(lr),
         loss=loss,
         y_u=y_u,
@@ -332,7 +327,7 @@ def step_trajectory(
                 raise StepDiverged(lr)
             probs.append(F.softmax(z, -1))
     p = torch.stack(probs).double().cpu().numpy()  # (steps + 1, 2, V)
-    return StepTrajectory(_frozen(p[:, 0]), _frozen(p[:, 1]), float(lr), loss, y_u)
+    return StepTrajectory(frozen(p[:, 0]), frozen(p[:, 1]), float(lr), loss, y_u)
 
 
 @dataclass(frozen=True)
@@ -406,11 +401,11 @@ def iter_influence(
     if not all(bool(torch.isfinite(t).all()) for part in parts.values() for t in part):
         raise StepDiverged(lr, "the change of some x_o")
     yield Influence(
-        predicted=_frozen(torch.cat(parts["pred"])),
-        delta_logits_predicted=_frozen(torch.cat(parts["dz"])),
-        probs_before=_frozen(torch.cat(parts["probs"])),
-        actual=_frozen(torch.cat(parts["actual"])) if actual else None,
-        kernel_norm=_frozen(torch.cat(parts["norm"])) if kernel_norm else None,
+        predicted=frozen(torch.cat(parts["pred"])),
+        delta_logits_predicted=frozen(torch.cat(parts["dz"])),
+        probs_before=frozen(torch.cat(parts["probs"])),
+        actual=frozen(torch.cat(parts["actual"])) if actual else None,
+        kernel_norm=frozen(torch.cat(parts["norm"])) if kernel_norm else None,
         lr=float(lr),
         loss=loss,
         y_u=y_u,

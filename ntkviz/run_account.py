@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ntkviz.accounting import StepAccount, WatchAccount
+from ntkviz.arrays import readonly
 from ntkviz.checks import count
 from ntkviz.errors import FileReadError
 from ntkviz.files import atomic_write, write_npz
@@ -41,12 +42,6 @@ VERSION = 2  #: 2: the statistics term (files of version 1 read it as zeros)
 TERMS = StepAccount.TERMS
 #: Number of top helpful / harmful training examples written to files.
 TOP_K = 10
-
-
-def _readonly(a: np.ndarray) -> np.ndarray:
-    a = np.array(a)
-    a.flags.writeable = False
-    return a
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ class RunAccount:
             raise ValueError(f"classes must be ≥ 0, got {classes.tolist()}")
         if num_train < 1 or (num_classes is not None and num_classes < 1):
             raise ValueError("num_train and num_classes must be ≥ 1")
-        self.classes = _readonly(classes.astype(np.int64))
+        self.classes = readonly(classes.astype(np.int64))
         self.num_train = int(num_train)
         self.num_classes = num_classes
         self.keep_steps = keep_steps
@@ -177,7 +172,7 @@ class RunAccount:
     def by_example(self) -> np.ndarray:
         """``(W, N_train)``: per training example, its summed gradient-term contribution to
         Δlog π of each watched example's class over the run (nats)."""
-        return _readonly(self._by_example)
+        return readonly(self._by_example)
 
     @property
     def by_class(self) -> np.ndarray:
@@ -185,14 +180,14 @@ class RunAccount:
         and output class (V); zeros before the first step; NaN where not accounted (see the
         module's docstring)."""
         if self._by_class is None:
-            return _readonly(np.zeros((self.watched, self.num_classes or 0, 0)))
-        return _readonly(self._by_class)
+            return readonly(np.zeros((self.watched, self.num_classes or 0, 0)))
+        return readonly(self._by_class)
 
     def totals(self, logits: bool = False) -> dict[str, np.ndarray]:
         """Per term (``TERMS``) its sum over the run ``(W, V)``, at the log-probability level or,
         with ``logits``, at the logit level. Empty before the first step."""
         prefix = "dz_" if logits else ""
-        return {name: _readonly(self._totals[prefix + name]) for name in TERMS if self._totals}
+        return {name: readonly(self._totals[prefix + name]) for name in TERMS if self._totals}
 
     def top(self, watched: int, k: int = TOP_K) -> Ranking:
         """The k most helpful and most harmful training examples of the run for watched example
@@ -207,10 +202,10 @@ class RunAccount:
         down = np.argsort(v, kind="stable")[:k]
         down = down[v[down] < 0]
         return Ranking(
-            _readonly(up.astype(np.int64)),
-            _readonly(v[up]),
-            _readonly(down.astype(np.int64)),
-            _readonly(v[down]),
+            readonly(up.astype(np.int64)),
+            readonly(v[up]),
+            readonly(down.astype(np.int64)),
+            readonly(v[down]),
         )
 
     def timeline(self) -> dict[str, np.ndarray]:
@@ -233,9 +228,9 @@ class RunAccount:
                     )
                     for r in rows
                 ]
-                out[key] = _readonly(np.stack(pad))
+                out[key] = readonly(np.stack(pad))
             else:
-                out[key] = _readonly(np.array(rows))
+                out[key] = readonly(np.array(rows))
         return out
 
     # ------------------------------------------------------------------ files

@@ -176,6 +176,28 @@ def test_steps_by_hand_in_a_paused_watched_run_begin_its_account_again(qtbot, wi
     assert view.timeline_arrays()["steps"].tolist() == list(range(2, 21))
 
 
+def test_the_show_list_names_the_runs_examples_when_the_list_changes_as_it_starts(
+    qtbot, window
+):
+    # edits made before the engine's "run_started" came back were taken for the run's list:
+    # one more example in the "show" box than the run has (an IndexError on choosing it), or
+    # other examples' names over the run's numbers
+    view, training = window.views["watch_ranking"], window.views["training"]
+    view.watching.setChecked(True)
+    training.epochs.setValue(1)
+    at_start = view.examples
+    training.start_button.click()
+    window.state.x_o = Example("test", 1000)
+    view.add_button.click()  # "Watch x_o", handled before the engine's answer
+    assert len(view.examples) == len(at_start) + 1
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    assert view.run_examples == at_start and view.which.count() == len(at_start)
+    view.which.setCurrentIndex(view.which.count() - 1)  # the run's last example
+    t = view.timeline_arrays()
+    assert t["log_prob"].shape[1] == len(at_start)
+    assert str(at_start[-1]) in view.caption.text and "from the next run" in view.note.text()
+
+
 def test_the_optimizer_switch_previews_applies_and_undoes_its_real_step(qtbot, window, mnist):
     train_batches(qtbot, window, 2)  # momentum has a state now
     pair = window.views["pair"]

@@ -35,8 +35,8 @@ from ntkviz.app.messages import (
     ModelInfo,
     RunStarted,
     SessionOpened,
-    readonly,
 )
+from ntkviz.arrays import readonly
 from ntkviz.checkpoint import load_checkpoint, save_checkpoint
 from ntkviz.data import ImageDataset, load_dataset
 from ntkviz.errors import (
@@ -434,7 +434,8 @@ class Engine:
         self._offset = offset
         self._next_lr = float(config.lr)
         continued = tuple(n for n, o in self.run_observers.items() if o.continued)
-        self.emit(Event("run_started", RunStarted(offset, continued)))
+        observed = {n: o.examples for n, o in self.run_observers.items()}
+        self.emit(Event("run_started", RunStarted(offset, continued, observed)))
         self.emit_model()  # its optimizer now has a run's state
 
     def set_observer(self, name: str, observer) -> None:
@@ -709,7 +710,7 @@ class Engine:
     # ------------------------------------------------------------------ files
     def send_state_dict(self) -> None:
         """Emit a numpy copy of the model's state_dict (for tests and inspection)."""
-        state = {k: readonly(v.detach().cpu().numpy()) for k, v in self.model.state_dict().items()}
+        state = {k: readonly(v) for k, v in self.model.state_dict().items()}
         self.emit(Event("state_dict", state))
 
     def save_checkpoint(self, path: str, metadata: dict) -> None:

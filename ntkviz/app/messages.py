@@ -8,15 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
-
-def readonly(a) -> np.ndarray:
-    """A read-only numpy copy of ``a`` (results handed across threads must not change)."""
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
-
 
 @dataclass(frozen=True)
 class Command:
@@ -44,10 +35,12 @@ class Event:
 class RunStarted:
     """A training run began at the model's step ``offset`` (0 for a new model); ``continued``:
     the run observers (by feature name) that carry the last run's account on (a Continue of an
-    untouched model)."""
+    untouched model); ``observed``: feature name -> the examples its observer follows in this
+    run (as the engine took them, whatever the view's list became since)."""
 
     offset: int
     continued: tuple = ()
+    observed: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

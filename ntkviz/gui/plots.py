@@ -14,6 +14,7 @@ from PySide6.QtCore import QRectF, QSize, Qt, QTimer
 from PySide6.QtGui import QFont, QFontMetricsF
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
+from ntkviz.arrays import norm
 from ntkviz.gui.graphics import pg
 
 #: Diverging blue–white–red colour map (CET-D1), used symmetrically around zero.
@@ -279,7 +280,7 @@ def wrap_title(plot: pg.PlotItem) -> None:
 def relative_residual_text(dec) -> str:
     """‖residual‖ / ‖actual‖ of a decomposition, or a dash (with the reason) when
     nothing moved: the ratio is undefined then, not 0."""
-    if not np.linalg.norm(dec.actual) > 0:
+    if not norm(dec.actual) > 0:
         return "— (‖actual‖ = 0: the step moved nothing, even in float64)"
     return f"{dec.relative_residual:.3g}"
 
@@ -659,11 +660,11 @@ class DecompositionView(pg.GraphicsLayoutWidget):
             factor = "s"
             step = (
                 f"{dec.optimizer} step, η = {dec.lr:.3g}, s = {dec.step_scale:.3g}; + momentum "
-                f"(‖·‖ = {np.linalg.norm(dec.momentum):.2g}) + weight decay "
-                f"(‖·‖ = {np.linalg.norm(dec.weight_decay):.2g})"
+                f"(‖·‖ = {norm(dec.momentum):.2g}) + weight decay "
+                f"(‖·‖ = {norm(dec.weight_decay):.2g})"
             )
             if np.any(dec.statistics):
-                step += f" + running statistics, exact (‖·‖ = {np.linalg.norm(dec.statistics):.2g})"
+                step += f" + running statistics, exact (‖·‖ = {norm(dec.statistics):.2g})"
         scale = dec.lr if term is None else dec.step_scale
         text = (
             f"{kind}, y<sub>u</sub> = {elide(c[dec.y_u], 16)}  ·  {step}<br>"

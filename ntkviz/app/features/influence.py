@@ -8,7 +8,7 @@ import numpy as np
 
 from ntkviz.app.features.pair import PairRequest
 from ntkviz.app.jobs import Progress
-from ntkviz.app.messages import readonly
+from ntkviz.arrays import readonly
 
 
 def probe_indices(n: int, size: int, seed: int = 0) -> np.ndarray:

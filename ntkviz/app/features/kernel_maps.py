@@ -9,7 +9,7 @@ import numpy as np
 from psygnal import Signal
 
 from ntkviz.app.jobs import Progress
-from ntkviz.app.messages import readonly
+from ntkviz.arrays import readonly
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ntkviz.app.features.pair import PairRequest
 from ntkviz.app.jobs import Progress
-from ntkviz.app.messages import readonly
+from ntkviz.arrays import norm, readonly
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,8 +40,8 @@ class LayersRequest:
         parts = empirical_ntk_by_layer(engine.model, engine.x(r.x_o)[None], engine.x(r.x_u)[None])
         blocks = {k: readonly(v[0, 0].double().cpu().numpy()) for k, v in parts.items()}
         names = tuple(blocks)
-        norms = np.array([np.linalg.norm(blocks[n]) for n in names])
-        total = float(np.linalg.norm(sum(blocks.values())))
+        norms = np.array([norm(blocks[n]) for n in names])
+        total = norm(sum(blocks.values()))
         return LayerResult(
             r, names, readonly(norms), blocks, total, engine.step, len(engine.applied_lrs)
         )

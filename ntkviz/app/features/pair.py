@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ntkviz.app.jobs import Progress
-from ntkviz.app.messages import readonly
 from ntkviz.app.state import AppState, Example
+from ntkviz.arrays import readonly
 
 #: Interactive jobs run before probe sweeps.
 INTERACTIVE = 0

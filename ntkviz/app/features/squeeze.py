@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ntkviz.app.jobs import Progress
-from ntkviz.app.messages import readonly
 from ntkviz.app.state import Example
+from ntkviz.arrays import readonly
 
 SURVEY_SIZE = 150  #: test images in the survey (one negative step on each one's label)
 SURVEY_CHUNK = 15

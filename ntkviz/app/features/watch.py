@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ntkviz.app.messages import Event, readonly
+from ntkviz.app.messages import Event
 from ntkviz.app.state import Example
+from ntkviz.arrays import readonly
 
 #: Steps whose details (batch, contributions, top contributor's K) are kept for clicking.
 HISTORY = 2000

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 
 from ntkviz.app.features.pair import describe_steps
 from ntkviz.app.state import STEP_KINDS
+from ntkviz.arrays import norm
 from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
 from ntkviz.gui.features.base import Action, FeatureView
 from ntkviz.gui.plots import (
@@ -126,8 +127,8 @@ class StepPanel(QWidget):
             history = (dec.momentum, dec.weight_decay, dec.statistics)
             self.preview.set_values(term, dec.actual, history)
         self.summary.setText(
-            f"‖predicted‖ = {np.linalg.norm(dec.predicted):.4g}   ‖actual‖ = "
-            f"{np.linalg.norm(dec.actual):.4g}   ‖residual‖ = {np.linalg.norm(dec.residual):.3g}"
+            f"‖predicted‖ = {norm(dec.predicted):.4g}   ‖actual‖ = "
+            f"{norm(dec.actual):.4g}   ‖residual‖ = {norm(dec.residual):.3g}"
             f"   relative residual = {relative_residual_text(dec)}"
         )
 

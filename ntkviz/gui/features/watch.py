@@ -35,6 +35,7 @@ from ntkviz.gui.plots import (
 )
 from ntkviz.gui.widgets import THUMB_NAME, ThumbnailRow, fit_text, labelled
 
+OBSERVER = "watch"  #: the engine's name for this tab's run observer
 SHOWN_CLASSES = 4  #: classes of training examples drawn apart; the others are summed
 #: The terms that are no class's: black lines told apart by their dashes (dash and gap lengths
 #: in pen widths), so that no class's colour (Tableau 10, then spread hues) reads as one of them.
@@ -182,7 +183,7 @@ class WatchView(ProbeView):
         focus = self.examples.index(shown) if shown in self.examples else 0
         on = self.watching.isChecked() and self.examples  # none before the data is loaded
         observer = WatchObserver(self.examples, focus=(focus,)) if on else None
-        self.controller.send("set_observer", "watch", observer)
+        self.controller.send("set_observer", OBSERVER, observer)
         self._note()
 
     def _note(self) -> None:
@@ -208,10 +209,10 @@ class WatchView(ProbeView):
 
     # ------------------------------------------------------------------ the run
     def _run_started(self, event) -> None:
-        if "watch" in event.payload.continued:  # a Continue: the timeline goes on
+        if OBSERVER in event.payload.continued:  # a Continue: the timeline goes on
             return
         self.clear()
-        self.run_examples = self.examples
+        self.run_examples = event.payload.observed.get(OBSERVER, ())
         self._list(self.run_examples)
         self._note()
         self.redraw()

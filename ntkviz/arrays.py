@@ -1,0 +1,37 @@
+"""Numpy results: read-only copies (what a result holds, or hands across threads, must not
+change) and a Euclidean norm that neither underflows nor overflows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def readonly(a, dtype=None) -> np.ndarray:
+    """A read-only numpy copy of ``a`` (an array, a torch tensor or a nested list), as ``dtype``
+    if given. (Imports no torch: the GUI imports this before torch has loaded.)"""
+    if hasattr(a, "detach"):  # a tensor
+        a = a.detach().cpu()
+        a = (a.double() if a.is_floating_point() and dtype is not None else a).numpy()
+    out = np.array(a, dtype, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def frozen(a) -> np.ndarray:
+    """A read-only float64 copy of ``a`` without negative zeros (−J·0 would print as −0)."""
+    out = np.array(readonly(a, np.float64))
+    out += 0.0
+    out.flags.writeable = False
+    return out
+
+
+def norm(x) -> float:
+    """‖x‖₂ of all entries, scaled by the largest: 1e-200 or 1e200 entries give their true
+    norm, where ``np.linalg.norm`` squares them to 0 or inf. NaN if any entry is NaN."""
+    x = np.abs(np.asarray(x, np.float64)).ravel()
+    if x.size == 0:
+        return 0.0
+    m = x.max()
+    if not 0 < m < np.inf:
+        return float(m)  # 0, inf or nan
+    return float(m * np.sqrt(np.sum((x / m) ** 2)))
