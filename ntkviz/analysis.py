@@ -131,11 +131,16 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
     """Eigenvalues, descending, of the (N·V)×(N·V) Gram matrix [K(x_a, x_b)] of ``x (N, ...)``."""
-    K = empirical_ntk(model, x, x).double()
+    return gram_spectrum(empirical_ntk(model, x, x))
+
+
+def gram_spectrum(K: Tensor) -> np.ndarray:
+    """Eigenvalues, descending (float64), of the (N·V)×(N·V) Gram matrix of kernel blocks
+    ``K (N, N, V, V)``."""
+    K = K.double()
     N, _, V, _ = K.shape
     gram = K.permute(0, 2, 1, 3).reshape(N * V, N * V)
-    eig = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0)
-    return frozen(eig)
+    return frozen(torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0))
 
 
 @dataclass(frozen=True)

@@ -1088,6 +1088,22 @@ def iter_kernel_norms(
     about :data:`TILE_SECONDS` (``chunk_size`` does not apply). Progress counts swept examples
     plus kernel blocks computed; the first ``(0, total)`` comes before any work. The model is put
     in eval mode only while a step runs, never between steps."""
+    return _iter_symmetric(model, x, chunk_size, norms=True)
+
+
+def iter_kernel_gram(
+    model: nn.Module, x: Tensor, *, chunk_size: int | None = None
+) -> Iterator[tuple[int, int] | Tensor]:
+    """K(x[a], x[b]) for every pair of ``x (N, ...)``: yields ``(done, total)`` after each step,
+    then ``K (N, N, V, V)`` (in the model's dtype; K[b, a] = K[a, b]ᵀ), computed as
+    :func:`iter_kernel_norms` computes its norms. Stop iterating to cancel."""
+    return _iter_symmetric(model, x, chunk_size, norms=False)
+
+
+def _iter_symmetric(
+    model: nn.Module, x: Tensor, chunk_size: int | None, norms: bool
+) -> Iterator[tuple[int, int] | Tensor]:
+    """:func:`iter_kernel_norms` (``norms``) or :func:`iter_kernel_gram`."""
     x = _as_batch(model, x, "x")
     if chunk_size is not None:
         chunk_size = positive_int(chunk_size, "chunk_size")
@@ -1103,7 +1119,7 @@ def iter_kernel_norms(
         except _Unsupported:
             chain = None
     if chain is None:
-        yield from _generic_norms(model, x)
+        yield from _generic_symmetric(model, x, norms)
         return
     per_row = 2 * N * V * V * x.element_size()
     steps = list(_chunks(N, chunk_size or max(1, min(-(-N // 8), MEMORY_BUDGET // per_row))))
@@ -1118,16 +1134,23 @@ def iter_kernel_norms(
         yield done, total
     factors = _concat_factors(parts)
     del parts
-    norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
+    out = x.new_zeros((N, N) if norms else (N, N, V, V))
     for start, end in steps:
         with torch.no_grad():
             block = _gram_block(factors, slice(start, end), slice(start, N))
-            nb = block.square().sum((1, 3)).sqrt()
-        norms[start:end, start:] = nb
-        norms[start:, start:end] = nb.T
+            # (rows, columns), or (rows, columns, V, V)
+            block = block.square().sum((1, 3)).sqrt() if norms else block.permute(0, 2, 1, 3)
+        _fill_symmetric(out, block, slice(start, end), slice(start, N))
         done += (end - start) * (N - start)
         yield done, total
-    yield norms
+    yield out
+
+
+def _fill_symmetric(out: Tensor, block: Tensor, rows: slice, cols: slice) -> None:
+    """``out[rows, cols] = block`` and its mirror ``out[cols, rows]`` (each V×V block transposed
+    when ``out`` holds kernels, ``(N, N, V, V)``)."""
+    out[rows, cols] = block
+    out[cols, rows] = block.transpose(0, 1) if out.ndim == 2 else block.permute(1, 0, 3, 2)
 
 
 #: The generic path's kernel norms are computed in tiles of one row and as many columns as take
@@ -1135,12 +1158,14 @@ def iter_kernel_norms(
 TILE_SECONDS = 0.05
 
 
-def _generic_norms(model: nn.Module, x: Tensor) -> Iterator[tuple[int, int] | Tensor]:
-    """:func:`iter_kernel_norms` on the generic path: row by row, each row's columns (from the
-    diagonal on) in tiles timed to about :data:`TILE_SECONDS`."""
+def _generic_symmetric(
+    model: nn.Module, x: Tensor, norms: bool
+) -> Iterator[tuple[int, int] | Tensor]:
+    """:func:`iter_kernel_norms` or :func:`iter_kernel_gram` on the generic path: row by row,
+    each row's columns (from the diagonal on) in tiles timed to about :data:`TILE_SECONDS`."""
     N = len(x)
     total = N * (N + 1) // 2
-    norms = torch.zeros((N, N), dtype=x.dtype, device=x.device)
+    out = None
     done, width = 0, 1
     yield done, total
     for row in range(N):
@@ -1148,11 +1173,13 @@ def _generic_norms(model: nn.Module, x: Tensor) -> Iterator[tuple[int, int] | Te
         while start < N:
             end = min(N, start + width)
             began = time.perf_counter()
-            nb = _kernels(model, x[row : row + 1], x[start:end], "auto", None, False)["total"]
-            nb = nb[0].flatten(1).norm(dim=1)
+            block = _kernels(model, x[row : row + 1], x[start:end], "auto", None, False)["total"]
+            if norms:
+                block = block.flatten(2).norm(dim=2)
             took = time.perf_counter() - began
-            norms[row, start:end] = nb
-            norms[start:end, row] = nb
+            if out is None:
+                out = block.new_zeros((N, N, *block.shape[2:]))
+            _fill_symmetric(out, block, slice(row, row + 1), slice(start, end))
             done += end - start
             start = end
             if took < TILE_SECONDS / 2:
@@ -1160,7 +1187,7 @@ def _generic_norms(model: nn.Module, x: Tensor) -> Iterator[tuple[int, int] | Te
             elif took > 2 * TILE_SECONDS:
                 width = max(1, width // 2)
             yield done, total
-    yield norms
+    yield out
 
 
 # --------------------------------------------------------------------------- public API

@@ -11,6 +11,7 @@ from ntkviz.analysis import (
     balanced_indices,
     class_influence,
     class_kernel_map,
+    gram_spectrum,
     iter_class_kernel_map,
     ntk_spectrum,
     rank_correlation,
@@ -18,7 +19,7 @@ from ntkviz.analysis import (
     squeeze_survey,
 )
 from ntkviz.decomposition import decompose, influence
-from ntkviz.kernel import empirical_ntk, iter_kernel_norms
+from ntkviz.kernel import empirical_ntk, iter_kernel_gram, iter_kernel_norms
 
 
 def reduce_to_classes(norms: np.ndarray, labels: np.ndarray, C: int) -> np.ndarray:
@@ -183,6 +184,26 @@ def test_spectrum_is_that_of_the_explicit_gram_matrix():
     eig = ntk_spectrum(model, x)
     np.testing.assert_allclose(eig, expected, rtol=1e-8, atol=1e-8)
     assert eig[-1] > -1e-8 and np.all(np.diff(eig) <= 1e-12)
+
+
+@pytest.mark.parametrize(("name", "chunk"), [("lenet", 3), ("lenet", None), ("residual", None)])
+def test_the_kernel_gram_comes_in_steps_and_equals_explicit_jacobians(monkeypatch, name, chunk):
+    """iter_kernel_gram: K(x[a], x[b]) = J_a·J_bᵀ for every pair, on the structured path (in
+    chunks of rows) and on the generic path (in tiles), with progress before and between."""
+    monkeypatch.setattr(kernel, "TILE_SECONDS", 0.0)  # generic: one pair a tile
+    model = make(name)
+    x = inputs(5, seed=3)
+    J = [explicit_jacobian(model, xi) for xi in x]
+    items = list(iter_kernel_gram(model, x, chunk_size=chunk))
+    K = items[-1]
+    assert K.shape == (5, 5, 10, 10)
+    expected = torch.stack([torch.stack([a @ b.T for b in J]) for a in J])
+    np.testing.assert_allclose(K.double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+    progress = items[:-1]
+    assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1] and len(progress) >= 3
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    eig = gram_spectrum(K)
+    np.testing.assert_allclose(eig, ntk_spectrum(model, x), rtol=1e-4, atol=1e-6)
 
 
 def test_squeeze_steps_follow_real_steps_and_check_the_guarantees():

@@ -743,3 +743,56 @@ def test_a_new_request_after_a_cancel_is_not_held_back_by_it(app):
     app.controller.submit("layers", requests(app)["layers"])  # before the engine's answer
     app.drain()
     assert [e.kind for e in seen] == ["result"]  # the answer (older generation) was dropped
+
+
+def test_the_spectrum_job_yields_while_it_computes_and_a_cancel_stops_it(app, mnist):
+    # it was one slice: N = 500 held Cancel, pause and closing for 13 s
+    from ntkviz.analysis import ntk_spectrum
+
+    seen = app.listen("spectrum")
+    app.engine.tick_seconds = 0.0  # one item per tick
+    app.controller.submit("spectrum", SpectrumRequest(40))
+    ticks = 0
+    while app.engine.busy:
+        app.drain(ticks=1)
+        ticks += 1
+    result = app.controller.current("spectrum")
+    assert ticks >= 8 and seen[-1].kind == "result"
+    x = mnist.test.x[result.indices.copy()]
+    core = ntk_spectrum(app.engine.model, x)
+    np.testing.assert_allclose(result.eigenvalues, core, rtol=1e-6, atol=1e-6 * core[0])
+    app.controller.submit("spectrum", SpectrumRequest(40))
+    app.drain(ticks=2)
+    assert app.engine.busy
+    app.controller.cancel("spectrum")
+    app.drain()
+    assert seen[-1].kind == "cancelled" and not app.engine.busy
+
+
+def test_work_on_a_helper_thread_lets_the_job_yield_and_returns_its_result_or_error():
+    import threading
+
+    from ntkviz.app.jobs import JobRunner, on_helper_thread
+
+    gate = threading.Event()
+
+    def job(fn):
+        return (yield from on_helper_thread(fn, progress=Progress(0, 1)))
+
+    def fail():
+        raise ValueError("no such spectrum")
+
+    events = []
+    runner = JobRunner(events.append, progress_interval=0.0)
+    runner.start("f", 1, job(lambda: gate.wait(30) and 42))
+    for _ in range(3):
+        runner.step(0)
+    assert runner.busy and [e.kind for e in events] == ["progress"] * 3  # yielded meanwhile
+    gate.set()
+    while runner.busy:
+        runner.step(0)
+    assert (events[-1].kind, events[-1].payload) == ("result", 42)
+    runner.start("f", 2, job(fail))
+    while runner.busy:
+        runner.step(0)
+    assert events[-1].kind == "error" and events[-1].payload[1] == "no such spectrum"

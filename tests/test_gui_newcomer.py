@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("PySide6")
 
 from gui_helpers import (
+    SMALL,
     TIMEOUT,
     cut_off,
     model_state,
@@ -351,3 +352,16 @@ def test_kernel_maps_are_recorded_while_a_run_goes_one_batch_at_a_time(qtbot, wi
     qtbot.waitUntil(
         lambda: view.maps is not None and list(view.maps.steps) == [0, 5, 10], timeout=TIMEOUT
     )
+
+
+def test_a_window_closed_before_its_event_loop_ran_starts_nothing(qtbot, tmp_path, mnist):
+    # its queued start built every view and started the engine's thread after the close
+    from ntkviz.gui.window import MainWindow
+
+    window = MainWindow(config=SMALL, dataset=mnist, settings=settings_in(tmp_path))
+    qtbot.addWidget(window)
+    window.close()
+    after_start = []
+    QTimer.singleShot(0, lambda: after_start.append(True))  # fires after the queued start
+    qtbot.waitUntil(lambda: bool(after_start), timeout=TIMEOUT)
+    assert window.engine is None and window.thread is None and window.views == {}

@@ -254,9 +254,9 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     lv.n_box.setValue(20)
     spec = wait_shown(qtbot, window, "spectrum", lv.spectrum_job.run_button.click)
     test = mnist.split("test")
-    np.testing.assert_allclose(
-        spec.eigenvalues, ntk_spectrum(model, test.x[spec.indices.copy()]), rtol=1e-6, atol=1e-9
-    )
+    core = ntk_spectrum(model, test.x[spec.indices.copy()])
+    # float32 kernels summed in another order: Weyl's bound, |Δλ| ≤ ‖ΔK‖ ≈ float32 · λ_max
+    np.testing.assert_allclose(spec.eigenvalues, core, rtol=1e-6, atol=1e-6 * core[0])
     assert len(spec.indices) == 20
     (x0, x1), (y0, y1) = lv.spec_plot.viewRange()  # every eigenvalue in view (log10 on y)
     eig = np.log10(np.clip(spec.eigenvalues, 1e-12, None))

@@ -176,9 +176,7 @@ def test_steps_by_hand_in_a_paused_watched_run_begin_its_account_again(qtbot, wi
     assert view.timeline_arrays()["steps"].tolist() == list(range(2, 21))
 
 
-def test_the_show_list_names_the_runs_examples_when_the_list_changes_as_it_starts(
-    qtbot, window
-):
+def test_the_show_list_names_the_runs_examples_when_the_list_changes_as_it_starts(qtbot, window):
     # edits made before the engine's "run_started" came back were taken for the run's list:
     # one more example in the "show" box than the run has (an IndexError on choosing it), or
     # other examples' names over the run's numbers

@@ -14,6 +14,7 @@ result, a cancellation, or an error with a message fit for the user. Qt-free and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,34 @@ class JobEvent:
     generation: int
     kind: str
     payload: object = None
+
+
+#: How long a job waits for work on a helper thread before it yields again (s).
+POLL_SECONDS = 0.02
+
+
+def on_helper_thread(fn: Callable, *args, progress: Progress):
+    """Run ``fn(*args)`` on a daemon helper thread while the job yields ``progress`` every
+    :data:`POLL_SECONDS` (``yield from`` it; it returns the result or raises the error). For one
+    long numeric call that cannot yield itself (an eigen-decomposition, which releases the GIL);
+    it must not touch the model. A job stopped meanwhile leaves the call to finish unseen."""
+    box: dict = {}
+    finished = threading.Event()
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the job
+            box["error"] = e
+        finally:
+            finished.set()
+
+    threading.Thread(target=target, name="ntkviz-helper", daemon=True).start()
+    while not finished.wait(POLL_SECONDS):
+        yield progress
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def describe_error(feature: str, e: BaseException) -> tuple[str, str]:

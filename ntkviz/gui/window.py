@@ -67,6 +67,7 @@ class MainWindow(QMainWindow):
         self.show_message_boxes = True
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
         self._close_after_save = False  # the session asked for on closing is being written
+        self._closed = False
         self.engine = None  # the EngineThread, once started
         self.thread: QThread | None = None
         self.state = AppState()
@@ -242,7 +243,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ the engine
     def start(self) -> None:
         """Build the views, then start the engine's thread; it loads PyTorch and the dataset."""
-        if self.engine is not None:
+        if self.engine is not None or self._closed:
             return
         from ntkviz.gui.worker_host import EngineThread, make_engine
 
@@ -272,6 +273,7 @@ class MainWindow(QMainWindow):
         if not self._may_close():
             event.ignore()
             return
+        self._closed = True  # a start still queued (closed before the event loop ran) is void
         self._save_settings()
         self.shutdown()
         super().closeEvent(event)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ntkviz.app.features.pair import PairRequest
-from ntkviz.app.jobs import Progress
+from ntkviz.app.jobs import Progress, on_helper_thread
 from ntkviz.arrays import norm, readonly
 
 
@@ -63,10 +63,16 @@ class SpectrumRequest:
     n: int = 50
 
     def run(self, engine):
-        from ntkviz.analysis import balanced_indices, ntk_spectrum
+        from ntkviz.analysis import balanced_indices, gram_spectrum
+        from ntkviz.kernel import iter_kernel_gram
 
         s = engine.data.split("test")
         idx = balanced_indices(s.y, max(1, self.n // len(engine.data.classes)))
-        yield Progress(0, 1)
-        eig = ntk_spectrum(engine.model, s.x[idx].to(engine.device))
+        for item in iter_kernel_gram(engine.model, s.x[idx].to(engine.device)):
+            if isinstance(item, tuple):
+                done, total = item
+                yield Progress(done, total + 1)  # the last unit: the eigenvalues
+            else:
+                K = item
+        eig = yield from on_helper_thread(gram_spectrum, K, progress=Progress(total, total + 1))
         return SpectrumResult(readonly(idx), eig, engine.step)
