@@ -310,7 +310,7 @@ def _check_lr(lr) -> float:
     return value
 
 
-def _depends_on_mode(model: nn.Module) -> bool:
+def depends_on_mode(model: nn.Module) -> bool:
     return any(isinstance(m, _MODE_DEPENDENT) for m in model.modules())
 
 
@@ -954,7 +954,7 @@ class AccountedStep:
         self.chain, self.layers = _structured_layers(model)
         # The training-mode forward updates running statistics (batch norm); the Jacobians are
         # taken with the buffers as they were before it.
-        self.mode_dependent = _depends_on_mode(model)
+        self.mode_dependent = depends_on_mode(model)
         self.same_in_both_modes = _same_in_both_modes(model)
         start = None
         try:

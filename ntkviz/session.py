@@ -14,6 +14,7 @@ passes — ntkviz cannot build it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -314,3 +315,162 @@ def load_session(path: str | Path, model: torch.nn.Module | None = None) -> Sess
     except ValueError as e:
         raise SessionError(f"{path} is not a valid ntkviz session: {e}") from None
     return session
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, group: dict) -> set[str]:
+    """The entries a parameter's state holds once the optimizer has stepped it: SGD its momentum
+    buffer (none without momentum), Adam and AdamW their step and moments."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return {"momentum_buffer"} if group["momentum"] != 0 else set()
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group["amsgrad"] else set())
+
+
+def _check_states(optimizer: torch.optim.Optimizer, states) -> None:
+    """ValueError unless each ``(k, state)`` of ``states`` is a state the optimizer could hold
+    for its k-th parameter: empty (not stepped yet) or exactly its entries (:func:`_state_keys`),
+    ``step`` a finite 0-d float tensor ≥ 0, the others finite tensors of the parameter's shape
+    and dtype (a momentum buffer may be None)."""
+    owned = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    for k, state in states:
+        p, group = owned[k]
+        want = _state_keys(optimizer, group)
+        if state and set(state) != want:
+            missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+            raise ValueError(
+                f"its optimizer's state of parameter {k} "
+                + (f"lacks {', '.join(missing)}" if missing else f"has {', '.join(extra)}")
+                + f" ({type(optimizer).__name__} holds {', '.join(sorted(want)) or 'nothing'})"
+            )
+        for name, value in state.items():
+            tensor = isinstance(value, torch.Tensor)
+            if name == "step":
+                ok = tensor and value.dim() == 0 and value.is_floating_point()
+                ok = ok and math.isfinite(value.item()) and value.item() >= 0
+            elif value is None:
+                ok = name == "momentum_buffer"
+            else:
+                ok = (
+                    tensor
+                    and value.shape == p.shape
+                    and value.dtype == p.dtype
+                    and bool(torch.isfinite(value).all())
+                )
+            if not ok:
+                what = f"a {tuple(value.shape)} {value.dtype} tensor" if tensor else repr(value)
+                raise ValueError(
+                    f"its optimizer's {name} of parameter {k} is {what}, not "
+                    + (
+                        "a 0-d float tensor ≥ 0"
+                        if name == "step"
+                        else f"finite {tuple(p.shape)} {p.dtype}"
+                    )
+                )
+
+
+#: Hyper-parameters with a range: name -> whether a (finite) value is in it.
+_IN_RANGE = {
+    "lr": lambda v: v >= 0,
+    "weight_decay": lambda v: v >= 0,
+    "eps": lambda v: v >= 0,
+    "momentum": lambda v: 0 <= v < 1,
+    "dampening": lambda v: 0 <= v <= 1,
+    "betas": lambda v: all(0 <= b < 1 for b in v),
+}
+
+
+def _same_kind(saved, own) -> bool:
+    """Whether a stored hyper-parameter is of the kind of the optimizer's own value: a finite
+    number for a number, the same for bools, None and strings, element by element for tuples."""
+    if isinstance(own, bool) or own is None or isinstance(own, str):
+        return type(saved) is type(own)
+    if isinstance(own, int | float):
+        return (
+            isinstance(saved, int | float) and not isinstance(saved, bool) and math.isfinite(saved)
+        )
+    if isinstance(own, list | tuple):
+        return (
+            isinstance(saved, list | tuple)
+            and len(saved) == len(own)
+            and all(_same_kind(a, b) for a, b in zip(saved, own))
+        )
+    if isinstance(own, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and saved.shape == own.shape
+    return False
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, groups) -> None:
+    """ValueError unless each stored group holds the optimizer's own hyper-parameters, each of
+    its kind (``params`` aside)."""
+    for own, saved in zip(optimizer.param_groups, groups, strict=True):
+        keys = set(own) - {"params"}
+        if set(saved) - {"params"} != keys:
+            raise ValueError(
+                f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
+            )
+        for key in sorted(keys):
+            value = saved[key]
+            ok = _same_kind(value, own[key]) and _IN_RANGE.get(key, lambda v: True)(value)
+            if not ok:
+                raise ValueError(f"its optimizer's {key} is {value!r}")
+
+
+def check_snapshot(optimizer: torch.optim.Optimizer, saved) -> None:
+    """ValueError unless ``saved`` (see :func:`~ntkviz.session.snapshot_payload`) holds a state
+    per parameter of ``optimizer`` that fits it, and its hyper-parameters per group."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("state"), list | tuple)
+        or not isinstance(saved.get("groups"), list | tuple)
+        or len(saved["state"]) != len(params)
+        or len(saved["groups"]) != len(optimizer.param_groups)
+        or not all(isinstance(x, dict) for x in (*saved["state"], *saved["groups"]))
+    ):
+        raise ValueError("its optimizer state is not one of this model's optimizer")
+    _check_groups(optimizer, saved["groups"])
+    _check_states(optimizer, enumerate(saved["state"]))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``saved`` (a state dict) into ``optimizer`` if it is one of that optimizer's kind, of
+    those parameters; ValueError otherwise (``load_state_dict`` checks only the group sizes)."""
+    own = optimizer.state_dict()["param_groups"]
+    if len(saved["param_groups"]) != len(own) or any(
+        list(s["params"]) != g["params"] for g, s in zip(own, saved["param_groups"])
+    ):
+        raise ValueError(
+            f"it is not the state of this run's optimizer ({type(optimizer).__name__})"
+        )
+    _check_groups(optimizer, saved["param_groups"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(not 0 <= k < len(params) for k in saved["state"]):
+        raise ValueError("it holds state of a parameter the model lacks")
+    _check_states(optimizer, saved["state"].items())
+    optimizer.load_state_dict(saved)
+
+
+def session_parts(session: Session) -> dict:
+    """The features' parts of ``session``: its ``selection`` field holds them by feature name;
+    files of ntkviz 0.1's first format kept curves, kernel maps and a flat selection apart."""
+    sel = dict(session.selection)
+    if "split_u" not in sel:
+        return sel
+    parts = {
+        "pair": {
+            "x_u": [sel["split_u"], sel["index_u"]],
+            "x_o": [sel["split_o"], sel["index_o"]],
+            **{k: sel[k] for k in ("y_u", "lr")},
+        },
+        "training": {"curves": dict(session.curves)},
+        "kernel_maps": {
+            "per_class": sel.get("kernel_map_per_class", 20),
+            "maps": [(s, m.tolist()) for s, m in session.kernel_maps],
+        },
+    }
+    parts["pair"]["loss"] = sel.get("loss", "ce")
+    if "influence_size" in sel:
+        parts["influence"] = {"size": sel["influence_size"]}
+    return parts

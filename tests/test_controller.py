@@ -796,3 +796,46 @@ def test_work_on_a_helper_thread_lets_the_job_yield_and_returns_its_result_or_er
     while runner.busy:
         runner.step(0)
     assert events[-1].kind == "error" and events[-1].payload[1] == "no such spectrum"
+
+
+def test_a_session_saved_while_training_holds_the_curves_of_its_weights(app, tmp_path):
+    # the parts were taken at the click, the weights when the engine got to it, steps later
+    from ntkviz.session import load_session
+
+    config = dataclasses.replace(CONFIG, epochs=20)
+    app.controller.add_session_part(
+        "probe", lambda: {"records": app.controller.trained_steps}, lambda part: None
+    )
+    app.controller.start_training(config)
+    while app.controller.trained_steps == 0:
+        app.engine.tick()
+        app.handle_events()
+    assert app.state.run_state == "training"
+    app.engine.tick()  # steps whose records are still on their way when Save is clicked
+    path = tmp_path / "mid.ntks"
+    app.controller.save_session(str(path))
+    app.handle_events()
+    assert app.state.run_state == "training"  # it resumed after saving
+    session = load_session(path)
+    assert session.step > 0 and session.selection["probe"]["records"] == session.step
+    app.controller.stop()
+    app.drain()
+
+
+def test_a_watch_detail_of_a_step_not_kept_says_which_steps_are(app):
+    from ntkviz.app.features.watch import WatchDetailRequest, WatchObserver
+
+    app.send("set_observer", "watch", WatchObserver((Example("test", 0), Example("test", 1))))
+    for _ in range(2):
+        app.controller.one_batch(CONFIG)
+        app.drain()
+    seen = app.listen("watch_detail")
+    app.controller.submit("watch_detail", WatchDetailRequest(2))
+    app.drain()
+    assert seen[-1].kind == "result" and seen[-1].payload.step == 2
+    app.controller.submit("watch_detail", WatchDetailRequest(40))  # e.g. of an earlier run
+    app.drain()
+    title, message = app.errors[-1]
+    assert title == "Watch detail failed"
+    assert "step 40 is not among the steps this run's account keeps in detail" in message
+    assert "(steps 1–2; the last" in message

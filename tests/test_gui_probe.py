@@ -93,8 +93,13 @@ def test_influence_heatmap_equals_core_and_thumbnail_sets_x_o(qtbot, window, mni
     # ‖K‖ per class on the first 60 probe examples
     norms = influence(model, test.x[idx[:60]], x_u, r.y_u, r.lr, r.loss, kernel_norm=True)
     labels = test.y[idx[:60]].numpy()
+    heights = view.norm_bars.opts["height"]  # the bars drawn: mean ± std (error bars) a class
+    err = view.norm_err.opts
     for c in np.unique(labels):
-        assert view.norm_means[c] == pytest.approx(norms.kernel_norm[labels == c].mean(), 1e-6)
+        of_c = norms.kernel_norm[labels == c]
+        assert heights[c] == pytest.approx(of_c.mean(), 1e-6)
+        assert err["y"][c] == pytest.approx(of_c.mean(), 1e-6)
+        assert err["height"][c] == pytest.approx(2 * of_c.std(), rel=1e-5, abs=1e-9)
     # the most raised thumbnail is the argmax of the predicted Δlog π of y_u
     top = int(idx[np.argmax(core.predicted[:, r.y_u])])
     button = view.raised.buttons[0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gui_helpers import (
+    SMALL,
     TIMEOUT,
     cut_off,
     model_state,
@@ -207,10 +208,28 @@ def test_the_app_works_on_a_python_model_and_rgb_data(show_window, qtbot, tmp_pa
     assert other.state.model.applied_steps == 1 and other.state.y_u == 2
 
 
+def chosen_in_the_dialog(source: str):
+    """A stand-in for File ▸ Open dataset's dialog, with ``source`` chosen."""
+
+    class Dialog:
+        def __init__(self, *args):
+            pass
+
+        def exec(self):
+            return True
+
+        def values(self):
+            return source, None, False
+
+    return Dialog
+
+
 def test_open_dataset_builds_the_model_box_kind_and_says_how_to_leave_your_model(
-    show_window, qtbot, tmp_path
+    show_window, qtbot, tmp_path, monkeypatch
 ):
     from PIL import Image
+
+    import ntkviz.gui.files
 
     for split in ("train", "test"):
         for name in ("cat", "dog"):
@@ -230,12 +249,11 @@ def test_open_dataset_builds_the_model_box_kind_and_says_how_to_leave_your_model
     assert "pets (3×20×20, 2 classes)" in error.message
     assert window.state.dataset.name == "mnist" and window.state.model.number == number
     training.model_box.setCurrentIndex(training.model_box.findData("lenet"))
-    wait_event(
-        qtbot, window, "model",
-        lambda: window.controller.open_dataset(
-            str(tmp_path / "pets"), model=training.config().model
-        ),
-    )  # fmt: skip
+    assert window.state.model_kind == "lenet"  # File ▸ Open dataset reads it there
+    monkeypatch.setattr(
+        ntkviz.gui.files, "DatasetDialog", chosen_in_the_dialog(str(tmp_path / "pets"))
+    )
+    wait_event(qtbot, window, "model", window.files.open_dataset)
     qtbot.waitUntil(lambda: window.state.dataset.classes == ("cat", "dog"), timeout=TIMEOUT)
     assert window.state.model.config.model == "lenet"
 
@@ -368,3 +386,21 @@ def test_show_refuses_what_is_not_a_model_or_a_config():
         show(None, None, config=5, block=False)
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         show("lenet", None, block=False)
+
+
+def test_a_window_without_the_training_dock_opens_a_dataset(qtbot, tmp_path, mnist, monkeypatch):
+    # File ▸ Open dataset read the training dock's Model box: a KeyError without that dock
+    import ntkviz.gui.files
+    from ntkviz.gui.features import ExamplesView, PairView
+    from ntkviz.gui.window import MainWindow
+
+    window = MainWindow(config=SMALL, dataset=mnist, settings=settings_in(tmp_path),
+                        features=[ExamplesView, PairView])  # fmt: skip
+    window.show_message_boxes = False
+    qtbot.addWidget(window)
+    with qtbot.waitSignal(window.ready, timeout=TIMEOUT):
+        window.show()
+    number = window.state.model.number
+    monkeypatch.setattr(ntkviz.gui.files, "DatasetDialog", chosen_in_the_dialog("mnist"))
+    wait_event(qtbot, window, "model", window.files.open_dataset)
+    assert window.state.model.number > number and window.state.model.config.model == "lenet"

@@ -55,6 +55,7 @@ class AppController:
         self._session_parts: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
         self._last_live = (0, 0.0)  # step and time of the last live decomposition
         self._hold = 0  # > 0: selection changes in progress, refresh once at the end
+        self._save_on_pause: str | None = None  # a session to save once the run has paused
         for name in ("x_u", "y_u", "x_o", "lr", "loss", "step_kind"):
             getattr(state.events, name).connect(self._pair_changed)
         state.events.x_u.connect(self._x_u_changed)
@@ -329,6 +330,12 @@ class AppController:
 
     def _on_run_state(self, run_state: str) -> None:
         self.state.run_state = run_state
+        path, self._save_on_pause = self._save_on_pause, None
+        if path is not None and run_state != "training":  # paused for it, or the run ended
+            self._write_session(path)
+            if run_state == "paused":
+                self.resume()
+                return
         if run_state in ("finished", "stopped", "paused"):
             self.refresh()
 
@@ -361,6 +368,16 @@ class AppController:
         self._session_parts[name] = (save, restore)
 
     def save_session(self, path: str) -> None:
+        """Save a session to ``path``. While training, the run pauses first and the features'
+        parts (the curves) are taken once it has: every record of the engine's steps is in
+        then, so they end at the saved weights' step; then the run resumes."""
+        if self.state.run_state == "training":
+            self._save_on_pause = path
+            self.send("pause")
+            return
+        self._write_session(path)
+
+    def _write_session(self, path: str) -> None:
         parts = {name: save() for name, (save, _) in self._session_parts.items()}
         self.send("save_session", path, parts)
 

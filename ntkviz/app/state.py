@@ -14,7 +14,6 @@ from ntkviz.app.messages import DatasetInfo, EngineInfo, ModelInfo
 
 LOSSES = (("ce", "learn y_u (cross-entropy)"), ("neg", "negative gradient on y_u"))
 STEP_KINDS = (("sgd", "plain SGD"), ("optimizer", "this run's optimizer"))
-RUN_STATES = ("loading", "ready", "training", "paused", "stopped", "finished")
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,9 @@ class Example:
 class AppState:
     """``x_u`` learnt as class ``y_u`` with ``loss`` ("ce" or "neg") and learning rate ``lr`` by
     a plain SGD step or (``step_kind`` "optimizer") the run's optimizer's real next step, seen
-    from ``x_o``; the engine's run state, dataset, model and capabilities (None until loaded)."""
+    from ``x_o``; ``model_kind``: the registry model a new run or dataset takes (the training
+    dock's choice; None: the current model's kind); the engine's run state, dataset, model and
+    capabilities (None until loaded)."""
 
     x_u: Example = Example("train", 0)
     y_u: int = 0
@@ -41,6 +42,7 @@ class AppState:
     lr: float = 0.01
     loss: str = "ce"
     step_kind: str = "sgd"
+    model_kind: str | None = None
     run_state: str = "loading"
     engine: EngineInfo | None = None
     dataset: DatasetInfo | None = None

@@ -84,8 +84,8 @@ class FileMenu(QObject):
             if not source:
                 self.window.show_error("No dataset", "choose a folder of class folders")
                 return
-            training = self.window.views["training"]  # the Model box's choice
-            kind = training.config().model if self.controller.state.model else None
+            state = self.controller.state  # the model kind chosen in the training dock
+            kind = (state.model_kind or state.model.config.model) if state.model else None
             self.controller.open_dataset(source, root, download, kind)
 
     def export_plot_dialog(self, name: str) -> None:
@@ -104,7 +104,7 @@ class FileMenu(QObject):
     def export_plot(self, name: str, path: str, width: int = 1600) -> bool:
         """Write the plot ``name`` (a key of the window's ``plots()``) to ``path``."""
         window = self.window
-        if name == "Decomposition" and window.views["pair"].last_result is None:
+        if name == "Decomposition" and self.controller.current("pair") is None:
             window.show_error("Nothing to export", "no decomposition has been computed yet")
             return False
         from ntkviz.gui.features.base import ProbeView  # pyqtgraph: after the first paint

@@ -25,8 +25,6 @@ CLASS_COLORS = (
     "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )  # fmt: skip
 
-SUB = {"o": "<sub>o</sub>", "u": "<sub>u</sub>"}
-
 
 def class_color(k: int) -> str:
     """Class ``k``'s colour: Tableau 10 for the first ten, then evenly spread hues."""

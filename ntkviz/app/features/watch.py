@@ -231,8 +231,11 @@ class WatchDetailRequest:
         for detail in reversed(observer.details):
             if detail.step == self.step:
                 return detail
+        kept = [d.step for d in observer.details]
+        span = f"steps {kept[0]}–{kept[-1]}" if kept else "none yet"
         raise ValueError(
-            f"step {self.step} is not among the last {observer.history} steps kept in detail"
+            f"step {self.step} is not among the steps this run's account keeps in detail ({span}; "
+            f"the last {observer.history}): a step of an earlier run, or an older one"
         )
 
 

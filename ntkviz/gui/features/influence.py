@@ -88,8 +88,6 @@ class InfluenceView(ProbeView):
             self.norm_plot.addItem(item)
         g.ci.layout.setColumnStretchFactor(0, 3)
         g.ci.layout.setColumnStretchFactor(1, 2)
-        self.norm_means = np.zeros(0)
-        self.norm_stds = np.zeros(0)
         self.raised = ThumbnailRow("most raised", THUMBS)
         self.lowered = ThumbnailRow("most lowered", THUMBS)
         for row in (self.raised, self.lowered):
@@ -207,7 +205,6 @@ class InfluenceView(ProbeView):
     def _draw_norms(self) -> None:
         r = self.result
         if r is None or r.kernel_norm is None:
-            self.norm_means = self.norm_stds = np.zeros(0)
             self.norm_bars.setOpts(x=[], height=[])
             self.norm_err.setData(x=np.zeros(0), y=np.zeros(0), height=np.zeros(0))
             self.norm_strip.setData([], [])
@@ -220,7 +217,6 @@ class InfluenceView(ProbeView):
         present = [labels == k for k in range(C)]
         means = np.array([norms[m].mean() if m.any() else 0 for m in present])
         stds = np.array([norms[m].std() if m.any() else 0 for m in present])
-        self.norm_means, self.norm_stds = means, stds
         x = np.arange(C)
         y_u = r.request.pair.y_u
         colors = [NORM_BAR_Y_U if k == y_u else NORM_BAR for k in x]

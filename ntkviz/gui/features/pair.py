@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 from ntkviz.app.features.pair import describe_steps
 from ntkviz.app.state import STEP_KINDS
 from ntkviz.arrays import norm
-from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data, export_graphics
+from ntkviz.gui.export import DATA_FORMATS, export_decomposition_data
 from ntkviz.gui.features.base import Action, FeatureView
 from ntkviz.gui.plots import (
     DecompositionView,
@@ -308,11 +308,6 @@ class PairView(FeatureView):
             "applied_steps": result.applied_steps, "seed": result.seed, "dataset": d.name,
             "classes": list(c), "ntkviz_version": __version__,
         }  # fmt: skip
-
-    def export_figure(self, path: str, width: int = 1600) -> Path:
-        if self.last_result is None:
-            raise ValueError("no decomposition has been computed yet")
-        return export_graphics(self.decomposition_view.ci, path, width)
 
     def _export_data_dialog(self) -> None:
         filters = ";;".join(f"{s[1:].upper()} (*{s})" for s in DATA_FORMATS)

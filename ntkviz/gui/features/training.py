@@ -134,6 +134,7 @@ class TrainingView(FeatureView):
         self.stop_button.clicked.connect(c.stop)
         self.batch_button.clicked.connect(lambda: c.one_batch(self.config()))
         self.continue_button.clicked.connect(lambda: c.continue_training(self.config()))
+        self.model_box.currentIndexChanged.connect(self._model_chosen)
         s.events.engine.connect(self._on_engine)
         s.events.dataset.connect(self._on_dataset)
         s.events.model.connect(self._on_model)
@@ -197,6 +198,9 @@ class TrainingView(FeatureView):
         if info.source != "trained":
             self.set_config(info.config)
 
+    def _model_chosen(self) -> None:
+        self.state.model_kind = self.model_box.currentData()
+
     def set_config(self, c) -> None:
         """Show a ``TrainConfig``."""
         self.model_box.setCurrentIndex(max(self.model_box.findData(c.model), 0))
@@ -216,7 +220,7 @@ class TrainingView(FeatureView):
         base = self.state.model.config
         return replace(
             base,
-            model=self.model_box.currentData() or base.model,
+            model=self.state.model_kind or base.model,
             train_size=self.train_size.value() or None,
             lr=self.lr.value(),
             optimizer=self.optimizer.currentData(),
