@@ -10,11 +10,22 @@ def readonly(a, dtype=None) -> np.ndarray:
     """A read-only numpy copy of ``a`` (an array, a torch tensor or a nested list), as ``dtype``
     if given. (Imports no torch: the GUI imports this before torch has loaded.)"""
     if hasattr(a, "detach"):  # a tensor
-        a = a.detach().cpu()
-        a = (a.double() if a.is_floating_point() and dtype is not None else a).numpy()
+        a = _numpy(a, float64=dtype is not None)
     out = np.array(a, dtype, copy=True)
     out.flags.writeable = False
     return out
+
+
+def _numpy(t, float64: bool = False) -> np.ndarray:
+    """A torch tensor's values as numpy (float64 if ``float64`` and it holds floats; bfloat16,
+    which numpy lacks, as float32: exactly)."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and (float64 or str(t.dtype) not in _NUMPY_FLOATS):
+        t = t.double() if float64 else t.float()
+    return t.numpy()
+
+
+_NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
 
 
 def frozen(a) -> np.ndarray:
@@ -28,7 +39,9 @@ def frozen(a) -> np.ndarray:
 def norm(x) -> float:
     """‖x‖₂ of all entries, scaled by the largest: 1e-200 or 1e200 entries give their true
     norm, where ``np.linalg.norm`` squares them to 0 or inf. NaN if any entry is NaN."""
-    x = np.abs(np.asarray(x, np.float64)).ravel()
+    if hasattr(x, "detach"):  # a tensor
+        x = _numpy(x)
+    x = np.abs(np.asarray(x)).astype(np.float64).ravel()  # complex entries by their modulus
     if x.size == 0:
         return 0.0
     m = x.max()

@@ -68,7 +68,10 @@ def main(out_dir: str = "docs/screenshots") -> int:
     print("mean Δπ, row 4:", np.array2string(dp[4], precision=5))
     print("mean Δπ_4 by true class:", np.array2string(dp[:, 4], precision=5))
     if r.kernel_norm is not None:
-        print("mean ‖K‖ by class:", np.array2string(iv.norm_means, precision=3))
+        print(
+            "mean ‖K‖ by class:",
+            np.array2string(np.asarray(iv.norm_bars.opts["height"]), precision=3),
+        )
     # the probe views are wide: give them the whole window (View menu: hide both docks)
     for dock in window.findChildren(QDockWidget):
         dock.hide()

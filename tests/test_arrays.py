@@ -37,3 +37,11 @@ def test_readonly_copies_tensors_and_arrays_and_frozen_is_float64_without_negati
     f = frozen(t)
     assert f.dtype == np.float64 and not f.flags.writeable and not np.signbit(f[1])
     assert readonly(torch.tensor([0.1], dtype=torch.float32), np.float64)[0] == np.float32(0.1)
+
+
+def test_norm_takes_tensors_and_complex_entries_and_readonly_takes_bfloat16():
+    t = torch.tensor([3.0, -4.0], requires_grad=True)
+    assert norm(t) == 5.0
+    assert norm(np.array([3 + 4j, 0])) == 5.0
+    b = readonly(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    assert b.dtype == np.float32 and b.tolist() == [1.5, -2.0]

@@ -839,3 +839,89 @@ def test_a_watch_detail_of_a_step_not_kept_says_which_steps_are(app):
     assert title == "Watch detail failed"
     assert "step 40 is not among the steps this run's account keeps in detail" in message
     assert "(steps 1–2; the last" in message
+
+
+def test_a_cancel_while_an_older_request_runs_still_frees_the_feature(app):
+    # the engine answered with the running job's (older) generation, which the controller
+    # dropped: the feature stayed "cancelling" and dropped every later result
+    seen = app.listen("influence")
+    request = InfluenceRequest(app.controller.pair(), size=10000)
+    app.engine.tick_seconds = 0.0
+    app.controller.submit("influence", request)
+    app.drain(ticks=1)
+    app.controller.set_periodic("influence", None, 1, supersede=True)  # a newer generation
+    app.controller.cancel("influence")
+    app.drain()
+    assert seen[-1].kind == "cancelled" and not app.engine.busy
+    app.controller.submit("influence", dataclasses.replace(request, size=20), supersede=False)
+    app.drain()
+    assert seen[-1].kind == "result" and app.controller.current("influence") is seen[-1].payload
+
+
+def train_until_records(app, config):
+    app.controller.start_training(config)
+    while app.controller.trained_steps == 0:
+        app.engine.tick()
+        app.handle_events()
+    assert app.state.run_state == "training"
+
+
+@pytest.mark.parametrize("then", ["pause", "apply_step", "stop"])
+def test_a_save_while_training_leaves_the_run_as_the_user_left_it(app, tmp_path, then):
+    # the run resumed after the save whatever the user did meanwhile: a Pause was undone, and a
+    # step applied after Save became part of the run (its undo lost)
+    train_until_records(app, dataclasses.replace(CONFIG, epochs=20))
+    app.controller.save_session(str(tmp_path / "s.ntks"))
+    getattr(app.controller, then)()
+    app.drain()
+    assert (tmp_path / "s.ntks").exists()
+    assert app.state.run_state == ("stopped" if then == "stop" else "paused")
+    assert not app.engine._running
+    if then == "apply_step":
+        assert len(app.engine.undo_stack) == 1
+
+
+def test_a_pause_before_a_save_while_training_is_kept(app, tmp_path):
+    train_until_records(app, dataclasses.replace(CONFIG, epochs=20))
+    app.controller.pause()  # its answer not yet in: the state still says training
+    app.controller.save_session(str(tmp_path / "s.ntks"))
+    app.drain()
+    assert (tmp_path / "s.ntks").exists() and app.state.run_state == "paused"
+
+
+def test_two_saves_while_training_both_write_and_the_run_goes_on(app, tmp_path):
+    train_until_records(app, dataclasses.replace(CONFIG, epochs=20))
+    saved = app.listen("session_saved")
+    for name in ("1.ntks", "2.ntks"):
+        app.controller.save_session(str(tmp_path / name))
+    app.handle_events()
+    assert [e.payload for e in saved] == [str(tmp_path / n) for n in ("1.ntks", "2.ntks")]
+    assert app.state.run_state == "training"
+    app.controller.stop()
+    app.drain()
+
+
+def test_helper_threads_of_one_kind_do_not_pile_up():
+    import threading
+
+    from ntkviz.app.jobs import on_helper_thread
+
+    gate = threading.Event()
+
+    def slow():
+        gate.wait(30)
+        return 1
+
+    first = on_helper_thread(slow, progress=Progress(0, 1))
+    next(first)
+    first.close()  # cancelled: its call goes on
+    second = on_helper_thread(slow, progress=Progress(0, 1))
+    for _ in range(3):
+        next(second)  # waits for the first call, yielding
+    helpers = [t for t in threading.enumerate() if t.name == "ntkviz-helper"]
+    assert len(helpers) == 1
+    gate.set()
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(second)
+    assert stop.value.value == 1

@@ -354,6 +354,23 @@ def test_kernel_maps_are_recorded_while_a_run_goes_one_batch_at_a_time(qtbot, wi
     )
 
 
+def test_a_save_on_closing_closes_the_window_though_another_error_comes_first(
+    qtbot, window, tmp_path, monkeypatch
+):
+    from ntkviz.app.messages import ErrorReport, Event
+
+    train_batches(qtbot, window, 1)
+    window.show_message_boxes = True
+    monkeypatch.setattr(QMessageBox, "exec", lambda self: QMessageBox.Save)
+    path = tmp_path / "kept.ntks"
+    window.files.ask_path = lambda *args, **kwargs: str(path)
+    monkeypatch.setattr(QMessageBox, "open", lambda self: None)  # the unrelated error's box
+    window.close()  # asks, then saves; the window closes once the file is written
+    window.controller.handle(Event("error", ErrorReport("Unrelated", "a job failed")))
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=TIMEOUT)
+    assert path.exists() and window.engine is None
+
+
 def test_a_window_closed_before_its_event_loop_ran_starts_nothing(qtbot, tmp_path, mnist):
     # its queued start built every view and started the engine's thread after the close
     from ntkviz.gui.window import MainWindow

@@ -22,6 +22,13 @@ from ntkviz.app.state import AppState, Example
 
 log = logging.getLogger(__name__)
 
+#: Commands that change the run or the model: one of them after a save that paused the run
+#: leaves it paused (the user's, not the save's, say).
+RUN_COMMANDS = frozenset({
+    "start", "continue_training", "one_batch", "pause", "resume", "stop", "apply_step", "undo",
+    "reset_steps", "open_session", "load_checkpoint", "open_model", "open_dataset",
+})  # fmt: skip
+
 #: Live decompositions while training: at least this many steps and seconds apart.
 LIVE_EVERY = 50
 LIVE_INTERVAL_S = 1.0
@@ -55,7 +62,8 @@ class AppController:
         self._session_parts: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
         self._last_live = (0, 0.0)  # step and time of the last live decomposition
         self._hold = 0  # > 0: selection changes in progress, refresh once at the end
-        self._save_on_pause: str | None = None  # a session to save once the run has paused
+        self._saves_on_hold: list[str] = []  # sessions to write once the engine has paused
+        self._resume_after_save = False  # the run was training when they were asked for
         for name in ("x_u", "y_u", "x_o", "lr", "loss", "step_kind"):
             getattr(state.events, name).connect(self._pair_changed)
         state.events.x_u.connect(self._x_u_changed)
@@ -67,6 +75,8 @@ class AppController:
     # ------------------------------------------------------------------ plumbing
     def send(self, name: str, *args) -> None:
         """Ask the engine to run its method ``name`` with ``args``."""
+        if name in RUN_COMMANDS:  # the user's own say over the run: no resume after a save
+            self._resume_after_save = False
         self._send(Command(name, args))
 
     def on(self, topic: str, callback: Callable) -> None:
@@ -330,13 +340,7 @@ class AppController:
 
     def _on_run_state(self, run_state: str) -> None:
         self.state.run_state = run_state
-        path, self._save_on_pause = self._save_on_pause, None
-        if path is not None and run_state != "training":  # paused for it, or the run ended
-            self._write_session(path)
-            if run_state == "paused":
-                self.resume()
-                return
-        if run_state in ("finished", "stopped", "paused"):
+        if run_state in ("finished", "stopped", "paused") and not self._saves_on_hold:
             self.refresh()
 
     def _on_session_saved(self, path) -> None:
@@ -368,14 +372,29 @@ class AppController:
         self._session_parts[name] = (save, restore)
 
     def save_session(self, path: str) -> None:
-        """Save a session to ``path``. While training, the run pauses first and the features'
-        parts (the curves) are taken once it has: every record of the engine's steps is in
-        then, so they end at the saved weights' step; then the run resumes."""
+        """Save a session to ``path``. While training, the engine pauses the run first and the
+        features' parts (the curves) are taken on its answer, when every record of its steps is
+        in, so that they end at the saved weights' step; then the run resumes, unless the user
+        paused, stopped or stepped it meanwhile."""
         if self.state.run_state == "training":
-            self._save_on_pause = path
-            self.send("pause")
+            if not self._saves_on_hold:
+                self._resume_after_save = True
+            self._saves_on_hold.append(path)
+            self._send(Command("hold_for_save", ()))
             return
         self._write_session(path)
+
+    def _on_held_for_save(self, was_running: bool) -> None:
+        """The engine has paused the run for the sessions on hold (``was_running``: it was
+        training until then): write them, then let it train on."""
+        paths, self._saves_on_hold = self._saves_on_hold, []
+        for path in paths:
+            self._write_session(path)
+        if paths and was_running and self._resume_after_save:
+            self._send(Command("resume", ()))
+        elif paths:
+            self.refresh()  # paused: as on any pause
+        self._resume_after_save = False
 
     def _write_session(self, path: str) -> None:
         parts = {name: save() for name, (save, _) in self._session_parts.items()}

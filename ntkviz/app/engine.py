@@ -572,10 +572,21 @@ class Engine:
         self.runner.start(feature, generation, request.run(self), getattr(request, "priority", 10))
 
     def cancel(self, feature: str, generation: int) -> None:
-        """Cancel ``feature``'s job; a "cancelled" event answers even when none was running (its
-        result may be on its way), so that the controller knows what came before the cancel."""
-        if not self.runner.cancel(feature):
-            self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
+        """Cancel ``feature``'s job; a "cancelled" event of the requester's ``generation``
+        answers even when no job of it was running (its result may be on its way, or an older
+        request's job was running), so that the controller knows what came before the cancel."""
+        if self.runner.generation(feature) == generation:
+            self.runner.cancel(feature)  # its event answers
+            return
+        self.runner.cancel(feature)  # an older request's (its event is stale), or none
+        self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
+
+    def hold_for_save(self) -> None:
+        """Pause the run for a session to be saved; a "held_for_save" event says whether it was
+        training (after every record of its steps)."""
+        was_running = self._running
+        self.pause()
+        self.emit(Event("held_for_save", was_running))
 
     def set_periodic(self, feature: str, generation: int, request, every: int) -> None:
         """While training, run ``request`` as ``feature``'s job at the current step and then
@@ -842,7 +853,11 @@ class Engine:
             },
             optimizer=None if self.optimizer is None else self.optimizer.state_dict(),
         )  # fmt: skip
-        save_session(path, session)
+        try:
+            save_session(path, session)
+        except Exception:
+            self.emit(Event("session_not_saved", str(path)))  # the error follows
+            raise
         self.emit(Event("session_saved", str(path)))
         self.message(f"saved session {path}")
 

@@ -48,11 +48,21 @@ class JobEvent:
 POLL_SECONDS = 0.02
 
 
+#: The helper thread of each kind of work (the function's name), the latest started.
+_helpers: dict[str, threading.Thread] = {}
+
+
 def on_helper_thread(fn: Callable, *args, progress: Progress):
     """Run ``fn(*args)`` on a daemon helper thread while the job yields ``progress`` every
     :data:`POLL_SECONDS` (``yield from`` it; it returns the result or raises the error). For one
     long numeric call that cannot yield itself (an eigen-decomposition, which releases the GIL);
-    it must not touch the model. A job stopped meanwhile leaves the call to finish unseen."""
+    it must not touch the model. A job stopped meanwhile leaves the call to finish unseen; the
+    next call of the same ``fn`` waits for it (yielding), so that they do not pile up."""
+    key = getattr(fn, "__qualname__", repr(fn))
+    previous = _helpers.get(key)
+    while previous is not None and previous.is_alive():
+        previous.join(POLL_SECONDS)
+        yield progress
     box: dict = {}
     finished = threading.Event()
 
@@ -64,7 +74,8 @@ def on_helper_thread(fn: Callable, *args, progress: Progress):
         finally:
             finished.set()
 
-    threading.Thread(target=target, name="ntkviz-helper", daemon=True).start()
+    helper = _helpers[key] = threading.Thread(target=target, name="ntkviz-helper", daemon=True)
+    helper.start()
     while not finished.wait(POLL_SECONDS):
         yield progress
     if "error" in box:
@@ -117,6 +128,11 @@ class JobRunner:
         self.cancel(feature, "replaced by a newer request")
         # the first progress after one interval: a short job shows none (no repaint mid-job)
         self._slots[feature] = _Slot(generation, job, priority, self._clock())
+
+    def generation(self, feature: str) -> int | None:
+        """The generation of ``feature``'s running job (None if none runs)."""
+        slot = self._slots.get(feature)
+        return None if slot is None else slot.generation
 
     def cancel(self, feature: str, reason: str = "cancelled") -> bool:
         """Cancel ``feature``'s job; False if none was running."""

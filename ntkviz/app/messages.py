@@ -23,8 +23,9 @@ class Event:
     (:class:`DatasetInfo`), "model" (:class:`ModelInfo`), "records" (a tuple of the core's
     ``TrainRecord``), "run_state" (loading, ready, training, paused, stopped, finished),
     "run_started" (:class:`RunStarted`), "message" (status text), "error"
-    (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved" and
-    "checkpoint_saved" (the path), "state_dict" (name -> numpy array), "kernel_path"
+    (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved",
+    "session_not_saved" (before its error) and "checkpoint_saved" (the path), "held_for_save"
+    (whether the run was training when a save paused it), "state_dict" (name -> numpy array), "kernel_path"
     (:class:`KernelPath`), and the events of the engine's run observers (e.g. "watch_steps")."""
 
     topic: str

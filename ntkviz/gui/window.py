@@ -66,7 +66,7 @@ class MainWindow(QMainWindow):
         self.last_error: tuple[str, str] | None = None
         self.show_message_boxes = True
         self.log_file: Path | None = None  # where errors are logged (set by app.run)
-        self._close_after_save = False  # the session asked for on closing is being written
+        self._close_after_save: str | None = None  # the session asked for on closing
         self._closed = False
         self.engine = None  # the EngineThread, once started
         self.thread: QThread | None = None
@@ -111,7 +111,7 @@ class MainWindow(QMainWindow):
         self.controller.on("kernel_path", self._on_kernel_path)
         self.controller.on("message", lambda event: self._status(event.payload, 5000))
         self.controller.on("session_saved", self._saved_before_closing)
-        self.controller.on("error", self._saved_before_closing)
+        self.controller.on("session_not_saved", self._saved_before_closing)
         self._enable_model_actions(False)
 
     def _build_views(self) -> None:
@@ -295,15 +295,15 @@ class MainWindow(QMainWindow):
         if answer == QMessageBox.Save:
             path = self.files.ask_path("Save session", "ntkviz session (*.ntks)")
             if path:  # close once the engine has written it (an error keeps the window open)
-                self._close_after_save = True
+                self._close_after_save = path
                 self.controller.save_session(path)
         return False
 
     def _saved_before_closing(self, event) -> None:
-        """Close once the session asked for on closing is written; an error (it could not be
-        written) keeps the window open, and later saves do not close it."""
-        if self._close_after_save:
-            self._close_after_save = False
+        """Close once the session asked for on closing is written; if it could not be written
+        the window stays open, and later saves do not close it."""
+        if event.payload == self._close_after_save:
+            self._close_after_save = None
             if event.topic == "session_saved":
                 self.close()
 
