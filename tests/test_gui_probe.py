@@ -413,3 +413,29 @@ def test_session_round_trip_and_corrupt_file_refused(qtbot, window, settings, mn
     )
     assert len(event.payload.lrs) == 1
     other.close()
+
+
+def test_a_probe_result_says_when_the_model_has_moved_since(qtbot, window):
+    # after Apply step (or more training) Influence kept its result with nothing marking it
+    # out of date but the step in its caption
+    view = window.views["influence"]
+    window.show_view(view)
+    view.set_probe_size(50)
+    wait_shown(qtbot, window, "influence", view.job.run_button.click)
+    assert view.stale_note.isHidden()
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    qtbot.waitUntil(view.stale_note.isVisible, timeout=TIMEOUT)
+    assert view.stale_note.text() == "computed at step 2; the model has moved since"
+    wait_shown(qtbot, window, "history", window.controller.undo_step)
+    qtbot.waitUntil(view.stale_note.isHidden, timeout=TIMEOUT)  # the same model again
+    window.tabs.setCurrentIndex(0)  # on another tab, the note follows all the same
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    qtbot.waitUntil(lambda: not view.stale_note.isHidden(), timeout=TIMEOUT)
+    wait_shown(qtbot, window, "history", window.controller.undo_step)
+    qtbot.waitUntil(view.stale_note.isHidden, timeout=TIMEOUT)
+    train_batches(qtbot, window, 1)
+    qtbot.waitUntil(lambda: not view.stale_note.isHidden(), timeout=TIMEOUT)
+    window.show_view(view)
+    assert view.stale_note.isVisible()
+    wait_shown(qtbot, window, "influence", view.job.run_button.click)
+    assert view.stale_note.isHidden()

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PySide6.QtWidgets import QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ntkviz.app.controller import AppController
 from ntkviz.app.state import AppState, Example
 from ntkviz.gui.export import ask_save_path, export_graphics
 from ntkviz.gui.graphics import pg
+from ntkviz.gui.plots import model_step
 from ntkviz.gui.widgets import FlowLayout, JobControls
 
 VIEW_DATA_FORMATS = (".csv", ".npz")
@@ -118,6 +119,9 @@ class ProbeView(FeatureView):
 
     placement = "tab"
     run_text = "Compute"
+    #: The result is of one state of the model (its ``step`` and ``applied_steps``): say so when
+    #: the model has moved on since.
+    marks_stale = False
 
     def __init__(self, ctx: FeatureContext):
         super().__init__(ctx)
@@ -133,18 +137,40 @@ class ProbeView(FeatureView):
         self.layout_.setContentsMargins(4, 4, 4, 4)
         self.layout_.addLayout(self.controls)
         self.layout_.addWidget(self.graphics, 1)
+        self.stale_note = QLabel()
+        self.stale_note.setStyleSheet("color: #b05000")
+        self.stale_note.hide()
         self.job.run_clicked.connect(self.run)
         self.job.cancel_clicked.connect(lambda: self.controller.cancel(self.name))
         self.controller.on(self.name, self._on_event)
+        if self.marks_stale:
+            self.state.events.model.connect(self._mark_stale)
+            self.controller.on("records", self._mark_stale)
 
     def add_controls(self, *widgets) -> None:
         for w in widgets:
             self.controls.addWidget(w)
 
     def finish_controls(self) -> None:
-        """End the control row: the job controls and Export."""
+        """End the control row: the job controls, Export and the note that the result shown is
+        of an earlier model."""
         self.controls.addWidget(self.job)
         self.controls.addWidget(self.export_button)
+        self.controls.addWidget(self.stale_note)
+
+    def _mark_stale(self, *args) -> None:
+        """Show the note while the result shown is of another state of the model than the one
+        held now (trained or stepped by hand since); its text changes only when that does."""
+        r, model = self.result, self.state.model
+        now = (self.controller.trained_steps, model.applied_steps if model else 0)
+        then = None if r is None else (r.step, getattr(r, "applied_steps", 0))
+        stale = then is not None and then != now
+        if stale == self.stale_note.isHidden():  # (isVisible is False on a hidden tab)
+            self.stale_note.setText(
+                f"computed at {model_step(r)}; the model has moved since" if stale else ""
+            )
+            self.stale_note.setToolTip(f"{self.run_text} again for the model as it is now")
+            self.stale_note.setVisible(stale)
 
     def plots(self):
         return {self.title: lambda: self.graphics.ci}
@@ -155,6 +181,7 @@ class ProbeView(FeatureView):
     def model_replaced(self, info) -> None:
         self.result = None
         self.job.set_running(False)
+        self.stale_note.hide()
         self.clear()
 
     def clear(self) -> None:
@@ -172,6 +199,8 @@ class ProbeView(FeatureView):
         if event.kind == "result":
             self.result = event.payload
             self.show_result(event.payload)
+            if self.marks_stale:
+                self._mark_stale()
             self.ctx.shown(self.name, event.payload)
 
     def show_result(self, result) -> None:

@@ -41,6 +41,7 @@ class InfluenceView(ProbeView):
     """The class map, the thumbnails and the kernel norms of one update."""
 
     name = "influence"
+    marks_stale = True
     title = "Influence"
     tooltip = "Influence over a probe set"
 

@@ -40,6 +40,7 @@ class LayersView(ProbeView):
     """Split K by layer (the main job) and the spectrum (a second job)."""
 
     name = "layers"
+    marks_stale = True
     title = "Layers"
     tooltip = "Layers & spectrum"
     run_text = "Split K for the selected pair"
@@ -52,7 +53,7 @@ class LayersView(ProbeView):
         self.spectrum_job = JobControls("Compute spectrum")
         self.clear_button = QPushButton("Clear old spectra")
         self.add_controls(self.job, labelled("spectrum of N =", self.n_box), self.spectrum_job,
-                          self.clear_button, self.export_button)  # fmt: skip
+                          self.clear_button, self.export_button, self.stale_note)  # fmt: skip
         self.bar_plot = self.graphics.addPlot(0, 0, title=BAR_TITLE)
         self.bar_plot.setMenuEnabled(False)
         self.bar_plot.invertY(True)  # the first layer on top

@@ -20,6 +20,7 @@ class SqueezeView(ProbeView):
     """The squeezing lab: negative against positive steps on x_u."""
 
     name = "squeeze"
+    marks_stale = True
     title = "Squeezing"
     tooltip = "Squeezing effect"
     run_text = "Run"
