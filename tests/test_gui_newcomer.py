@@ -1,6 +1,7 @@
 """What a new user and a bad-input sweep found in the window (issue 12, points 1-7)."""
 
 import os
+from dataclasses import replace
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -246,6 +247,13 @@ def test_squeezing_defaults_to_y_u_and_shows_moves_of_a_saturated_example(qtbot,
     assert result.y == 4 and result.p_label_float32 > 1 - 1e-6 and result.saturated
     assert result.neg.label_fell.all() and result.neg.top_rose.all()  # visible in float64
     assert "below its resolution" in view.checks.text() and "✗" not in view.checks.text()
+    # π(ȳ) exactly 1 in float64 too (e.g. after η = 100): the message said "1 − 0.0e+00"
+    probs = result.neg.probs.copy()
+    probs[0] = np.eye(len(probs[0]))[4]
+    view.result = replace(result, neg=replace(result.neg, probs=probs))
+    view.show_result(view.result)
+    text = view.checks.text()
+    assert "π(ȳ) = 1 even in float64" in text and "0.0e+00" not in text
 
 
 # ------------------------------------------------------------------- 6. misleading figures

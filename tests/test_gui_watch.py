@@ -301,3 +301,12 @@ def test_watch_runs_is_remembered_and_restores_without_an_error(qtbot, tmp_path,
     view.watching.setChecked(False)
     window.close()
     assert settings.value("watchRuns") in (False, "false")
+
+
+def test_a_run_without_watching_leaves_the_show_list_offering_the_next_runs(qtbot, window):
+    view, training = window.views["watch_ranking"], window.views["training"]
+    view.watching.setChecked(False)
+    training.epochs.setValue(1)
+    training.start_button.click()
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    assert view.run_examples == () and view.which.count() == len(view.examples) > 0

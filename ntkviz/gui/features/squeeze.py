@@ -199,11 +199,18 @@ class SqueezeView(ProbeView):
                     f"<b>positive gradient</b>: π(ȳ) {run.probs[0, r.y]:.3g} → "
                     f"{run.probs[-1, r.y]:.3g}"
                 )
-        if r.saturated:
+        gap = 1 - r.neg.probs[0, r.y]
+        if r.saturated and gap > 0:
             lines.append(
-                f"<span style='color:#b05000'>π(ȳ) = 1 − {1 - r.neg.probs[0, r.y]:.1e}: in float32 "
-                "it is 1.0 and these moves are below its resolution, so this lab computes in "
-                "float64. A less confident x (e.g. Most confidently wrong) shows larger ones.</span>"
+                f"<span style='color:#b05000'>π(ȳ) = 1 − {gap:.1e}: in float32 it is 1.0 and these "
+                "moves are below its resolution, so this lab computes in float64. A less confident "
+                "x (e.g. Most confidently wrong) shows larger ones.</span>"
+            )
+        elif r.saturated:
+            lines.append(
+                "<span style='color:#b05000'>π(ȳ) = 1 even in float64: no step can move it by a "
+                "visible amount, so the guaranteed moves cannot show (✗). A less confident x "
+                "(e.g. Most confidently wrong) shows them.</span>"
             )
         if r.left_out:  # sweep points or survey images whose step diverged
             lines.append(

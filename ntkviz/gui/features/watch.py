@@ -211,9 +211,10 @@ class WatchView(ProbeView):
     def _run_started(self, event) -> None:
         if OBSERVER in event.payload.continued:  # a Continue: the timeline goes on
             return
-        self.clear()
+        self.clear()  # the "show" list offers the next run's examples (this one watches none)
         self.run_examples = event.payload.observed.get(OBSERVER, ())
-        self._list(self.run_examples)
+        if self.run_examples:
+            self._list(self.run_examples)
         self._note()
         self.redraw()
 
