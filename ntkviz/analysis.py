@@ -134,12 +134,26 @@ def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
     return gram_spectrum(empirical_ntk(model, x, x))
 
 
-def gram_spectrum(K: Tensor) -> np.ndarray:
-    """Eigenvalues, descending (float64), of the (N·V)×(N·V) Gram matrix of kernel blocks
-    ``K (N, N, V, V)``."""
-    K = K.double()
+def gram_spectrum(K) -> np.ndarray:
+    """Eigenvalues, descending (float64; the kernel's units, logit² per unit parameter step),
+    of the (N·V)×(N·V) Gram matrix of the kernel blocks ``K (N, N, V, V)`` of one batch with
+    itself (a tensor or an array, e.g. from :func:`~ntkviz.kernel.iter_kernel_gram`). ValueError
+    for another shape, non-finite entries, or blocks that are not K[b, a] = K[a, b]ᵀ (a kernel
+    between two batches has no spectrum)."""
+    K = torch.as_tensor(K).double()
+    if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3]:
+        raise ValueError(
+            f"K must be the kernel blocks (N, N, V, V) of one batch, got shape {tuple(K.shape)}"
+        )
+    if not bool(torch.isfinite(K).all()):
+        raise ValueError("K has non-finite entries")
     N, _, V, _ = K.shape
     gram = K.permute(0, 2, 1, 3).reshape(N * V, N * V)
+    if gram.numel() and float((gram - gram.T).abs().max()) > 1e-4 * float(gram.abs().max()):
+        raise ValueError(
+            "K is not symmetric (K[b, a] ≠ K[a, b]ᵀ): give the kernel of one batch with itself, "
+            "K(x, x)"
+        )
     return frozen(torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0))
 
 

@@ -11,7 +11,11 @@ def readonly(a, dtype=None) -> np.ndarray:
     if given. (Imports no torch: the GUI imports this before torch has loaded.)"""
     if hasattr(a, "detach"):  # a tensor
         a = _numpy(a, float64=dtype is not None)
-    out = np.array(a, dtype, copy=True)
+    out = np.array(a, copy=True)
+    if dtype is not None:
+        if np.iscomplexobj(out) and not np.issubdtype(dtype, np.complexfloating):
+            raise ValueError(f"complex values where {np.dtype(dtype)} numbers are expected")
+        out = out.astype(dtype)
     out.flags.writeable = False
     return out
 

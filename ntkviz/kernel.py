@@ -1095,8 +1095,9 @@ def iter_kernel_gram(
     model: nn.Module, x: Tensor, *, chunk_size: int | None = None
 ) -> Iterator[tuple[int, int] | Tensor]:
     """K(x[a], x[b]) for every pair of ``x (N, ...)``: yields ``(done, total)`` after each step,
-    then ``K (N, N, V, V)`` (in the model's dtype; K[b, a] = K[a, b]ᵀ), computed as
-    :func:`iter_kernel_norms` computes its norms. Stop iterating to cancel."""
+    then ``K (N, N, V, V)`` (the model's dtype; logit² per unit parameter step; K[b, a] =
+    K[a, b]ᵀ exactly, the diagonal blocks symmetric), computed as :func:`iter_kernel_norms`
+    computes its norms (eval mode, as every kernel here). Stop iterating to cancel."""
     return _iter_symmetric(model, x, chunk_size, norms=False)
 
 
@@ -1143,7 +1144,7 @@ def _iter_symmetric(
         _fill_symmetric(out, block, slice(start, end), slice(start, N))
         done += (end - start) * (N - start)
         yield done, total
-    yield out
+    yield _symmetric(out)
 
 
 def _fill_symmetric(out: Tensor, block: Tensor, rows: slice, cols: slice) -> None:
@@ -1187,7 +1188,16 @@ def _generic_symmetric(
             elif took > 2 * TILE_SECONDS:
                 width = max(1, width // 2)
             yield done, total
-    yield out
+    yield _symmetric(out)
+
+
+def _symmetric(out: Tensor) -> Tensor:
+    """Kernel blocks ``(N, N, V, V)`` averaged with their mirror: the off-diagonal blocks are
+    exact mirrors already (unchanged), the diagonal ones become symmetric (their two halves were
+    summed in different orders). Norms ``(N, N)`` are returned as they are."""
+    if out.ndim == 2:
+        return out
+    return out.add_(out.permute(1, 0, 3, 2).clone()).mul_(0.5)
 
 
 # --------------------------------------------------------------------------- public API
@@ -1263,7 +1273,8 @@ def empirical_ntk(
     ``x1 (N1, ...)``, ``x2 (N2, ...)`` are batches the model accepts. ``method``: "auto"
     (structured when the model allows it, else generic), "structured" or "generic". The large side
     is processed in chunks (``chunk_size`` examples, default from a cache-friendly 64 MiB
-    budget), so N1 may be a whole test set. Units: logit² per unit parameter step.
+    budget), so N1 may be a whole test set. Taken in eval mode (every module's flag restored
+    after), in the model's dtype and on its device. Units: logit² per unit parameter step.
     """
     return _kernels(model, x1, x2, method, chunk_size, split=False)["total"]
 

@@ -37,6 +37,7 @@ from ntkviz.errors import FileReadError
 from ntkviz.files import atomic_write, write_npz
 
 FORMAT = "ntkviz-run-account"
+CSV_HEADER = "# ntkviz run account"  #: how a CSV export begins
 VERSION = 2  #: 2: the statistics term (files of version 1 read it as zeros)
 #: The (W, V) terms accumulated, at the log-probability level (and the logit level, ``dz_``).
 TERMS = StepAccount.TERMS
@@ -283,14 +284,14 @@ class RunAccount:
         t = self.timeline()
         out = io.StringIO()
         out.write(
-            "# ntkviz run account: one row per step and watched example, the terms of Δlog π at "
-            "its class (read with comment='#')\n"
+            f"{CSV_HEADER}: one row per step and watched example, the terms of Δlog π at its "
+            "class (read with comment='#')\n"
         )
         for key, value in {"format": FORMAT, "version": VERSION, **self.meta}.items():
             out.write(f"# {key}: {json.dumps(value)}\n")
         w = csv.writer(out)
         w.writerow(["step", "lr", "loss", "watched", "class", "log_prob_before", *TERMS])
-        for s in range(len(t["step"])):
+        for s in range(len(t.get("step", ()))):  # none yet: the header alone
             for i, c in enumerate(self.classes):
                 values = [t[name][s, i, c] for name in TERMS]
                 w.writerow(
@@ -311,6 +312,16 @@ class RunAccount:
         """Read an account written by :meth:`save` (NPZ); :class:`~ntkviz.errors.FileReadError`
         (a ``ValueError``) names what is wrong."""
         path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                csv_export = f.read(len(CSV_HEADER)) == CSV_HEADER.encode()
+        except OSError:
+            csv_export = False
+        if csv_export:
+            raise FileReadError(
+                f"{path} is the CSV export of a run account (its timeline, for other tools); "
+                "ntkviz reads the .npz it saves"
+            )
         try:
             f = np.load(path, allow_pickle=False)
             if not isinstance(f, np.lib.npyio.NpzFile):  # one array (.npy), not an archive

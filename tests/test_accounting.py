@@ -968,6 +968,11 @@ def test_run_account_files_round_trip(tmp_path, mnist):
     assert len(rows) == 1 + 3 * 2 and rows[1].split(",")[0] == "10"
     with pytest.raises(ValueError, match=r"\.npz or \.csv"):
         run.save(tmp_path / "run.json")
+    with pytest.raises(FileReadError, match="the CSV export of a run account"):
+        RunAccount.load(tmp_path / "run.csv")  # was "damaged, or another kind of file"
+    empty = RunAccount([4, 9], num_train=100, keep_steps=True)  # no step yet: a KeyError
+    header = empty.save(tmp_path / "empty.csv").read_text().splitlines()
+    assert [line for line in header if not line.startswith("#")][1:] == []
     with np.load(tmp_path / "run.npz") as f:  # a version-1 file: no statistics term yet
         assert int(f["version"]) == 2
         old = {k: f[k] for k in f.files if "statistics" not in k}

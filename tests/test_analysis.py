@@ -1,5 +1,7 @@
 """Probe-set summaries against direct computations."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,25 @@ def test_squeeze_survey_measures_the_mass_gained_by_the_top_other_class():
         assert survey.label_fell[n] == (after[y[n]] < before[y[n]])
     with pytest.raises(ValueError, match="one label per example"):
         squeeze_survey(model, x, y[:2], 0.02)
+
+
+def test_gram_spectrum_refuses_what_is_not_the_kernel_of_one_batch_with_itself():
+    model = make("lenet")
+    x, z = inputs(3, seed=1), inputs(3, seed=2)
+    K = empirical_ntk(model, x, x)
+    np.testing.assert_allclose(gram_spectrum(K.numpy()), gram_spectrum(K), rtol=1e-12)
+    cases = [
+        (empirical_ntk(model, x, z), "not symmetric"),  # two batches: no spectrum
+        (empirical_ntk(model, x, x[:2]), "shape (3, 2, 10, 10)"),
+        (K[0, 0], "shape (10, 10)"),
+        (torch.full_like(K, float("nan")), "non-finite"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gram_spectrum(bad)
+
+
+def test_the_gram_of_the_generic_path_has_symmetric_diagonal_blocks(monkeypatch):
+    monkeypatch.setattr(kernel, "TILE_SECONDS", 0.0)
+    K = list(iter_kernel_gram(make("residual"), inputs(3, seed=3)))[-1]
+    assert torch.equal(K, K.permute(1, 0, 3, 2))

@@ -45,3 +45,11 @@ def test_norm_takes_tensors_and_complex_entries_and_readonly_takes_bfloat16():
     assert norm(np.array([3 + 4j, 0])) == 5.0
     b = readonly(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
     assert b.dtype == np.float32 and b.tolist() == [1.5, -2.0]
+
+
+def test_complex_values_are_refused_where_real_numbers_are_asked_for():
+    with pytest.raises(ValueError, match="complex values"):
+        frozen(torch.tensor([1 + 2j]))
+    with pytest.raises(ValueError, match="complex values"):
+        readonly(np.array([1 + 2j]), np.float64)
+    assert readonly(np.array([1 + 2j]))[0] == 1 + 2j  # kept as they are when no dtype is asked
