@@ -925,3 +925,71 @@ def test_helper_threads_of_one_kind_do_not_pile_up():
         while True:
             next(second)
     assert stop.value.value == 1
+
+
+def test_the_lineage_names_the_models_state_apart_from_training_steps(app):
+    # the probe tabs' "the model has moved since" compared counts: an undone step replaced by
+    # another, or applied steps taken into the run, looked like the state they left
+    engine = app.engine
+    app.controller.one_batch(CONFIG)
+    app.drain()
+    base = engine.lineage
+    app.controller.apply_step()
+    app.drain()
+    first = engine.lineage
+    app.controller.undo_step()
+    app.drain()
+    assert engine.lineage == base and app.state.model.lineage == base
+    app.controller.select(lr=0.5)
+    app.controller.apply_step()
+    app.drain()
+    assert engine.lineage not in (base, first) and len(engine.lineage) == len(first)
+    app.controller.reset_steps()
+    app.drain()
+    assert engine.lineage == base
+    app.controller.apply_step()
+    app.drain()
+    app.controller.resume()  # the applied step becomes part of the run: a new base
+    app.controller.pause()
+    app.drain()
+    assert engine.lineage != base and len(engine.lineage) == len(base)
+    assert app.state.model.lineage == engine.lineage
+
+
+def test_the_engine_stops_after_the_work_on_its_helper_threads(app):
+    # a process that ended while the spectrum's eigen-decomposition ran was aborted (exit 134)
+    import threading
+
+    from ntkviz.app.jobs import on_helper_thread
+
+    release = threading.Event()
+    threading.Timer(0.3, release.set).start()
+    job = on_helper_thread(lambda: release.wait(30), progress=Progress(0, 1))
+    next(job)
+    job.close()  # cancelled: the call goes on
+    helpers = [t for t in threading.enumerate() if t.name == "ntkviz-helper"]
+    assert helpers and all(t.is_alive() for t in helpers)
+    app.engine.shutdown()
+    assert release.is_set() and not any(t.is_alive() for t in helpers)
+
+
+@pytest.mark.parametrize("then", ["one_batch", "start_training"])
+def test_a_session_saved_while_training_is_the_model_of_that_moment(app, tmp_path, then):
+    # the engine wrote it after the commands that followed: the next batch's weights with the
+    # curves before it, or a new run's fresh weights with the old run's curves
+    from ntkviz.session import load_session
+
+    train_until_records(app, dataclasses.replace(CONFIG, epochs=20))
+    app.controller.add_session_part(
+        "probe", lambda: {"records": app.controller.trained_steps}, lambda part: None
+    )
+    path = tmp_path / "s.ntks"
+    app.controller.save_session(str(path))
+    held = app.state_dict()  # the engine has taken the model for it (the engine runs in line)
+    getattr(app.controller, then)(CONFIG)
+    app.drain()
+    session = load_session(path)
+    assert session.step > 0 and session.selection["probe"]["records"] == session.step
+    assert all(torch.equal(session.state_dict[k], v) for k, v in held.items())
+    assert not any(torch.equal(session.state_dict[k], v) for k, v in app.state_dict().items()
+                   if v.is_floating_point())  # fmt: skip

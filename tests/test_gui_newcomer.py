@@ -379,6 +379,21 @@ def test_a_save_on_closing_closes_the_window_though_another_error_comes_first(
     assert path.exists() and window.engine is None
 
 
+def test_closing_right_after_a_save_while_training_waits_for_it(qtbot, tmp_path, mnist):
+    # the save waited for the engine to pause, closing shut the engine first: nothing written
+    from dataclasses import replace as changed
+
+    window = open_window(qtbot, settings_in(tmp_path), mnist, changed(SMALL, epochs=50))
+    window.show_message_boxes = True  # a question would block: none may come
+    window.views["training"].start_button.click()
+    qtbot.waitUntil(lambda: window.controller.trained_steps > 0, timeout=TIMEOUT)
+    path = tmp_path / "s.ntks"
+    window.controller.save_session(str(path))
+    window.close()
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=TIMEOUT)
+    assert path.exists() and window.engine is None
+
+
 def test_a_window_closed_before_its_event_loop_ran_starts_nothing(qtbot, tmp_path, mnist):
     # its queued start built every view and started the engine's thread after the close
     from ntkviz.gui.window import MainWindow

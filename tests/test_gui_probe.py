@@ -439,3 +439,24 @@ def test_a_probe_result_says_when_the_model_has_moved_since(qtbot, window):
     assert view.stale_note.isVisible()
     wait_shown(qtbot, window, "influence", view.job.run_button.click)
     assert view.stale_note.isHidden()
+    # another step in the place of an undone one: the same counts, another model
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    wait_shown(qtbot, window, "influence", view.job.run_button.click)
+    wait_shown(qtbot, window, "history", window.controller.undo_step)
+    window.controller.select(lr=0.5)
+    wait_shown(qtbot, window, "history", window.controller.apply_step)
+    qtbot.waitUntil(view.stale_note.isVisible, timeout=TIMEOUT)
+
+
+def test_a_new_probe_set_while_a_map_is_recorded_frees_the_controls(qtbot, window):
+    # the per-class box superseded the running "Record now" while paused: its answer was
+    # dropped and the controls stayed "running" (Compute disabled) until Cancel
+    kv = window.views["kernel_maps"]
+    kv.per_class_box.setValue(50)
+    kv.job.run_button.click()
+    assert kv.job.running
+    kv.per_class_box.setValue(2)
+    assert not kv.job.running and kv.job.run_button.isEnabled()
+    maps = wait_shown(qtbot, window, "kernel_map_history", kv.job.run_button.click)
+    assert maps.maps[-1].shape == (10, 10) and not kv.job.running
+    assert kv.history.per_class == 2

@@ -310,3 +310,14 @@ def test_a_run_without_watching_leaves_the_show_list_offering_the_next_runs(qtbo
     training.start_button.click()
     qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
     assert view.run_examples == () and view.which.count() == len(view.examples) > 0
+
+
+def test_the_watch_tabs_cancel_also_cancels_an_export_of_the_accounts(qtbot, window, monkeypatch):
+    # the export runs as the "watch_save" job on the ranking's controls; Cancel cancelled only
+    # "watch_ranking"
+    view = window.views["watch_ranking"]
+    cancelled = []
+    monkeypatch.setattr(window.controller, "cancel", cancelled.append)
+    view.job.set_running(True)
+    view.job.cancel_button.click()
+    assert set(cancelled) == {"watch_ranking", "watch_save"}

@@ -380,25 +380,35 @@ class AppController:
             if not self._saves_on_hold:
                 self._resume_after_save = True
             self._saves_on_hold.append(path)
-            self._send(Command("hold_for_save", ()))
+            self._send(Command("hold_for_save", (path,)))
             return
         self._write_session(path)
 
-    def _on_held_for_save(self, was_running: bool) -> None:
-        """The engine has paused the run for the sessions on hold (``was_running``: it was
-        training until then): write them, then let it train on."""
-        paths, self._saves_on_hold = self._saves_on_hold, []
-        for path in paths:
-            self._write_session(path)
-        if paths and was_running and self._resume_after_save:
-            self._send(Command("resume", ()))
-        elif paths:
-            self.refresh()  # paused: as on any pause
-        self._resume_after_save = False
+    @property
+    def saving(self) -> tuple[str, ...]:
+        """The sessions asked for while training that are not written yet."""
+        return tuple(self._saves_on_hold)
 
-    def _write_session(self, path: str) -> None:
+    def _on_held_for_save(self, payload: tuple[str, bool]) -> None:
+        """The engine has paused the run and taken the model for the session ``path`` (it was
+        training until then if ``was_running``): write it with the parts as they are now, then
+        let the run go on unless the user paused, stepped or replaced it meanwhile."""
+        path, was_running = payload
+        if path not in self._saves_on_hold:
+            return
+        self._saves_on_hold.remove(path)
+        self._write_session(path, held=True)
+        resume = was_running and self._resume_after_save
+        if resume:
+            self._send(Command("resume", ()))
+        if not self._saves_on_hold:
+            if not resume and self.state.run_state == "paused":
+                self.refresh()  # as on any pause
+            self._resume_after_save = False
+
+    def _write_session(self, path: str, held: bool = False) -> None:
         parts = {name: save() for name, (save, _) in self._session_parts.items()}
-        self.send("save_session", path, parts)
+        self.send("save_session", path, parts, held)
 
     def open_session(self, path: str) -> bool:
         return self._replace_model("Open a session", "open_session", path)

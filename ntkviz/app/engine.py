@@ -14,6 +14,8 @@ cancels the running jobs first: a job must never see two sets of weights.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
 import time
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ntkviz.accounting import depends_on_mode, optimizer_snapshot
-from ntkviz.app.jobs import JobEvent, JobRunner, describe_error
+from ntkviz.app.jobs import JobEvent, JobRunner, describe_error, wait_for_helpers
 from ntkviz.app.messages import (
     Command,
     DatasetInfo,
@@ -132,6 +134,10 @@ class Engine:
         self.optimizer = None
         self.step = 0  #: optimizer steps of the current run
         self.undo_stack: list[Undo] = []  #: what each applied step changed, to undo it
+        self._serials = itertools.count(1)
+        self._base = 0  # this model's state before any applied step, apart from training steps
+        self._applied_ids: list[int] = []  # one serial an applied step, beside undo_stack
+        self._held: dict[str, Session] = {}  # the model as it was when a save paused the run
         self.applied_lrs: list[float] = []  #: η of each applied step
         self.applied_pairs: list = []  #: its PairRequest (None: unknown, from an old session)
         self.runner = JobRunner(emit)
@@ -276,6 +282,13 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def lineage(self) -> tuple:
+        """Which state the parameters are in, apart from training steps (``step``): the model,
+        its base (a new one when applied steps become training history) and one serial each
+        applied step. Undo returns to an earlier lineage; no two states share one."""
+        return (self._models, self._base, *self._applied_ids)
+
     def _set_model(
         self, model, config: TrainConfig, source: str, step: int = 0, emit: bool = True
     ) -> None:
@@ -358,6 +371,7 @@ class Engine:
                     self._describe_optimizer(),
                     self._emitted_run_lr,
                     depends_on_mode(self.model),
+                    self.lineage,
                 ),
             )
         )
@@ -496,11 +510,16 @@ class Engine:
         self.runner.cancel_all("the model changed", keep=set(self._periodic))
         self._running, self._single = False, True
 
-    def _forget_applied_steps(self, emit: bool = True) -> None:
+    def _forget_applied_steps(self, emit: bool = True, taken_in: bool = True) -> None:
+        """No applied steps to undo any more: ``taken_in`` (the parameters keep them: they
+        become training history, a new base), or the parameters are back before them (reset)."""
         had = bool(self.undo_stack)
         self.undo_stack.clear()
         self.applied_lrs.clear()
         self.applied_pairs.clear()
+        self._applied_ids.clear()
+        if had and taken_in:
+            self._base = next(self._serials)
         if had and emit:
             self.emit_model()
 
@@ -580,13 +599,6 @@ class Engine:
             return
         self.runner.cancel(feature)  # an older request's (its event is stale), or none
         self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
-
-    def hold_for_save(self) -> None:
-        """Pause the run for a session to be saved; a "held_for_save" event says whether it was
-        training (after every record of its steps)."""
-        was_running = self._running
-        self.pause()
-        self.emit(Event("held_for_save", was_running))
 
     def set_periodic(self, feature: str, generation: int, request, every: int) -> None:
         """While training, run ``request`` as ``feature``'s job at the current step and then
@@ -698,6 +710,7 @@ class Engine:
             self._restore(before)  # model and optimizer as they were before the step
             raise
         self.undo_stack.append(before)
+        self._applied_ids.append(next(self._serials))
         self.applied_lrs.append(float(pair.lr))
         self.applied_pairs.append(pair)
         self.emit_model()
@@ -710,6 +723,7 @@ class Engine:
             return
         self.runner.cancel_all("the model changed")
         self._restore(self.undo_stack.pop())
+        self._applied_ids.pop()
         self.applied_lrs.pop()
         self.applied_pairs.pop()
         self.emit_model()
@@ -719,7 +733,7 @@ class Engine:
         if self.undo_stack:
             self.runner.cancel_all("the model changed")
             self._restore(self.undo_stack[0])
-            self._forget_applied_steps()
+            self._forget_applied_steps(taken_in=False)
 
     # ------------------------------------------------------------------ files
     def send_state_dict(self) -> None:
@@ -823,26 +837,49 @@ class Engine:
                 f"{path} was made on {want.get('name')} ({source}), which cannot be read here: {e}"
             ) from None
 
-    def save_session(self, path: str, parts: dict) -> None:
+    def save_session(self, path: str, parts: dict, held: bool = False) -> None:
         """Write weights, config, the undo stack and the features' ``parts`` (plain values) to
+        ``path``: the model as it is, or (``held``) as :meth:`hold_for_save` took it for
         ``path``."""
+        session = self._held.pop(path, None) if held else None
+        session = replace(session or self._session(), selection=dict(parts))
+        try:
+            save_session(path, session)
+        except Exception:
+            self.emit(Event("session_not_saved", str(path)))  # the error follows
+            raise
+        self.emit(Event("session_saved", str(path)))
+        self.message(f"saved session {path}")
+
+    def hold_for_save(self, path: str) -> None:
+        """Pause the run and take the model as it is now for the session ``path``; a
+        "held_for_save" event ``(path, whether it was training)`` follows every record of its
+        steps, so that the curves of :meth:`save_session` end where its weights are."""
+        was_running = self._running
+        self.pause()
+        self._held[path] = self._session()
+        self.emit(Event("held_for_save", (path, was_running)))
+
+    def _session(self) -> Session:
+        """The model as it is now, as a :class:`Session` without the features' parts (copies:
+        later steps do not change it)."""
         history = [
             {
                 "lr": float(lr),
                 "pair": None if pair is None else pair.to_dict(),
-                "state_before": {k: v.detach().cpu() for k, v in st.state.items()},
-                "optimizer_before": snapshot_payload(st.snapshot),
+                "state_before": {k: v.detach().cpu().clone() for k, v in st.state.items()},
+                "optimizer_before": copy.deepcopy(snapshot_payload(st.snapshot)),
             }
             for lr, pair, st in zip(
                 self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
             )
         ]
-        session = Session(
+        optimizer = None if self.optimizer is None else self.optimizer.state_dict()
+        return Session(
             model_name=self.model_name,
-            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            state_dict={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             config=self.config,
             step=self.step,
-            selection=dict(parts),
             history=history,
             input_shape=self.data.input_shape,
             custom=self._user_model_current,
@@ -851,15 +888,8 @@ class Engine:
                 "name": self.data.name, "source": self.data.source,
                 "root": None if self.data.root is None else str(self.data.root),
             },
-            optimizer=None if self.optimizer is None else self.optimizer.state_dict(),
+            optimizer=copy.deepcopy(optimizer),
         )  # fmt: skip
-        try:
-            save_session(path, session)
-        except Exception:
-            self.emit(Event("session_not_saved", str(path)))  # the error follows
-            raise
-        self.emit(Event("session_saved", str(path)))
-        self.message(f"saved session {path}")
 
     def open_session(self, path: str) -> None:
         """Replace everything by the session in ``path``; a bad file changes nothing."""
@@ -928,6 +958,7 @@ class Engine:
             self.optimizer = make_optimizer(self.model, config)
             self.optimizer.load_state_dict(session.optimizer)
         self.undo_stack = [self._undo_of(st, before) for st, before in zip(stack, optimizers)]
+        self._applied_ids = [next(self._serials) for _ in self.undo_stack]
         self.applied_lrs, self.applied_pairs = lrs, pairs
         self.emit_model()
         self.emit(Event("session_opened", SessionOpened(str(path), parts)))
@@ -935,6 +966,8 @@ class Engine:
         self.message(f"opened session {path}{note}")
 
     def shutdown(self) -> None:
-        """Stop everything (the caller then ends the engine's thread)."""
+        """Stop everything (the caller then ends the engine's thread), waiting for work still on
+        a helper thread: a process that ends while one computes is aborted."""
         self.runner.close()
         self._close_run()
+        wait_for_helpers()

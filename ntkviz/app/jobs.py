@@ -83,6 +83,12 @@ def on_helper_thread(fn: Callable, *args, progress: Progress):
     return box["result"]
 
 
+def wait_for_helpers() -> None:
+    """Wait until no helper thread computes any more (e.g. before the process ends)."""
+    for helper in list(_helpers.values()):
+        helper.join()
+
+
 def describe_error(feature: str, e: BaseException) -> tuple[str, str]:
     """``(title, message)`` for the user: the error's own title for ntkviz errors, "<Feature>
     failed" for bad arguments, "Internal error" (logged with its traceback) otherwise."""

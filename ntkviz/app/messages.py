@@ -25,8 +25,9 @@ class Event:
     "run_started" (:class:`RunStarted`), "message" (status text), "error"
     (:class:`ErrorReport`), "session_opened" (:class:`SessionOpened`), "session_saved",
     "session_not_saved" (before its error) and "checkpoint_saved" (the path), "held_for_save"
-    (whether the run was training when a save paused it), "state_dict" (name -> numpy array), "kernel_path"
-    (:class:`KernelPath`), and the events of the engine's run observers (e.g. "watch_steps")."""
+    (the session's path, and whether the run was training when its save paused it),
+    "state_dict" (name -> numpy array), "kernel_path" (:class:`KernelPath`), and the events
+    of the engine's run observers (e.g. "watch_steps")."""
 
     topic: str
     payload: object = None
@@ -98,6 +99,8 @@ class ModelInfo:
     #: the model computes differently in training mode (dropout, batch norm): a real step's
     #: gradient is then not the eval-mode one its account uses, a first-order residual
     mode_dependent: bool = False
+    #: which state the parameters are in apart from training steps (``Engine.lineage``)
+    lineage: tuple = ()
 
 
 @dataclass(frozen=True)

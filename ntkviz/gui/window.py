@@ -280,7 +280,11 @@ class MainWindow(QMainWindow):
 
     def _may_close(self) -> bool:
         """Ask before closing loses unsaved work: Save (a session, then close), Discard, or
-        Cancel. True when the window may close now."""
+        Cancel; a session still being written closes the window once it is. True when the window
+        may close now."""
+        if self.controller.saving and self.engine is not None:
+            self._close_after_save = self.controller.saving[-1]  # close once it is written
+            return False
         what = self.controller.unsaved_changes()
         if not what or not self.show_message_boxes or self.engine is None:
             return True

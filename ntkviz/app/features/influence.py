@@ -35,6 +35,7 @@ class InfluenceResult:
     kernel_norm: np.ndarray | None
     step: int
     applied_steps: int = 0  #: step-through steps applied on top of ``step``
+    lineage: tuple = ()  #: the model's state besides ``step`` (``Engine.lineage``)
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,5 @@ class InfluenceRequest:
             kernel_norm=found["norm"].kernel_norm if nidx is not None else None,
             step=engine.step,
             applied_steps=len(engine.applied_lrs),
+            lineage=engine.lineage,
         )

@@ -24,6 +24,7 @@ class LayerResult:
     total_norm: float
     step: int
     applied_steps: int = 0  #: step-through steps applied on top of ``step``
+    lineage: tuple = ()  #: the model's state besides ``step`` (``Engine.lineage``)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,14 @@ class LayersRequest:
         norms = np.array([norm(blocks[n]) for n in names])
         total = norm(sum(blocks.values()))
         return LayerResult(
-            r, names, readonly(norms), blocks, total, engine.step, len(engine.applied_lrs)
+            r,
+            names,
+            readonly(norms),
+            blocks,
+            total,
+            engine.step,
+            len(engine.applied_lrs),
+            engine.lineage,
         )
 
 

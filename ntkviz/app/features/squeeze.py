@@ -35,6 +35,7 @@ class SqueezeResult:
     request: SqueezeRequest | None = None  #: what was asked (x, ȳ, η, steps): for exports
     left_out: str = ""  #: what diverged and was left out of the sweep and the survey, if any
     applied_steps: int = 0  #: step-through steps applied on top of ``step``
+    lineage: tuple = ()  #: the model's state besides ``step`` (``Engine.lineage``)
 
     @property
     def saturated(self) -> bool:
@@ -120,4 +121,5 @@ class SqueezeRequest:
         return SqueezeResult(
             self.x, self.y, neg, ce, readonly(np.array(kept)), readonly(np.array(mass)),
             engine.step, readonly(kept_idx), survey, p32, self, note, len(engine.applied_lrs),
+            engine.lineage,
         )  # fmt: skip

@@ -162,8 +162,8 @@ class ProbeView(FeatureView):
         """Show the note while the result shown is of another state of the model than the one
         held now (trained or stepped by hand since); its text changes only when that does."""
         r, model = self.result, self.state.model
-        now = (self.controller.trained_steps, model.applied_steps if model else 0)
-        then = None if r is None else (r.step, getattr(r, "applied_steps", 0))
+        now = (self.controller.trained_steps, model.lineage if model else ())
+        then = None if r is None else (r.step, r.lineage)
         stale = then is not None and then != now
         if stale == self.stale_note.isHidden():  # (isVisible is False on a hidden tab)
             self.stale_note.setText(

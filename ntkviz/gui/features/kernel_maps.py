@@ -163,6 +163,9 @@ class KernelMapView(ProbeView):
         self._configure(supersede=new_probe_set)
 
     def _configure(self, supersede: bool) -> None:
+        if supersede and self.job.running:  # a map of the old probe set: its answer is dropped
+            self.controller.cancel(self.name)
+            self.job.set_running(False)
         request = self.request() if self.record_box.isChecked() else None
         self.controller.set_periodic(
             self.name, request, self.every_box.value(), supersede=supersede

@@ -163,7 +163,8 @@ class WatchView(ProbeView):
         c.on("watch_restarted", self._restarted)
         c.on("watch_steps", self._steps)
         c.on("watch_detail", self._on_detail)
-        c.on("watch_save", self.job.follow)
+        c.on("watch_save", self.job.follow)  # the same controls show the accounts' export
+        self.job.cancel_clicked.connect(lambda: c.cancel("watch_save"))  # (its Cancel too)
 
     # ------------------------------------------------------------------ the watch list
     def _one_per_class(self) -> None:
