@@ -131,7 +131,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
     """Eigenvalues, descending, of the (N·V)×(N·V) Gram matrix [K(x_a, x_b)] of ``x (N, ...)``."""
-    return gram_spectrum(empirical_ntk(model, x, x))
+    K = empirical_ntk(model, x, x).double()
+    return gram_spectrum((K + K.permute(1, 0, 3, 2)) / 2)  # symmetric to the model's rounding
 
 
 def gram_spectrum(K) -> np.ndarray:
@@ -140,7 +141,10 @@ def gram_spectrum(K) -> np.ndarray:
     itself (a tensor or an array, e.g. from :func:`~ntkviz.kernel.iter_kernel_gram`). ValueError
     for another shape, non-finite entries, or blocks that are not K[b, a] = K[a, b]ᵀ (a kernel
     between two batches has no spectrum)."""
-    K = torch.as_tensor(K).double()
+    K = torch.as_tensor(K)
+    # a kernel of one batch is symmetric up to rounding in its own precision
+    tolerance = max(1e-4, 50 * torch.finfo(K.dtype).eps) if K.is_floating_point() else 1e-4
+    K = K.double()
     if K.ndim != 4 or K.shape[0] != K.shape[1] or K.shape[2] != K.shape[3]:
         raise ValueError(
             f"K must be the kernel blocks (N, N, V, V) of one batch, got shape {tuple(K.shape)}"
@@ -149,7 +153,7 @@ def gram_spectrum(K) -> np.ndarray:
         raise ValueError("K has non-finite entries")
     N, _, V, _ = K.shape
     gram = K.permute(0, 2, 1, 3).reshape(N * V, N * V)
-    if gram.numel() and float((gram - gram.T).abs().max()) > 1e-4 * float(gram.abs().max()):
+    if gram.numel() and float((gram - gram.T).abs().max()) > tolerance * float(gram.abs().max()):
         raise ValueError(
             "K is not symmetric (K[b, a] ≠ K[a, b]ᵀ): give the kernel of one batch with itself, "
             "K(x, x)"

@@ -987,9 +987,27 @@ def test_a_session_saved_while_training_is_the_model_of_that_moment(app, tmp_pat
     app.controller.save_session(str(path))
     held = app.state_dict()  # the engine has taken the model for it (the engine runs in line)
     getattr(app.controller, then)(CONFIG)
+    app.engine.tick()  # the engine trains on before the controller takes its answer
     app.drain()
     session = load_session(path)
     assert session.step > 0 and session.selection["probe"]["records"] == session.step
     assert all(torch.equal(session.state_dict[k], v) for k, v in held.items())
     assert not any(torch.equal(session.state_dict[k], v) for k, v in app.state_dict().items()
                    if v.is_floating_point())  # fmt: skip
+
+
+def test_a_part_that_fails_while_a_held_session_is_written_is_reported(app, tmp_path):
+    # the run stayed paused with no message, and the engine kept the model's copy
+    train_until_records(app, dataclasses.replace(CONFIG, epochs=20))
+
+    def broken():
+        raise KeyError("boom")
+
+    app.controller.add_session_part("broken", broken, lambda part: None)
+    path = tmp_path / "s.ntks"
+    app.controller.save_session(str(path))
+    app.drain(ticks=0)
+    assert app.errors and app.errors[-1][0] == "Session not saved" and "boom" in app.errors[-1][1]
+    assert not path.exists() and app.engine._held == {} and app.state.run_state == "training"
+    app.controller.stop()
+    app.drain()

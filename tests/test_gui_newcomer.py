@@ -379,12 +379,15 @@ def test_a_save_on_closing_closes_the_window_though_another_error_comes_first(
     assert path.exists() and window.engine is None
 
 
-def test_closing_right_after_a_save_while_training_waits_for_it(qtbot, tmp_path, mnist):
+def test_closing_right_after_a_save_while_training_waits_for_it(
+    qtbot, tmp_path, mnist, monkeypatch
+):
     # the save waited for the engine to pause, closing shut the engine first: nothing written
     from dataclasses import replace as changed
 
     window = open_window(qtbot, settings_in(tmp_path), mnist, changed(SMALL, epochs=50))
-    window.show_message_boxes = True  # a question would block: none may come
+    window.show_message_boxes = True
+    monkeypatch.setattr(QMessageBox, "exec", lambda box: pytest.fail(f"asked: {box.text()}"))
     window.views["training"].start_button.click()
     qtbot.waitUntil(lambda: window.controller.trained_steps > 0, timeout=TIMEOUT)
     path = tmp_path / "s.ntks"

@@ -377,6 +377,8 @@ class AppController:
         in, so that they end at the saved weights' step; then the run resumes, unless the user
         paused, stopped or stepped it meanwhile."""
         if self.state.run_state == "training":
+            if path in self._saves_on_hold:
+                return  # asked for already
             if not self._saves_on_hold:
                 self._resume_after_save = True
             self._saves_on_hold.append(path)
@@ -407,7 +409,14 @@ class AppController:
             self._resume_after_save = False
 
     def _write_session(self, path: str, held: bool = False) -> None:
-        parts = {name: save() for name, (save, _) in self._session_parts.items()}
+        try:
+            parts = {name: save() for name, (save, _) in self._session_parts.items()}
+        except Exception as e:  # a feature's bug: say so, and let the engine drop its copy
+            log.error("a part of the session %s could not be taken", path, exc_info=e)
+            if held:
+                self._send(Command("drop_hold", (path,)))
+            self.report("Session not saved", f"{path}: a part of it could not be taken: {e}")
+            return
         self.send("save_session", path, parts, held)
 
     def open_session(self, path: str) -> bool:

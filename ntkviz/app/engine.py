@@ -842,7 +842,7 @@ class Engine:
         ``path``: the model as it is, or (``held``) as :meth:`hold_for_save` took it for
         ``path``."""
         session = self._held.pop(path, None) if held else None
-        session = replace(session or self._session(), selection=dict(parts))
+        session = replace(session or self._session(copies=False), selection=dict(parts))
         try:
             save_session(path, session)
         except Exception:
@@ -857,18 +857,28 @@ class Engine:
         steps, so that the curves of :meth:`save_session` end where its weights are."""
         was_running = self._running
         self.pause()
-        self._held[path] = self._session()
+        self._held[path] = self._session(copies=True)
         self.emit(Event("held_for_save", (path, was_running)))
 
-    def _session(self) -> Session:
-        """The model as it is now, as a :class:`Session` without the features' parts (copies:
-        later steps do not change it)."""
+    def drop_hold(self, path: str) -> None:
+        """Forget the model taken for the session ``path`` (it will not be written)."""
+        self._held.pop(path, None)
+
+    def _session(self, copies: bool) -> Session:
+        """The model as it is now, as a :class:`Session` without the features' parts; with
+        ``copies`` its weights and optimizer state are copies that later steps do not change
+        (the undo stack's snapshots never change)."""
+
+        def kept(t):
+            t = t.detach().cpu()
+            return t.clone() if copies else t
+
         history = [
             {
                 "lr": float(lr),
                 "pair": None if pair is None else pair.to_dict(),
-                "state_before": {k: v.detach().cpu().clone() for k, v in st.state.items()},
-                "optimizer_before": copy.deepcopy(snapshot_payload(st.snapshot)),
+                "state_before": {k: v.detach().cpu() for k, v in st.state.items()},  # (kept)
+                "optimizer_before": snapshot_payload(st.snapshot),
             }
             for lr, pair, st in zip(
                 self.applied_lrs, self.applied_pairs, self.undo_stack, strict=True
@@ -877,7 +887,7 @@ class Engine:
         optimizer = None if self.optimizer is None else self.optimizer.state_dict()
         return Session(
             model_name=self.model_name,
-            state_dict={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            state_dict={k: kept(v) for k, v in self.model.state_dict().items()},
             config=self.config,
             step=self.step,
             history=history,
@@ -888,7 +898,7 @@ class Engine:
                 "name": self.data.name, "source": self.data.source,
                 "root": None if self.data.root is None else str(self.data.root),
             },
-            optimizer=copy.deepcopy(optimizer),
+            optimizer=copy.deepcopy(optimizer) if copies else optimizer,
         )  # fmt: skip
 
     def open_session(self, path: str) -> None:
@@ -970,4 +980,5 @@ class Engine:
         a helper thread: a process that ends while one computes is aborted."""
         self.runner.close()
         self._close_run()
+        self._held.clear()
         wait_for_helpers()
