@@ -408,3 +408,10 @@ def test_a_window_closed_before_its_event_loop_ran_starts_nothing(qtbot, tmp_pat
     QTimer.singleShot(0, lambda: after_start.append(True))  # fires after the queued start
     qtbot.waitUntil(lambda: bool(after_start), timeout=TIMEOUT)
     assert window.engine is None and window.thread is None and window.views == {}
+
+
+def test_the_ready_message_goes_once_a_single_batch_has_trained(qtbot, window):
+    # "lenet (fresh weights) ready; train it, or pick x_u and x_o" stayed after One batch
+    assert "ready; train it" in window.statusBar().currentMessage()
+    train_batches(qtbot, window, 1)
+    assert "ready; train it" not in window.statusBar().currentMessage()

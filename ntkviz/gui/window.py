@@ -313,8 +313,8 @@ class MainWindow(QMainWindow):
 
     def _on_run_state(self, state: str) -> None:
         self.status_labels["state"].setText(state)
-        if state == "training":  # "… ready; train it" is stale once it trains
-            self.statusBar().clearMessage()
+        if state in ("training", "paused"):  # "… ready; train it" is stale once it trains
+            self.statusBar().clearMessage()  # (one batch goes from ready to paused)
 
     def _on_kernel_path(self, event) -> None:
         """The kernel path and one pair's cost of the model now held (earlier models' dropped)."""
