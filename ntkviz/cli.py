@@ -89,7 +89,7 @@ def _add_train(sub) -> None:
     )
     _add_data_args(p)
     p.add_argument(
-        "--paper", action="store_true", help="the paper's setting: 2,000 images, lr 1e-3"
+        "--paper", action="store_true", help="the paper's setting: 2,000 images, lr 1e-3, 50 epochs"
     )
     p.add_argument("--train-size", type=int, help="training examples (default: all)")
     p.add_argument("--epochs", type=int)
