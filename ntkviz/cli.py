@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         ".json/.npz/.csv outputs hold the decomposition's numbers, or with trajectory π(x_o) and "
         "π(x_u) at every step",
     )
-    p.add_argument("--steps", type=int, default=10, help="steps of the trajectory (default 10)")
+    p.add_argument("--steps", type=int, help="steps of the trajectory (default 10)")
     p.add_argument("--log", action="store_true", help="trajectory of log π instead of π")
     p.add_argument("--width", type=int, default=1600, help="PNG width in pixels")
     p = sub.add_parser(
@@ -644,6 +644,9 @@ def cmd_export(args) -> int:
     for out in args.out:
         if Path(out).suffix.lower() not in FORMATS + figure:
             raise _UsageError(f"--out {out}: use .png, .svg, .json, .npz or .csv")
+    if args.figure != "trajectory" and (args.steps is not None or args.log):
+        print("ntkviz export: --steps and --log apply to --figure trajectory only", file=sys.stderr)
+    args.steps = 10 if args.steps is None else args.steps
     if not 1 <= args.steps <= MAX_STEPS:
         raise _UsageError(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
     for out in args.out:

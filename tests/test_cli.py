@@ -90,7 +90,7 @@ def test_decompose_writes_json_and_npz_equal_to_the_api(trained, mnist):
     assert float(row4["K[i,9]"]) == pytest.approx(dec.K[4, 9], rel=tol["rtol"], abs=tol["atol"])
 
 
-def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
+def test_export_writes_every_figure_without_a_display(trained, monkeypatch, capsys):
     from PySide6.QtGui import QImage
 
     root, ckpt_path = trained
@@ -113,6 +113,10 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch):
     for steps in ("0", "1001"):
         args = ["export", *pair, "--figure", "trajectory", "--steps", steps, "--out", "t.png"]
         assert main(args) == 2
+    # --steps and --log without the trajectory did nothing, silently
+    capsys.readouterr()
+    assert main(["export", *pair, "--log", "--out", str(root / "d2.json")]) == 0
+    assert "apply to --figure trajectory only" in capsys.readouterr().err
     # the trajectory's numbers: π(x_o), π(x_u) at each step, equal to the API's
     outs = [a for s in ("json", "npz", "csv") for a in ("--out", str(root / f"t.{s}"))]
     assert main(["export", *pair, "--figure", "trajectory", "--steps", "3", *outs]) == 0

@@ -229,3 +229,16 @@ def test_an_empty_heatmap_takes_the_frame_of_the_data_it_will_show(qtbot):
     assert view.viewRange()[0] == pytest.approx([-0.5, 99.5])
     labels = [int(text) for _, text in view.getAxis("bottom")._tickLevels[0]]
     assert labels[0] == 0 and 50 <= labels[-1] <= 99
+
+
+def test_the_trajectory_legend_names_log_pi_on_a_log_scale(qtbot):
+    # "dashed: π_yu(x_u)" stood over an axis of log π
+    from ntkviz.gui.plots import TrajectoryPlot
+
+    plot = TrajectoryPlot()
+    qtbot.addWidget(plot)
+    plot.set_log(True)
+    title = plot.getPlotItem().titleLabel.text
+    assert "dashed: log π" in title and plot.getAxis("left").labelText == "log π"
+    plot.set_log(False)
+    assert "dashed: π" in plot.getPlotItem().titleLabel.text

@@ -888,8 +888,11 @@ class TrajectoryPlot(pg.PlotWidget):
 
     def _update_labels(self):
         title = (
-            ("log π" if self.log_scale else "π") + "(x<sub>o</sub>) per class over applied steps"
-            "<br>dashed: π<sub>y<sub>u</sub></sub>(x<sub>u</sub>)"
+            ("log π" if self.log_scale else "π")
+            + "(x<sub>o</sub>) per class over applied steps"
+            + "<br>dashed: "
+            + ("log π" if self.log_scale else "π")
+            + "<sub>y<sub>u</sub></sub>(x<sub>u</sub>)"
         )
         if self._note:
             title += f"<br><span style='color:#b05000'>the steps learnt another update: {self._note}</span>"
