@@ -131,8 +131,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def ntk_spectrum(model: nn.Module, x: Tensor) -> np.ndarray:
     """Eigenvalues, descending, of the (N·V)×(N·V) Gram matrix [K(x_a, x_b)] of ``x (N, ...)``."""
-    K = empirical_ntk(model, x, x).double()
-    return gram_spectrum((K + K.permute(1, 0, 3, 2)) / 2)  # symmetric to the model's rounding
+    return gram_spectrum(empirical_ntk(model, x, x))
 
 
 def gram_spectrum(K) -> np.ndarray:

@@ -9,15 +9,28 @@ import numpy as np
 def readonly(a, dtype=None) -> np.ndarray:
     """A read-only numpy copy of ``a`` (an array, a torch tensor or a nested list), as ``dtype``
     if given. (Imports no torch: the GUI imports this before torch has loaded.)"""
-    if hasattr(a, "detach"):  # a tensor
-        a = _numpy(a, float64=dtype is not None)
-    out = np.array(a, copy=True)
-    if dtype is not None:
-        if np.iscomplexobj(out) and not np.issubdtype(dtype, np.complexfloating):
-            raise ValueError(f"complex values where {np.dtype(dtype)} numbers are expected")
-        out = out.astype(dtype)
+    out = _copy(a, dtype)
     out.flags.writeable = False
     return out
+
+
+def frozen(a) -> np.ndarray:
+    """A read-only float64 copy of ``a`` without negative zeros (−J·0 would print as −0)."""
+    out = _copy(a, np.float64)
+    out += 0.0
+    out.flags.writeable = False
+    return out
+
+
+def _copy(a, dtype=None) -> np.ndarray:
+    """A new numpy array of ``a``'s values, as ``dtype`` if given; ValueError for complex
+    values where real ones are asked for."""
+    if hasattr(a, "detach"):  # a tensor
+        a = _numpy(a, float64=dtype is not None)
+    a = np.asarray(a)
+    if dtype is not None and np.iscomplexobj(a) and not np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"complex values where {np.dtype(dtype)} numbers are expected")
+    return np.array(a, dtype, copy=True)
 
 
 def _numpy(t, float64: bool = False) -> np.ndarray:
@@ -30,14 +43,6 @@ def _numpy(t, float64: bool = False) -> np.ndarray:
 
 
 _NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
-
-
-def frozen(a) -> np.ndarray:
-    """A read-only float64 copy of ``a`` without negative zeros (−J·0 would print as −0)."""
-    out = np.array(readonly(a, np.float64))
-    out += 0.0
-    out.flags.writeable = False
-    return out
 
 
 def norm(x) -> float:

@@ -594,11 +594,10 @@ class Engine:
         """Cancel ``feature``'s job; a "cancelled" event of the requester's ``generation``
         answers even when no job of it was running (its result may be on its way, or an older
         request's job was running), so that the controller knows what came before the cancel."""
-        if self.runner.generation(feature) == generation:
-            self.runner.cancel(feature)  # its event answers
-            return
-        self.runner.cancel(feature)  # an older request's (its event is stale), or none
-        self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
+        running = self.runner.generation(feature)
+        self.runner.cancel(feature)  # its event answers if it is of this generation
+        if running != generation:  # none, or an older request's (its event is stale)
+            self.emit(JobEvent(feature, generation, "cancelled", "nothing was running"))
 
     def set_periodic(self, feature: str, generation: int, request, every: int) -> None:
         """While training, run ``request`` as ``feature``'s job at the current step and then

@@ -119,8 +119,8 @@ class ProbeView(FeatureView):
 
     placement = "tab"
     run_text = "Compute"
-    #: The result is of one state of the model (its ``step`` and ``applied_steps``): say so when
-    #: the model has moved on since.
+    #: The result is of one state of the model (its ``step`` and ``lineage``): say so when the
+    #: model has moved on since.
     marks_stale = False
 
     def __init__(self, ctx: FeatureContext):
