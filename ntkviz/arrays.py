@@ -34,15 +34,18 @@ def _copy(a, dtype=None) -> np.ndarray:
 
 
 def _numpy(t, float64: bool = False) -> np.ndarray:
-    """A torch tensor's values as numpy (float64 if ``float64`` and it holds floats; bfloat16,
-    which numpy lacks, as float32: exactly)."""
+    """A torch tensor's values as numpy (float64 if ``float64`` and it holds floats; bfloat16
+    and complex32, which numpy lacks, as float32 and complex64: exactly)."""
     t = t.detach().cpu()
     if t.is_floating_point() and (float64 or str(t.dtype) not in _NUMPY_FLOATS):
         t = t.double() if float64 else t.float()
+    elif t.is_complex() and str(t.dtype) not in _NUMPY_COMPLEX:
+        t = t.cfloat()
     return t.numpy()
 
 
 _NUMPY_FLOATS = {"torch.float16", "torch.float32", "torch.float64"}
+_NUMPY_COMPLEX = {"torch.complex64", "torch.complex128"}
 
 
 def norm(x) -> float:

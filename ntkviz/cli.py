@@ -239,8 +239,33 @@ def _train_config(args):
     try:
         config.validate()
     except ValueError as e:
-        raise _UsageError(str(e)) from None
+        raise _UsageError(_as_options(str(e))) from None
     return config
+
+
+#: TrainConfig's words for its settings (its messages begin with one) and this CLI's options
+_OPTIONS = {
+    "train_size": "--train-size",
+    "batch_size": "--batch-size",
+    "learning rate": "--lr",
+    "weight decay": "--weight-decay",
+    "epochs": "--epochs",
+    "momentum": "--momentum",
+    "seed": "--seed",
+    "optimizer": "--optimizer",
+    "nesterov": "--nesterov",
+    "betas": "--betas",
+    "eps": "--eps",
+}
+
+
+def _as_options(message: str) -> str:
+    """A TrainConfig message in this CLI's terms: ``--train-size must be ≥ 1``, not
+    ``train_size must be ≥ 1 or None``."""
+    for words, option in _OPTIONS.items():
+        if message.startswith(words + " "):
+            return option + message[len(words) :].replace(" or None", "")
+    return message
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -139,6 +139,11 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters(), None)
     if p is None:
         return torch.device("cpu"), torch.get_default_dtype()
+    if p.device.type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device and hold no values: materialise them "
+            "first (e.g. model.to_empty(device='cpu'), then load_state_dict)"
+        )
     return p.device, p.dtype
 
 

@@ -95,7 +95,7 @@ def write_decomposition(dec: Decomposition, path: str | Path, meta: dict | None 
 def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
     """Write named arrays atomically: ``.npz`` (all of them, ``meta`` as JSON in
     ``meta_json``) or ``.csv`` in long form, one table that CSV readers take as it is
-    (``pandas.read_csv(path, comment="#")``): ``# meta.key: <JSON>`` lines, then the header
+    (``pandas.read_csv(path, comment="#")``): ``# key: <JSON>`` lines, then the header
     ``array, i, j, …, value`` and one row per entry — the array's name, its index (empty past
     its dimensions) and its value. None values are left out."""
     path = Path(path)
@@ -109,7 +109,7 @@ def write_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict | N
     if suffix == ".csv":
         buf = io.StringIO()
         for key, value in meta.items():
-            buf.write(f"# meta.{key}: {json.dumps(value, allow_nan=False)}\n")
+            buf.write(f"# {key}: {json.dumps(value, allow_nan=False)}\n")
         w = csv.writer(buf, lineterminator="\n")
         dims = max((a.ndim for a in arrays.values()), default=0)
         w.writerow(["array", *("ijklmn"[k] if k < 6 else f"i{k}" for k in range(dims)), "value"])

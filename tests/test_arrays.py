@@ -39,12 +39,15 @@ def test_readonly_copies_tensors_and_arrays_and_frozen_is_float64_without_negati
     assert readonly(torch.tensor([0.1], dtype=torch.float32), np.float64)[0] == np.float32(0.1)
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 def test_norm_takes_tensors_and_complex_entries_and_readonly_takes_bfloat16():
     t = torch.tensor([3.0, -4.0], requires_grad=True)
     assert norm(t) == 5.0
     assert norm(np.array([3 + 4j, 0])) == 5.0
     b = readonly(torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
     assert b.dtype == np.float32 and b.tolist() == [1.5, -2.0]
+    half = torch.tensor([3 + 4j, 0j], dtype=torch.complex32)  # numpy has no complex32
+    assert norm(half) == 5.0 and readonly(half).tolist() == [3 + 4j, 0j]
 
 
 def test_complex_values_are_refused_where_real_numbers_are_asked_for():

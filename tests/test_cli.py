@@ -148,7 +148,7 @@ def test_export_writes_every_figure_without_a_display(trained, monkeypatch, caps
             1,
             "does not exist",
         ),
-        (["train", "--out", "x.pt", "--lr", "-1"], 2, "learning rate"),
+        (["train", "--out", "x.pt", "--lr", "-1"], 2, "--lr must be a positive finite number"),
         (["demo", "--lr", "nan"], 2, "argument --lr: must be a finite number > 0, got 'nan'"),
         (
             ["decompose", "--checkpoint", "CKPT", "--xu", "0", "--xo", "0", "--lr", "-1"],
@@ -471,6 +471,10 @@ def test_a_run_that_fails_midway_keeps_its_steps(factory, error, tmp_path, capsy
          "it is a directory; choose another --out"),
         (["train", "--watch", "1", "--accounts", "DIR"], "it is a directory; choose another --accounts"),
         (["train", "--lr", "1e39", "--out", "OUT"], "learning rate 1e+39 overflows"),
+        # the settings' checks speak of the options, not of TrainConfig's fields
+        (["train", "--train-size", "0", "--out", "OUT"], "train: --train-size must be ≥ 1, got 0\n"),
+        (["train", "--batch-size", "0", "--out", "OUT"], "train: --batch-size must be ≥ 1, got 0"),
+        (["train", "--lr", "-1", "--out", "OUT"], "train: --lr must be a positive finite number"),
     ],
 )  # fmt: skip
 def test_more_bad_arguments_exit_2_before_any_work(args, message, tmp_path, capsys):

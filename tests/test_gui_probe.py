@@ -33,6 +33,7 @@ from PySide6.QtCore import QPointF
 
 import ntkviz
 from ntkviz.analysis import (
+    SqueezeRun,
     balanced_indices,
     class_influence,
     class_kernel_map,
@@ -240,6 +241,28 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
         np.testing.assert_allclose(xs, getattr(survey, key), rtol=1e-10, atol=1e-15)
         np.testing.assert_allclose(ys, survey.gained, rtol=1e-8, atol=1e-15)
 
+    # the marks stand above every bar they span (a label is wider than a bar), and a second one
+    # over the same bars goes a line further out: ȳ = 4 is low beside class 3, the top other
+    probs = np.full((2, 10), 0.01)
+    probs[:, 3], probs[:, 4] = (0.6, 0.7), (0.05, 0.02)
+    run = SqueezeRun(probs, np.array([True]), np.array([True]), 0.3, "neg", 4)
+    sv.log_box.setChecked(False)
+    sv.result = dataclasses.replace(res, y=4, neg=run, ce=dataclasses.replace(run, loss="ce"))
+    sv.show_result(sv.result)
+    y_mark, top_mark = sv.marks["neg"]
+    assert "ȳ" in y_mark.toPlainText() and "top other" in top_mark.toPlainText()
+    assert y_mark.pos().y() == top_mark.pos().y() == pytest.approx(0.7)  # class 3's bar
+    assert (y_mark.pos().x(), top_mark.pos().x()) == (4, 3)
+    assert y_mark.anchor.y() == 0.0 and top_mark.anchor.y() == -1.0  # inside the top, stacked
+    probs[:, 5] = 0.9  # now the top of the plot is class 5's: marks above the others' bars
+    run = dataclasses.replace(run, probs=probs)
+    sv.result = dataclasses.replace(res, y=4, neg=run, ce=dataclasses.replace(run, loss="ce"))
+    sv.show_result(sv.result)
+    y_mark, top_mark = sv.marks["neg"]
+    assert top_mark.pos().x() == 5 and y_mark.pos().y() == pytest.approx(0.9)
+    sv.result = res
+    sv.show_result(res)
+
     lv = window.views["layers"]
     lay = wait_shown(qtbot, window, "layers", lv.job.run_button.click)
     r = lay.request
@@ -280,8 +303,8 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
     assert meta["request"]["x_u"] == [r.x_u.split, r.x_u.index] and meta["request"]["lr"] == r.lr
     assert meta["classes"] == [str(k) for k in range(10)] and meta["dataset"] == "mnist"
     lines = (tmp_path / "layers.csv").read_text().splitlines()
-    assert json.loads(lines[0].removeprefix("# meta.ntkviz_version: ")) == ntkviz.__version__
-    assert f"# meta.model: {json.dumps(window.state.model.name)}" in lines
+    assert json.loads(lines[0].removeprefix("# ntkviz_version: ")) == ntkviz.__version__
+    assert f"# model: {json.dumps(window.state.model.name)}" in lines
     for name in ("sq", "layers"):  # one long table: every row as wide as the header
         text = (tmp_path / f"{name}.csv").read_text().splitlines()
         header, *rows = csv.reader(line for line in text if not line.startswith("#"))
@@ -425,7 +448,7 @@ def test_a_probe_result_says_when_the_model_has_moved_since(qtbot, window):
     assert view.stale_note.isHidden()
     wait_shown(qtbot, window, "history", window.controller.apply_step)
     qtbot.waitUntil(view.stale_note.isVisible, timeout=TIMEOUT)
-    assert view.stale_note.text() == "computed at step 2; the model has moved since"
+    assert view.stale_note.text() == "computed at training step 2; the model has moved since"
     wait_shown(qtbot, window, "history", window.controller.undo_step)
     qtbot.waitUntil(view.stale_note.isHidden, timeout=TIMEOUT)  # the same model again
     window.tabs.setCurrentIndex(0)  # on another tab, the note follows all the same

@@ -7,10 +7,12 @@ from models import inputs, make
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ntkviz import account_step, decompose
 from ntkviz.kernel import (
     _conv_as_filters,
     empirical_ntk,
     empirical_ntk_by_layer,
+    iter_kernel_gram,
     layer_of,
     ntk_trace,
     ntk_vector_product,
@@ -166,6 +168,22 @@ def test_bad_arguments_raise_value_error():
         empirical_ntk(model, inputs(0), inputs(1))
     with pytest.raises(ValueError, match="method"):
         empirical_ntk(model, inputs(1), inputs(1), method="magic")
+
+
+def test_a_model_without_values_is_refused():
+    """A model on the meta device (built but not loaded) gives meta tensors, not numbers."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    calls = [
+        lambda: empirical_ntk(model, x, x),
+        lambda: list(iter_kernel_gram(model, x)),
+        lambda: decompose(model, x[0], x[1], 1, 0.1),
+        lambda: account_step(model, torch.optim.SGD(model.parameters()), x, [0, 1], x),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="meta device and hold no values"):
+            call()
 
 
 class _Reshaped(torch.nn.Module):

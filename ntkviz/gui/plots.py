@@ -34,10 +34,12 @@ def class_color(k: int) -> str:
 
 
 def model_step(result) -> str:
-    """Which model a probe result is of: "step 47", or "step 47 + 3 applied" after step-through
-    steps applied by hand on top of training step 47."""
+    """Which model a probe result is of: "at training step 47", "at training step 47 + 3
+    applied" after step-through steps applied by hand, "before training" (the model as built or
+    given, whatever its weights) or "before training + 3 applied"."""
     applied = getattr(result, "applied_steps", 0)
-    return f"step {result.step}" + (f" + {applied} applied" if applied else "")
+    when = f"at training step {result.step}" if result.step else "before training"
+    return when + (f" + {applied} applied" if applied else "")
 
 
 def elide(name: str, width: int) -> str:

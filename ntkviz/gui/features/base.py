@@ -167,7 +167,7 @@ class ProbeView(FeatureView):
         stale = then is not None and then != now
         if stale == self.stale_note.isHidden():  # (isVisible is False on a hidden tab)
             self.stale_note.setText(
-                f"computed at {model_step(r)}; the model has moved since" if stale else ""
+                f"computed {model_step(r)}; the model has moved since" if stale else ""
             )
             self.stale_note.setToolTip(f"{self.run_text} again for the model as it is now")
             self.stale_note.setVisible(stale)

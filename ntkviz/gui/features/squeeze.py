@@ -4,6 +4,8 @@ sweep and the survey of the squeezed mass over test images."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel
 
@@ -164,22 +166,31 @@ class SqueezeView(ProbeView):
             p0[r.y] = -np.inf
             top = int(p0.argmax())
             held_y, held_top = bool(run.label_fell.all()), bool(run.top_rose.all())
+            shown = run.probs[[0, -1]]
+            spans = []  # (first, last) class a label covers, to stack labels that would meet
             for cls, text, color in (
                 (r.y, f"ȳ {'↓' if run.probs[-1, r.y] < run.probs[0, r.y] else '↑'}", "#d62728"),
                 (top, f"top other {'↑' if run.probs[-1, top] > run.probs[0, top] else '↓'}",
                  "#2ca02c"),
             ):  # fmt: skip
-                y = max(run.probs[0, cls], run.probs[-1, cls])
                 # centred over its class; towards the middle at the edges (else cut off there)
                 side = 0.0 if cls < 2 else 1.0 if cls >= len(c) - 2 else 0.5
-                # above its bar; below the bar's top where that is the top of the plot
-                shown = run.probs[[0, -1]]
+                # a label is wider than a bar: above the bars it spans, not only its own
+                span = (cls - 2 * side, cls + 2 * (1 - side))
+                first, last = max(0, math.floor(span[0])), min(len(c) - 1, math.ceil(span[1]))
+                y = shown[:, first : last + 1].max()
+                # above those bars; below their top where that is the top of the plot
                 if log:
                     lo, hi = np.log10(np.maximum([shown.min(), shown.max()], 1e-300))
                     high = np.log10(max(y, 1e-300)) > hi - 0.1 * (hi - lo)
                 else:
                     high = y > 0.9 * shown.max()
-                label = pg.TextItem(text, color=color, anchor=(side, 0.0 if high else 1.0))
+                # a second label over the same bars goes one line further out
+                stacked = any(a <= span[1] and span[0] <= b for a, b in spans)
+                spans.append(span)
+                lift = 1.0 if stacked else 0.0
+                anchor = (side, -lift if high else 1.0 + lift)
+                label = pg.TextItem(text, color=color, anchor=anchor)
                 label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
                 p.addItem(label)
                 self.marks[key].append(label)
@@ -222,7 +233,7 @@ class SqueezeView(ProbeView):
             points.setData(getattr(r.survey, key), r.survey.gained)
         self.caption.setText(
             f"x = {r.x}, ȳ = {c[r.y]}, S = {len(r.neg.probs) - 1} steps of "
-            f"η = {r.neg.lr:.3g}  ·  training {model_step(r)}",
+            f"η = {r.neg.lr:.3g}  ·  {model_step(r)}",
             size="11pt",
         )
 
