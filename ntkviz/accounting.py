@@ -70,6 +70,7 @@ from ntkviz.kernel import (
     _rows_of,
     _through_torch_func,
     _Unsupported,
+    _same_examples,
     _upsampled,
     empirical_ntk,
     eval_mode,
@@ -93,7 +94,8 @@ class StepAccount:
 
     Every array is read-only; float64 unless noted. Log-probability level (nats):
 
-    - ``probs_before (W, V)``: π(x_o) before the step (eval mode);
+    - ``probs_before (W, V)``: π(x_o) before the step (eval mode); ``log_probs_before (W, V)``:
+      log π(x_o), from the logits (finite where π underflows to 0);
     - ``actual (W, V)``: Δlog π(x_o) after the real step (eval mode, before vs after);
     - ``gradient (W, B, V)``: per batch example b, −(s/B)·A(x_o)·K_P(x_o, x_b)·G_b;
     - ``momentum (W, V)``: the optimizer's history (SGD's momentum buffer, Adam's first moment
@@ -124,6 +126,7 @@ class StepAccount:
     """
 
     probs_before: np.ndarray
+    log_probs_before: np.ndarray
     actual: np.ndarray
     predicted: np.ndarray
     gradient: np.ndarray
@@ -179,8 +182,9 @@ class WatchAccount:
       their sum; ``class_statistics``: the exact change from running statistics (see
       :class:`StepAccount`); ``class_actual``: the real Δlog π_c (eval mode, before vs after);
       ``class_residual`` = ``class_actual − class_predicted − class_statistics``;
-    - ``probs_before (W, V)``: π(x_o) before the step; ``actual (W, V)`` and ``dz_actual (W, V)``:
-      the real Δlog π and Δz of every class;
+    - ``probs_before (W, V)``: π(x_o) before the step, ``log_probs_before (W, V)`` its log (from
+      the logits); ``actual (W, V)`` and ``dz_actual (W, V)``: the real Δlog π and Δz of every
+      class;
     - the batch: ``G (B, V)``, ``batch_labels (B,)`` int64; ``classes (W,)`` int64;
     - ``focus (F,)`` int64: the watched examples (positions in W) that also get the full account,
       ``focused``: their :class:`StepAccount` (every class, logit level, ``top_index`` and
@@ -192,6 +196,7 @@ class WatchAccount:
 
     classes: np.ndarray
     probs_before: np.ndarray
+    log_probs_before: np.ndarray
     actual: np.ndarray
     dz_actual: np.ndarray
     contributions: np.ndarray
@@ -1236,9 +1241,10 @@ def _account(
     ``z_mid``: the watched logits at the new parameters with the old running statistics (the
     statistics term is ``z_after`` against it)."""
     z0, zm, z1 = z_before.double(), z_mid.double(), z_after.double()
+    log_p0 = F.log_softmax(z0, -1)
     momentum = _log_level(dz_momentum.double(), probs)
     decay = _log_level(dz_decay.double(), probs)
-    actual = frozen(F.log_softmax(z1, -1) - F.log_softmax(z0, -1))
+    actual = frozen(F.log_softmax(z1, -1) - log_p0)
     dz_actual = frozen(z1 - z0)
     statistics = frozen(F.log_softmax(z1, -1) - F.log_softmax(zm, -1))
     dz_statistics = frozen(z1 - zm)
@@ -1256,6 +1262,7 @@ def _account(
     )
     return StepAccount(
         probs_before=frozen(probs),
+        log_probs_before=frozen(log_p0),
         actual=actual,
         predicted=predicted,
         statistics=statistics,
@@ -1283,7 +1290,8 @@ def _watch_account(
     their ``(W_l, B)`` contributions and ``(W_l, 2)`` momentum and decay terms, the focused ones'
     from their ``focused`` :class:`StepAccount`."""
     z0, zm, z1 = z_before.double(), z_mid.double(), z_after.double()
-    actual = (F.log_softmax(z1, -1) - F.log_softmax(z0, -1)).cpu().numpy()
+    log_p0 = F.log_softmax(z0, -1)
+    actual = (F.log_softmax(z1, -1) - log_p0).cpu().numpy()
     dz_actual = (z1 - z0).cpu().numpy()
     statistics = (F.log_softmax(z1, -1) - F.log_softmax(zm, -1)).cpu().numpy()
     W, B = len(z0), len(G)
@@ -1309,6 +1317,7 @@ def _watch_account(
     return WatchAccount(
         classes=readonly(classes, np.int64),
         probs_before=frozen(probs),
+        log_probs_before=frozen(log_p0),
         actual=frozen(actual),
         dz_actual=frozen(dz_actual),
         contributions=frozen(contributions),
@@ -1469,6 +1478,7 @@ def optimizer_kernel(
         return empirical_ntk(model, x1, x2)
     x1 = _as_batch(model, x1, "x1")
     x2 = _as_batch(model, x2, "x2")
+    _same_examples(x1, x2)
     if len(x2) > len(x1):  # keep the small side small: K_P(x1, x2) = K_P(x2, x1)ᵀ
         return optimizer_kernel(model, optimizer, x2, x1).permute(1, 0, 3, 2)
     chain, swept = _structured_chain(model, x2)
@@ -1666,7 +1676,7 @@ def decompose_step(
         model, optimizer, both[1:], torch.tensor([int(y_u)]), both, lr, classes=[y_u, y_u],
         top_kernels=True, loss=loss, commit=False,
     )  # fmt: skip
-    p = a.probs_before
+    p, log_p = a.probs_before, a.log_probs_before
     dz_after = z + torch.from_numpy(np.array(a.dz_actual))
     return StepDecomposition(
         A=frozen(np.eye(p.shape[1]) - p[0][None, :]),
@@ -1678,11 +1688,11 @@ def decompose_step(
         delta_logits_predicted=a.dz_predicted[0],
         delta_logits_actual=a.dz_actual[0],
         probs_before=p[0],
-        probs_after=frozen(np.exp(np.log(p[0]) + a.actual[0])),
+        probs_after=frozen(np.exp(log_p[0] + a.actual[0])),
         logits_before=frozen(z[0]),
         logits_after=frozen(dz_after[0]),
         probs_u_before=p[1],
-        probs_u_after=frozen(np.exp(np.log(p[1]) + a.actual[1])),
+        probs_u_after=frozen(np.exp(log_p[1] + a.actual[1])),
         lr=a.lr,
         loss=loss,
         y_u=int(y_u),

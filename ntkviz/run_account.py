@@ -160,6 +160,7 @@ class RunAccount:
                 "batch_labels": labels,
                 "contributions": contributions,
                 "probs_before": account.probs_before,
+                "log_probs_before": account.log_probs_before,
             }
             for logits in (False, True):
                 prefix = "dz_" if logits else ""
@@ -212,8 +213,9 @@ class RunAccount:
     def timeline(self) -> dict[str, np.ndarray]:
         """The kept per-step records, stacked (S steps): ``step``, ``lr``, ``loss`` ``(S,)``;
         ``batch_indices``, ``batch_labels`` ``(S, B)`` int64 and ``contributions (S, W, B)``
-        (a short last batch padded with index −1, label −1, contribution 0); ``probs_before``
-        and every term (``TERMS``, with ``dz_`` at the logit level) ``(S, W, V)``."""
+        (a short last batch padded with index −1, label −1, contribution 0); ``probs_before``,
+        ``log_probs_before`` (from the logits: finite where π underflows; from ``probs_before``
+        in files written before it) and every term (``TERMS``, with ``dz_`` at the logit level) ``(S, W, V)``."""
         if not self.keep_steps:
             raise ValueError("this run account keeps no timeline (create it with keep_steps=True)")
         out = {}
@@ -301,7 +303,7 @@ class RunAccount:
                         repr(float(t["loss"][s])),
                         i,
                         int(c),
-                        repr(float(np.log(t["probs_before"][s, i, c]))),
+                        repr(float(t["log_probs_before"][s, i, c])),
                         *(repr(float(v)) for v in values),
                     ]
                 )
@@ -393,6 +395,9 @@ class RunAccount:
         for prefix in ("", "dz_"):  # the statistics term, in a file written before it
             if prefix + "actual" in timeline and prefix + "statistics" not in timeline:
                 timeline[prefix + "statistics"] = np.zeros_like(timeline[prefix + "actual"])
+        if timeline and "log_probs_before" not in timeline:  # a file written before it
+            with np.errstate(divide="ignore"):
+                timeline["log_probs_before"] = np.log(timeline["probs_before"])
         for key, stacked in timeline.items():
             rows = list(stacked)
             if key in ("batch_indices", "batch_labels", "contributions"):

@@ -249,6 +249,7 @@ def test_every_term_equals_its_definition(model_name, opt_name):
 
     probs = F.softmax(want["z_before"], -1).numpy()
     close(acc.probs_before, probs, 1e-12)
+    close(acc.log_probs_before, F.log_softmax(want["z_before"], -1), 1e-12)
     close(acc.dz_gradient, want["dz_gradient"])
     close(acc.dz_momentum, want["dz_momentum"])
     close(acc.dz_weight_decay, want["dz_weight_decay"])
@@ -550,6 +551,9 @@ def test_optimizer_kernel_is_the_ntk_for_sgd_and_J_P_Jt_for_adam():
     close(optimizer_kernel(model, adam, x2, x1).numpy(), want.permute(1, 0, 3, 2))
     adam.param_groups[0]["lr"] = 0.0
     close(optimizer_kernel(model, adam, x1, x2).numpy(), want)
+    for other in (x2[:, :, :-1], x2.flatten(1)):  # as for SGD: a ValueError, not a RuntimeError
+        with pytest.raises(ValueError, match="batches of examples of one shape"):
+            optimizer_kernel(model, adam, x1, other)
 
     generic = make("residual")
     adam = torch.optim.Adam(generic.parameters(), lr=1e-3)
@@ -936,6 +940,35 @@ def test_watching_leaves_training_bit_identical_and_accounts_each_step(mnist, tm
     assert "nan" not in text.lower()  # the CSV holds each example's own class: all accounted
     with pytest.raises(ValueError, match="follows classes"):
         RunAccount(labels[::-1], len(mnist.train)).add(seen[0].account, seen[0].batch_indices)
+
+
+def test_log_probabilities_stay_finite_where_probabilities_underflow(tmp_path):
+    """log π of a class 800 nats below the top is −800, not log(0) = −inf: in the accounts, the
+    run account's timeline and its CSV (the watch's timeline shows the same numbers)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, -800.0, -5.0], dtype=torch.float64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, xw = torch.randn(2, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
+    run = RunAccount([1], num_train=2, keep_steps=True)
+    for focus in (None, ()):
+        with torch.no_grad():
+            want = F.log_softmax(model(xw), -1)[0, 1].item()
+        assert -801 < want < -799
+        step = AccountedStep(model, optimizer, xw, classes=[1], focus=focus)
+        logits = step.forward(x)
+        optimizer.zero_grad()
+        acc = step.step(F.cross_entropy(logits, torch.tensor([0, 1])), [0, 1])
+        assert acc.probs_before[0, 1] == 0.0  # underflowed
+        assert acc.log_probs_before[0, 1] == pytest.approx(want, rel=1e-15)
+        run.add(acc, [0, 1])
+    assert np.isfinite(run.timeline()["log_probs_before"]).all()
+    rows = run.save(tmp_path / "run.csv").read_text().splitlines()
+    values = [float(r.split(",")[5]) for r in rows if not r.startswith(("#", "step"))]
+    assert len(values) == 2 and all(-801 < v < -799 for v in values), values
+    back = RunAccount.load(run.save(tmp_path / "run.npz"))
+    assert np.array_equal(back.timeline()["log_probs_before"], run.timeline()["log_probs_before"])
 
 
 def test_run_account_files_round_trip(tmp_path, mnist):

@@ -49,7 +49,7 @@ def core_run(mnist, watched, steps=None):
     return model, opt, classes, records
 
 
-def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
+def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist, tmp_path):
     view = window.views["watch_ranking"]
     watched = view.examples
     assert watched[0] == window.state.x_o and len(watched) == 10  # x_o and one per class
@@ -71,6 +71,8 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
         for name in ("momentum", "weight_decay", "residual", "actual"):
             core = [getattr(r.account, f"class_{name}")[w] for r in records]
             np.testing.assert_allclose(t[name][:, w], core, rtol=1e-5, atol=1e-9, err_msg=name)
+        core = [r.account.log_probs_before[w, classes[w]] for r in records]
+        np.testing.assert_allclose(t["log_prob"][:, w], core, rtol=1e-5)
     # the curves drawn are the cumulative terms; they add up to the actual change
     assert "residual (2nd order)" in view.curves  # LeNet: the same in both modes
     w = view.w
@@ -106,6 +108,18 @@ def test_the_watch_tab_shows_the_core_accounts(qtbot, window, mnist):
     view.which.setCurrentIndex(0)
     first = view.batch.buttons[0].property("payload")
     assert first == int(records[6].batch_indices[np.argmax(np.abs(account.contributions[w]))])
+    # the export: the run's accounts with what they are of, as the CLI writes them
+    path = tmp_path / "accounts.npz"
+    wait_event(qtbot, window, "watch_save", lambda: view.export(path), "result")
+    saved = RunAccount.load(path)
+    assert saved.steps == len(records) and np.array_equal(saved.by_example, run.by_example)
+    meta = saved.meta
+    assert meta["watched"] == [[e.split, e.index] for e in watched]
+    assert meta["watch_labels"] == classes and meta["class_names"] == list(mnist.classes)
+    assert {k: meta["config"][k] for k in ("model", "lr", "seed", "batch_size")} == {
+        "model": SMALL.model, "lr": SMALL.lr, "seed": SMALL.seed, "batch_size": SMALL.batch_size
+    }  # fmt: skip
+    assert meta["started_at"] == 0 and meta["dataset"] == mnist.name
 
 
 def run_to_the_end(qtbot, window, button) -> None:

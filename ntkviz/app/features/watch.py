@@ -139,10 +139,17 @@ class WatchObserver:
             continued_at = {"step": engine.step, "optimizer": engine.config.optimizer}
             self.run.meta.setdefault("continued_at", []).append(continued_at)
         else:
+            from ntkviz import __version__
+
             self._new_account(len(engine.data.train), len(engine.data.classes), {
                 "watched": [[e.split, e.index] for e in self.examples],
+                "watch_labels": list(self.classes),
+                "classes": "the watched examples' labels",
+                "class_names": list(engine.data.classes),
                 "model": engine.model_name, "dataset": engine.data.name,
                 "seed": engine.config.seed, "optimizer": engine.config.optimizer,
+                "config": engine.config.to_dict(), "started_at": engine.step,
+                "ntkviz_version": __version__,
             })  # fmt: skip
         return {"watch": Watch(x, self.classes, focus=tuple(self.focus))}
 
@@ -185,7 +192,7 @@ class WatchObserver:
             rows["by_class"].append(by_class)
             for name in terms:
                 rows[name].append(getattr(a, f"class_{name}"))
-            rows["log_prob"].append(np.log(np.maximum(a.probs_before[w, cls], 1e-300)))
+            rows["log_prob"].append(a.log_probs_before[w, cls])
             self.details.append(self._detail(r, a))
         steps = WatchSteps(
             readonly(np.array([r.step for r in accounted], dtype=np.int64)),
