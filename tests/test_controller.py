@@ -448,6 +448,40 @@ def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist, tmp_path
     assert app.state.model.number != number and app.state.model.name == "lenet"
 
 
+class Attending(torch.nn.Module):
+    """Attention over the image's rows with a learned position embedding (a bare Parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.zeros(28, 28))
+        self.attn = torch.nn.MultiheadAttention(28, 2, batch_first=True)
+        self.head = torch.nn.Linear(28, 10)
+
+    def forward(self, x):
+        rows = x[:, 0] + self.pos
+        return self.head(self.attn(rows, rows, rows)[0].mean(1))
+
+
+def test_fresh_weights_reset_attention_and_name_what_they_cannot_reset(app):
+    # nn.MultiheadAttention resets through _reset_parameters (in_proj kept the given values),
+    # and a bare Parameter has no reset at all: Start says which keep their values
+    from ntkviz.app.engine import UserModel, not_reset, reinitialised
+
+    given = Attending()
+    with torch.no_grad():
+        for p in given.parameters():
+            p.fill_(0.5)
+    fresh = reinitialised(given)
+    kept = [n for (n, a), b in zip(given.named_parameters(), fresh.parameters()) if torch.equal(a, b)]
+    assert kept == ["pos"] == not_reset(given)
+    note = "fresh weights: pos keep their given values"
+    app.engine.user_model = UserModel("Attending", lambda: reinitialised(given), note)
+    messages = app.listen("message")
+    app.controller.start_training(dataclasses.replace(CONFIG, model="Attending"))
+    app.drain()
+    assert app.state.model.name == "Attending" and [e.payload for e in messages] == [note]
+
+
 def test_the_users_checkpoint_and_session_open_while_another_model_is_current(app, tmp_path):
     label = with_user_model(app)
     app.controller.start_training(dataclasses.replace(CONFIG, model=label))

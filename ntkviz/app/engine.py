@@ -75,22 +75,43 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class UserModel:
     """A model of the user's: ``label`` (its factory spec, or its class), ``build()`` a fresh
-    one (the factory called again, or :func:`reinitialised` of the model as it was given)."""
+    one (the factory called again, or :func:`reinitialised` of the model as it was given);
+    ``note``: what the user should know of each fresh one (parameters it cannot reset)."""
 
     label: str
     build: Callable[[], torch.nn.Module]
+    note: str = ""
+
+
+#: The methods by which PyTorch's modules initialise their own parameters (``nn.MultiheadAttention``
+#: has the second).
+_RESETS = ("reset_parameters", "_reset_parameters")
 
 
 def reinitialised(template: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``template`` with fresh weights: every submodule's ``reset_parameters()`` (the
-    initialisation PyTorch's layers use), seeded by the caller's random state."""
+    """A copy of ``template`` with fresh weights: every submodule's ``reset_parameters()`` (or
+    ``_reset_parameters()``: the initialisation PyTorch's layers use), seeded by the caller's
+    random state. Parameters of modules without one keep their values (:func:`not_reset`)."""
     import copy
 
     model = copy.deepcopy(template)
     for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = next((getattr(module, r) for r in _RESETS if hasattr(module, r)), None)
+        if callable(reset):
+            reset()
     return model
+
+
+def not_reset(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that :func:`reinitialised` leaves as they are: those held by
+    a module without a reset method (a position embedding or class token as a bare Parameter)."""
+    return [
+        f"{name}.{p}" if name else p
+        for name, module in model.named_modules()
+        if not any(callable(getattr(module, r, None)) for r in _RESETS)
+        for p, value in module._parameters.items()
+        if value is not None
+    ]
 
 
 @dataclass(frozen=True)
@@ -316,6 +337,8 @@ class Engine:
         was given)."""
         config.validate()
         self._set_model(self._fresh_model(config), config, source)
+        if self._user_model_current and self.user_model.note:
+            self.message(self.user_model.note)
 
     def _fresh_model(
         self, config: TrainConfig, data: ImageDataset | None = None

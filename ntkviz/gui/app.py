@@ -195,10 +195,16 @@ def show(model=None, data=None, *, config=None, block: bool = True, train: bool 
     if model is not None:
         from dataclasses import replace
 
-        from ntkviz.app.engine import UserModel, reinitialised
+        from ntkviz.app.engine import UserModel, not_reset, reinitialised
 
         template = copy.deepcopy(model)
-        user = UserModel(type(model).__name__, lambda: reinitialised(template))
+        kept = not_reset(template)
+        note = (
+            f"fresh weights: {', '.join(kept)} keep their given values (no reset_parameters)"
+            if kept
+            else ""
+        )
+        user = UserModel(type(model).__name__, lambda: reinitialised(template), note)
         given = model if train else copy.deepcopy(model)
         config = replace(config or TrainConfig(), model=user.label)
     window = MainWindow(config=config, dataset=data, user_model=user, model=given)
