@@ -24,6 +24,7 @@ from torch import nn
 
 from ntkviz.data import ImageDataset, subset_indices
 from ntkviz.errors import DeviceError, TrainingDiverged
+from ntkviz.kernel import _device_dtype
 
 if TYPE_CHECKING:
     from ntkviz.accounting import Watch, WatchAccount
@@ -148,10 +149,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
     """Fraction of ``x (N, ...)`` classified as ``y (N,)``, in eval mode (mode restored)."""
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
+    dev, dtype = _device_dtype(model)
     correct = 0
     for xs, ys in zip(x.split(batch), y.split(batch)):
-        correct += (model(xs.to(dev)).argmax(1).cpu() == ys).sum().item()
+        correct += (model(xs.to(dev, dtype)).argmax(1).cpu() == ys).sum().item()
     model.train(was)
     return correct / max(1, len(y))
 
@@ -242,11 +243,11 @@ def train(
 
 def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[TrainRecord]:
     """:func:`train`'s steps, its arguments checked."""
-    device = next(model.parameters()).device
+    device, dtype = _device_dtype(model)
     if watch is not None:
         from ntkviz.accounting import AccountedStep
 
-        x_watch = watch.x.to(device)
+        x_watch = watch.x.to(device, dtype)
     x_all, y_all = data.train.x[idx], data.train.y[idx]
     eval_idx = subset_indices(len(data.test), config.eval_size, config.seed)
     x_eval, y_eval = data.test.x[eval_idx], data.test.y[eval_idx]
@@ -278,7 +279,7 @@ def _steps(model, data, config, optimizer, start_step, watch, idx) -> Iterator[T
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = order[b * config.batch_size : (b + 1) * config.batch_size]
-            xb, yb = x_all[batch].to(device), y_all[batch].to(device)
+            xb, yb = x_all[batch].to(device, dtype), y_all[batch].to(device)
             with torch.no_grad():
                 for t, good in zip(kept, last_good):
                     good.copy_(t)

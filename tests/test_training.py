@@ -28,6 +28,22 @@ def test_records_are_yielded_per_batch_with_periodic_accuracy(mnist):
     assert records[-1].loss < records[0].loss
 
 
+def test_a_float64_model_trains_on_the_float32_images(mnist):
+    # it passed every check and then failed at the first step: "Input type (float) and bias
+    # type (double) should be the same"
+    import copy
+
+    model = build_model("lenet").double()
+    start = copy.deepcopy(model)
+    watch = Watch(mnist.test.x[:2], (int(mnist.test.y[0]), int(mnist.test.y[1])))
+    records = list(train(model, mnist, SMALL, watch=watch))
+    assert len(records) == 8 and all(p.dtype == torch.float64 for p in model.parameters())
+    first = torch.from_numpy(records[0].batch_indices.copy())
+    x, y = mnist.train.x[first].double(), mnist.train.y[first]
+    assert records[0].loss == torch.nn.functional.cross_entropy(start.train()(x), y).item()
+    assert records[0].account.class_actual.shape == (2,) and 0 <= records[-1].test_accuracy <= 1
+
+
 def test_training_is_deterministic_on_cpu(mnist):
     runs = []
     for _ in range(2):
