@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jacrev, vjp, vmap
+from torch.func import vjp, vmap
 
 from ntkviz.arrays import frozen, readonly
 from ntkviz.checks import class_index, real_number
@@ -65,12 +65,13 @@ from ntkviz.kernel import (
     _chain,
     _derivative,
     _input_cotangent,
+    _jacobians,
     _kind,
     _plain_pool,
     _rows_of,
+    _same_examples,
     _through_torch_func,
     _Unsupported,
-    _same_examples,
     _upsampled,
     empirical_ntk,
     eval_mode,
@@ -626,7 +627,7 @@ class _Materialised:
         """J(x) ``(N, V, n)`` per trainable parameter, in the model's current mode."""
         named, f = _functional(model)
         with _through_torch_func():
-            jac = vmap(jacrev(f), (None, 0))(named, x)
+            jac = _jacobians(f, named, x)
         params = dict(model.named_parameters())
         return cls({params[n]: _rows_of(j) for n, j in jac.items()})
 
@@ -639,7 +640,11 @@ class _Materialised:
             return vjp(lambda p: f(p, xb), named)[1](c)[0]
 
         with _through_torch_func():
-            grads = vmap(row)(x, cotangents)
+            try:
+                grads = vmap(row)(x, cotangents)
+            except RuntimeError:  # a layer's batching rule fails (nn.PReLU): one at a time
+                rows = [row(xb, c) for xb, c in zip(x, cotangents)]
+                grads = {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
         params = dict(model.named_parameters())
         return cls({params[n]: g.reshape(len(g), 1, -1) for n, g in grads.items()})
 

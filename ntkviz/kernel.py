@@ -151,6 +151,7 @@ def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
     """``x`` as a non-empty floating-point batch on the model's device and in its dtype."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_per_example(model)
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x)
@@ -170,6 +171,20 @@ def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
     if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
     return x.to(device=device, dtype=dtype)
+
+
+def _check_per_example(model: nn.Module) -> None:
+    """ValueError for a model whose eval-mode logits of one example depend on the others of its
+    batch: a batch norm without running statistics normalises by the batch even in eval mode."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(
+                f"{name or 'the model'} ({type(m).__name__}, track_running_stats=False) "
+                "normalises by the batch also in eval mode: an example's logits depend on the "
+                "other examples of its batch, so no per-example kernel exists; keep running "
+                "statistics (track_running_stats=True) or normalise per example (GroupNorm, "
+                "LayerNorm)"
+            )
 
 
 def _same_examples(x1: Tensor, x2: Tensor) -> None:
@@ -930,14 +945,15 @@ def _structured_chunk_size(chain, x1: Tensor, n2: int, v: int, forward: bool) ->
 def _generic_blocks(model, params, x1, x2, groups, chunk_size):
     """Per-group kernels; ``groups``: name -> list of parameter names. NTK-vector products
     (forward mode) along the rows of J(x2); when an operation has no forward-mode derivative
-    (e.g. weight norm), the rows of J(x1) by reverse mode instead, in chunks, contracted with
-    J(x2)."""
+    (e.g. weight norm) or no batching rule for it (``nn.PReLU``'s fails on a batch of several
+    examples with batched tangents), the rows of J(x1) by reverse mode instead, in chunks,
+    contracted with J(x2)."""
 
     def f1(p, x):
         return functional_forward(model, p, x.unsqueeze(0)).squeeze(0)
 
     with _through_torch_func():
-        j2 = vmap(jacrev(f1), (None, 0))(params, x2)  # name -> (N2, V, *shape)
+        j2 = _jacobians(f1, params, x2)  # name -> (N2, V, *shape)
         N2, V = next(iter(j2.values())).shape[:2]
         try:
             out = {}
@@ -957,11 +973,11 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
                     blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
                 out[group] = torch.cat(blocks)
             return out
-        except NotImplementedError:  # no forward-mode derivative: reverse mode on x1
+        except (NotImplementedError, RuntimeError):  # reverse mode on x1 (it may fail too)
             size = _reverse_chunk_size(params, V, x1)
             parts: dict[str, list[Tensor]] = {group: [] for group in groups}
             for xc in x1.split(size):
-                j1 = vmap(jacrev(f1), (None, 0))(params, xc)
+                j1 = _jacobians(f1, params, xc)
                 for group, names in groups.items():
                     blocks = [
                         torch.einsum("aip,bjp->abij", _rows_of(j1[n]), _rows_of(j2[n]))
@@ -969,6 +985,17 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
                     ]
                     parts[group].append(sum(blocks))
             return {group: torch.cat(p) for group, p in parts.items()}
+
+
+def _jacobians(f1, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+    """J(x) ``name -> (N, V, *shape)`` of ``f1(params, example) -> (V,)``: vmapped over the
+    examples, or one example at a time where a layer's batching rule fails on a batch of them
+    (``nn.PReLU``'s: "The size of tensor a (2) must match the size of tensor b (4)")."""
+    try:
+        return vmap(jacrev(f1), (None, 0))(params, x)
+    except RuntimeError:
+        rows = [jacrev(f1)(params, xi) for xi in x]
+        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
 
 
 def _rows_of(jacobian: Tensor) -> Tensor:
@@ -1363,7 +1390,7 @@ def ntk_vector_product(
                 flat = torch.cat([tangent[n].flatten() for n in params])
                 products = []
                 for xc in x1.split(chunk_size or _reverse_chunk_size(params, z2.shape[1], x1)):
-                    jac = vmap(jacrev(lambda p, x: f(p, x[None])[0]), (None, 0))(params, xc)
+                    jac = _jacobians(lambda p, x: f(p, x[None])[0], params, xc)
                     products.append(torch.cat([_rows_of(jac[n]) for n in params], 2) @ flat)
         return torch.cat(products).detach()
 

@@ -215,7 +215,8 @@ class RunAccount:
         ``batch_indices``, ``batch_labels`` ``(S, B)`` int64 and ``contributions (S, W, B)``
         (a short last batch padded with index −1, label −1, contribution 0); ``probs_before``,
         ``log_probs_before`` (from the logits: finite where π underflows; from ``probs_before``
-        in files written before it) and every term (``TERMS``, with ``dz_`` at the logit level) ``(S, W, V)``."""
+        in files written before it) and every term (``TERMS``, with ``dz_`` at the logit
+        level) ``(S, W, V)``."""
         if not self.keep_steps:
             raise ValueError("this run account keeps no timeline (create it with keep_steps=True)")
         out = {}

@@ -650,16 +650,40 @@ def test_gradient_hooks_are_refused_by_accounts_and_ignored_by_kernels():
 
 
 class ReadsItsLogits(nn.Sequential):
-    """A forward that reads a value into Python: it runs, but torch.func cannot transform it."""
+    """A forward that reads a value into Python: vmap cannot batch it, one example at a time
+    can (the branch each example takes on its own)."""
 
     def forward(self, x):
         z = super().forward(x)
         return z if float(z.detach().abs().max()) < 1e6 else z / 2
 
 
+class _Square(torch.autograd.Function):
+    """x² with an old-style forward(ctx, …): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class OldStyleFunction(nn.Sequential):
+    def forward(self, x):
+        return _Square.apply(super().forward(x))
+
+
 def test_a_model_torch_func_cannot_transform_gets_a_clear_error():
     torch.manual_seed(0)
-    model = ReadsItsLogits(nn.Flatten(), nn.Linear(784, 10)).double()
+    reads = ReadsItsLogits(nn.Flatten(), nn.Linear(784, 10)).double()
+    J = [explicit_jacobian(reads, x) for x in (*XW, *X[:2])]
+    want = torch.stack([torch.stack([a @ b.T for b in J[len(XW) :]]) for a in J[: len(XW)]])
+    close(empirical_ntk(reads, XW, X[:2]), want, 1e-12)
+    model = OldStyleFunction(nn.Flatten(), nn.Linear(784, 10)).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = flat(model.parameters())
     with pytest.raises(ValueError, match=r"torch.func .* cannot differentiate this model"):

@@ -472,7 +472,9 @@ def test_fresh_weights_reset_attention_and_name_what_they_cannot_reset(app):
         for p in given.parameters():
             p.fill_(0.5)
     fresh = reinitialised(given)
-    kept = [n for (n, a), b in zip(given.named_parameters(), fresh.parameters()) if torch.equal(a, b)]
+    kept = [
+        n for (n, a), b in zip(given.named_parameters(), fresh.parameters()) if torch.equal(a, b)
+    ]
     assert kept == ["pos"] == not_reset(given)
     note = "fresh weights: pos keep their given values"
     app.engine.user_model = UserModel("Attending", lambda: reinitialised(given), note)

@@ -1,5 +1,6 @@
 """The empirical NTK against explicit J·Jᵀ built with torch.autograd.functional.jacobian."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_unchanged, explicit_jacobian, snapshot
@@ -183,6 +184,37 @@ def test_a_model_without_values_is_refused():
     ]
     for call in calls:
         with pytest.raises(ValueError, match="meta device and hold no values"):
+            call()
+
+
+def test_a_layer_whose_batching_rule_fails_takes_one_example_at_a_time():
+    """nn.PReLU's vmap rule fails on several examples with several rows ("The size of tensor a
+    (2) must match the size of tensor b (4)"), which read as a model torch.func cannot take."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.PReLU(), torch.nn.Linear(8, 4)
+    ).double()
+    x = torch.rand(5, 1, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(
+        empirical_ntk(model, x[:3], x[3:]), reference_kernel(model, x[:3], x[3:]), rtol=1e-10,
+        atol=1e-12,
+    )  # fmt: skip
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    account = account_step(model, adam, x[:3], [0, 1, 2], x[3:])  # per-example gradients
+    assert account.gradient.shape == (2, 3, 4) and np.isfinite(account.residual).all()
+
+
+def test_a_model_whose_logits_depend_on_the_batch_is_refused():
+    """Batch norm without running statistics normalises by the batch in eval mode too: K of x_o
+    computed beside other examples differed from K of x_o alone (by 0.6–4 %)."""
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+        torch.nn.BatchNorm1d(3, track_running_stats=False),
+    )
+    x = torch.randn(3, 4)
+    for call in (lambda: empirical_ntk(model, x, x), lambda: decompose(model, x[0], x[1], 1, 0.1)):
+        with pytest.raises(ValueError, match=r"2 \(BatchNorm1d, track_running_stats=False\)"):
             call()
 
 
