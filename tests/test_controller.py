@@ -27,9 +27,9 @@ CONFIG = TrainConfig(train_size=256, batch_size=64, epochs=2, eval_every=4, eval
 class App:
     """Engine + controller + a log of what each topic's listeners received."""
 
-    def __init__(self, data, config=CONFIG, ask=None):
+    def __init__(self, data, config=CONFIG, ask=None, **engine_options):
         self.events = []  # from the engine, not yet handled
-        self.engine = Engine(self.events.append, config, data)
+        self.engine = Engine(self.events.append, config, data, **engine_options)
         self.state = AppState()
         self.errors = []
         self.controller = AppController(
@@ -482,6 +482,25 @@ def test_fresh_weights_reset_attention_and_name_what_they_cannot_reset(app):
     app.controller.start_training(dataclasses.replace(CONFIG, model="Attending"))
     app.drain()
     assert app.state.model.name == "Attending" and [e.payload for e in messages] == [note]
+
+
+def test_a_model_given_from_python_that_does_not_fit_leaves_the_app_usable(mnist):
+    # ntkviz.show(model=...) with a model that returns a tuple: the message, then "loading…"
+    # for good, with Start disabled
+    from torch import nn
+
+    from ntkviz.app.engine import UserModel, reinitialised
+
+    given = nn.Sequential(nn.Flatten(), nn.Linear(784, 7))  # 7 logits for MNIST's 10 classes
+    user = UserModel("Sequential", lambda: reinitialised(given))
+    app = App(mnist, dataclasses.replace(CONFIG, model="Sequential"), user_model=user, model=given)
+    assert app.state.run_state == "ready" and app.state.model.name == "lenet"
+    (title, message), *_ = app.errors
+    assert title == "Model not usable" and "returns 7 logits per example" in message
+    assert "opened with a fresh lenet instead" in message
+    assert app.controller.start_training(CONFIG)
+    app.drain()
+    assert app.state.run_state == "finished" and len(app.errors) == 1
 
 
 def test_the_users_checkpoint_and_session_open_while_another_model_is_current(app, tmp_path):

@@ -227,10 +227,20 @@ class Engine:
         if self._given is not None:
             from ntkviz.modelspec import check_model
 
-            label = self.user_model.label if self.user_model else type(self._given).__name__
-            check_model(self._given, self.data.test.x[:2], len(self.data.classes), name=label)
-            self._set_model(self._given, self.config, "given from Python")
-            self._given = None
+            given, self._given = self._given, None
+            label = self.user_model.label if self.user_model else type(given).__name__
+            try:
+                check_model(given, self.data.test.x[:2], len(self.data.classes), name=label)
+            except ModelError as e:  # the app opens all the same, on the registry's model
+                fallback = replace(self.config, model=TrainConfig().model)
+                self._new_model(fallback, "fresh weights")
+                self.report(
+                    ModelError.title,
+                    f"{e}. The app opened with a fresh {fallback.model} instead; File ▸ Open "
+                    "model… takes another model of yours.",
+                )
+            else:
+                self._set_model(given, self.config, "given from Python")
         else:
             self._new_model(self.config, "fresh weights")
         self._run_state("ready")
