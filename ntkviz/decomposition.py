@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ntkviz.arrays import frozen, norm
 from ntkviz.checks import class_index, positive_int, real_number
-from ntkviz.errors import NtkvizError, StepDiverged
+from ntkviz.errors import NonFiniteLogits, StepDiverged
 from ntkviz.kernel import (
     _as_batch,
     empirical_ntk,
@@ -258,7 +258,7 @@ def decompose(
         return bool(torch.isfinite(t.to(dtype)).all())
 
     if not finite(z):
-        raise NtkvizError("the model's logits are not finite: it has diverged; reset or retrain it")
+        raise NonFiniteLogits([w for w, row in zip(("x_o", "x_u"), z) if not finite(row)])
     if not finite(z_new):
         raise StepDiverged(lr)
     logp, logp_new = F.log_softmax(z, -1), F.log_softmax(z_new, -1)
@@ -377,7 +377,10 @@ def iter_influence(
     all_params = dict(model.named_parameters())
     with eval_mode(model):
         with torch.no_grad():
-            G = loss_gradient(F.softmax(model(xu), -1)[0], y_u, loss)
+            z_u = model(xu)
+            if not bool(torch.isfinite(z_u).all()):
+                raise NonFiniteLogits(["x_u"])
+            G = loss_gradient(F.softmax(z_u, -1)[0], y_u, loss)
         if actual:
             grad = _loss_grad(model, params, xu, y_u, loss)
             new = {**all_params, **{n: params[n] - lr * grad[n] for n in params}}
@@ -398,12 +401,16 @@ def iter_influence(
                 parts["norm"].append(empirical_ntk(model, xc, xu)[:, 0].flatten(1).norm(dim=1))
             done += len(xc)
             yield done, len(x_o)
+    probs = torch.cat(parts["probs"])
+    bad = (~torch.isfinite(probs).all(1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise NonFiniteLogits([f"x_o[{i}]" for i in bad])
     if not all(bool(torch.isfinite(t).all()) for part in parts.values() for t in part):
         raise StepDiverged(lr, "the change of some x_o")
     yield Influence(
         predicted=frozen(torch.cat(parts["pred"])),
         delta_logits_predicted=frozen(torch.cat(parts["dz"])),
-        probs_before=frozen(torch.cat(parts["probs"])),
+        probs_before=frozen(probs),
         actual=frozen(torch.cat(parts["actual"])) if actual else None,
         kernel_norm=frozen(torch.cat(parts["norm"])) if kernel_norm else None,
         lr=float(lr),

@@ -68,6 +68,19 @@ class StepDiverged(NtkvizError):
         )
 
 
+class NonFiniteLogits(NtkvizError):
+    """The model's logits before any step are NaN or infinite on the examples named."""
+
+    title = "Logits not finite"
+
+    def __init__(self, which: list[str]):
+        shown = ", ".join(which[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
+        super().__init__(
+            f"the model's logits on {shown} are not finite before any step: the model has "
+            "diverged (reset or retrain it), or it gives NaN or ±inf on these inputs"
+        )
+
+
 class ModelError(NtkvizError):
     """A model cannot be loaded or does not work on the data; the message names the model, the
     data shape and what went wrong."""

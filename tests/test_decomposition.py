@@ -206,8 +206,36 @@ def test_a_step_that_makes_the_logits_non_finite_is_reported():
         decompose(model, x[0], x[1], 1, 1e39)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    with pytest.raises(NtkvizError, match="logits are not finite"):
+    with pytest.raises(NtkvizError, match="logits on x_o, x_u are not finite before any step"):
         decompose(model, x[0], x[1], 1, 0.1)
+
+
+class LogOfFirstPixel(torch.nn.Module):
+    """Logits with log(x[0]) added: NaN on an input whose first pixel is negative, finite
+    elsewhere — not a diverged model, and no smaller η helps."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.linear(x) + torch.log(x[:, :1])
+
+
+def test_logits_that_are_not_finite_on_some_inputs_name_them():
+    model = LogOfFirstPixel()
+    x = torch.rand(5, 1, 2, 2, dtype=torch.float64) + 0.1
+    x[1, 0, 0, 0] = x[3, 0, 0, 0] = -1.0
+    with pytest.raises(NtkvizError, match="logits on x_o are not finite before any step"):
+        decompose(model, x[1], x[0], 1, 0.1)
+    with pytest.raises(NtkvizError, match="on x_u are not"):
+        decompose(model, x[0], x[3], 1, 0.1)
+    with pytest.raises(NtkvizError, match=r"logits on x_o\[1\], x_o\[3\] are not finite"):
+        influence(model, x, x[0], 1, 0.1)
+    with pytest.raises(NtkvizError, match="logits on x_u are not finite"):
+        influence(model, x, x[1], 1, 0.1)
+    assert np.isfinite(decompose(model, x[0], x[2], 1, 0.1).predicted).all()
 
 
 @pytest.mark.parametrize("loss", ["ce", "neg"])
