@@ -640,11 +640,7 @@ class _Materialised:
             return vjp(lambda p: f(p, xb), named)[1](c)[0]
 
         with _through_torch_func():
-            try:
-                grads = vmap(row)(x, cotangents)
-            except RuntimeError:  # a layer's batching rule fails (nn.PReLU): one at a time
-                rows = [row(xb, c) for xb, c in zip(x, cotangents)]
-                grads = {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+            grads = vmap(row)(x, cotangents)
         params = dict(model.named_parameters())
         return cls({params[n]: g.reshape(len(g), 1, -1) for n, g in grads.items()})
 

@@ -136,9 +136,13 @@ def layer_of(param_name: str) -> str:
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
+    """Where and in which dtype the model takes inputs: its first floating-point parameter's
+    (an integer parameter, e.g. a frozen index table, says nothing of the inputs)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if p is None:
-        return torch.device("cpu"), torch.get_default_dtype()
+        p = next(model.parameters(), None)
+        device = torch.device("cpu") if p is None else p.device
+        return device, torch.get_default_dtype()
     if p.device.type == "meta":
         raise ValueError(
             "the model's parameters are on the meta device and hold no values: materialise them "
@@ -147,11 +151,13 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def _as_batch(model: nn.Module, x: Tensor, name: str) -> Tensor:
-    """``x`` as a non-empty floating-point batch on the model's device and in its dtype."""
+def _as_batch(model: nn.Module, x: Tensor, name: str, kernels: bool = True) -> Tensor:
+    """``x`` as a non-empty floating-point batch on the model's device and in its dtype;
+    ``kernels``: for per-example kernels, which a model that normalises by the batch lacks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_per_example(model)
+    if kernels:
+        _check_per_example(model)
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x)
@@ -179,9 +185,10 @@ def _check_per_example(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
             raise ValueError(
-                f"{name or 'the model'} ({type(m).__name__}, track_running_stats=False) "
-                "normalises by the batch also in eval mode: an example's logits depend on the "
-                "other examples of its batch, so no per-example kernel exists; keep running "
+                f"{f'layer {name!r}' if name else 'the model'} ({type(m).__name__}, "
+                "track_running_stats=False) normalises by the batch also in eval mode: an "
+                "example's logits depend on the other examples of its batch, so no per-example "
+                "kernel exists; keep running "
                 "statistics (track_running_stats=True) or normalise per example (GroupNorm, "
                 "LayerNorm)"
             )
@@ -973,18 +980,18 @@ def _generic_blocks(model, params, x1, x2, groups, chunk_size):
                     blocks.append(prods.view(N2, V, len(xc), -1).permute(2, 0, 3, 1))
                 out[group] = torch.cat(blocks)
             return out
-        except (NotImplementedError, RuntimeError):  # reverse mode on x1 (it may fail too)
-            size = _reverse_chunk_size(params, V, x1)
-            parts: dict[str, list[Tensor]] = {group: [] for group in groups}
-            for xc in x1.split(size):
-                j1 = _jacobians(f1, params, xc)
-                for group, names in groups.items():
-                    blocks = [
-                        torch.einsum("aip,bjp->abij", _rows_of(j1[n]), _rows_of(j2[n]))
-                        for n in names
-                    ]
-                    parts[group].append(sum(blocks))
-            return {group: torch.cat(p) for group, p in parts.items()}
+        except (NotImplementedError, RuntimeError):
+            pass  # reverse mode on x1 (it may fail too), outside the handler and its memory
+        size = _reverse_chunk_size(params, V, x1)
+        parts: dict[str, list[Tensor]] = {group: [] for group in groups}
+        for xc in x1.split(size):
+            j1 = _jacobians(f1, params, xc)
+            for group, names in groups.items():
+                blocks = [
+                    torch.einsum("aip,bjp->abij", _rows_of(j1[n]), _rows_of(j2[n])) for n in names
+                ]
+                parts[group].append(sum(blocks))
+        return {group: torch.cat(p) for group, p in parts.items()}
 
 
 def _jacobians(f1, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
@@ -994,8 +1001,9 @@ def _jacobians(f1, params: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
     try:
         return vmap(jacrev(f1), (None, 0))(params, x)
     except RuntimeError:
-        rows = [jacrev(f1)(params, xi) for xi in x]
-        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+        pass  # (the retry runs outside the handler, which would keep the failed try's memory)
+    rows = [jacrev(f1)(params, xi) for xi in x]
+    return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
 
 
 def _rows_of(jacobian: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ntkviz.errors import ModelError
 from ntkviz.files import refused_objects
-from ntkviz.kernel import _as_batch, _check_per_example, _device_dtype, eval_mode
+from ntkviz.kernel import _as_batch, _device_dtype, eval_mode
 
 EXAMPLE = "my_models.py:build or mypackage.models:build"
 
@@ -223,15 +223,14 @@ def check_model(
             f"model {label} has no trainable parameters (none with requires_grad): it has no "
             "kernel and cannot learn"
         )
-    try:  # the model's own faults (no values; logits that depend on the batch) name the model
+    try:  # a model without values names the model
         _device_dtype(model)
-        _check_per_example(model)
     except ValueError as e:
         shape = tuple(getattr(example_batch, "shape", ()))[1:]
         raise ModelError(
             f"model {label} cannot be used on examples of shape {shape}: {e}"
         ) from None
-    x = _as_batch(model, example_batch, "example_batch")
+    x = _as_batch(model, example_batch, "example_batch", kernels=False)
     shape = tuple(x.shape)
     data = f"a batch of shape {shape}, examples of shape {shape[1:]}"
     with eval_mode(model), torch.no_grad():
@@ -261,7 +260,7 @@ def check_model(
     if not torch.isfinite(z).all():
         raise ModelError(f"model {label} returns non-finite logits (NaN or ±inf) on {data}")
     with eval_mode(model), torch.enable_grad():
-        if not model(x[:1]).requires_grad:
+        if not model(x).requires_grad:
             raise ModelError(
                 f"model {label} returns logits that do not depend on its trainable parameters "
                 f"(detached, or computed without autograd) on {data}: they have no kernel"

@@ -976,6 +976,7 @@ def test_log_probabilities_stay_finite_where_probabilities_underflow(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, xw = torch.randn(2, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)
     run = RunAccount([1], num_train=2, keep_steps=True)
+    accounts = []
     for focus in (None, ()):
         with torch.no_grad():
             want = F.log_softmax(model(xw), -1)[0, 1].item()
@@ -987,12 +988,25 @@ def test_log_probabilities_stay_finite_where_probabilities_underflow(tmp_path):
         assert acc.probs_before[0, 1] == 0.0  # underflowed
         assert acc.log_probs_before[0, 1] == pytest.approx(want, rel=1e-15)
         run.add(acc, [0, 1])
+        accounts.append(acc)
     assert np.isfinite(run.timeline()["log_probs_before"]).all()
     rows = run.save(tmp_path / "run.csv").read_text().splitlines()
     values = [float(r.split(",")[5]) for r in rows if not r.startswith(("#", "step"))]
     assert len(values) == 2 and all(-801 < v < -799 for v in values), values
     back = RunAccount.load(run.save(tmp_path / "run.npz"))
     assert np.array_equal(back.timeline()["log_probs_before"], run.timeline()["log_probs_before"])
+    # the app's watch timeline (it showed log(1e-300) = −690.8 here)
+    from types import SimpleNamespace
+
+    from ntkviz.app.features.watch import WatchObserver
+    from ntkviz.app.state import Example
+
+    observer = WatchObserver((Example("test", 0),), focus=(), classes=(1,))
+    observer._new_account(2, 3, {})
+    engine = SimpleNamespace(data=SimpleNamespace(classes=("a", "b", "c")))
+    records = [SimpleNamespace(account=accounts[1], batch_indices=np.array([0, 1]), step=2)]
+    (event,) = observer.observe(engine, records)
+    assert event.payload.log_prob[0, 0] == accounts[1].log_probs_before[0, 1]
 
 
 def test_run_account_files_round_trip(tmp_path, mnist):

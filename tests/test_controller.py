@@ -503,6 +503,42 @@ def test_a_model_given_from_python_that_does_not_fit_leaves_the_app_usable(mnist
     assert app.state.run_state == "finished" and len(app.errors) == 1
 
 
+def _rgb(name, h, w):
+    from ntkviz.data import ImageDataset, Split
+
+    def split(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+        return Split(images, images.permute(0, 3, 1, 2).float() / 255, torch.arange(n) % 3)
+
+    return ImageDataset(name, split(30, 0), split(12, 1), (0.5,) * 3, (0.25,) * 3,
+                        ("a", "b", "c"), None)  # fmt: skip
+
+
+def test_a_given_model_that_does_not_fit_data_no_registry_model_takes_leaves_no_model():
+    # non-square images: LeNet cannot stand in, and the app hung at "loading…"
+    from torch import nn
+
+    from ntkviz.app.engine import UserModel, reinitialised
+
+    given = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 24, 7))  # 7 logits for 3 classes
+    user = UserModel("Sequential", lambda: reinitialised(given))
+    config = dataclasses.replace(CONFIG, model="Sequential")
+    app = App(_rgb("wide", 16, 24), config, user_model=user, model=given)
+    assert app.state.run_state == "no model" and app.state.model is None
+    (title, message), *rest = app.errors
+    assert title == "Model not usable" and not rest, app.errors
+    assert (
+        "returns 7 logits per example" in message and "No registry model takes 3×16×24" in message
+    )
+    app.send("open_dataset", _rgb("square", 16, 16), None, False, "lenet")  # LeNet takes it
+    app.drain()
+    assert app.state.run_state == "ready" and app.state.model.name == "lenet", app.errors
+    assert app.controller.start_training(CONFIG)
+    app.drain()
+    assert app.state.run_state == "finished" and len(app.errors) == 1
+
+
 def test_the_users_checkpoint_and_session_open_while_another_model_is_current(app, tmp_path):
     label = with_user_model(app)
     app.controller.start_training(dataclasses.replace(CONFIG, model=label))

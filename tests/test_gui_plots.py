@@ -221,8 +221,10 @@ def test_probe_captions_say_when_steps_were_applied_by_hand():
         model_step(SimpleNamespace(step=47, applied_steps=3)) == "at training step 47 + 3 applied"
     )
     # step 0: a model as built or given from Python (trained elsewhere or not), not "step 0"
-    assert model_step(SimpleNamespace(step=0, applied_steps=0)) == "before training"
-    assert model_step(SimpleNamespace(step=0, applied_steps=2)) == "before training + 2 applied"
+    assert model_step(SimpleNamespace(step=0, applied_steps=0)) == "before training here"
+    assert (
+        model_step(SimpleNamespace(step=0, applied_steps=2)) == "before training here + 2 applied"
+    )
 
 
 def test_an_empty_heatmap_takes_the_frame_of_the_data_it_will_show(qtbot):

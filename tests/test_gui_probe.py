@@ -30,6 +30,7 @@ from gui_helpers import (
     wait_shown,
 )
 from PySide6.QtCore import QPointF
+from PySide6.QtWidgets import QApplication
 
 import ntkviz
 from ntkviz.analysis import (
@@ -242,24 +243,33 @@ def test_squeeze_layers_and_spectrum_equal_core(qtbot, window, mnist, tmp_path):
         np.testing.assert_allclose(ys, survey.gained, rtol=1e-8, atol=1e-15)
 
     # the marks stand above every bar they span (a label is wider than a bar), and a second one
-    # over the same bars goes a line further out: ȳ = 4 is low beside class 3, the top other
+    # over the same bars goes a line further out (the two never meet): ȳ = 4 is low beside class
+    # 3, the top other
     probs = np.full((2, 10), 0.01)
     probs[:, 3], probs[:, 4] = (0.6, 0.7), (0.05, 0.02)
     run = SqueezeRun(probs, np.array([True]), np.array([True]), 0.3, "neg", 4)
     sv.log_box.setChecked(False)
+    window.resize(800, 600)  # three plots abreast: a bar is narrower than "top other ↑"
+    window.show_view(sv)
+    qtbot.waitUntil(lambda: sv.run_plots["neg"].getViewBox().width() > 100, timeout=TIMEOUT)
     sv.result = dataclasses.replace(res, y=4, neg=run, ce=dataclasses.replace(run, loss="ce"))
     sv.show_result(sv.result)
+    QApplication.sendPostedEvents()  # the labels placed in the view as drawn
+    QApplication.processEvents()
     y_mark, top_mark = sv.marks["neg"]
     assert "ȳ" in y_mark.toPlainText() and "top other" in top_mark.toPlainText()
     assert y_mark.pos().y() == top_mark.pos().y() == pytest.approx(0.7)  # class 3's bar
     assert (y_mark.pos().x(), top_mark.pos().x()) == (4, 3)
-    assert y_mark.anchor.y() == 0.0 and top_mark.anchor.y() == -1.0  # inside the top, stacked
+    assert not y_mark.sceneBoundingRect().intersects(top_mark.sceneBoundingRect())
     probs[:, 5] = 0.9  # now the top of the plot is class 5's: marks above the others' bars
     run = dataclasses.replace(run, probs=probs)
     sv.result = dataclasses.replace(res, y=4, neg=run, ce=dataclasses.replace(run, loss="ce"))
     sv.show_result(sv.result)
+    QApplication.sendPostedEvents()
+    QApplication.processEvents()
     y_mark, top_mark = sv.marks["neg"]
     assert top_mark.pos().x() == 5 and y_mark.pos().y() == pytest.approx(0.9)
+    assert not y_mark.sceneBoundingRect().intersects(top_mark.sceneBoundingRect())
     sv.result = res
     sv.show_result(res)
 

@@ -18,6 +18,7 @@ from ntkviz.kernel import (
     ntk_trace,
     ntk_vector_product,
 )
+from ntkviz.modelspec import check_model
 
 MODELS = ["lenet", "mlp", "tiny_cnn", "residual"]
 
@@ -213,8 +214,11 @@ def test_a_model_whose_logits_depend_on_the_batch_is_refused():
         torch.nn.BatchNorm1d(3, track_running_stats=False),
     )
     x = torch.randn(3, 4)
+    assert check_model(model, x, 3) == 3  # it trains as it is; its kernels are refused
     for call in (lambda: empirical_ntk(model, x, x), lambda: decompose(model, x[0], x[1], 1, 0.1)):
-        with pytest.raises(ValueError, match=r"2 \(BatchNorm1d, track_running_stats=False\)"):
+        with pytest.raises(
+            ValueError, match=r"layer '2' \(BatchNorm1d, track_running_stats=False\)"
+        ):
             call()
 
 

@@ -175,9 +175,6 @@ def _checked(kind: str) -> tuple[nn.Module, tuple, int]:
         return model, (1, 28, 28), 10
     if kind == "frozen":
         return build_model("mlp").requires_grad_(False), (1, 28, 28), 10
-    if kind == "batch statistics":
-        bn = nn.BatchNorm2d(1, track_running_stats=False)
-        return nn.Sequential(bn, nn.Flatten(), nn.Linear(784, 10)), (1, 28, 28), 10
     if kind == "meta":
         with torch.device("meta"):
             return nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), (1, 28, 28), 10
@@ -199,9 +196,6 @@ def _checked(kind: str) -> tuple[nn.Module, tuple, int]:
             "returns non-finite logits (NaN or ±inf) on a batch of shape (2, 1, 28, 28)",
         ),
         ("frozen", "has no trainable parameters"),
-        # its eval-mode logits of x_o would depend on x_u, its batch-mate in decompose
-        ("batch statistics", "cannot be used on examples of shape (1, 28, 28): 0 (BatchNorm2d, "
-         "track_running_stats=False) normalises by the batch also in eval mode"),
         ("meta", "cannot be used on examples of shape (1, 28, 28): the model's parameters are on "
          "the meta device"),
     ],

@@ -44,6 +44,27 @@ def test_a_float64_model_trains_on_the_float32_images(mnist):
     assert records[0].account.class_actual.shape == (2,) and 0 <= records[-1].test_accuracy <= 1
 
 
+class IndexedFirst(nn.Module):
+    """A frozen int64 Parameter (an index table) before the float layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.order = nn.Parameter(torch.arange(784), requires_grad=False)
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)[:, self.order])
+
+
+def test_the_inputs_take_the_dtype_of_the_first_floating_point_parameter(mnist):
+    from ntkviz.training import accuracy
+
+    model = IndexedFirst()
+    records = list(train(model, mnist, SMALL))
+    assert len(records) == 8 and math.isfinite(records[-1].loss)
+    assert 0 <= accuracy(model, mnist.test.x[:100], mnist.test.y[:100]) <= 1
+
+
 def test_training_is_deterministic_on_cpu(mnist):
     runs = []
     for _ in range(2):

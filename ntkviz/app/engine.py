@@ -149,6 +149,7 @@ class Engine:
         self._dataset_name = dataset_name
         self.user_model = user_model
         self._given = model  # the first model, as given (else a fresh one of the config's)
+        self._no_model = False  # the given model did not fit and no registry model takes the data
         self.model: torch.nn.Module | None = None
         self.model_name = self.config.model
         self.source = "fresh weights"
@@ -232,18 +233,36 @@ class Engine:
             try:
                 check_model(given, self.data.test.x[:2], len(self.data.classes), name=label)
             except ModelError as e:  # the app opens all the same, on the registry's model
-                fallback = replace(self.config, model=TrainConfig().model)
-                self._new_model(fallback, "fresh weights")
-                self.report(
-                    ModelError.title,
-                    f"{e}. The app opened with a fresh {fallback.model} instead; File ▸ Open "
-                    "model… takes another model of yours.",
-                )
-            else:
-                self._set_model(given, self.config, "given from Python")
+                self._fall_back(e)
+                return
+            self._set_model(given, self.config, "given from Python")
         else:
             self._new_model(self.config, "fresh weights")
         self._run_state("ready")
+
+    def _fall_back(self, refused: ModelError) -> None:
+        """The model given to the app does not fit the data: open with a fresh registry model
+        and say so, or, where none takes the data (not square), with no model ("no model": File
+        ▸ Open model… or Open dataset… goes on)."""
+        fallback = replace(self.config, model=TrainConfig().model)
+        try:
+            self._new_model(fallback, "fresh weights")
+        except ModelError:
+            shape = "×".join(str(n) for n in self.data.input_shape)
+            self._no_model = True
+            self._run_state("no model")
+            self.report(
+                ModelError.title,
+                f"{refused}. No registry model takes {shape} images (they take square ones): "
+                "File ▸ Open model… takes another model of yours, File ▸ Open dataset… other data.",
+            )
+            return
+        self._run_state("ready")
+        self.report(
+            ModelError.title,
+            f"{refused}. The app opened with a fresh {fallback.model} instead; File ▸ Open model… "
+            "takes another model of yours.",
+        )
 
     def _emit_dataset(self) -> None:
         d = self.data
@@ -340,6 +359,9 @@ class Engine:
         self._path = None  # measured at the next tick, once the burst of a new model is over
         if emit:
             self.emit_model()
+        if self._no_model:  # a load that found no model for the data: ready now
+            self._no_model = False
+            self._run_state("ready")
 
     def _new_model(self, config: TrainConfig, source: str) -> None:
         """A freshly initialised model for ``config.model``: from the registry, built for the

@@ -35,10 +35,10 @@ def class_color(k: int) -> str:
 
 def model_step(result) -> str:
     """Which model a probe result is of: "at training step 47", "at training step 47 + 3
-    applied" after step-through steps applied by hand, "before training" (the model as built or
-    given, whatever its weights) or "before training + 3 applied"."""
+    applied" after step-through steps applied by hand, "before training here" (the model as
+    built, opened or given, whatever its weights) or "before training here + 3 applied"."""
     applied = getattr(result, "applied_steps", 0)
-    when = f"at training step {result.step}" if result.step else "before training"
+    when = f"at training step {result.step}" if result.step else "before training here"
     return when + (f" + {applied} applied" if applied else "")
 
 

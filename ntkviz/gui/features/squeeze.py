@@ -64,6 +64,7 @@ class SqueezeView(ProbeView):
             after = p.plot(stepMode="center", pen=pg.mkPen(color, width=2.5))
             self.run_plots[key], self.curves[key] = p, (before, after)
             self.marks[key] = []
+            p.getViewBox().sigResized.connect(self._resized)  # the marks' spans follow the width
         self.sweep_plot = self.graphics.addPlot(
             1, 2, title="squeezed mass against η (one negative step)"
         )  # fmt: skip
@@ -143,6 +144,10 @@ class SqueezeView(ProbeView):
         self.checks.setText("")
         self.caption.setText(RUN, size="11pt")
 
+    def _resized(self) -> None:
+        if self.result is not None:
+            self.redraw()
+
     def redraw(self) -> None:
         r = self.result
         if r is None:
@@ -175,8 +180,10 @@ class SqueezeView(ProbeView):
             ):  # fmt: skip
                 # centred over its class; towards the middle at the edges (else cut off there)
                 side = 0.0 if cls < 2 else 1.0 if cls >= len(c) - 2 else 0.5
+                label = pg.TextItem(text, color=color)
                 # a label is wider than a bar: above the bars it spans, not only its own
-                span = (cls - 2 * side, cls + 2 * (1 - side))
+                width = _classes_wide(p, label, len(c))
+                span = (cls - width * side, cls + width * (1 - side))
                 first, last = max(0, math.floor(span[0])), min(len(c) - 1, math.ceil(span[1]))
                 y = shown[:, first : last + 1].max()
                 # above those bars; below their top where that is the top of the plot
@@ -189,8 +196,7 @@ class SqueezeView(ProbeView):
                 stacked = any(a <= span[1] and span[0] <= b for a, b in spans)
                 spans.append(span)
                 lift = 1.0 if stacked else 0.0
-                anchor = (side, -lift if high else 1.0 + lift)
-                label = pg.TextItem(text, color=color, anchor=anchor)
+                label.setAnchor((side, -lift if high else 1.0 + lift))
                 label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
                 p.addItem(label)
                 self.marks[key].append(label)
@@ -248,3 +254,10 @@ class SqueezeView(ProbeView):
             "survey_indices": r.survey_indices, "survey_peak": r.survey.peak,
             "survey_p_label": r.survey.p_label, "survey_gained": r.survey.gained,
         }  # fmt: skip
+
+
+def _classes_wide(plot, label, classes: int) -> float:
+    """How many of the ``classes`` bars across ``plot`` the text ``label`` covers: its width in
+    pixels over a bar's (2 before the plot has a width)."""
+    pixels = plot.getViewBox().width()
+    return label.boundingRect().width() * classes / pixels if pixels > 0 else 2.0

@@ -235,7 +235,7 @@ class TrainingView(FeatureView):
     # ------------------------------------------------------------------ the run
     def _on_run_state(self, state: str) -> None:
         """Enable the buttons that make sense in ``state``; show the latest records."""
-        ready = state != "loading"
+        ready = state not in ("loading", "no model")
         self.start_button.setEnabled(ready and state != "training")
         self.pause_button.setEnabled(state == "training")
         self.resume_button.setEnabled(state == "paused")
