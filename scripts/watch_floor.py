@@ -8,14 +8,16 @@ with v_o = J(x_o)ᵀ(e_c − π(x_o)) and g_b its gradient, summed over the laye
 order of contraction, a step needs:
 
 - the convolutions' share of ⟨v_o, g_b⟩ for all b: for one watched example, the batch convolved
-  with v_o as filters (a forward convolution of the batch, conv1 and conv2); for several, the
-  batch's per-example weight gradients (its input patches times its output gradients), formed
-  once;
+  with v_o as filters (a forward convolution of the batch, conv1 and conv2) and summed against
+  its output gradients; for several, the batch's per-example weight gradients (its input patches
+  times its output gradients), formed once, and their Gram products with the v_o;
+- the Linear layers' share, factored: (g_o·g_b)(a_o·a_b + 1) per layer;
 - the watched examples' forward at the new parameters (their actual change, and the next
   step's start) and the pull-back of e_c − π through the network (the rows v_o).
 
 The printout gives the largest throughput ratio (watched / unwatched) that these parts alone
-leave, before any Python, Linear terms, momentum and decay terms or float64 assembly.
+leave, before any Python bookkeeping, the momentum and weight-decay terms (⟨v_o, buffer⟩ and
+⟨v_o, θ⟩, also needed) or the float64 assembly.
 """
 
 from __future__ import annotations
@@ -54,30 +56,46 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_dataset("mnist")
     model = build_model("lenet", seed=0).train()
-    # benchmark.py's row (8) trains on 211 batches of 64
-    config = TrainConfig(train_size=211 * 64, epochs=10, batch_size=64, eval_every=10**9)
+    # benchmark.py's row (8) trains on 211 batches of 64; enough epochs for every round
+    epochs = 1 + (2 * args.rounds * 155) // 211
+    config = TrainConfig(train_size=211 * 64, epochs=epochs, batch_size=64, eval_every=10**9)
     run = train(copy.deepcopy(model), data, config)
 
     chain, (conv1, conv2, *_) = _structured_layers(model)
     x = data.train.x[:64]
-    with torch.no_grad():
-        a1 = chain[2][1](chain[1][1](conv1(x)))  # conv2's input: conv1, tanh, pool
-    d1, d2 = torch.randn(64, 6, 28 * 28), torch.randn(64, 16, 10 * 10)  # output gradients
-    v1, v2 = torch.randn_like(conv1.weight), torch.randn_like(conv2.weight)
+    with torch.no_grad():  # each trainable layer's input; its output gradients (any values)
+        acts = [x]
+        for _, layer in chain:
+            acts.append(layer(acts[-1]))
+    trainable = [k for k, (_, layer) in enumerate(chain) if list(layer.parameters())]
+    inputs = [acts[k] for k in trainable]
+    grads = [torch.randn_like(acts[k + 1]) for k in trainable]
+    (a0, a1, *a_lin), (d1, d2, *d_lin) = inputs, [g.flatten(2) if g.ndim > 2 else g for g in grads]
 
-    def filter_convolutions():  # one watched example: the batch with v_o as filters
-        F.conv2d(x, v1, None, conv1.stride, conv1.padding)
-        F.conv2d(a1, v2, None, conv2.stride, conv2.padding)
+    def linear_terms(w):  # the Linear layers' terms: (g_o·g_b)(a_o·a_b + 1), factored
+        for a, d in zip(a_lin, d_lin):
+            (d[:w] @ d.T) * (a[:w] @ a.T + 1)
 
-    def per_example_weights():  # several: the batch's per-example weight gradients
-        torch.bmm(d1, _patches(conv1, x).transpose(1, 2))
-        torch.bmm(d2, _patches(conv2, a1).transpose(1, 2))
+    v1 = torch.randn_like(conv1.weight), torch.randn_like(conv2.weight)
+
+    def filter_convolutions():  # one watched example: the batch convolved with v_o as filters
+        for a, d, layer, v in ((a0, d1, conv1, v1[0]), (a1, d2, conv2, v1[1])):
+            t = F.conv2d(a, v, None, layer.stride, layer.padding)
+            (t.flatten(2) * d).sum((1, 2))
+        linear_terms(1)
+
+    v16 = torch.randn(16, conv1.weight.numel()), torch.randn(16, conv2.weight.numel())
+
+    def per_example_weights():  # several: the batch's per-example weight gradients, then Grams
+        for a, d, layer, v in ((a0, d1, conv1, v16[0]), (a1, d2, conv2, v16[1])):
+            v @ torch.bmm(d, _patches(layer, a).transpose(1, 2)).flatten(1).T
+        linear_terms(16)
 
     print(f"LeNet, batch 64, {args.threads} thread(s); medians of {args.rounds} rounds, each "
           "timing the plain step and the parts in turn (the shared machine's load varies)")  # fmt: skip
     for w, convs, label in (
-        (1, filter_convolutions, "convolutions of the batch with v_o as filters"),
-        (16, per_example_weights, "the batch's per-example conv weight gradients"),
+        (1, filter_convolutions, "the batch convolved with v_o as filters, and Linear terms"),
+        (16, per_example_weights, "the batch's per-example conv weights and Grams, Linear terms"),
     ):
         xw, classes = data.test.x[:w], data.test.y[:w]
 
