@@ -215,7 +215,8 @@ def check_model(
     the model raises on the batch (e.g. a wrong input shape), the output is not logits ``(N, V)``,
     V differs from ``num_classes``, the logits are not finite floating-point numbers, or they do
     not depend on the parameters (detached). Returns V."""
-    label = f"{name!r} ({type(model).__name__})" if name else type(model).__name__
+    kind = type(model).__name__
+    label = f"{name!r} ({kind})" if name and name != kind else kind
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {label} is not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):

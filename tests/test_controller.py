@@ -503,6 +503,30 @@ def test_a_model_given_from_python_that_does_not_fit_leaves_the_app_usable(mnist
     assert app.state.run_state == "finished" and len(app.errors) == 1
 
 
+def test_a_start_the_engine_refuses_leaves_the_run_and_its_curves(app):
+    # "new_run" (which clears the curves) went out when Start was pressed, before the engine
+    # built and checked the model: a refused model wiped the curves of the run still held
+    from torch import nn
+
+    from ntkviz.app.engine import UserModel
+
+    app.controller.start_training(CONFIG)
+    app.drain()
+    records, number = app.controller.records_received, app.state.model.number
+    assert records > 0
+    new_runs = app.listen("new_run")
+    seven = UserModel("seven", lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 7)))
+    app.engine.user_model = seven
+    assert app.controller.start_training(dataclasses.replace(CONFIG, model="seven"))
+    app.drain()
+    assert app.errors[-1][0] == "Model not usable" and "returns 7 logits" in app.errors[-1][1]
+    assert new_runs == [] and app.controller.records_received == records
+    assert app.state.model.number == number
+    app.controller.start_training(CONFIG)  # a run that starts clears them, once
+    app.drain()
+    assert len(new_runs) == 1 and new_runs[0].payload.offset == 0
+
+
 def _rgb(name, h, w):
     from ntkviz.data import ImageDataset, Split
 

@@ -366,6 +366,32 @@ def test_open_dataset_on_a_folder_of_class_folders(show_window, qtbot, tmp_path)
     assert window.state.dataset is d and window.state.model.number == number
 
 
+class Embedded(nn.Module):
+    """A CNN with a learned bias image held as a bare Parameter (no reset method covers it)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.full((3, 16, 16), 0.5))
+        self.net = small_cnn(num_classes)
+
+    def forward(self, x):
+        return self.net(x + self.pos)
+
+
+def test_start_says_which_parameters_keep_the_given_values(show_window, qtbot, tmp_path):
+    # the note went to the status bar, which the switch to "training" cleared at once
+    window = show_window(Embedded(5), rgb_sets(5))
+    note = "fresh weights: pos keep their given values (no reset_parameters)"
+    shown = []  # the status bar as each run state has been taken in (after the window's slot)
+    bar = window.statusBar()
+    window.state.events.run_state.connect(lambda s: shown.append((s, bar.currentMessage())))
+    window.views["training"].start_button.click()
+    qtbot.waitUntil(lambda: window.state.run_state == "finished", timeout=TIMEOUT)
+    assert any(s == "training" and note in message for s, message in shown), shown
+    assert note in (tmp_path / "ntkviz.log").read_text()
+    assert window.controller.unsaved_work().startswith("trained for ")
+
+
 def test_the_dataset_dialog_gives_a_name_with_its_directory_or_a_folder(qtbot):
     from ntkviz.gui.dialogs import IMAGE_FOLDER, DatasetDialog
 

@@ -258,16 +258,11 @@ class AppController:
             self.report("Invalid settings", str(e))
             return False
         what = self.unsaved_work()
-        if what and not self.ask(
+        return not what or self.ask(
             "Start a new run?",
             f"A new run starts from fresh weights: the current model ({what}) will be "
             "discarded. Save it first with File ▸ Save checkpoint to keep it.",
-        ):
-            return False
-        self.records_received = 0
-        self._last_live = (0, self.clock())
-        self._dispatch("new_run", Event("new_run", config))
-        return True
+        )
 
     def unsaved_changes(self) -> str:
         """What closing would lose ("" if nothing): a model trained or moved by applied steps
@@ -285,6 +280,8 @@ class AppController:
         info = self.state.model
         if info is None:
             return ""
+        if info.source == "given from Python":
+            return "as given from Python"
         if info.source not in ("fresh weights", "trained"):
             return f"loaded from {info.source}"
         if self.state.run_state in ("finished", "stopped", "paused"):
@@ -337,6 +334,15 @@ class AppController:
         if step - last_step >= LIVE_EVERY and now - last_time >= LIVE_INTERVAL_S:
             self._last_live = (step, now)
             self.refresh(history=False)
+
+    def _on_run_started(self, started) -> None:
+        """A run of a fresh model (offset 0) begins: the last run's curves go ("new_run") once
+        the engine has built and checked the model, not when Start is pressed (a model it
+        refuses leaves the current run as it was)."""
+        if started.offset == 0:
+            self.records_received = 0
+            self._last_live = (0, self.clock())
+            self._dispatch("new_run", Event("new_run", started))
 
     def _on_run_state(self, run_state: str) -> None:
         self.state.run_state = run_state

@@ -370,6 +370,7 @@ class Engine:
         config.validate()
         self._set_model(self._fresh_model(config), config, source)
         if self._user_model_current and self.user_model.note:
+            log.warning("%s", self.user_model.note)
             self.message(self.user_model.note)
 
     def _fresh_model(

@@ -36,6 +36,10 @@ APPLICATION = "ntkviz"
 MENUS = ("File", "View", "Step", "Help")
 
 
+#: the status bar's hint for a model that has not trained yet
+READY_HINT = "ready; train it, or pick x_u and x_o"
+
+
 class MainWindow(QMainWindow):
     """The ntkviz main window. ``config``: the first model's ``TrainConfig``; ``dataset``: a
     loaded ``ImageDataset`` (else the engine loads ``dataset_name``); ``settings``: where the
@@ -109,7 +113,7 @@ class MainWindow(QMainWindow):
         s.events.run_state.connect(self._on_run_state)
         self.controller.on("records", self._on_records)
         self.controller.on("kernel_path", self._on_kernel_path)
-        self.controller.on("message", lambda event: self._status(event.payload, 5000))
+        self.controller.on("message", lambda event: self._status(event.payload, 10000))
         self.controller.on("session_saved", self._saved_before_closing)
         self.controller.on("session_not_saved", self._saved_before_closing)
         self._enable_model_actions(False)
@@ -313,8 +317,11 @@ class MainWindow(QMainWindow):
 
     def _on_run_state(self, state: str) -> None:
         self.status_labels["state"].setText(state)
-        if state in ("training", "paused"):  # "… ready; train it" is stale once it trains
-            self.statusBar().clearMessage()  # (one batch goes from ready to paused)
+        # "… ready; train it" is stale once it trains (one batch goes from ready to paused);
+        # other messages stay, such as the parameters a fresh start could not reset
+        bar = self.statusBar()
+        if state in ("training", "paused") and READY_HINT in bar.currentMessage():
+            bar.clearMessage()
 
     def _on_kernel_path(self, event) -> None:
         """The kernel path and one pair's cost of the model now held (earlier models' dropped)."""
@@ -338,7 +345,7 @@ class MainWindow(QMainWindow):
         self.status_labels["step"].setText(f"step: {info.step}")
         self._enable_model_actions(True)
         if first:
-            self._status(f"{info.name} ({info.source}) ready; train it, or pick x_u and x_o", 8000)
+            self._status(f"{info.name} ({info.source}) {READY_HINT}", 8000)
             self.ready.emit()
 
     def _on_records(self, event) -> None:

@@ -172,7 +172,9 @@ class SqueezeView(ProbeView):
             top = int(p0.argmax())
             held_y, held_top = bool(run.label_fell.all()), bool(run.top_rose.all())
             shown = run.probs[[0, -1]]
-            spans = []  # (first, last) class a label covers, to stack labels that would meet
+            p.setXRange(-0.5, len(c) - 0.5, padding=0.02)  # now, for the marks' widths
+            _leave_room_for_marks(p, shown, log)
+            placed = []  # (span, y) of each mark: a second one over the same bars stacks on it
             for cls, text, color in (
                 (r.y, f"ȳ {'↓' if run.probs[-1, r.y] < run.probs[0, r.y] else '↑'}", "#d62728"),
                 (top, f"top other {'↑' if run.probs[-1, top] > run.probs[0, top] else '↓'}",
@@ -182,21 +184,16 @@ class SqueezeView(ProbeView):
                 side = 0.0 if cls < 2 else 1.0 if cls >= len(c) - 2 else 0.5
                 label = pg.TextItem(text, color=color)
                 # a label is wider than a bar: above the bars it spans, not only its own
-                width = _classes_wide(p, label, len(c))
+                width = _classes_wide(p, label)
                 span = (cls - width * side, cls + width * (1 - side))
                 first, last = max(0, math.floor(span[0])), min(len(c) - 1, math.ceil(span[1]))
                 y = shown[:, first : last + 1].max()
-                # above those bars; below their top where that is the top of the plot
-                if log:
-                    lo, hi = np.log10(np.maximum([shown.min(), shown.max()], 1e-300))
-                    high = np.log10(max(y, 1e-300)) > hi - 0.1 * (hi - lo)
-                else:
-                    high = y > 0.9 * shown.max()
-                # a second label over the same bars goes one line further out
-                stacked = any(a <= span[1] and span[0] <= b for a, b in spans)
-                spans.append(span)
-                lift = 1.0 if stacked else 0.0
-                label.setAnchor((side, -lift if high else 1.0 + lift))
+                # above those bars (the plot leaves room for two lines); a second label over
+                # the same bars a line above the first
+                under = [y0 for (a, b), y0 in placed if a <= span[1] and span[0] <= b]
+                y = max([y, *under])
+                placed.append((span, y))
+                label.setAnchor((side, 2.0 if under else 1.0))
                 label.setPos(cls, np.log10(max(y, 1e-300)) if log else y)
                 p.addItem(label)
                 self.marks[key].append(label)
@@ -206,9 +203,9 @@ class SqueezeView(ProbeView):
                     for k, (f, t) in enumerate(zip(run.label_fell, run.top_rose, strict=True))
                 )
                 lines.append(
-                    f"<b>negative gradient</b>, guaranteed moves per step (π(ȳ) fell, top other "
-                    f"class {c[top]} rose): {marks}  →  π(ȳ) fell at every step: "
-                    f"{'✓' if held_y else '✗'}, top rose at every step: "
+                    "<b>negative gradient</b>, guaranteed moves per step (π(ȳ) fell, the most "
+                    f"likely other class at that step rose): {marks}  →  π(ȳ) fell at every step: "
+                    f"{'✓' if held_y else '✗'}, the top other rose at every step: "
                     f"{'✓' if held_top else '✗'}"
                 )
             else:
@@ -256,8 +253,28 @@ class SqueezeView(ProbeView):
         }  # fmt: skip
 
 
-def _classes_wide(plot, label, classes: int) -> float:
-    """How many of the ``classes`` bars across ``plot`` the text ``label`` covers: its width in
-    pixels over a bar's (2 before the plot has a width)."""
-    pixels = plot.getViewBox().width()
-    return label.boundingRect().width() * classes / pixels if pixels > 0 else 2.0
+def _classes_wide(plot, label) -> float:
+    """How many bars (classes, one unit of x each) of ``plot`` the text ``label`` covers: its
+    width in pixels over a bar's (2 before the plot has a width)."""
+    vb = plot.getViewBox()
+    low, high = vb.viewRange()[0]
+    pixels = vb.width()
+    return label.boundingRect().width() * (high - low) / pixels if pixels > 0 else 2.0
+
+
+#: The marks' text height in pixels (one line), and the lines the plot leaves room for above
+#: its bars (a mark and one stacked over it).
+MARK_LINE, MARK_LINES = 22, 2
+
+
+def _leave_room_for_marks(plot, shown: np.ndarray, log: bool) -> None:
+    """Set ``plot``'s y range to ``shown`` (π before and after) with room above the highest bar
+    for :data:`MARK_LINES` lines of marks (log10 units on a log scale)."""
+    height = plot.getViewBox().height()
+    room = (MARK_LINES * MARK_LINE + 6) / height if height > 4 * MARK_LINE else 0.25
+    if log:
+        lo, hi = np.log10(np.maximum([shown.min(), shown.max()], 1e-300))
+        lo -= 0.05 * max(hi - lo, 1e-3)
+    else:
+        lo, hi = 0.0, float(shown.max())
+    plot.setYRange(lo, lo + (hi - lo) / (1 - room), padding=0)
