@@ -249,3 +249,25 @@ def test_the_trajectory_legend_names_log_pi_on_a_log_scale(qtbot):
     assert "dashed: log π" in title and plot.getAxis("left").labelText == "log π"
     plot.set_log(False)
     assert "dashed: π" in plot.getPlotItem().titleLabel.text
+
+
+def test_one_training_record_shows_as_a_point_until_a_line_can_be_drawn(qtbot):
+    # after One batch the loss plot was empty: one record drawn as a line has no length
+    from types import SimpleNamespace
+
+    from ntkviz.app.features.training import RunCurves
+    from ntkviz.gui.plots import TrainingCurves
+
+    curves = RunCurves()
+    widget = TrainingCurves(curves)
+    qtbot.addWidget(widget)
+
+    def record(step):
+        return SimpleNamespace(step=step, loss=2.0 / step, test_accuracy=None, total_steps=10)
+
+    curves.add([record(1)])
+    widget.flush()
+    assert widget.ema_curve.opts["symbol"] == "o" and list(widget.ema_curve.getData()[0]) == [1]
+    curves.add([record(2)])
+    widget.flush()
+    assert widget.ema_curve.opts["symbol"] is None and len(widget.ema_curve.getData()[0]) == 2

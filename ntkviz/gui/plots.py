@@ -1054,7 +1054,11 @@ class TrainingCurves(QWidget):
                 xRange=(-pad, steps + pad), yRange=(-0.06, 1.06), padding=0
             )  # fmt: skip
         self.raw_curve.setData(m.steps, m.losses)
-        self.ema_curve.setData(m.steps, m.smoothed)
+        # one record is no line: a point until the second (One batch shows its loss)
+        single = {"symbol": "o", "symbolSize": 6, "symbolBrush": SMOOTHED_LOSS, "symbolPen": None}
+        self.ema_curve.setData(
+            m.steps, m.smoothed, **(single if len(m.steps) == 1 else {"symbol": None})
+        )
         if len(m.acc_steps) != self._acc_drawn:  # accuracy arrives every eval_every steps
             self._acc_drawn = len(m.acc_steps)
             self.acc_curve.setData(m.acc_steps, m.accuracies)
