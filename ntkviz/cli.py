@@ -462,13 +462,16 @@ def cmd_train(args) -> int:
             )
         labels = [int(split.y[i]) for i in indices]
         watch = Watch(split.x[indices], tuple(labels), focus=tuple(range(len(indices))))
-        meta = {
+        meta = {  # the app's keys (watched, class_names, started_at), and the split's own
+            "watched": [[args.watch_split, i] for i in indices],
             "watch_split": args.watch_split,
             "watch_indices": indices,
             "watch_labels": labels,
             "classes": "the watched examples' labels",
+            "class_names": list(data.classes),
             "dataset": data.name,
             "config": config.to_dict(),
+            "started_at": 0,
             "ntkviz_version": __version__,
         }
         run = RunAccount(labels, len(data.train), data.num_classes, keep_steps=True, meta=meta)

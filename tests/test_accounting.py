@@ -1169,6 +1169,9 @@ def test_cli_writes_the_accounts_of_a_watched_run(tmp_path, mnist, capsys):
         meta = json.loads(str(f["meta_json"]))
         assert meta["watch_indices"] == [7, 16] and meta["watch_split"] == "test"
         assert meta["config"]["optimizer"] == "sgd"
+        # the keys the app's exports use too
+        assert meta["watched"] == [["test", 7], ["test", 16]] and meta["started_at"] == 0
+        assert meta["class_names"] == list(mnist.classes)
         assert f["step_step"].tolist() == [1, 2, 3] and f["step_contributions"].shape == (3, 2, 64)
         assert f["by_example"].shape == (2, len(mnist.train))
         labels = mnist.train.y.numpy()[f["step_batch_indices"]]
