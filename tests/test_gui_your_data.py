@@ -66,14 +66,15 @@ def show_window(qtbot, tmp_path, monkeypatch):
     logger = logging.getLogger("ntkviz")
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
 
-    def open_(model, data, **kwargs):
+    def open_(model, data, until="ready", **kwargs):
         from ntkviz import show
 
         window = show(model, data, config=CONFIG, block=False, **kwargs)
         window.show_message_boxes = False
         qtbot.addWidget(window)
-        qtbot.waitUntil(lambda: window.state.run_state == "ready", timeout=TIMEOUT)
-        wait_current(qtbot, window)
+        qtbot.waitUntil(lambda: window.state.run_state == until, timeout=TIMEOUT)
+        if until == "ready":
+            wait_current(qtbot, window)
         return window
 
     yield open_
@@ -390,6 +391,18 @@ def test_start_says_which_parameters_keep_the_given_values(show_window, qtbot, t
     assert any(s == "training" and note in message for s, message in shown), shown
     assert note in (tmp_path / "ntkviz.log").read_text()
     assert window.controller.unsaved_work().startswith("trained for ")
+
+
+def test_a_misfit_model_on_data_no_registry_model_takes_opens_with_no_model(show_window):
+    # the window hung at "loading…", its dock showing the spin boxes' minimums as settings
+    common = {"image_size": (3, 16, 24), "num_classes": 3, "transform": ToTensor()}
+    data = FakeData(size=30, **common), FakeData(size=12, random_offset=9, **common)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 24, 7))  # 7 logits for 3 classes
+    window = show_window(model, data, until="no model")
+    training = window.views["training"]
+    assert "returns 7 logits" in window.last_error[1] and "3×16×24" in window.last_error[1]
+    assert not training.start_button.isEnabled() and not training.lr.isEnabled()
+    assert training.eta.text() == "no model: File ▸ Open model… or Open dataset…"
 
 
 def test_the_dataset_dialog_gives_a_name_with_its_directory_or_a_folder(qtbot):

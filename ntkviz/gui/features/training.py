@@ -236,6 +236,19 @@ class TrainingView(FeatureView):
     def _on_run_state(self, state: str) -> None:
         """Enable the buttons that make sense in ``state``; show the latest records."""
         ready = state not in ("loading", "no model")
+        # no model: the settings are nobody's (their fields show their minimums), greyed
+        for field in (
+            self.train_size,
+            self.lr,
+            self.optimizer,
+            self.momentum,
+            self.weight_decay,
+            self.batch_size,
+            self.epochs,
+            self.seed,
+            self.device,
+        ):
+            field.setEnabled(state != "no model")  # fmt: skip
         self.start_button.setEnabled(ready and state != "training")
         self.pause_button.setEnabled(state == "training")
         self.resume_button.setEnabled(state == "paused")
@@ -255,6 +268,8 @@ class TrainingView(FeatureView):
             self.eta.setText(f"stopped at step {step} of {total}")
         elif state == "paused" and total:
             self.eta.setText(f"paused at step {step} of {total}")
+        elif state == "no model":
+            self.eta.setText("no model: File ▸ Open model… or Open dataset…")
 
     def _judge_run(self) -> None:
         """A finished run that ended far worse than it started (a learning rate that diverges
