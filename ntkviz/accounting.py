@@ -1000,8 +1000,8 @@ class AccountedStep:
 
     def check_batch(self, x_batch) -> Tensor:
         """``x_batch`` as the model's dtype and device; ValueError unless it holds examples shaped
-        like the watched ones."""
-        x_batch = _as_batch(self.model, x_batch, "x_batch")
+        like the watched ones. (The model's per-example check ran on x_watch, once.)"""
+        x_batch = _as_batch(self.model, x_batch, "x_batch", kernels=False)
         if x_batch.shape[1:] != self.x_watch.shape[1:]:
             raise ValueError(
                 f"x_batch (B, ...) and x_watch (W, ...) must hold examples of the same shape; got "

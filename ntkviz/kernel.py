@@ -188,9 +188,8 @@ def _check_per_example(model: nn.Module) -> None:
                 f"{f'layer {name!r}' if name else 'the model'} ({type(m).__name__}, "
                 "track_running_stats=False) normalises by the batch also in eval mode: an "
                 "example's logits depend on the other examples of its batch, so no per-example "
-                "kernel exists; keep running "
-                "statistics (track_running_stats=True) or normalise per example (GroupNorm, "
-                "LayerNorm)"
+                "kernel exists; keep running statistics (track_running_stats=True) or normalise "
+                "per example (GroupNorm, LayerNorm)"
             )
 
 

@@ -411,24 +411,25 @@ def with_user_model(app, label="mine"):
     return label
 
 
-def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist, tmp_path):
+def _rgb(name, h, w):
     from ntkviz.data import ImageDataset, Split
 
-    def rgb(name, h, w):
-        def split(n, seed):
-            g = torch.Generator().manual_seed(seed)
-            images = torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
-            return Split(images, images.permute(0, 3, 1, 2).float() / 255, torch.arange(n) % 3)
+    def split(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
+        return Split(images, images.permute(0, 3, 1, 2).float() / 255, torch.arange(n) % 3)
 
-        return ImageDataset(name, split(30, 0), split(12, 1), (0.5,) * 3, (0.25,) * 3,
-                            ("a", "b", "c"), None)  # fmt: skip
+    return ImageDataset(name, split(30, 0), split(12, 1), (0.5,) * 3, (0.25,) * 3,
+                        ("a", "b", "c"), None)  # fmt: skip
 
+
+def test_a_model_that_does_not_fit_new_data_changes_nothing(app, mnist, tmp_path):
     number, data = app.state.model.number, app.engine.data
-    app.send("open_dataset", rgb("wide", 16, 24))  # not square: no registry model takes it
+    app.send("open_dataset", _rgb("wide", 16, 24))  # not square: no registry model takes it
     app.drain()
     assert app.errors[-1][0] == "Model not usable" and "square" in app.errors[-1][1]
     assert app.engine.data is data and app.state.model.number == number
-    app.send("open_dataset", rgb("square", 16, 16))
+    app.send("open_dataset", _rgb("square", 16, 16))
     app.drain()
     assert app.engine.data.name == "square" and app.state.model.name == "lenet"
     number = app.state.model.number
@@ -525,18 +526,6 @@ def test_a_start_the_engine_refuses_leaves_the_run_and_its_curves(app):
     app.controller.start_training(CONFIG)  # a run that starts clears them, once
     app.drain()
     assert len(new_runs) == 1 and new_runs[0].payload.offset == 0
-
-
-def _rgb(name, h, w):
-    from ntkviz.data import ImageDataset, Split
-
-    def split(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (n, h, w, 3), generator=g, dtype=torch.uint8)
-        return Split(images, images.permute(0, 3, 1, 2).float() / 255, torch.arange(n) % 3)
-
-    return ImageDataset(name, split(30, 0), split(12, 1), (0.5,) * 3, (0.25,) * 3,
-                        ("a", "b", "c"), None)  # fmt: skip
 
 
 def test_a_given_model_that_does_not_fit_data_no_registry_model_takes_leaves_no_model():

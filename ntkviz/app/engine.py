@@ -82,6 +82,15 @@ class UserModel:
     build: Callable[[], torch.nn.Module]
     note: str = ""
 
+    @classmethod
+    def given(cls, model: torch.nn.Module) -> UserModel:
+        """The user's model as given from Python (a copy is kept): fresh ones are
+        :func:`reinitialised` copies, and the note names what those keep (:func:`not_reset`)."""
+        template = copy.deepcopy(model)
+        kept = not_reset(template)
+        note = f"fresh weights: {', '.join(kept)} keep their given values (no reset_parameters)"
+        return cls(type(model).__name__, lambda: reinitialised(template), note if kept else "")
+
 
 #: The methods by which PyTorch's modules initialise their own parameters (``nn.MultiheadAttention``
 #: has the second).
@@ -92,8 +101,6 @@ def reinitialised(template: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``template`` with fresh weights: every submodule's ``reset_parameters()`` (or
     ``_reset_parameters()``: the initialisation PyTorch's layers use), seeded by the caller's
     random state. Parameters of modules without one keep their values (:func:`not_reset`)."""
-    import copy
-
     model = copy.deepcopy(template)
     for module in model.modules():
         reset = next((getattr(module, r) for r in _RESETS if hasattr(module, r)), None)
@@ -843,8 +850,6 @@ class Engine:
         """A model of the user's to load their checkpoint or session into: a copy of the current
         one, or a fresh one checked on the data when another model is current; None if the
         user has given none."""
-        import copy
-
         if self._user_model_current:
             return copy.deepcopy(self.model)
         if self.user_model is None:

@@ -195,16 +195,9 @@ def show(model=None, data=None, *, config=None, block: bool = True, train: bool 
     if model is not None:
         from dataclasses import replace
 
-        from ntkviz.app.engine import UserModel, not_reset, reinitialised
+        from ntkviz.app.engine import UserModel
 
-        template = copy.deepcopy(model)
-        kept = not_reset(template)
-        note = (
-            f"fresh weights: {', '.join(kept)} keep their given values (no reset_parameters)"
-            if kept
-            else ""
-        )
-        user = UserModel(type(model).__name__, lambda: reinitialised(template), note)
+        user = UserModel.given(model)
         given = model if train else copy.deepcopy(model)
         config = replace(config or TrainConfig(), model=user.label)
     window = MainWindow(config=config, dataset=data, user_model=user, model=given)

@@ -83,6 +83,9 @@ class TrainingView(FeatureView):
             ("Epochs", self.epochs), ("Seed", self.seed), ("Device", self.device),
         ):  # fmt: skip
             form.addRow(label, widget)
+        # the run's settings (all the form but the Model box), greyed while there is no model
+        self._settings = [form.itemAt(row, QFormLayout.FieldRole).widget()
+                          for row in range(1, form.rowCount())]  # fmt: skip
         self.start_button = QPushButton("Start")
         self.start_button.setToolTip("start a new run from freshly initialised weights")
         self.pause_button = QPushButton("Pause")
@@ -236,19 +239,8 @@ class TrainingView(FeatureView):
     def _on_run_state(self, state: str) -> None:
         """Enable the buttons that make sense in ``state``; show the latest records."""
         ready = state not in ("loading", "no model")
-        # no model: the settings are nobody's (their fields show their minimums), greyed
-        for field in (
-            self.train_size,
-            self.lr,
-            self.optimizer,
-            self.momentum,
-            self.weight_decay,
-            self.batch_size,
-            self.epochs,
-            self.seed,
-            self.device,
-        ):
-            field.setEnabled(state != "no model")  # fmt: skip
+        for field in self._settings:  # no model: they are nobody's settings
+            field.setEnabled(state != "no model")
         self.start_button.setEnabled(ready and state != "training")
         self.pause_button.setEnabled(state == "training")
         self.resume_button.setEnabled(state == "paused")
